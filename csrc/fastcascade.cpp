@@ -1,0 +1,23 @@
+// Every fastcascade op schema, in one place. Backends live in csrc/<area>/<area>_{cpu.cpp,cuda.cu};
+// fake kernels and autograd are registered in fastcascade/_ops.py.
+#include <torch/extension.h>
+
+TORCH_LIBRARY(fastcascade, m) {
+  // Fused focal losses. One pass writes the loss and (need_grad) d loss_i / d logits, unscaled;
+  // grad_scale is a 0-dim fp32 device tensor (1/normaliser for "mean", else 1), so that
+  // backward(g) = grad_logits * g * grad_scale. reduction: 0 none, 1 mean, 2 sum.
+  m.def("sigmoid_focal(Tensor logits, Tensor targets, float alpha, float gamma, float label_smoothing, "
+        "int reduction, bool need_grad) -> (Tensor loss, Tensor grad_logits, Tensor grad_scale)");
+  // logits (N, C) or (N, C, S); target int64 (N,) or (N, S).
+  m.def("softmax_focal(Tensor logits, Tensor target, Tensor? weight, float gamma, float label_smoothing, "
+        "int ignore_index, int reduction, bool need_grad) -> (Tensor loss, Tensor grad_logits, Tensor grad_scale)");
+}
+
+// Build facts the Python side checks at import.
+PYBIND11_MODULE(_C, mod) {
+#ifdef FASTCASCADE_WITH_CUDA
+  mod.attr("with_cuda") = true;
+#else
+  mod.attr("with_cuda") = false;
+#endif
+}

@@ -1,0 +1,241 @@
+// CPU kernels of the fused focal losses.
+//
+// Work is cut into fixed-size blocks; each block writes one partial sum and the partials are added
+// in block order, so results do not depend on the number of threads. float32 math runs through
+// branch-free functions (common/math.h) in loops that the compiler vectorises; on x86-64 an AVX2+FMA
+// clone is picked at load time when the CPU has it.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "common/checks.h"
+#include "focal/focal_math.h"
+
+namespace fastcascade {
+namespace {
+
+constexpr int64_t kBlock = 2048;     // elements per partial (sigmoid)
+constexpr int64_t kRowBlock = 256;   // rows per partial (softmax)
+constexpr int64_t kGrainBlocks = 16; // blocks per parallel task at least
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FC_CPU_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#else
+#define FC_CPU_CLONES
+#endif
+
+template <bool NEED_GRAD>
+FC_HD void sigmoid_focal_span(const float* x, const float* t, int64_t n, SigmoidFocalParams<float> P,
+                              float* loss, float* grad) {
+#pragma GCC ivdep
+  for (int64_t i = 0; i < n; ++i) {
+    float g;
+    loss[i] = sigmoid_focal_elem<float, NEED_GRAD>(x[i], t[i], P, &g);
+    if (NEED_GRAD) grad[i] = g;
+  }
+}
+
+FC_CPU_CLONES void sigmoid_focal_span_f32(const float* x, const float* t, int64_t n, SigmoidFocalParams<float> P,
+                                          float* loss, float* grad, bool need_grad) {
+  if (need_grad) sigmoid_focal_span<true>(x, t, n, P, loss, grad);
+  else sigmoid_focal_span<false>(x, t, n, P, loss, grad);
+}
+
+// Sum of n floats in a fixed order: 16 interleaved lanes (vectorisable), then the lanes in order.
+FC_CPU_CLONES float block_sum_f32(const float* v, int64_t n) {
+  float acc[16] = {0.f};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int l = 0; l < 16; ++l) acc[l] += v[i + l];
+  for (int l = 0; i < n; ++i, ++l) acc[l] += v[i];
+  float s = 0.f;
+  for (int l = 0; l < 16; ++l) s += acc[l];
+  return s;
+}
+
+template <typename src_t, typename dst_t>
+inline void convert(const src_t* src, int64_t n, dst_t* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<dst_t>(static_cast<float>(src[i]));
+}
+
+double ordered_sum(const std::vector<double>& partials) {
+  double s = 0.0;
+  for (double p : partials) s += p;
+  return s;
+}
+
+// float32 arithmetic for float16 / bfloat16 / float32 logits.
+template <typename scalar_t, typename target_t>
+void sigmoid_focal_f32(const scalar_t* x, const target_t* t, int64_t N, SigmoidFocalParams<float> P, bool need_grad,
+                       scalar_t* loss_none, scalar_t* grad, std::vector<double>* partials) {
+  constexpr bool kF32 = std::is_same_v<scalar_t, float>;
+  const int64_t nblocks = (N + kBlock - 1) / kBlock;
+  at::parallel_for(0, nblocks, kGrainBlocks, [&](int64_t b0, int64_t b1) {
+    alignas(64) float xb[kBlock], tb[kBlock], lb[kBlock], gb[kBlock];
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t i0 = b * kBlock, n = std::min(kBlock, N - i0);
+      const float* xp = xb;
+      if constexpr (kF32) xp = x + i0;
+      else convert(x + i0, n, xb);
+      const float* tp = tb;
+      if constexpr (std::is_same_v<target_t, float>) tp = t + i0;
+      else convert(t + i0, n, tb);
+      float* lp = lb;
+      if constexpr (kF32) if (!partials) lp = loss_none + i0;
+      float* gp = gb;
+      if constexpr (kF32) if (need_grad) gp = grad + i0;
+      sigmoid_focal_span_f32(xp, tp, n, P, lp, gp, need_grad);
+      if (partials) (*partials)[b] = block_sum_f32(lp, n);
+      if constexpr (!kF32) {
+        if (!partials) convert(lb, n, loss_none + i0);
+        if (need_grad) convert(gb, n, grad + i0);
+      }
+    }
+  });
+}
+
+// float64: libm arithmetic, for gradcheck and reference-grade use.
+template <typename target_t>
+void sigmoid_focal_f64(const double* x, const target_t* t, int64_t N, SigmoidFocalParams<double> P, bool need_grad,
+                       double* loss_none, double* grad, std::vector<double>* partials) {
+  const int64_t nblocks = (N + kBlock - 1) / kBlock;
+  at::parallel_for(0, nblocks, kGrainBlocks, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t i0 = b * kBlock, i1 = std::min(N, i0 + kBlock);
+      double s = 0.0;
+      for (int64_t i = i0; i < i1; ++i) {
+        const double ti = static_cast<double>(t[i]);
+        double g = 0.0;
+        const double l = need_grad ? sigmoid_focal_elem<double, true>(x[i], ti, P, &g)
+                                   : sigmoid_focal_elem<double, false>(x[i], ti, P, &g);
+        if (need_grad) grad[i] = g;
+        if (partials) s += l;
+        else loss_none[i] = l;
+      }
+      if (partials) (*partials)[b] = s;
+    }
+  });
+}
+
+template <typename logit_t, typename target_t>
+void sigmoid_focal_run(const logit_t* x, const target_t* t, int64_t N, double alpha, double gamma, double eps,
+                       bool need_grad, logit_t* loss_none, logit_t* grad, std::vector<double>* partials) {
+  if constexpr (std::is_same_v<logit_t, double>) {
+    sigmoid_focal_f64(x, t, N, SigmoidFocalParams<double>{alpha, gamma, eps}, need_grad, loss_none, grad, partials);
+  } else {
+    const SigmoidFocalParams<float> P{float(alpha), float(gamma), float(eps)};
+    sigmoid_focal_f32(x, t, N, P, need_grad, loss_none, grad, partials);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sigmoid_focal_cpu(const at::Tensor& logits, const at::Tensor& targets,
+                                                                 double alpha, double gamma, double label_smoothing,
+                                                                 int64_t reduction, bool need_grad) {
+  check_floating(logits, "logits");
+  check_same_dense_layout(logits, "logits", targets, "targets");
+  check_reduction(reduction);
+  const int64_t N = logits.numel();
+  at::Tensor loss = loss_output(logits, reduction, logits.options());
+  at::Tensor grad = need_grad ? at::empty_like(logits) : at::empty({0}, logits.options());
+  std::vector<double> partials(reduction == 0 ? 0 : (N + kBlock - 1) / kBlock);
+  std::vector<double>* pp = reduction == 0 ? nullptr : &partials;
+
+  // Strides are identical and dense, so both tensors are walked as flat memory (any layout).
+  const void* xraw = logits.const_data_ptr();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "sigmoid_focal_cpu", [&] {
+    using logit_t = scalar_t;
+    auto* x = static_cast<const logit_t*>(xraw);
+    auto* lout = reduction == 0 ? loss.mutable_data_ptr<logit_t>() : nullptr;
+    auto* gout = need_grad ? grad.mutable_data_ptr<logit_t>() : nullptr;
+    AT_DISPATCH_FLOATING_TYPES_AND4(at::kHalf, at::kBFloat16, at::kBool, at::kByte, targets.scalar_type(),
+                                    "sigmoid_focal_cpu_targets", [&] {
+      sigmoid_focal_run(x, targets.const_data_ptr<scalar_t>(), N, alpha, gamma, label_smoothing, need_grad, lout,
+                        gout, pp);
+    });
+  });
+  if (reduction != 0) {
+    const double s = ordered_sum(partials);
+    loss.fill_(reduction == 1 ? s / double(N) : s);
+  }
+  at::Tensor grad_scale = at::full({}, reduction == 1 ? 1.0 / double(N) : 1.0, logits.options().dtype(at::kFloat));
+  return {loss, grad, grad_scale};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_focal_cpu(const at::Tensor& logits_in, const at::Tensor& target_in,
+                                                                 const std::optional<at::Tensor>& weight_in, double gamma,
+                                                                 double label_smoothing, int64_t ignore_index,
+                                                                 int64_t reduction, bool need_grad) {
+  check_floating(logits_in, "logits");
+  check_reduction(reduction);
+  TORCH_CHECK(logits_in.dim() == 2 || logits_in.dim() == 3, "logits must be (N, C) or (N, C, S), got ",
+              logits_in.sizes());
+  TORCH_CHECK(target_in.scalar_type() == at::kLong, "target must be int64, got ", target_in.scalar_type());
+  const int64_t N = logits_in.size(0), C = logits_in.size(1), S = logits_in.dim() == 3 ? logits_in.size(2) : 1;
+  TORCH_CHECK(target_in.numel() == N * S && target_in.size(0) == N, "target must have shape (N,) or (N, S) matching logits ",
+              logits_in.sizes(), ", got ", target_in.sizes());
+  const at::Tensor logits = logits_in.contiguous();
+  const at::Tensor target = target_in.contiguous();
+  using acc_vec = std::vector<double>;
+  const int64_t R = N * S, nblocks = (R + kRowBlock - 1) / kRowBlock;
+  at::Tensor loss = loss_output(target, reduction, logits.options());
+  at::Tensor grad = need_grad ? at::empty_like(logits) : at::empty({0}, logits.options());
+  acc_vec loss_part(reduction == 0 ? 0 : nblocks), count_part(reduction == 0 ? 0 : nblocks);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "softmax_focal_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    at::Tensor weight;
+    if (weight_in.has_value()) {
+      TORCH_CHECK(weight_in->dim() == 1 && weight_in->numel() == C, "weight must have shape (C,) = (", C, ",), got ",
+                  weight_in->sizes());
+      weight = weight_in->to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    }
+    const acc_t* w = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
+    const scalar_t* x = logits.const_data_ptr<scalar_t>();
+    const int64_t* t = target.const_data_ptr<int64_t>();
+    scalar_t* g = need_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* lout = reduction == 0 ? loss.mutable_data_ptr<scalar_t>() : nullptr;
+    const acc_t gm = acc_t(gamma), eps = acc_t(label_smoothing);
+    at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        acc_t lsum = 0, csum = 0;
+        for (int64_t r = b * kRowBlock; r < std::min(R, (b + 1) * kRowBlock); ++r) {
+          const int64_t off = (r / S) * C * S + r % S;
+          acc_t count;
+          const acc_t l =
+              need_grad ? softmax_focal_row<acc_t, true>(x + off, S, C, t[r], ignore_index, w, gm, eps, g + off, &count)
+                        : softmax_focal_row<acc_t, false>(x + off, S, C, t[r], ignore_index, w, gm, eps, g, &count);
+          if (lout) lout[r] = scalar_t(l);
+          lsum += l;
+          csum += count;
+        }
+        if (reduction != 0) {
+          loss_part[b] = lsum;
+          count_part[b] = csum;
+        }
+      }
+    });
+  });
+  double denom = 1.0;
+  if (reduction != 0) {
+    const double s = ordered_sum(loss_part);
+    denom = reduction == 1 ? ordered_sum(count_part) : 1.0;
+    loss.fill_(s / denom);
+  }
+  // As torch: when nothing counts ("mean" over only ignored rows) the loss is NaN and the gradient 0.
+  at::Tensor grad_scale = at::full({}, denom != 0.0 ? 1.0 / denom : 0.0, logits.options().dtype(at::kFloat));
+  return {loss, grad, grad_scale};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastcascade, CPU, m) {
+  m.impl("sigmoid_focal", &sigmoid_focal_cpu);
+  m.impl("softmax_focal", &softmax_focal_cpu);
+}
+
+}  // namespace fastcascade

@@ -1,0 +1,291 @@
+// CUDA kernels of the fused focal losses.
+//
+// One pass over the inputs writes the loss and the gradient. Sums are two-stage: each block of a
+// grid whose size depends only on the problem and the device writes one partial (fixed-order
+// warp-shuffle tree), then one block adds the partials in a fixed order. No atomics, no host sync.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "common/checks.h"
+#include "focal/focal_math.h"
+
+namespace fastcascade {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kFinalThreads = 1024;
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+// Sum over the block in a fixed order; the result is valid in thread 0.
+template <typename acc_t>
+__device__ acc_t block_sum(acc_t v) {
+  __shared__ acc_t warp_sums[32];
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) warp_sums[warp] = v;
+  __syncthreads();
+  const int nwarps = (blockDim.x + 31) >> 5;
+  v = threadIdx.x < nwarps ? warp_sums[threadIdx.x] : acc_t(0);
+  if (warp == 0)
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  __syncthreads();  // warp_sums may be reused by the next call
+  return v;
+}
+
+int grid_for(int64_t work_items) {
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t blocks = (work_items + kThreads - 1) / kThreads;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(blocks, int64_t(sms) * 8)));
+}
+
+template <typename T>
+bool aligned_to(const void* p, int64_t bytes) {
+  return p == nullptr || reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// sigmoid focal
+
+template <typename scalar_t, typename target_t, int VEC, bool NEED_GRAD, bool REDUCE>
+__global__ void __launch_bounds__(kThreads)
+sigmoid_focal_kernel(const scalar_t* __restrict__ x, const target_t* __restrict__ t, int64_t N,
+                     SigmoidFocalParams<at::opmath_type<scalar_t>> P, scalar_t* __restrict__ loss_none,
+                     scalar_t* __restrict__ grad, at::opmath_type<scalar_t>* __restrict__ partials) {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t acc = acc_t(0);
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t nvec = N / VEC;
+  for (int64_t i = tid; i < nvec; i += stride) {
+    const Pack<scalar_t, VEC> xv = reinterpret_cast<const Pack<scalar_t, VEC>*>(x)[i];
+    const Pack<target_t, VEC> tv = reinterpret_cast<const Pack<target_t, VEC>*>(t)[i];
+    Pack<scalar_t, VEC> lv, gv;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      acc_t g;
+      const acc_t l = sigmoid_focal_elem<acc_t, NEED_GRAD>(acc_t(xv.v[k]), acc_t(tv.v[k]), P, &g);
+      if (NEED_GRAD) gv.v[k] = scalar_t(g);
+      if (REDUCE) acc += l;
+      else lv.v[k] = scalar_t(l);
+    }
+    if (NEED_GRAD) reinterpret_cast<Pack<scalar_t, VEC>*>(grad)[i] = gv;
+    if (!REDUCE) reinterpret_cast<Pack<scalar_t, VEC>*>(loss_none)[i] = lv;
+  }
+  for (int64_t i = nvec * VEC + tid; i < N; i += stride) {  // tail of fewer than VEC elements
+    acc_t g;
+    const acc_t l = sigmoid_focal_elem<acc_t, NEED_GRAD>(acc_t(x[i]), acc_t(t[i]), P, &g);
+    if (NEED_GRAD) grad[i] = scalar_t(g);
+    if (REDUCE) acc += l;
+    else loss_none[i] = scalar_t(l);
+  }
+  if (REDUCE) {
+    acc = block_sum(acc);
+    if (threadIdx.x == 0) partials[blockIdx.x] = acc;
+  }
+}
+
+// loss = (sum of partials) * loss_scale, where loss_scale is 1/denominator (denominator = sum of
+// count_partials when given, else host_denominator). grad_scale = 1/denominator, or 0 when it is 0.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kFinalThreads)
+finalize_kernel(const acc_t* __restrict__ partials, const acc_t* __restrict__ count_partials, int n,
+                double host_denominator, scalar_t* __restrict__ loss, float* __restrict__ grad_scale) {
+  acc_t s = 0, c = 0;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    s += partials[i];
+    if (count_partials) c += count_partials[i];
+  }
+  s = block_sum(s);
+  if (count_partials) c = block_sum(c);
+  if (threadIdx.x == 0) {
+    const acc_t denom = count_partials ? c : acc_t(host_denominator);
+    *loss = scalar_t(s / denom);
+    *grad_scale = denom != acc_t(0) ? float(acc_t(1) / denom) : 0.f;
+  }
+}
+
+template <typename scalar_t, typename target_t, bool NEED_GRAD, bool REDUCE>
+void launch_sigmoid(const at::Tensor& logits, const at::Tensor& targets, int64_t N,
+                    const SigmoidFocalParams<at::opmath_type<scalar_t>>& P, scalar_t* lout, scalar_t* gout,
+                    at::opmath_type<scalar_t>* partials, int grid, cudaStream_t stream) {
+  constexpr int VEC = 16 / sizeof(scalar_t);
+  const scalar_t* x = logits.const_data_ptr<scalar_t>();
+  const target_t* t = targets.const_data_ptr<target_t>();
+  const bool vec_ok = aligned_to<scalar_t>(x, 16) && aligned_to<target_t>(t, VEC * sizeof(target_t)) &&
+                      aligned_to<scalar_t>(lout, 16) && aligned_to<scalar_t>(gout, 16);
+  if (vec_ok)
+    sigmoid_focal_kernel<scalar_t, target_t, VEC, NEED_GRAD, REDUCE>
+        <<<grid, kThreads, 0, stream>>>(x, t, N, P, lout, gout, partials);
+  else
+    sigmoid_focal_kernel<scalar_t, target_t, 1, NEED_GRAD, REDUCE>
+        <<<grid, kThreads, 0, stream>>>(x, t, N, P, lout, gout, partials);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sigmoid_focal_cuda(const at::Tensor& logits, const at::Tensor& targets,
+                                                                  double alpha, double gamma, double label_smoothing,
+                                                                  int64_t reduction, bool need_grad) {
+  check_floating(logits, "logits");
+  check_same_device(logits, "logits", targets, "targets");
+  check_same_dense_layout(logits, "logits", targets, "targets");
+  check_reduction(reduction);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const int64_t N = logits.numel();
+  at::Tensor loss = loss_output(logits, reduction, logits.options());
+  at::Tensor grad = need_grad ? at::empty_like(logits) : at::empty({0}, logits.options());
+  at::Tensor grad_scale = at::empty({}, logits.options().dtype(at::kFloat));
+  if (N == 0) {  // torch's convention: sum 0, mean NaN
+    if (reduction != 0) loss.fill_(reduction == 1 ? NAN : 0.0);
+    grad_scale.fill_(reduction == 1 ? INFINITY : 1.0);
+    return {loss, grad, grad_scale};
+  }
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int grid = grid_for((N + 3) / 4);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "sigmoid_focal_cuda", [&] {
+    using logit_t = scalar_t;
+    using acc_t = at::opmath_type<logit_t>;
+    const SigmoidFocalParams<acc_t> P{acc_t(alpha), acc_t(gamma), acc_t(label_smoothing)};
+    at::Tensor partials = at::empty({reduction == 0 ? 0 : grid}, logits.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    acc_t* pp = reduction == 0 ? nullptr : partials.mutable_data_ptr<acc_t>();
+    logit_t* lout = reduction == 0 ? loss.mutable_data_ptr<logit_t>() : nullptr;
+    logit_t* gout = need_grad ? grad.mutable_data_ptr<logit_t>() : nullptr;
+    AT_DISPATCH_FLOATING_TYPES_AND4(at::kHalf, at::kBFloat16, at::kBool, at::kByte, targets.scalar_type(),
+                                    "sigmoid_focal_cuda_targets", [&] {
+      using target_t = scalar_t;
+      if (need_grad && reduction != 0) launch_sigmoid<logit_t, target_t, true, true>(logits, targets, N, P, lout, gout, pp, grid, stream);
+      else if (need_grad) launch_sigmoid<logit_t, target_t, true, false>(logits, targets, N, P, lout, gout, pp, grid, stream);
+      else if (reduction != 0) launch_sigmoid<logit_t, target_t, false, true>(logits, targets, N, P, lout, gout, pp, grid, stream);
+      else launch_sigmoid<logit_t, target_t, false, false>(logits, targets, N, P, lout, gout, pp, grid, stream);
+    });
+    if (reduction != 0) {
+      finalize_kernel<logit_t, acc_t><<<1, kFinalThreads, 0, stream>>>(
+          pp, nullptr, grid, reduction == 1 ? double(N) : 1.0, loss.mutable_data_ptr<logit_t>(),
+          grad_scale.mutable_data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  if (reduction == 0) grad_scale.fill_(1.0);
+  return {loss, grad, grad_scale};
+}
+
+// ---------------------------------------------------------------------------------------------
+// softmax focal: one thread per row (o, s); the row's C logits sit at stride S.
+
+template <typename scalar_t, bool NEED_GRAD, bool REDUCE>
+__global__ void __launch_bounds__(kThreads)
+softmax_focal_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ target,
+                     const at::opmath_type<scalar_t>* __restrict__ weight, int64_t R, int64_t C, int64_t S,
+                     at::opmath_type<scalar_t> gamma, at::opmath_type<scalar_t> eps, int64_t ignore_index,
+                     scalar_t* __restrict__ loss_none, scalar_t* __restrict__ grad,
+                     at::opmath_type<scalar_t>* __restrict__ loss_partials,
+                     at::opmath_type<scalar_t>* __restrict__ count_partials) {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t lsum = 0, csum = 0;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < R; r += stride) {
+    const int64_t off = (r / S) * C * S + r % S;
+    acc_t count;
+    const acc_t l = softmax_focal_row<acc_t, NEED_GRAD>(x + off, S, C, target[r], ignore_index, weight, gamma, eps,
+                                                       NEED_GRAD ? grad + off : grad, &count);
+    if (REDUCE) {
+      lsum += l;
+      csum += count;
+    } else {
+      loss_none[r] = scalar_t(l);
+    }
+  }
+  if (REDUCE) {
+    lsum = block_sum(lsum);
+    csum = block_sum(csum);
+    if (threadIdx.x == 0) {
+      loss_partials[blockIdx.x] = lsum;
+      count_partials[blockIdx.x] = csum;
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_focal_cuda(const at::Tensor& logits_in, const at::Tensor& target_in,
+                                                                  const std::optional<at::Tensor>& weight_in, double gamma,
+                                                                  double label_smoothing, int64_t ignore_index,
+                                                                  int64_t reduction, bool need_grad) {
+  check_floating(logits_in, "logits");
+  check_same_device(logits_in, "logits", target_in, "target");
+  check_reduction(reduction);
+  TORCH_CHECK(logits_in.dim() == 2 || logits_in.dim() == 3, "logits must be (N, C) or (N, C, S), got ",
+              logits_in.sizes());
+  TORCH_CHECK(target_in.scalar_type() == at::kLong, "target must be int64, got ", target_in.scalar_type());
+  const int64_t N = logits_in.size(0), C = logits_in.size(1), S = logits_in.dim() == 3 ? logits_in.size(2) : 1;
+  TORCH_CHECK(target_in.numel() == N * S && target_in.size(0) == N,
+              "target must have shape (N,) or (N, S) matching logits ", logits_in.sizes(), ", got ", target_in.sizes());
+  if (weight_in.has_value()) {
+    check_same_device(logits_in, "logits", *weight_in, "weight");
+    TORCH_CHECK(weight_in->dim() == 1 && weight_in->numel() == C, "weight must have shape (C,) = (", C, ",), got ",
+                weight_in->sizes());
+  }
+  const c10::cuda::CUDAGuard guard(logits_in.device());
+  const at::Tensor logits = logits_in.contiguous();
+  const at::Tensor target = target_in.contiguous();
+  const int64_t R = N * S;
+  at::Tensor loss = loss_output(target, reduction, logits.options());
+  at::Tensor grad = need_grad ? at::empty_like(logits) : at::empty({0}, logits.options());
+  at::Tensor grad_scale = at::empty({}, logits.options().dtype(at::kFloat));
+  if (R == 0 || C == 0) {
+    if (need_grad) grad.zero_();
+    if (reduction == 0) loss.zero_();
+    else loss.fill_(reduction == 1 ? NAN : 0.0);
+    grad_scale.fill_(reduction == 1 ? 0.0 : 1.0);
+    return {loss, grad, grad_scale};
+  }
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int grid = grid_for(R);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "softmax_focal_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc_opts = logits.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    at::Tensor weight = weight_in.has_value() ? weight_in->to(acc_opts).contiguous() : at::Tensor();
+    const acc_t* w = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
+    at::Tensor parts = at::empty({reduction == 0 ? 0 : 2 * grid}, acc_opts);
+    acc_t* lp = reduction == 0 ? nullptr : parts.mutable_data_ptr<acc_t>();
+    acc_t* cp = reduction == 0 ? nullptr : lp + grid;
+    const scalar_t* x = logits.const_data_ptr<scalar_t>();
+    const int64_t* t = target.const_data_ptr<int64_t>();
+    scalar_t* lout = reduction == 0 ? loss.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gout = need_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr;
+    const acc_t gm = acc_t(gamma), eps = acc_t(label_smoothing);
+    auto launch = [&](auto need_grad_c, auto reduce_c) {
+      softmax_focal_kernel<scalar_t, decltype(need_grad_c)::value, decltype(reduce_c)::value>
+          <<<grid, kThreads, 0, stream>>>(x, t, w, R, C, S, gm, eps, ignore_index, lout, gout, lp, cp);
+    };
+    using yes = std::true_type;
+    using no = std::false_type;
+    if (need_grad && reduction != 0) launch(yes{}, yes{});
+    else if (need_grad) launch(yes{}, no{});
+    else if (reduction != 0) launch(no{}, yes{});
+    else launch(no{}, no{});
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (reduction != 0) {
+      // "sum" divides by 1: counts are still summed but ignored (count_partials = nullptr).
+      finalize_kernel<scalar_t, acc_t><<<1, kFinalThreads, 0, stream>>>(
+          lp, reduction == 1 ? cp : nullptr, grid, 1.0, loss.mutable_data_ptr<scalar_t>(),
+          grad_scale.mutable_data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  if (reduction == 0) grad_scale.fill_(1.0);
+  return {loss, grad, grad_scale};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastcascade, CUDA, m) {
+  m.impl("sigmoid_focal", &sigmoid_focal_cuda);
+  m.impl("softmax_focal", &softmax_focal_cuda);
+}
+
+}  // namespace fastcascade

@@ -1,0 +1,93 @@
+// The focal-loss formulas, shared by the CPU and CUDA kernels (fastcascade/reference.py states them
+// plainly). Written in log space and without m^(gamma-1), so saturated and infinite logits give no
+// NaN for any gamma >= 0.
+#pragma once
+#include "common/math.h"
+
+namespace fastcascade {
+
+template <typename T>
+struct SigmoidFocalParams {
+  T alpha;   // < 0: no alpha term
+  T gamma;
+  T eps;     // label smoothing: t -> t (1 - eps) + eps / 2
+};
+
+// Loss of one element and, if NEED_GRAD, d loss / d x.
+//   p = sigmoid(x), ce = BCE-with-logits(x, t), m = 1 - p_t = p (1 - t) + (1 - p) t,
+//   loss = alpha_t ce m^gamma,
+//   d loss/dx = alpha_t m^gamma [(p - t) + gamma ce r (1 - 2t)],  r = p (1 - p) / m  in [0, 1].
+template <typename T, bool NEED_GRAD>
+FC_HD T sigmoid_focal_elem(T x, T t_raw, const SigmoidFocalParams<T>& P, T* grad) {
+  const T t = t_raw * (T(1) - P.eps) + T(0.5) * P.eps;
+  const T e = fc_exp(-(x < T(0) ? -x : x));    // exp(-|x|) in [0, 1]
+  const T l1p = fc_log1p(e);
+  const T sp_pos = fc_max(x, T(0)) + l1p;      // softplus(x)  = -log(1 - p)
+  const T sp_neg = fc_max(-x, T(0)) + l1p;     // softplus(-x) = -log(p)
+  const T r1 = T(1) / (T(1) + e);              // sigmoid(|x|)
+  const T r0 = e * r1;                         // sigmoid(-|x|)
+  const T p = x >= T(0) ? r1 : r0;
+  const T q = x >= T(0) ? r0 : r1;
+  const T ce = fc_xmul(T(1) - t, sp_pos) + fc_xmul(t, sp_neg);
+  const T m = p * (T(1) - t) + q * t;
+  const T mg = fc_pow(m, P.gamma);
+  const T at = P.alpha >= T(0) ? P.alpha * t + (T(1) - P.alpha) * (T(1) - t) : T(1);
+  if (NEED_GRAD) {
+    const T r = m > T(0) ? p * q / m : (t > T(0.5) ? p : q);
+    const T cr = r == T(0) ? T(0) : ce * r;
+    *grad = at * mg * ((p - t) + P.gamma * cr * (T(1) - T(2) * t));
+  }
+  return at * ce * mg;
+}
+
+// One softmax-focal row: C logits at x[c * stride].
+//   loss = -sum_c w_c q_c (1 - p_c)^gamma log p_c,  q_c = (1 - eps)[c == t] + eps / C,
+//   d loss/dx_j = a_j - p_j sum_c a_c,  a_c = w_c q_c (1 - p_c)^gamma (gamma u_c - 1),
+//   u_c = p_c log p_c / (1 - p_c) in [-1, 0].
+// Ignored rows give loss 0, grad 0 and count 0; a target outside [0, C) gives NaN (never an index).
+// Returns the loss; *count gets w_t (the row's share of the "mean" normaliser).
+template <typename T, bool NEED_GRAD, typename X, typename W, typename G>
+FC_HD T softmax_focal_row(const X* x, int64_t stride, int64_t C, int64_t t, int64_t ignore_index,
+                          const W* weight, T gamma, T eps, G* grad, T* count) {
+  if (t == ignore_index) {
+    if (NEED_GRAD)
+      for (int64_t c = 0; c < C; ++c) grad[c * stride] = G(0);
+    *count = T(0);
+    return T(0);
+  }
+  if (t < 0 || t >= C) {
+    const T nan = T(NAN);
+    if (NEED_GRAD)
+      for (int64_t c = 0; c < C; ++c) grad[c * stride] = G(nan);
+    *count = nan;
+    return nan;
+  }
+  T mx = T(-INFINITY);
+  for (int64_t c = 0; c < C; ++c) mx = fc_max(mx, T(x[c * stride]));
+  T s = T(0);
+  for (int64_t c = 0; c < C; ++c) s += fc_exp(T(x[c * stride]) - mx);
+  const T lse = mx + fc_log(s);
+  const T q_off = eps / T(C), q_on = T(1) - eps + q_off;
+  T loss = T(0), a_sum = T(0);
+  for (int64_t pass = 0; pass < (NEED_GRAD ? 2 : 1); ++pass) {
+    for (int64_t c = 0; c < C; ++c) {
+      const T lp = T(x[c * stride]) - lse;
+      const T wq = (weight ? T(weight[c]) : T(1)) * (c == t ? q_on : q_off);
+      const T p = fc_exp(lp);
+      const T om = -fc_expm1(lp);  // 1 - p without cancellation
+      const T f = wq * fc_pow(om, gamma);
+      if (pass == 0) loss += fc_xmul(f, -lp);
+      if (NEED_GRAD) {
+        T u = om == T(0) ? T(-1) : p * lp / om;
+        u = p == T(0) ? T(0) : u;
+        const T a = f * (gamma * u - T(1));
+        if (pass == 0) a_sum += a;
+        else grad[c * stride] = G(a - p * a_sum);
+      }
+    }
+  }
+  *count = weight ? T(weight[t]) : T(1);
+  return loss;
+}
+
+}  // namespace fastcascade

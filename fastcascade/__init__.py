@@ -1,0 +1,24 @@
+"""fastcascade: fused focal losses, adapter bottlenecks and early-exit cascade routing for PyTorch."""
+
+from . import _ops, reference  # noqa: F401  (loads _C, registers fake kernels and autograd)
+from .losses import (
+    ClassBalancedFocalLoss,
+    FocalLoss,
+    SoftmaxFocalLoss,
+    class_balanced_weights,
+    inverse_frequency_weights,
+    sigmoid_focal_loss,
+    softmax_focal_loss,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ClassBalancedFocalLoss",
+    "FocalLoss",
+    "SoftmaxFocalLoss",
+    "class_balanced_weights",
+    "inverse_frequency_weights",
+    "sigmoid_focal_loss",
+    "softmax_focal_loss",
+]

@@ -1,0 +1,136 @@
+"""Loads fastcascade._C and registers, for every op, its fake kernel and its autograd formula.
+
+Also decides which backend runs a call ("auto" | "cpu" | "cuda" | "triton" | "torch").
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
+BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
+_REBUILD = "pip install --no-build-isolation --no-deps --force-reinstall ."
+
+
+def _load_extension():
+    try:
+        from . import _build_info
+    except ImportError:
+        raise ImportError(
+            "fastcascade._C is not built: install the package (`pip install --no-build-isolation .`) and "
+            "import it from outside the source tree."
+        ) from None
+    mismatch = _build_info.TORCH_VERSION != torch.__version__
+    msg = (
+        f"fastcascade._C was built for torch {_build_info.TORCH_VERSION} but torch {torch.__version__} is "
+        f"installed. Rebuild fastcascade against this torch: {_REBUILD}"
+    )
+    if mismatch:
+        raise ImportError(msg)
+    try:
+        from . import _C
+    except ImportError as e:
+        raise ImportError(f"fastcascade._C failed to load ({e}). {_REBUILD}") from e
+    return _C, _build_info
+
+
+_C, BUILD_INFO = _load_extension()
+CUDA_COMPILED: bool = bool(_C.with_cuda)
+
+try:
+    from .kernels import focal as _triton_focal  # noqa: F401  (registers the *_triton ops)
+
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend that runs a call on `device`. FASTCASCADE_BACKEND replaces "auto"."""
+    if backend == "auto":
+        backend = os.environ.get("FASTCASCADE_BACKEND", "auto") or "auto"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    dev = device.type
+    if backend == "auto":
+        if dev == "cpu":
+            return "cpu"
+        if dev == "cuda":
+            return "cuda" if CUDA_COMPILED else ("triton" if HAS_TRITON else "torch")
+        return "torch"
+    if backend == "cpu" and dev != "cpu":
+        raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
+    if backend == "cuda":
+        if dev != "cuda":
+            raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
+        if not CUDA_COMPILED:
+            raise RuntimeError(
+                "this fastcascade build has no CUDA kernels (built without a CUDA toolkit). Rebuild with one: "
+                f"FASTCASCADE_FORCE_CUDA=1 {_REBUILD}  (or use backend='triton' or 'torch')"
+            )
+    if backend == "triton":
+        if not HAS_TRITON:
+            raise RuntimeError("backend='triton' needs the triton package: pip install triton")
+        if dev == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("backend='triton' on CPU tensors runs only under TRITON_INTERPRET=1")
+        if dev not in ("cpu", "cuda"):
+            raise ValueError(f"backend='triton' needs CUDA tensors, got tensors on {device}")
+    return backend
+
+
+def focal_op(name: str, backend: str):
+    """The registered op for a fused loss: the C++ op (CPU or CUDA dispatch) or its Triton twin."""
+    return getattr(torch.ops.fastcascade, f"{name}_triton" if backend == "triton" else name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake kernels and autograd, shared by each op's C++ and Triton registrations.
+
+
+def _grad_output(logits: torch.Tensor, need_grad: bool, like: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(like) if need_grad else logits.new_empty((0,))
+
+
+def _sigmoid_focal_fake(logits, targets, alpha, gamma, label_smoothing, reduction, need_grad):
+    loss = torch.empty_like(logits) if reduction == 0 else logits.new_empty(())
+    return loss, _grad_output(logits, need_grad, logits), logits.new_empty((), dtype=torch.float32)
+
+
+def _softmax_focal_fake(logits, target, weight, gamma, label_smoothing, ignore_index, reduction, need_grad):
+    loss = logits.new_empty(target.shape) if reduction == 0 else logits.new_empty(())
+    grad = logits.new_empty(logits.shape) if need_grad else logits.new_empty((0,))
+    return loss, grad, logits.new_empty((), dtype=torch.float32)
+
+
+def _make_autograd(reduction_arg: int, need_grad_arg: int, n_inputs: int, unsqueeze_none: bool):
+    """backward(g) = grad_logits * g * grad_scale: the forward already wrote d loss / d logits."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.reduction = inputs[reduction_arg]
+        ctx.need_grad = inputs[need_grad_arg]
+        ctx.save_for_backward(output[1], output[2])
+
+    def backward(ctx, grad_loss, _grad_grad, _grad_scale):
+        if not ctx.need_grad:
+            raise RuntimeError("fastcascade loss op was called with need_grad=False; call it with need_grad=True")
+        grad_logits, grad_scale = ctx.saved_tensors
+        if ctx.reduction == 0:
+            g = grad_loss.unsqueeze(1) if unsqueeze_none else grad_loss
+        else:
+            g = grad_loss * grad_scale
+        return (grad_logits * g.to(grad_logits.dtype),) + (None,) * (n_inputs - 1)
+
+    return backward, setup_context
+
+
+def _register(qualname: str, fake, reduction_arg: int, need_grad_arg: int, n_inputs: int, unsqueeze_none: bool):
+    torch.library.register_fake(qualname)(fake)
+    backward, setup_context = _make_autograd(reduction_arg, need_grad_arg, n_inputs, unsqueeze_none)
+    torch.library.register_autograd(qualname, backward, setup_context=setup_context)
+
+
+for _suffix in ("", "_triton") if HAS_TRITON else ("",):
+    _register(f"fastcascade::sigmoid_focal{_suffix}", _sigmoid_focal_fake, 5, 6, 7, False)
+    _register(f"fastcascade::softmax_focal{_suffix}", _softmax_focal_fake, 6, 7, 8, True)

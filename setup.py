@@ -1,0 +1,124 @@
+"""Build fastcascade._C: C++ CPU kernels always, CUDA kernels when possible (or forced).
+
+Environment:
+  FASTCASCADE_FORCE_CUDA=1   build the CUDA kernels or fail (CI uses this so a broken .cu fails);
+                             =0 builds CPU kernels only.
+  TORCH_CUDA_ARCH_LIST       target archs; default "9.0" when no GPU is visible.
+  MAX_JOBS                   parallel compile jobs (read by torch's ninja build).
+  CUDA_HOME                  CUDA toolkit; found from nvcc on PATH when unset.
+"""
+
+import glob
+import importlib.util
+import os
+import re
+import shutil
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _toolkit_of(nvcc):
+    """The toolkit folder behind an nvcc, following symlinks and `exec /…/bin/nvcc` wrapper scripts."""
+    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))]
+    try:
+        with open(nvcc, "rb") as f:
+            head = f.read(4096)
+        if not head.startswith(b"\x7fELF"):
+            for m in re.finditer(rb"(/[^\s\"']+)/bin/nvcc\b", head):
+                candidates.insert(0, m.group(1).decode())
+    except OSError:
+        pass
+    for c in candidates:
+        if os.path.isfile(os.path.join(c, "include", "cuda_runtime.h")):
+            return c
+    return None
+
+
+def _find_cuda_home():
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")):
+        return home
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        return _toolkit_of(nvcc)
+    default = "/usr/local/cuda"
+    return default if os.path.isfile(os.path.join(default, "include", "cuda_runtime.h")) else None
+
+
+def _nvidia_wheel_includes():
+    """Headers such as cusparse.h that CUDA 13 torch wheels ship under site-packages/nvidia/cu13/include."""
+    spec = importlib.util.find_spec("nvidia")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    dirs = []
+    for loc in spec.submodule_search_locations:
+        dirs += sorted(glob.glob(os.path.join(loc, "cu*", "include")))
+    return dirs
+
+
+# torch.utils.cpp_extension reads CUDA_HOME when it is imported: resolve it first.
+_cuda_home = _find_cuda_home()
+if _cuda_home:
+    os.environ["CUDA_HOME"] = _cuda_home
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+force = os.environ.get("FASTCASCADE_FORCE_CUDA")
+can_cuda = torch.version.cuda is not None and _cuda_home is not None
+if force == "1" and not can_cuda:
+    sys.exit(
+        "FASTCASCADE_FORCE_CUDA=1 but CUDA kernels cannot be built: "
+        f"torch {torch.__version__} (CUDA {torch.version.cuda}), CUDA_HOME={_cuda_home}. "
+        "Install a CUDA build of torch and a CUDA toolkit (nvcc), or set CUDA_HOME."
+    )
+with_cuda = can_cuda if force is None else force == "1"
+
+if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+    os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+
+cpu_sources = ["csrc/fastcascade.cpp"] + sorted(glob.glob("csrc/*/*_cpu.cpp"))
+cuda_sources = sorted(glob.glob("csrc/*/*_cuda.cu"))
+include_dirs = [os.path.join(ROOT, "csrc")]
+cxx_flags = ["-O3", "-fno-math-errno"]
+
+if with_cuda:
+    include_dirs += _nvidia_wheel_includes()
+    ext = CUDAExtension(
+        "fastcascade._C",
+        cpu_sources + cuda_sources,
+        include_dirs=include_dirs,
+        define_macros=[("FASTCASCADE_WITH_CUDA", "1")],
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]},
+    )
+else:
+    ext = CppExtension("fastcascade._C", cpu_sources, include_dirs=include_dirs,
+                       extra_compile_args={"cxx": cxx_flags})
+
+# Recorded next to the package so that an import against another torch can say which versions differ.
+with open(os.path.join(ROOT, "fastcascade", "_build_info.py"), "w") as f:
+    f.write(
+        "# Written by setup.py at build time.\n"
+        f"TORCH_VERSION = {torch.__version__!r}\n"
+        f"WITH_CUDA = {with_cuda!r}\n"
+        f"CUDA_ARCH_LIST = {os.environ.get('TORCH_CUDA_ARCH_LIST', '') if with_cuda else ''!r}\n"
+    )
+
+print(
+    "fastcascade build configuration:\n"
+    f"  torch {torch.__version__} (CUDA {torch.version.cuda}), python {sys.version.split()[0]}\n"
+    f"  CUDA kernels: {'yes' if with_cuda else 'no'} (FASTCASCADE_FORCE_CUDA={force}, CUDA_HOME={_cuda_home})\n"
+    f"  TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '')} MAX_JOBS={os.environ.get('MAX_JOBS', '')}\n"
+    f"  sources: {' '.join(cpu_sources + (cuda_sources if with_cuda else []))}",
+    flush=True,
+)
+
+setup(
+    packages=["fastcascade", "fastcascade.kernels"],
+    package_dir={"fastcascade": "fastcascade", "fastcascade.kernels": "kernels"},
+    ext_modules=[ext],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
