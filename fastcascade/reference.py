@@ -69,7 +69,8 @@ def softmax_focal_loss(
     q = (1 - label_smoothing) * onehot + label_smoothing / C
     w = torch.ones(C, dtype=logp.dtype, device=logp.device) if weight is None else weight.to(logp.dtype)
     w_b = w.view(1, C, *([1] * (logits.dim() - 2)))
-    focal = (1 - logp.exp()) ** gamma
+    # 1 - p as -expm1(log p); the clamp keeps (1 - p)^gamma's gradient finite where p rounds to 1
+    focal = (-torch.expm1(logp)).clamp(min=torch.finfo(logp.dtype).tiny) ** gamma
     loss = -(q * w_b * focal * logp).sum(1)
     loss = torch.where(keep, loss, torch.zeros_like(loss))
     if reduction == "mean":

@@ -62,11 +62,17 @@ FC_HD T softmax_focal_row(const X* x, int64_t stride, int64_t C, int64_t t, int6
     *count = nan;
     return nan;
   }
-  T mx = T(-INFINITY);
-  for (int64_t c = 0; c < C; ++c) mx = fc_max(mx, T(x[c * stride]));
+  // lse = mx + log1p(sum over c != argmax of exp(x_c - mx)): the arg-max term (exactly 1) is left out
+  // of the sum, so log p of a confident class keeps its relative precision (log(1 + d) would not).
+  T mx = T(x[0]);
+  int64_t am = 0;
+  for (int64_t c = 1; c < C; ++c) {
+    const T v = T(x[c * stride]);
+    if (v > mx) mx = v, am = c;
+  }
   T s = T(0);
-  for (int64_t c = 0; c < C; ++c) s += fc_exp(T(x[c * stride]) - mx);
-  const T lse = mx + fc_log(s);
+  for (int64_t c = 0; c < C; ++c) s += c == am ? T(0) : fc_exp(T(x[c * stride]) - mx);
+  const T lse = mx + fc_log1p(s);
   const T q_off = eps / T(C), q_on = T(1) - eps + q_off;
   T loss = T(0), a_sum = T(0);
   for (int64_t pass = 0; pass < (NEED_GRAD ? 2 : 1); ++pass) {

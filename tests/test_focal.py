@@ -1,0 +1,539 @@
+"""Fused focal losses: every backend against fastcascade.reference, torchvision and F.cross_entropy."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from conftest import (
+    assert_within_model,
+    backend_params,
+    fused_backend_params,
+    random_logits,
+    rel_err,
+)
+
+import fastcascade as fc
+from fastcascade import reference
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _targets(shape, kind, device, gen=None):
+    if kind == "soft":
+        return torch.rand(shape, generator=gen).to(device)
+    hard = torch.rand(shape, generator=gen) > 0.7
+    return {"float": hard.float(), "bool": hard, "uint8": hard.to(torch.uint8)}[kind].to(device)
+
+
+def _grad_out(loss, gen=None):
+    # not all ones, so a backward that ignores its upstream gradient fails
+    return (torch.rand(loss.shape, generator=gen, dtype=torch.float64) + 0.5).to(loss.dtype).to(loss.device)
+
+
+def _fwd_bwd(fn, logits, *args, **kw):
+    x = logits.detach().clone().requires_grad_(True)
+    loss = fn(x, *args, **kw)
+    g = _grad_out(loss, torch.Generator().manual_seed(1))
+    (loss * g).sum().backward()
+    return loss.detach(), x.grad
+
+
+# ---------------------------------------------------------------------------------------------
+# sigmoid focal: reference equivalence
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1,), (7,), (4097,), (3, 5, 33)], ids=str)
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_sigmoid_matches_reference(backend, device, dtype, shape, reduction):
+    gen = torch.Generator().manual_seed(hash((shape, reduction)) % 2**31)
+    combos = [(0.25, 2.0, 0.0, "float"), (None, 0.5, 0.1, "soft"), (0.6, 5.0, 0.0, "bool"), (-1.0, 0.0, 0.2, "uint8")]
+    for alpha, gamma, eps, tkind in combos:
+        x = random_logits(shape, generator=gen)
+        t = _targets(shape, tkind, "cpu", gen)
+        kw = dict(alpha=alpha, gamma=gamma, reduction=reduction, label_smoothing=eps)
+        l64, g64 = _fwd_bwd(reference.sigmoid_focal_loss, x.double(), t, **kw)
+        lref, gref = _fwd_bwd(reference.sigmoid_focal_loss, x.to(dtype), t, **kw)
+        out, grad = _fwd_bwd(fc.sigmoid_focal_loss, x.to(device, dtype), t.to(device), backend=backend, **kw)
+        assert out.dtype == dtype and out.shape == l64.shape and grad.dtype == dtype
+        what = f"{backend} {dtype} {shape} {reduction} alpha={alpha} gamma={gamma} eps={eps} {tkind}"
+        assert_within_model(out, l64, lref, "loss " + what)
+        assert_within_model(grad, g64, gref, "grad " + what)
+
+
+@pytest.mark.parametrize("backend,device", fused_backend_params())
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_sigmoid_matches_torchvision(backend, device, reduction):
+    x = random_logits((64, 37))
+    t = _targets((64, 37), "float", "cpu")
+    for alpha, gamma in [(0.25, 2.0), (-1, 2.5), (0.5, 0.0)]:
+        ltv, gtv = _fwd_bwd(torchvision.ops.sigmoid_focal_loss, x, t, alpha, gamma, reduction)
+        out, grad = _fwd_bwd(fc.sigmoid_focal_loss, x.to(device), t.to(device), alpha, gamma, reduction,
+                             backend=backend)
+        torch.testing.assert_close(out.cpu(), ltv, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad.cpu(), gtv, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend,device", fused_backend_params())
+def test_sigmoid_gamma0_is_bce(backend, device):
+    x = random_logits((513,))
+    t = torch.rand(513)
+    for reduction in ["none", "mean", "sum"]:
+        lb, gb = _fwd_bwd(F.binary_cross_entropy_with_logits, x, t, reduction=reduction)
+        out, grad = _fwd_bwd(fc.sigmoid_focal_loss, x.to(device), t.to(device), None, 0.0, reduction,
+                             backend=backend)
+        torch.testing.assert_close(out.cpu(), lb, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad.cpu(), gb, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend,device", fused_backend_params())
+@pytest.mark.parametrize("gamma", [0.0, 0.3, 0.5, 1.0, 2.0, 5.0])
+def test_sigmoid_saturated_and_infinite_logits(backend, device, gamma):
+    x = torch.tensor([1e4, -1e4, 80.0, -80.0, 30.0, -30.0, float("inf"), -float("inf"), 17.0, -17.0])
+    t = (x > 0).float()  # matching hard targets: loss ~ 0, no NaN, no inf
+    for dtype in [torch.float32, torch.bfloat16, torch.float16]:
+        for alpha in [0.25, None]:
+            for eps in [0.0, 0.1]:
+                out, grad = _fwd_bwd(fc.sigmoid_focal_loss, x.to(device, dtype), t.to(device), alpha, gamma, "none",
+                                     eps, backend=backend)
+                # smoothed targets make an infinite logit infinitely wrong: only finite logits need a finite loss
+                finite = torch.isfinite(x).to(device) if eps else torch.ones_like(x, dtype=torch.bool).to(device)
+                assert torch.isfinite(out[finite]).all() and torch.isfinite(grad).all(), (dtype, alpha, eps, out, grad)
+                if eps == 0.0:
+                    assert out.abs().max() < 1e-6 and grad.abs().max() < 1e-6
+    # wrong-side saturation: the loss grows with |x| (inf at inf, as torchvision), the gradient stays finite
+    out, grad = _fwd_bwd(fc.sigmoid_focal_loss, x.to(device), (1 - t).to(device), 0.25, gamma, "none",
+                         backend=backend)
+    assert torch.isfinite(grad).all()
+    assert torch.isfinite(out[:6]).all() and torch.isinf(out[6:8]).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# softmax focal: reference equivalence
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 3), (7, 1), (33, 10), (5, 17), (2, 4, 3, 5)], ids=str)
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_softmax_matches_reference(backend, device, dtype, shape, reduction):
+    gen = torch.Generator().manual_seed(hash((shape, reduction)) % 2**31)
+    C = shape[1]
+    tshape = (shape[0],) + shape[2:]
+    for gamma, eps, use_w, ignore in [(2.0, 0.0, False, -100), (0.5, 0.1, True, 1), (0.0, 0.05, True, -100)]:
+        if C == 1:
+            gamma = max(gamma, 1.0)  # the reference's (1 - p)^gamma has a NaN gradient at p = 1 for gamma < 1
+        x = random_logits(shape, generator=gen)
+        t = torch.randint(0, C, tshape, generator=gen)
+        w = torch.rand(C, generator=gen) + 0.5 if use_w else None
+        kw = dict(gamma=gamma, ignore_index=ignore, label_smoothing=eps, reduction=reduction)
+        l64, g64 = _fwd_bwd(reference.softmax_focal_loss, x.double(), t, weight=w, **kw)
+        lref, gref = _fwd_bwd(reference.softmax_focal_loss, x.to(dtype), t, weight=w, **kw)
+        wd = None if w is None else w.to(device)
+        out, grad = _fwd_bwd(fc.softmax_focal_loss, x.to(device, dtype), t.to(device), weight=wd, backend=backend,
+                             **kw)
+        assert out.dtype == dtype and out.shape == l64.shape
+        what = f"{backend} {dtype} {shape} {reduction} gamma={gamma} eps={eps} w={use_w} ignore={ignore}"
+        assert_within_model(out, l64, lref, "loss " + what)
+        assert_within_model(grad, g64, gref, "grad " + what)
+
+
+@pytest.mark.parametrize("backend,device", fused_backend_params())
+def test_softmax_gamma0_is_cross_entropy(backend, device):
+    """gamma=0 equals F.cross_entropy in value and gradient for every option combination."""
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(40, 5), (3, 4, 6, 2)]:
+        C = shape[1]
+        x = random_logits(shape, generator=gen)
+        t = torch.randint(0, C, (shape[0],) + shape[2:], generator=gen)
+        t.view(-1)[::7] = 2  # some rows hit the ignore_index below
+        w = torch.rand(C, generator=gen) + 0.1
+        for use_w, ignore, eps, reduction in itertools.product([False, True], [-100, 2], [0.0, 0.2],
+                                                               ["none", "mean", "sum"]):
+            wt = w if use_w else None
+            lce, gce = _fwd_bwd(F.cross_entropy, x, t, weight=wt, ignore_index=ignore, label_smoothing=eps,
+                                reduction=reduction)
+            out, grad = _fwd_bwd(fc.softmax_focal_loss, x.to(device), t.to(device), 0.0,
+                                 None if wt is None else wt.to(device), ignore, eps, reduction, backend=backend)
+            msg = f"{shape} w={use_w} ignore={ignore} eps={eps} {reduction}"
+            torch.testing.assert_close(out.cpu(), lce, rtol=2e-5, atol=2e-6, msg=msg)
+            torch.testing.assert_close(grad.cpu(), gce, rtol=2e-5, atol=2e-6, msg=msg)
+
+
+@pytest.mark.parametrize("backend,device", fused_backend_params())
+@pytest.mark.parametrize("gamma", [0.0, 0.3, 2.0, 5.0])
+def test_softmax_saturated_logits(backend, device, gamma):
+    x = torch.tensor([[1e4, -1e4, 0.0], [-1e4, 1e4, 5.0], [60.0, -60.0, -60.0], [0.0, -float("inf"), 30.0]])
+    t = torch.tensor([0, 1, 0, 2])
+    for dtype in [torch.float32, torch.bfloat16]:
+        for eps in [0.0, 0.1]:
+            out, grad = _fwd_bwd(fc.softmax_focal_loss, x.to(device, dtype), t.to(device), gamma,
+                                 label_smoothing=eps, reduction="none", backend=backend)
+            assert torch.isfinite(grad).all(), (dtype, eps, grad)
+            if eps == 0.0:
+                assert torch.isfinite(out).all() and out.abs().max() < 1e-2
+
+
+@pytest.mark.parametrize("backend,device", fused_backend_params())
+def test_softmax_single_class_is_zero(backend, device):
+    x = random_logits((9, 1))
+    t = torch.zeros(9, dtype=torch.long)
+    for gamma in [0.0, 0.3, 2.0]:
+        out, grad = _fwd_bwd(fc.softmax_focal_loss, x.to(device), t.to(device), gamma, reduction="none",
+                             label_smoothing=0.1, backend=backend)
+        assert (out == 0).all() and (grad == 0).all()
+
+
+@pytest.mark.parametrize("backend,device", fused_backend_params())
+def test_softmax_all_rows_ignored_matches_torch(backend, device):
+    x = random_logits((6, 4))
+    t = torch.full((6,), -100)
+    out, grad = _fwd_bwd(fc.softmax_focal_loss, x.to(device), t.to(device), 2.0, backend=backend)
+    lce, gce = _fwd_bwd(F.cross_entropy, x, t)
+    assert torch.isnan(out) and torch.isnan(lce)
+    torch.testing.assert_close(grad.cpu(), gce)
+
+
+# ---------------------------------------------------------------------------------------------
+# gradcheck, opcheck, compile, determinism
+
+
+@pytest.mark.parametrize("backend,device", [p for p in fused_backend_params() if p.values[1] == "cpu"])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_gradcheck_float64(backend, device, reduction):
+    x = random_logits((2, 3, 5), torch.float64, scale=2.0).requires_grad_(True)
+    ts = torch.rand(2, 3, 5, dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda z: fc.sigmoid_focal_loss(z, ts, 0.3, 1.5, reduction, 0.1, backend=backend), (x,))
+    assert torch.autograd.gradcheck(
+        lambda z: fc.sigmoid_focal_loss(z, ts, None, 0.5, reduction, backend=backend), (x,))
+    tc = torch.tensor([[0, 2, 1, 4, 4], [3, -100, 0, 0, 1]])
+    w = torch.rand(3, dtype=torch.float64) + 0.5
+    assert torch.autograd.gradcheck(
+        lambda z: fc.softmax_focal_loss(z, tc.clamp(max=2).masked_fill(tc == -100, -100), 2.0, w, -100, 0.1,
+                                        reduction, backend=backend), (x,))
+    assert torch.autograd.gradcheck(
+        lambda z: fc.softmax_focal_loss(z.transpose(1, 2).reshape(-1, 3), tc.reshape(-1).clamp(0, 2), 0.4,
+                                        reduction=reduction, backend=backend), (x,))
+
+
+def _opcheck_samples(device):
+    gen = torch.Generator().manual_seed(3)
+    x = random_logits((4, 3, 5), generator=gen).to(device)
+    ts = torch.rand(4, 3, 5, generator=gen).to(device)
+    tc = torch.randint(0, 3, (4, 5), generator=gen).to(device)
+    w = (torch.rand(3, generator=gen) + 0.5).to(device)
+    for red, ng in [(0, True), (1, True), (2, False)]:
+        xs = x.clone().requires_grad_(ng)
+        yield "sigmoid_focal", (xs, ts, 0.25, 2.0, 0.1, red, ng)
+        yield "softmax_focal", (xs, tc, w, 2.0, 0.1, -100, red, ng)
+        yield "softmax_focal", (xs[:, :, 0].contiguous(), tc[:, 0].contiguous(), None, 0.5, 0.0, 1, red, ng)
+
+
+@pytest.mark.parametrize("backend,device", fused_backend_params())
+def test_opcheck(backend, device):
+    for name, args in _opcheck_samples(device):
+        op = fc._ops.focal_op(name, backend)
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in fused_backend_params() if p.values[0] != "triton"])
+def test_compile_fullgraph(backend, device):
+    torch._dynamo.reset()
+
+    def step(x, ts, tc, w):
+        a = fc.sigmoid_focal_loss(x, ts, 0.25, 2.0, backend=backend)
+        b = fc.softmax_focal_loss(x, tc, 2.0, w, label_smoothing=0.1, backend=backend)
+        c = fc.sigmoid_focal_loss(x, ts, hard_negative_ratio=3.0, backend=backend)
+        return a + b + c
+
+    x = random_logits((16, 4, 3)).to(device)
+    ts = (torch.rand(16, 4, 3) > 0.8).float().to(device)
+    tc = torch.randint(0, 4, (16, 3)).to(device)
+    w = torch.rand(4).to(device) + 0.5
+    compiled = torch.compile(step, fullgraph=True)
+    xe, xc = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    le, lc = step(xe, ts, tc, w), compiled(xc, ts, tc, w)
+    le.backward()
+    lc.backward()
+    torch.testing.assert_close(lc, le)
+    torch.testing.assert_close(xc.grad, xe.grad)
+
+
+@pytest.mark.parametrize("backend,device", fused_backend_params())
+def test_deterministic(backend, device):
+    n = 70001 if backend != "triton" or device != "cpu" else 9001
+    x = random_logits((n,)).to(device)
+    t = torch.rand(n).to(device)
+    xs = random_logits((n // 7, 7)).to(device)
+    tc = torch.randint(0, 7, (n // 7,)).to(device)
+    runs = []
+    threads = torch.get_num_threads()
+    for nthreads in [1, max(2, threads)]:
+        torch.set_num_threads(nthreads)
+        try:
+            for _ in range(2):
+                a, ga = _fwd_bwd(fc.sigmoid_focal_loss, x, t, backend=backend)
+                b, gb = _fwd_bwd(fc.softmax_focal_loss, xs, tc, backend=backend)
+                runs.append((a, ga, b, gb))
+        finally:
+            torch.set_num_threads(threads)
+    for r in runs[1:]:
+        for u, v in zip(runs[0], r):
+            assert torch.equal(u, v)
+
+
+@pytest.mark.parametrize("backend,device", fused_backend_params())
+def test_forward_only_when_no_grad(backend, device):
+    x = random_logits((100,)).to(device)
+    t = torch.rand(100).to(device)
+    op = fc._ops.focal_op("sigmoid_focal", backend)
+    loss, grad, scale = op(x, t, 0.25, 2.0, 0.0, 1, False)
+    assert grad.numel() == 0
+    with torch.no_grad():
+        l2 = fc.sigmoid_focal_loss(x.requires_grad_(True), t, backend=backend)
+    assert l2.grad_fn is None
+    torch.testing.assert_close(l2, loss)
+
+
+# ---------------------------------------------------------------------------------------------
+# layouts and empty inputs
+
+
+@pytest.mark.parametrize("backend,device", fused_backend_params())
+def test_layouts_give_the_same_result(backend, device):
+    x = random_logits((2, 6, 5, 4)).to(device)
+    ts = torch.rand(2, 6, 5, 4).to(device)
+    tc = torch.randint(0, 6, (2, 5, 4)).to(device)
+    base_s, gbase_s = _fwd_bwd(fc.sigmoid_focal_loss, x, ts, reduction="none", backend=backend)
+    base_c, gbase_c = _fwd_bwd(fc.softmax_focal_loss, x, tc, reduction="none", backend=backend)
+    cl = x.to(memory_format=torch.channels_last)
+    variants = {
+        "channels_last/both": (cl, ts.to(memory_format=torch.channels_last)),
+        "channels_last/logits": (cl, ts),
+        "transposed": (x.transpose(2, 3).contiguous().transpose(2, 3), ts),
+    }
+    for name, (xv, tv) in variants.items():
+        out, grad = _fwd_bwd(fc.sigmoid_focal_loss, xv, tv, reduction="none", backend=backend)
+        assert torch.equal(out, base_s) and torch.equal(grad, gbase_s), name
+        out, grad = _fwd_bwd(fc.softmax_focal_loss, xv, tc, reduction="none", backend=backend)
+        torch.testing.assert_close(out, base_c, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(grad, gbase_c, rtol=0, atol=0, msg=name)
+    # sliced (strided) inputs
+    big = random_logits((8, 20)).to(device)
+    tbig = torch.rand(8, 20).to(device)
+    out, grad = _fwd_bwd(fc.sigmoid_focal_loss, big[::2, 3:17], tbig[::2, 3:17], reduction="sum", backend=backend)
+    ref, gref = _fwd_bwd(fc.sigmoid_focal_loss, big[::2, 3:17].contiguous(), tbig[::2, 3:17].contiguous(),
+                         reduction="sum", backend=backend)
+    assert torch.equal(out, ref) and torch.equal(grad, gref)
+    tcs = torch.randint(0, 20, (8,)).to(device)
+    out, grad = _fwd_bwd(fc.softmax_focal_loss, big.t().contiguous().t(), tcs, backend=backend)
+    ref, gref = _fwd_bwd(fc.softmax_focal_loss, big, tcs, backend=backend)
+    assert torch.equal(out, ref) and torch.equal(grad, gref)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_empty_inputs_follow_torch(backend, device):
+    x = torch.empty(0, 3, device=device, requires_grad=True)
+    t = torch.empty(0, 3, device=device)
+    assert fc.sigmoid_focal_loss(x, t, reduction="sum", backend=backend).item() == 0
+    assert torch.isnan(fc.sigmoid_focal_loss(x, t, reduction="mean", backend=backend))
+    assert fc.sigmoid_focal_loss(x, t, reduction="none", backend=backend).shape == (0, 3)
+    tc = torch.empty(0, dtype=torch.long, device=device)
+    loss = fc.softmax_focal_loss(x, tc, backend=backend)
+    assert torch.isnan(loss)
+    loss.backward()
+    assert x.grad.shape == (0, 3)
+    assert fc.softmax_focal_loss(x, tc, reduction="sum", backend=backend).item() == 0
+
+
+def test_unbatched_softmax_matches_batched():
+    x = random_logits((5,))
+    t = torch.tensor(3)
+    a = fc.softmax_focal_loss(x, t, reduction="none")
+    b = fc.softmax_focal_loss(x[None], t[None], reduction="none")
+    assert a.shape == () and torch.equal(a, b[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# num_positives, hard negative mining
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_num_positives_divides_the_sum(backend, device):
+    x = random_logits((300,)).to(device)
+    t = (torch.rand(300) > 0.9).float().to(device)
+    npos = t.sum()
+    a = fc.sigmoid_focal_loss(x, t, num_positives=npos, backend=backend)
+    b = fc.sigmoid_focal_loss(x, t, reduction="sum", backend=backend) / npos
+    torch.testing.assert_close(a, b)
+    c = fc.sigmoid_focal_loss(x, t, num_positives=12.0, backend=backend)
+    torch.testing.assert_close(c, b * npos / 12.0)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_hard_negative_mining_keeps_hardest(backend, device):
+    gen = torch.Generator().manual_seed(5)
+    x = random_logits((2, 500), generator=gen).to(device)
+    t = (torch.rand(2, 500, generator=gen) > 0.95).float().to(device)
+    xg = x.clone().requires_grad_(True)
+    none = fc.sigmoid_focal_loss(xg, t, hard_negative_ratio=3.0, reduction="none", backend=backend)
+    full = fc.sigmoid_focal_loss(x, t, reduction="none", backend=backend)
+    pos = t > 0.5
+    k = int(pos.sum()) * 3
+    neg_losses = full[~pos]
+    kept_neg = none[~pos] != 0
+    assert int(kept_neg.sum()) == k
+    # every kept negative is at least as hard as every dropped one
+    assert neg_losses[kept_neg].min() >= neg_losses[~kept_neg].max()
+    assert torch.equal(none[pos], full[pos])
+    mean = fc.sigmoid_focal_loss(x, t, hard_negative_ratio=3.0, backend=backend)
+    torch.testing.assert_close(mean, none.sum() / (int(pos.sum()) + k))
+    none.sum().backward()
+    assert (xg.grad[~pos][~kept_neg] == 0).all() and (xg.grad[pos] != 0).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# class weights and modules
+
+
+def test_class_balanced_weights():
+    counts = torch.tensor([1000, 100, 10, 0])
+    beta = 0.999
+    w = fc.class_balanced_weights(counts, beta)
+    raw = torch.tensor([(1 - beta) / (1 - beta**n) if n else 0.0 for n in counts.tolist()], dtype=torch.float64)
+    torch.testing.assert_close(w, (raw * 4 / raw.sum()).float())
+    assert w[3] == 0 and torch.isfinite(w).all() and abs(w.sum().item() - 4) < 1e-5
+    assert w[2] > w[1] > w[0]
+    # beta close to 1 (the default) is where 1 - beta**n cancels: still finite and ordered
+    w = fc.class_balanced_weights([5_000_000, 10, 1], 0.9999)
+    assert torch.isfinite(w).all() and w[2] > w[1] > w[0]
+    torch.testing.assert_close(fc.class_balanced_weights([3, 7], 0.0), torch.ones(2))
+    for bad in ([], [-1, 3], [0, 0]):
+        with pytest.raises(ValueError, match="counts"):
+            fc.class_balanced_weights(bad)
+    with pytest.raises(ValueError, match="beta"):
+        fc.class_balanced_weights([1, 2], 1.0)
+
+
+def test_inverse_frequency_weights():
+    w = fc.inverse_frequency_weights([100, 25, 0, 4], power=0.5)
+    raw = torch.tensor([0.1, 0.2, 0.0, 0.5], dtype=torch.float64)
+    torch.testing.assert_close(w, (raw * 4 / raw.sum()).float())
+    w1 = fc.inverse_frequency_weights([10, 20], power=1.0)
+    torch.testing.assert_close(w1, torch.tensor([4 / 3, 2 / 3]))
+
+
+def test_modules_match_functions():
+    x = random_logits((40, 3))
+    t = torch.randint(0, 3, (40,))
+    counts = torch.bincount(t, minlength=3)
+    m = fc.ClassBalancedFocalLoss(counts, beta=0.99, gamma=2.0)
+    torch.testing.assert_close(m(x, t), fc.softmax_focal_loss(x, t, 2.0, fc.class_balanced_weights(counts, 0.99)))
+    assert "weight" in dict(m.named_buffers())
+    sm = fc.SoftmaxFocalLoss(gamma=1.0, weight=torch.ones(3), label_smoothing=0.1)
+    torch.testing.assert_close(sm(x, t), fc.softmax_focal_loss(x, t, 1.0, torch.ones(3), label_smoothing=0.1))
+    xs, ts = random_logits((50,)), (torch.rand(50) > 0.5).float()
+    fl = fc.FocalLoss(alpha=0.3, gamma=2.5)
+    torch.testing.assert_close(fl(xs, ts), fc.sigmoid_focal_loss(xs, ts, 0.3, 2.5))
+    torch.testing.assert_close(fl(xs, ts, num_positives=4.0), fc.sigmoid_focal_loss(xs, ts, 0.3, 2.5, num_positives=4.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: clear errors before any kernel runs
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_bad_inputs_raise_clear_errors(backend, device):
+    x = random_logits((4, 3)).to(device)
+    ts = torch.rand(4, 3).to(device)
+    tc = torch.randint(0, 3, (4,)).to(device)
+    cases = [
+        (lambda: fc.sigmoid_focal_loss(x, ts[:, :2]), ValueError, "same shape"),
+        (lambda: fc.sigmoid_focal_loss(x.long(), ts), ValueError, "logits must be a floating-point"),
+        (lambda: fc.sigmoid_focal_loss(x, ts.long()), ValueError, "targets must be float, bool or uint8"),
+        (lambda: fc.sigmoid_focal_loss(x, ts, gamma=-1.0), ValueError, "gamma"),
+        (lambda: fc.sigmoid_focal_loss(x, ts, label_smoothing=1.0), ValueError, "label_smoothing"),
+        (lambda: fc.sigmoid_focal_loss(x, ts, reduction="avg"), ValueError, "reduction"),
+        (lambda: fc.sigmoid_focal_loss(x, ts, alpha=1.5), ValueError, "alpha"),
+        (lambda: fc.sigmoid_focal_loss(x, ts, num_positives=3.0, reduction="sum"), ValueError, "num_positives"),
+        (lambda: fc.sigmoid_focal_loss(x, ts + 1.0), ValueError, r"\[0, 1\]"),
+        (lambda: fc.softmax_focal_loss(x, tc.int()), ValueError, "int64"),
+        (lambda: fc.softmax_focal_loss(x, tc[:3]), ValueError, "target must have shape"),
+        (lambda: fc.softmax_focal_loss(x, tc + 3), ValueError, "outside"),
+        (lambda: fc.softmax_focal_loss(x, tc - 5), ValueError, "outside"),
+        (lambda: fc.softmax_focal_loss(x, tc, weight=torch.ones(4, device=device)), ValueError, "weight"),
+        (lambda: fc.softmax_focal_loss(x, tc, weight=torch.ones(3, dtype=torch.long, device=device)), ValueError,
+         "weight"),
+        (lambda: fc.softmax_focal_loss(x, tc, gamma=-0.5), ValueError, "gamma"),
+        (lambda: fc.softmax_focal_loss(x, tc, label_smoothing=-0.1), ValueError, "label_smoothing"),
+        (lambda: fc.softmax_focal_loss(x, tc, reduction="batchmean"), ValueError, "reduction"),
+        (lambda: fc.softmax_focal_loss(x[0, 0], tc), ValueError, "logits must be"),
+    ]
+    for fn, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            fn()
+    with pytest.raises(ValueError, match="backend"):
+        fc.sigmoid_focal_loss(x, ts, backend="fast")
+    if device == "cpu":
+        with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors"):
+            fc.sigmoid_focal_loss(x, ts, backend="cuda")
+    if backend != "torch":
+        with pytest.raises(ValueError, match="targets.requires_grad"):
+            fc.sigmoid_focal_loss(x, ts.clone().requires_grad_(True), backend=backend)
+
+
+def test_device_mismatch_is_caught_before_the_kernel():
+    x = random_logits((4, 3))
+    t = torch.rand(4, 3, device="meta")
+    with pytest.raises(ValueError, match="same device"):
+        fc.sigmoid_focal_loss(x, t)
+    with pytest.raises(ValueError, match="same device"):
+        fc.softmax_focal_loss(x, torch.zeros(4, dtype=torch.long, device="meta"))
+    with pytest.raises(ValueError, match="weight must be on"):
+        fc.softmax_focal_loss(x, torch.zeros(4, dtype=torch.long), weight=torch.ones(3, device="meta"))
+
+
+def test_op_level_checks_for_direct_callers():
+    x = random_logits((4, 3))
+    with pytest.raises(RuntimeError, match="same shape"):
+        torch.ops.fastcascade.sigmoid_focal(x, torch.rand(4, 2), 0.25, 2.0, 0.0, 1, False)
+    with pytest.raises(RuntimeError, match="identical strides"):
+        torch.ops.fastcascade.sigmoid_focal(x, torch.rand(3, 4).t(), 0.25, 2.0, 0.0, 1, False)
+    with pytest.raises(RuntimeError, match="reduction"):
+        torch.ops.fastcascade.sigmoid_focal(x, torch.rand(4, 3), 0.25, 2.0, 0.0, 3, False)
+    with pytest.raises(RuntimeError, match="int64"):
+        torch.ops.fastcascade.softmax_focal(x, torch.zeros(4, dtype=torch.int32), None, 2.0, 0.0, -100, 1, False)
+
+
+def test_out_of_range_targets_give_nan_rows_in_the_kernel():
+    """What CUDA does without FASTCASCADE_CHECK (the CPU API raises first): NaN rows, no memory access."""
+    x = random_logits((4, 3))
+    t = torch.tensor([0, 7, -3, 1])
+    loss, grad, _ = torch.ops.fastcascade.softmax_focal(x, t, torch.ones(3), 2.0, 0.0, -100, 0, True)
+    assert torch.isnan(loss[1:3]).all() and torch.isfinite(loss[[0, 3]]).all()
+    assert torch.isnan(grad[1:3]).all() and torch.isfinite(grad[[0, 3]]).all()
+
+
+def test_cuda_without_cuda_kernels_says_how_to_rebuild(monkeypatch):
+    monkeypatch.setattr(fc._ops, "CUDA_COMPILED", False)
+    with pytest.raises(RuntimeError, match="FASTCASCADE_FORCE_CUDA=1 pip install"):
+        fc._ops.resolve_backend("cuda", torch.device("cuda"))
+    assert fc._ops.resolve_backend("auto", torch.device("cuda")) in ("triton", "torch")
+
+
+def test_env_backend_replaces_auto(monkeypatch):
+    monkeypatch.setenv("FASTCASCADE_BACKEND", "torch")
+    assert fc._ops.resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert fc._ops.resolve_backend("cpu", torch.device("cpu")) == "cpu"
+    monkeypatch.setenv("FASTCASCADE_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="backend"):
+        fc.sigmoid_focal_loss(random_logits((3,)), torch.rand(3))
+
+
+def test_rel_err_helper_rejects_nan():
+    with pytest.raises(AssertionError, match="NaN"):
+        rel_err(torch.tensor([float("nan")]), torch.tensor([1.0]))
