@@ -31,6 +31,11 @@ def _load_extension():
         raise ImportError(msg)
     try:
         from . import _C
+    except ModuleNotFoundError:
+        raise ImportError(
+            f"fastcascade._C is not built next to {os.path.dirname(__file__)}: when that is the source tree, "
+            "import the installed package from elsewhere, or build in place (python setup.py build_ext --inplace)."
+        ) from None
     except ImportError as e:
         raise ImportError(f"fastcascade._C failed to load ({e}). {_REBUILD}") from e
     return _C, _build_info

@@ -46,7 +46,8 @@ def _need_grad(logits: torch.Tensor) -> bool:
 
 
 def _value_checks_on(t: torch.Tensor) -> bool:
-    """Checks that read tensor values: always on the CPU (no sync there), on CUDA with FASTCASCADE_CHECK=1."""
+    """Checks of target values that memory safety rests on: always on the CPU (no sync there), on CUDA
+    with FASTCASCADE_CHECK=1 (the kernels give NaN rows instead)."""
     if torch.compiler.is_compiling():
         return False
     return t.device.type == "cpu" or os.environ.get("FASTCASCADE_CHECK") == "1"
@@ -114,8 +115,8 @@ def sigmoid_focal_loss(
     backend = _ops.resolve_backend(backend, logits.device)
     if backend != "torch" and targets.requires_grad:
         raise ValueError("targets.requires_grad: the fused loss treats targets as constants; use backend='torch'")
-    if _value_checks_on(targets) and targets.is_floating_point():
-        if bool(((targets < 0) | (targets > 1)).any()):
+    if os.environ.get("FASTCASCADE_CHECK") == "1" and not torch.compiler.is_compiling():
+        if targets.is_floating_point() and bool(((targets < 0) | (targets > 1)).any()):
             raise ValueError("targets must lie in [0, 1]")
 
     # The reduction that the kernel does; mining and num_positives reduce afterwards.

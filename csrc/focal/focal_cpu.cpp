@@ -3,7 +3,7 @@
 // Work is cut into fixed-size blocks; each block writes one partial sum and the partials are added
 // in block order, so results do not depend on the number of threads. float32 math runs through
 // branch-free functions (common/math.h) in loops that the compiler vectorises; on x86-64 an AVX2+FMA
-// clone is picked at load time when the CPU has it.
+// clone (x86-64-v3) is picked at load time when the CPU has it.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -24,26 +24,40 @@ constexpr int64_t kRowBlock = 256;   // rows per partial (softmax)
 constexpr int64_t kGrainBlocks = 16; // blocks per parallel task at least
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FC_CPU_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#define FC_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define FC_CPU_CLONES
 #endif
 
-template <bool NEED_GRAD>
+template <bool NEED_GRAD, int TWO_GAMMA>
 FC_HD void sigmoid_focal_span(const float* x, const float* t, int64_t n, SigmoidFocalParams<float> P,
                               float* loss, float* grad) {
 #pragma GCC ivdep
   for (int64_t i = 0; i < n; ++i) {
     float g;
-    loss[i] = sigmoid_focal_elem<float, NEED_GRAD>(x[i], t[i], P, &g);
+    loss[i] = sigmoid_focal_elem<float, NEED_GRAD, TWO_GAMMA>(x[i], t[i], P, &g);
     if (NEED_GRAD) grad[i] = g;
+  }
+}
+
+// Picks the span instantiation for a runtime gamma: TWO_GAMMA = 0 .. kMaxTwoGamma, then the generic one.
+template <int TWO_GAMMA = 0>
+FC_HD void sigmoid_focal_span_for(int two_gamma, bool need_grad, const float* x, const float* t, int64_t n,
+                                  SigmoidFocalParams<float> P, float* loss, float* grad) {
+  if constexpr (TWO_GAMMA > kMaxTwoGamma) {
+    if (need_grad) sigmoid_focal_span<true, -1>(x, t, n, P, loss, grad);
+    else sigmoid_focal_span<false, -1>(x, t, n, P, loss, grad);
+  } else if (two_gamma == TWO_GAMMA) {
+    if (need_grad) sigmoid_focal_span<true, TWO_GAMMA>(x, t, n, P, loss, grad);
+    else sigmoid_focal_span<false, TWO_GAMMA>(x, t, n, P, loss, grad);
+  } else {
+    sigmoid_focal_span_for<TWO_GAMMA + 1>(two_gamma, need_grad, x, t, n, P, loss, grad);
   }
 }
 
 FC_CPU_CLONES void sigmoid_focal_span_f32(const float* x, const float* t, int64_t n, SigmoidFocalParams<float> P,
                                           float* loss, float* grad, bool need_grad) {
-  if (need_grad) sigmoid_focal_span<true>(x, t, n, P, loss, grad);
-  else sigmoid_focal_span<false>(x, t, n, P, loss, grad);
+  sigmoid_focal_span_for(two_gamma_code(P.gamma), need_grad, x, t, n, P, loss, grad);
 }
 
 // Sum of n floats in a fixed order: 16 interleaved lanes (vectorisable), then the lanes in order.

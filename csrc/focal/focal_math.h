@@ -13,11 +13,33 @@ struct SigmoidFocalParams {
   T eps;     // label smoothing: t -> t (1 - eps) + eps / 2
 };
 
+// m^gamma. TWO_GAMMA >= 0 says gamma = TWO_GAMMA / 2 at compile time (the common 0, 1, 2, 2.5, ...):
+// products and a square root instead of exp(gamma log m), which dominates the CPU loop otherwise.
+template <typename T, int TWO_GAMMA>
+FC_HD T focal_pow(T m, T gamma) {
+  if constexpr (TWO_GAMMA < 0) {
+    return fc_pow(m, gamma);
+  } else {
+    T r = T(1);
+#pragma unroll
+    for (int i = 0; i < TWO_GAMMA / 2; ++i) r *= m;
+    if constexpr (TWO_GAMMA % 2 == 1) r *= std::sqrt(m);
+    return r;
+  }
+}
+
+// TWO_GAMMA code of a runtime gamma: 2 gamma when that is an integer in [0, kMaxTwoGamma], else -1.
+constexpr int kMaxTwoGamma = 10;
+inline int two_gamma_code(double gamma) {
+  const double g2 = 2.0 * gamma;
+  return (g2 >= 0.0 && g2 <= kMaxTwoGamma && g2 == double(int(g2))) ? int(g2) : -1;
+}
+
 // Loss of one element and, if NEED_GRAD, d loss / d x.
 //   p = sigmoid(x), ce = BCE-with-logits(x, t), m = 1 - p_t = p (1 - t) + (1 - p) t,
 //   loss = alpha_t ce m^gamma,
 //   d loss/dx = alpha_t m^gamma [(p - t) + gamma ce r (1 - 2t)],  r = p (1 - p) / m  in [0, 1].
-template <typename T, bool NEED_GRAD>
+template <typename T, bool NEED_GRAD, int TWO_GAMMA = -1>
 FC_HD T sigmoid_focal_elem(T x, T t_raw, const SigmoidFocalParams<T>& P, T* grad) {
   const T t = t_raw * (T(1) - P.eps) + T(0.5) * P.eps;
   const T e = fc_exp(-(x < T(0) ? -x : x));    // exp(-|x|) in [0, 1]
@@ -30,7 +52,7 @@ FC_HD T sigmoid_focal_elem(T x, T t_raw, const SigmoidFocalParams<T>& P, T* grad
   const T q = x >= T(0) ? r0 : r1;
   const T ce = fc_xmul(T(1) - t, sp_pos) + fc_xmul(t, sp_neg);
   const T m = p * (T(1) - t) + q * t;
-  const T mg = fc_pow(m, P.gamma);
+  const T mg = focal_pow<T, TWO_GAMMA>(m, P.gamma);
   const T at = P.alpha >= T(0) ? P.alpha * t + (T(1) - P.alpha) * (T(1) - t) : T(1);
   if (NEED_GRAD) {
     const T r = m > T(0) ? p * q / m : (t > T(0.5) ? p : q);

@@ -1,0 +1,83 @@
+"""Benchmark helpers: device, copy bandwidth, synchronised timing, peak extra memory."""
+
+import functools
+import os
+import statistics
+import time
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # never timed: the interpreter is only for tests
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+@functools.lru_cache(maxsize=None)
+def copy_bandwidth() -> float:
+    """Measured device-to-device copy bandwidth in bytes/s, counting bytes read plus written."""
+    n = (1 << 28) if DEVICE == "cuda" else (1 << 24)
+    src = torch.empty(n, dtype=torch.uint8, device=DEVICE).random_()
+    dst = torch.empty_like(src)
+    seconds = median_seconds(lambda: dst.copy_(src), reps=20)
+    return 2 * n / seconds
+
+
+def median_seconds(fn, reps: int = 50, warmup: int = 5) -> float:
+    """Median time of fn(): CUDA events on the GPU, perf_counter on the CPU."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        if DEVICE == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak_extra_bytes(fn) -> int:
+    """Peak device memory allocated by fn() beyond what was allocated before it (GPU only; -1 on CPU)."""
+    if DEVICE != "cuda":
+        return -1
+    sync()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    sync()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def record(benchmark, fn, bytes_moved: int):
+    """Time fn with pytest-benchmark (synchronised) and attach GB/s, fraction of copy bandwidth, memory."""
+    seconds = median_seconds(fn, reps=20 if DEVICE == "cpu" else 100)
+    bw = copy_bandwidth()
+    benchmark.extra_info.update(
+        device=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
+        torch=torch.__version__,
+        median_ms=seconds * 1e3,
+        bytes=bytes_moved,
+        gbps=bytes_moved / seconds / 1e9,
+        copy_bw_gbps=bw / 1e9,
+        frac_copy_bw=bytes_moved / seconds / bw,
+        peak_extra_mb=peak_extra_bytes(fn) / 2**20,
+    )
+
+    def timed():
+        fn()
+        sync()
+
+    benchmark.pedantic(timed, rounds=10 if DEVICE == "cpu" else 50, iterations=1, warmup_rounds=2)

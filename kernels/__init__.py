@@ -1,0 +1,10 @@
+"""Triton kernels of fastcascade (registered as torch custom ops on import).
+
+Importing this subpackage defines the ops
+``torch.ops.fastcascade.sigmoid_focal_triton`` and
+``torch.ops.fastcascade.softmax_focal_triton``.
+"""
+
+from .focal import sigmoid_focal_triton, softmax_focal_triton
+
+__all__ = ["sigmoid_focal_triton", "softmax_focal_triton"]
