@@ -5,6 +5,7 @@ Also decides which backend runs a call ("auto" | "cpu" | "cuda" | "triton" | "to
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
@@ -29,13 +30,13 @@ def _load_extension():
     )
     if mismatch:
         raise ImportError(msg)
-    try:
-        from . import _C
-    except ModuleNotFoundError:
+    if importlib.util.find_spec(f"{__package__}._C") is None:
         raise ImportError(
             f"fastcascade._C is not built next to {os.path.dirname(__file__)}: when that is the source tree, "
             "import the installed package from elsewhere, or build in place (python setup.py build_ext --inplace)."
-        ) from None
+        )
+    try:
+        from . import _C
     except ImportError as e:
         raise ImportError(f"fastcascade._C failed to load ({e}). {_REBUILD}") from e
     return _C, _build_info
