@@ -182,7 +182,7 @@ def _softmax_rows(pid, n_rows, C, S, n_sblk, SPATIAL: tl.constexpr, BLOCK_R: tl.
 
 @triton.jit
 def _softmax_finish_rows(
-    pid, rows, rmask, t, valid, ign, loss_row, wt, loss_ptr, lpart_ptr, dpart_ptr,
+    pid, rows, rmask, valid, ign, loss_row, wt, loss_ptr, lpart_ptr, dpart_ptr,
     REDUCE: tl.constexpr,
 ):
     loss_r = tl.where(ign, 0.0, tl.where(valid, loss_row, float("nan")))
@@ -242,7 +242,7 @@ def _softmax_focal_tile_kernel(
 
     loss_c, a, p = _softmax_terms(lp, is_t, w[None, :], eps_c, one_m_eps, gamma, NEED_GRAD)
     loss_row = tl.sum(loss_c, axis=1)
-    _softmax_finish_rows(pid, rows, rmask, t, valid, ign, loss_row, wt, loss_ptr,
+    _softmax_finish_rows(pid, rows, rmask, valid, ign, loss_row, wt, loss_ptr,
                          lpart_ptr, dpart_ptr, REDUCE)
     if NEED_GRAD:
         A = tl.sum(a, axis=1)
@@ -319,7 +319,7 @@ def _softmax_focal_chunk_kernel(
         if NEED_GRAD:
             A += tl.sum(a, axis=1)
 
-    _softmax_finish_rows(pid, rows, rmask, t, valid, ign, loss_row, wt, loss_ptr,
+    _softmax_finish_rows(pid, rows, rmask, valid, ign, loss_row, wt, loss_ptr,
                          lpart_ptr, dpart_ptr, REDUCE)
 
     # pass 3: gradient
@@ -567,5 +567,6 @@ def softmax_focal_triton(
         total = torch.sum(lpart)
         den = torch.sum(dpart)
         out = (total / den).to(logits.dtype)
-        scale = (1.0 / den).to(torch.float32)
+        # as torch: "mean" over only ignored rows is NaN with a zero gradient
+        scale = torch.where(den != 0, 1.0 / den, torch.zeros_like(den)).to(torch.float32)
     return out, grad, scale

@@ -84,8 +84,8 @@ FC_HD T softmax_focal_row(const X* x, int64_t stride, int64_t C, int64_t t, int6
     *count = nan;
     return nan;
   }
-  // lse = mx + log1p(sum over c != argmax of exp(x_c - mx)): the arg-max term (exactly 1) is left out
-  // of the sum, so log p of a confident class keeps its relative precision (log(1 + d) would not).
+  // log-sum-exp = mx + log1p(sum over c != argmax of exp(x_c - mx)): the arg-max term (exactly 1) is
+  // left out of the sum, so log p of a confident class keeps its relative precision.
   T mx = T(x[0]);
   int64_t am = 0;
   for (int64_t c = 1; c < C; ++c) {
@@ -94,12 +94,14 @@ FC_HD T softmax_focal_row(const X* x, int64_t stride, int64_t C, int64_t t, int6
   }
   T s = T(0);
   for (int64_t c = 0; c < C; ++c) s += c == am ? T(0) : fc_exp(T(x[c * stride]) - mx);
-  const T lse = mx + fc_log1p(s);
+  const T log_s = fc_log1p(s);  // log p_c = (x_c - mx) - log_s: never form mx + log_s, which rounds
   const T q_off = eps / T(C), q_on = T(1) - eps + q_off;
-  T loss = T(0), a_sum = T(0);
+  // grad_j = a_j - p_j A with A = a_am + rest (rest: the sum over c != am). For the arg-max class this
+  // cancels when p -> 1, so it is formed as a_am (1 - p_am) - p_am rest instead.
+  T loss = T(0), a_am = T(0), rest = T(0);
   for (int64_t pass = 0; pass < (NEED_GRAD ? 2 : 1); ++pass) {
     for (int64_t c = 0; c < C; ++c) {
-      const T lp = T(x[c * stride]) - lse;
+      const T lp = (T(x[c * stride]) - mx) - log_s;
       const T wq = (weight ? T(weight[c]) : T(1)) * (c == t ? q_on : q_off);
       const T p = fc_exp(lp);
       const T om = -fc_expm1(lp);  // 1 - p without cancellation
@@ -109,8 +111,8 @@ FC_HD T softmax_focal_row(const X* x, int64_t stride, int64_t C, int64_t t, int6
         T u = om == T(0) ? T(-1) : p * lp / om;
         u = p == T(0) ? T(0) : u;
         const T a = f * (gamma * u - T(1));
-        if (pass == 0) a_sum += a;
-        else grad[c * stride] = G(a - p * a_sum);
+        if (pass == 0) (c == am ? a_am : rest) += a;
+        else grad[c * stride] = G(c == am ? a * om - p * rest : a - p * (a_am + rest));
       }
     }
   }
