@@ -83,8 +83,10 @@ if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.i
 cpu_sources = ["csrc/fastcascade.cpp"] + sorted(glob.glob("csrc/*/*_cpu.cpp"))
 cuda_sources = sorted(glob.glob("csrc/*/*_cuda.cu"))
 include_dirs = [os.path.join(ROOT, "csrc")]
-# no-trapping-math lets the compiler if-convert guarded divisions, so the CPU loops vectorise.
-cxx_flags = ["-O3", "-fno-math-errno", "-fno-trapping-math"]
+# no-trapping-math lets the compiler if-convert guarded divisions, so the CPU loops vectorise;
+# at::parallel_for is inline OpenMP in ATen's headers: without -fopenmp it runs on one thread.
+cxx_flags = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
+link_flags = ["-fopenmp"]
 
 if with_cuda:
     include_dirs += _nvidia_wheel_includes()
@@ -94,10 +96,11 @@ if with_cuda:
         include_dirs=include_dirs,
         define_macros=[("FASTCASCADE_WITH_CUDA", "1")],
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]},
+        extra_link_args=link_flags,
     )
 else:
     ext = CppExtension("fastcascade._C", cpu_sources, include_dirs=include_dirs,
-                       extra_compile_args={"cxx": cxx_flags})
+                       extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
 
 # Recorded next to the package so that an import against another torch can say which versions differ.
 with open(os.path.join(ROOT, "fastcascade", "_build_info.py"), "w") as f:
