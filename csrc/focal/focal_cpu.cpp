@@ -28,6 +28,8 @@ constexpr int64_t kGrainBlocks = 16; // blocks per parallel task at least
 #else
 #define FC_CPU_CLONES
 #endif
+// A lambda called inside a clone must be inlined into it, or it is compiled for the baseline ISA.
+#define FC_LAMBDA_INLINE __attribute__((always_inline))
 
 template <bool NEED_GRAD, int TWO_GAMMA>
 FC_HD void sigmoid_focal_span(const float* x, const float* t, int64_t n, SigmoidFocalParams<float> P,
@@ -40,24 +42,103 @@ FC_HD void sigmoid_focal_span(const float* x, const float* t, int64_t n, Sigmoid
   }
 }
 
-// Picks the span instantiation for a runtime gamma: TWO_GAMMA = 0 .. kMaxTwoGamma, then the generic one.
-template <int TWO_GAMMA = 0>
-FC_HD void sigmoid_focal_span_for(int two_gamma, bool need_grad, const float* x, const float* t, int64_t n,
-                                  SigmoidFocalParams<float> P, float* loss, float* grad) {
-  if constexpr (TWO_GAMMA > kMaxTwoGamma) {
-    if (need_grad) sigmoid_focal_span<true, -1>(x, t, n, P, loss, grad);
-    else sigmoid_focal_span<false, -1>(x, t, n, P, loss, grad);
-  } else if (two_gamma == TWO_GAMMA) {
-    if (need_grad) sigmoid_focal_span<true, TWO_GAMMA>(x, t, n, P, loss, grad);
-    else sigmoid_focal_span<false, TWO_GAMMA>(x, t, n, P, loss, grad);
+// Calls f(std::integral_constant<int, K>) with K = two_gamma_code(gamma) when that is in
+// [0, kMaxTwoGamma], else K = -1 (generic pow): one instantiation per common gamma.
+template <int K = 0, typename F>
+FC_HD void with_two_gamma(int two_gamma, F&& f) {
+  if constexpr (K > kMaxTwoGamma) {
+    f(std::integral_constant<int, -1>{});
+  } else if (two_gamma == K) {
+    f(std::integral_constant<int, K>{});
   } else {
-    sigmoid_focal_span_for<TWO_GAMMA + 1>(two_gamma, need_grad, x, t, n, P, loss, grad);
+    with_two_gamma<K + 1>(two_gamma, f);
   }
 }
 
 FC_CPU_CLONES void sigmoid_focal_span_f32(const float* x, const float* t, int64_t n, SigmoidFocalParams<float> P,
                                           float* loss, float* grad, bool need_grad) {
-  sigmoid_focal_span_for(two_gamma_code(P.gamma), need_grad, x, t, n, P, loss, grad);
+  with_two_gamma(two_gamma_code(P.gamma), [&](auto k) FC_LAMBDA_INLINE {
+    if (need_grad) sigmoid_focal_span<true, decltype(k)::value>(x, t, n, P, loss, grad);
+    else sigmoid_focal_span<false, decltype(k)::value>(x, t, n, P, loss, grad);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// softmax focal, float32: kLanes rows at a time, classes outer and rows inner, so every inner loop
+// is a vector loop over rows. Same formulas as softmax_focal_row (focal_math.h).
+
+constexpr int kLanes = 16;
+constexpr int64_t kMaxLaneClasses = 64;  // wider rows take the per-row path
+
+// xb, gb, pb, ab: [C][kLanes] (gb holds 1 - p until the gradient overwrites it). t: class per lane,
+// -1 when the lane is ignored or out of range (the caller patches those rows afterwards).
+template <bool NEED_GRAD, int TWO_GAMMA>
+FC_HD void softmax_focal_lanes(const float* xb, const int32_t* t, int64_t C, const float* w, float gamma, float eps,
+                               float* loss, float* gb, float* pb, float* ab) {
+  constexpr int L = kLanes;
+  float mx[L], log_s[L], a_am[L], rest[L];
+  int32_t am[L];
+#pragma omp simd
+  for (int l = 0; l < L; ++l) mx[l] = xb[l], am[l] = 0;
+  for (int64_t c = 1; c < C; ++c)
+#pragma omp simd
+    for (int l = 0; l < L; ++l) {
+      const float v = xb[c * L + l];
+      const bool gt = v > mx[l];
+      am[l] = gt ? int32_t(c) : am[l];
+      mx[l] = gt ? v : mx[l];
+    }
+#pragma omp simd
+  for (int l = 0; l < L; ++l) log_s[l] = 0.f;
+  for (int64_t c = 0; c < C; ++c)
+#pragma omp simd
+    for (int l = 0; l < L; ++l) {
+      const float e = fc_exp(xb[c * L + l] - mx[l]);
+      log_s[l] += c == am[l] ? 0.f : e;
+    }
+#pragma omp simd
+  for (int l = 0; l < L; ++l) {
+    log_s[l] = fc_log1p(log_s[l]);
+    loss[l] = a_am[l] = rest[l] = 0.f;
+  }
+  const float q_off = eps / float(C), q_on = 1.f - eps + q_off;
+  for (int64_t c = 0; c < C; ++c) {
+    const float wc = w ? w[c] : 1.f;
+#pragma omp simd
+    for (int l = 0; l < L; ++l) {
+      const float lp = (xb[c * L + l] - mx[l]) - log_s[l];
+      const float p = fc_exp(lp);
+      const float om = -fc_expm1(lp);
+      const float f = wc * (c == t[l] ? q_on : q_off) * focal_pow<float, TWO_GAMMA>(om, gamma);
+      loss[l] += fc_xmul(f, -lp);
+      if (NEED_GRAD) {
+        float u = om == 0.f ? -1.f : p * lp / om;
+        u = p == 0.f ? 0.f : u;
+        const float a = f * (gamma * u - 1.f);
+        const bool is_am = c == am[l];
+        a_am[l] += is_am ? a : 0.f;
+        rest[l] += is_am ? 0.f : a;
+        pb[c * L + l] = p;
+        ab[c * L + l] = a;
+        gb[c * L + l] = om;
+      }
+    }
+  }
+  if (NEED_GRAD)
+    for (int64_t c = 0; c < C; ++c)
+#pragma omp simd
+      for (int l = 0; l < L; ++l) {
+        const float p = pb[c * L + l], a = ab[c * L + l], om = gb[c * L + l];
+        gb[c * L + l] = c == am[l] ? a * om - p * rest[l] : a - p * (a_am[l] + rest[l]);
+      }
+}
+
+FC_CPU_CLONES void softmax_focal_lanes_f32(const float* xb, const int32_t* t, int64_t C, const float* w, float gamma,
+                                           float eps, float* loss, float* gb, float* pb, float* ab, bool need_grad) {
+  with_two_gamma(two_gamma_code(gamma), [&](auto k) FC_LAMBDA_INLINE {
+    if (need_grad) softmax_focal_lanes<true, decltype(k)::value>(xb, t, C, w, gamma, eps, loss, gb, pb, ab);
+    else softmax_focal_lanes<false, decltype(k)::value>(xb, t, C, w, gamma, eps, loss, gb, pb, ab);
+  });
 }
 
 // Sum of n floats in a fixed order: 16 interleaved lanes (vectorisable), then the lanes in order.
@@ -180,6 +261,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sigmoid_focal_cpu(const at::Tenso
   return {loss, grad, grad_scale};
 }
 
+// Rows [r0, r1): loss (when lout), gradient (when need_grad), and the row-ordered sums of loss and count.
+template <typename scalar_t, typename acc_t>
+void softmax_focal_block(const scalar_t* x, const int64_t* t, int64_t r0, int64_t r1, int64_t C, int64_t S,
+                         int64_t ignore_index, const acc_t* w, acc_t gamma, acc_t eps, bool need_grad, scalar_t* g,
+                         scalar_t* lout, acc_t& lsum, acc_t& csum) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (C <= kMaxLaneClasses) {
+      constexpr int L = kLanes;
+      float xb[kMaxLaneClasses * L], gb[kMaxLaneClasses * L], pb[kMaxLaneClasses * L], ab[kMaxLaneClasses * L];
+      float lb[L];
+      int32_t tl[L];
+      for (int64_t r = r0; r < r1; r += L) {
+        const int nl = int(std::min<int64_t>(L, r1 - r));
+        for (int l = 0; l < L; ++l) {  // lanes past the end repeat the last row; their results are dropped
+          const int64_t row = r + std::min(l, nl - 1), off = (row / S) * C * S + row % S;
+          for (int64_t c = 0; c < C; ++c) xb[c * L + l] = float(x[off + c * S]);
+          const int64_t tt = t[row];
+          tl[l] = (tt != ignore_index && tt >= 0 && tt < C) ? int32_t(tt) : -1;
+        }
+        softmax_focal_lanes_f32(xb, tl, C, w, gamma, eps, lb, gb, pb, ab, need_grad);
+        for (int l = 0; l < nl; ++l) {
+          const int64_t row = r + l, off = (row / S) * C * S + row % S, tt = t[row];
+          const bool ignored = tt == ignore_index, bad = !ignored && tl[l] < 0;
+          const float lv = ignored ? 0.f : (bad ? NAN : lb[l]);
+          if (lout) lout[row] = scalar_t(lv);
+          lsum += lv;
+          csum += ignored ? 0.f : (bad ? NAN : (w ? w[tt] : 1.f));
+          if (need_grad)
+            for (int64_t c = 0; c < C; ++c) g[off + c * S] = scalar_t(ignored ? 0.f : (bad ? NAN : gb[c * L + l]));
+        }
+      }
+      return;
+    }
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t off = (r / S) * C * S + r % S;
+    acc_t count;
+    const acc_t l = need_grad
+                        ? softmax_focal_row<acc_t, true>(x + off, S, C, t[r], ignore_index, w, gamma, eps, g + off, &count)
+                        : softmax_focal_row<acc_t, false>(x + off, S, C, t[r], ignore_index, w, gamma, eps, g, &count);
+    if (lout) lout[r] = scalar_t(l);
+    lsum += l;
+    csum += count;
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_focal_cpu(const at::Tensor& logits_in, const at::Tensor& target_in,
                                                                  const std::optional<at::Tensor>& weight_in, double gamma,
                                                                  double label_smoothing, int64_t ignore_index,
@@ -217,16 +344,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_focal_cpu(const at::Tenso
     at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         acc_t lsum = 0, csum = 0;
-        for (int64_t r = b * kRowBlock; r < std::min(R, (b + 1) * kRowBlock); ++r) {
-          const int64_t off = (r / S) * C * S + r % S;
-          acc_t count;
-          const acc_t l =
-              need_grad ? softmax_focal_row<acc_t, true>(x + off, S, C, t[r], ignore_index, w, gm, eps, g + off, &count)
-                        : softmax_focal_row<acc_t, false>(x + off, S, C, t[r], ignore_index, w, gm, eps, g, &count);
-          if (lout) lout[r] = scalar_t(l);
-          lsum += l;
-          csum += count;
-        }
+        softmax_focal_block(x, t, b * kRowBlock, std::min(R, (b + 1) * kRowBlock), C, S, ignore_index, w, gm, eps,
+                            need_grad, g, lout, lsum, csum);
         if (reduction != 0) {
           loss_part[b] = lsum;
           count_part[b] = csum;
