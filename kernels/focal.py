@@ -77,12 +77,11 @@ def _neg_expm1(lp):
 
 
 @triton.jit
-def _softmax_terms(lp, is_t, w, eps_c, one_m_eps, gamma, NEED_GRAD: tl.constexpr):
-    """Per (row, class) terms of the softmax focal loss.
+def _softmax_terms(lp, p, om, is_t, w, eps_c, one_m_eps, gamma, NEED_GRAD: tl.constexpr):
+    """Per (row, class) terms of the softmax focal loss, given log p, p and 1 - p.
 
-    Returns (loss contribution, a_c, p_c); grad_c = a_c - p_c * sum_c a_c.
+    Returns (loss contribution, a_c); grad_c = a_c - p_c * sum_c a_c.
     """
-    p, om = _neg_expm1(lp)
     om_pos = om > 0.0
     omg = tl.where(om_pos, tl.exp(gamma * tl.log(tl.where(om_pos, om, 1.0))),
                    tl.where(gamma == 0.0, 1.0, 0.0))
@@ -95,7 +94,7 @@ def _softmax_terms(lp, is_t, w, eps_c, one_m_eps, gamma, NEED_GRAD: tl.constexpr
         a = coef * (gamma * u - 1.0)
     else:
         a = loss_c
-    return loss_c, a, p
+    return loss_c, a
 
 
 # ----------------------------------------------------------------------------
@@ -227,10 +226,18 @@ def _softmax_focal_tile_kernel(
 
     x = tl.load(x_ptr + offs, mask=mask2, other=0).to(CT)
     x = tl.where(cmask[None, :], x, float("-inf"))
-    mx = tl.max(x, axis=1)
+    # log-sum-exp = mx + log1p(s), s summing exp(x - mx) over c != argmax: the arg-max term (exactly 1)
+    # stays out of the sum, so log p and 1 - p of a confident class keep their relative precision.
+    mx, am = tl.max(x, axis=1, return_indices=True, return_indices_tie_break_left=True)
+    is_am = cols[None, :] == am[:, None]
     xm = x - mx[:, None]
-    lse = tl.log(tl.sum(tl.exp(xm), axis=1))
-    lp = xm - lse[:, None]
+    ex = tl.exp(xm)
+    s = tl.sum(tl.where(is_am, 0.0, ex), axis=1)
+    inv = 1.0 / (1.0 + s)
+    lp = xm - _log1p_01(s)[:, None]
+    # only the arg-max class can have p > 1/2; its 1 - p is s / (1 + s)
+    p = tl.where(is_am, inv[:, None], ex * inv[:, None])
+    om = tl.where(is_am, (s * inv)[:, None], 1.0 - p)
 
     if HAS_W:
         w = tl.load(w_ptr + cols, mask=cmask, other=0).to(CT)
@@ -240,13 +247,15 @@ def _softmax_focal_tile_kernel(
         wt = tl.full([BLOCK_R], 1.0, CT)
     is_t = cols[None, :] == t[:, None]
 
-    loss_c, a, p = _softmax_terms(lp, is_t, w[None, :], eps_c, one_m_eps, gamma, NEED_GRAD)
+    loss_c, a = _softmax_terms(lp, p, om, is_t, w[None, :], eps_c, one_m_eps, gamma, NEED_GRAD)
     loss_row = tl.sum(loss_c, axis=1)
     _softmax_finish_rows(pid, rows, rmask, valid, ign, loss_row, wt, loss_ptr,
                          lpart_ptr, dpart_ptr, REDUCE)
     if NEED_GRAD:
-        A = tl.sum(a, axis=1)
-        g = a - p * A[:, None]
+        # grad = a - p A cancels for the arg-max class as p -> 1: form it as a_am (1 - p) - p rest
+        a_am = tl.sum(tl.where(is_am, a, 0.0), axis=1)
+        rest = tl.sum(tl.where(is_am, 0.0, a), axis=1)
+        g = tl.where(is_am, a * om - p * rest[:, None], a - p * (a_am + rest)[:, None])
         g = tl.where(ign[:, None], 0.0, tl.where(valid[:, None], g, float("nan")))
         tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=mask2)
 
@@ -314,7 +323,8 @@ def _softmax_focal_chunk_kernel(
         else:
             w = tl.where(cmask, 1.0, 0.0).to(CT)
         is_t = cols[None, :] == t[:, None]
-        loss_c, a, p = _softmax_terms(lp, is_t, w[None, :], eps_c, one_m_eps, gamma, NEED_GRAD)
+        p, om = _neg_expm1(lp)
+        loss_c, a = _softmax_terms(lp, p, om, is_t, w[None, :], eps_c, one_m_eps, gamma, NEED_GRAD)
         loss_row += tl.sum(loss_c, axis=1)
         if NEED_GRAD:
             A += tl.sum(a, axis=1)
@@ -340,7 +350,8 @@ def _softmax_focal_chunk_kernel(
             else:
                 w = tl.where(cmask, 1.0, 0.0).to(CT)
             is_t = cols[None, :] == t[:, None]
-            loss_c, a, p = _softmax_terms(lp, is_t, w[None, :], eps_c, one_m_eps, gamma, NEED_GRAD)
+            p, om = _neg_expm1(lp)
+            loss_c, a = _softmax_terms(lp, p, om, is_t, w[None, :], eps_c, one_m_eps, gamma, NEED_GRAD)
             g = a - p * A[:, None]
             g = tl.where(ign[:, None], 0.0, tl.where(valid[:, None], g, float("nan")))
             tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=mask2)

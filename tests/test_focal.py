@@ -166,6 +166,40 @@ def test_softmax_gamma0_is_cross_entropy(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", fused_backend_params())
+def test_softmax_wide_rows_match_cross_entropy(backend, device):
+    """Rows wider than the CPU lane kernel (C > 64) and than the Triton register tile (C > 4096)."""
+    for n, C in [(9, 70), (3, 5000)]:
+        x = random_logits((n, C))
+        t = torch.randint(0, C, (n,))
+        w = torch.rand(C) + 0.5
+        lce, gce = _fwd_bwd(F.cross_entropy, x, t, weight=w, label_smoothing=0.1)
+        out, grad = _fwd_bwd(fc.softmax_focal_loss, x.to(device), t.to(device), 0.0, w.to(device),
+                             label_smoothing=0.1, backend=backend)
+        torch.testing.assert_close(out.cpu(), lce, rtol=2e-5, atol=2e-6)
+        torch.testing.assert_close(grad.cpu(), gce, rtol=2e-5, atol=2e-6)
+        l64, g64 = _fwd_bwd(reference.softmax_focal_loss, x.double(), t, 2.0, w)
+        out, grad = _fwd_bwd(fc.softmax_focal_loss, x.to(device), t.to(device), 2.0, w.to(device), backend=backend)
+        torch.testing.assert_close(out.cpu().double(), l64, rtol=2e-5, atol=1e-7)
+        torch.testing.assert_close(grad.cpu().double(), g64, rtol=2e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in fused_backend_params()])
+def test_softmax_confident_rows_keep_relative_precision(backend, device):
+    """log p and 1 - p of a confident class are formed without cancellation: each row's loss is
+    within a few fp32 ulps of float64, where the plain fp32 formula loses most of its digits."""
+    gen = torch.Generator().manual_seed(11)
+    x = random_logits((2000, 3), torch.float64, scale=4.0, generator=gen)
+    t = x.argmax(1)  # the target is the confident class: loss ~ (1 - p)^gamma (1 - p), tiny
+    for gamma in [0.0, 2.0]:
+        ref = reference.softmax_focal_loss(x, t, gamma, reduction="none")
+        out = fc.softmax_focal_loss(x.float().to(device), t.to(device), gamma, reduction="none", backend=backend)
+        plain = reference.softmax_focal_loss(x.float(), t, gamma, reduction="none")
+        rel = ((out.cpu().double() - ref).abs() / ref).max().item()
+        rel_plain = ((plain.double() - ref).abs() / ref).max().item()
+        assert rel < 3e-5 and rel < rel_plain / 10, (gamma, rel, rel_plain)
+
+
+@pytest.mark.parametrize("backend,device", fused_backend_params())
 @pytest.mark.parametrize("gamma", [0.0, 0.3, 2.0, 5.0])
 def test_softmax_saturated_logits(backend, device, gamma):
     x = torch.tensor([[1e4, -1e4, 0.0], [-1e4, 1e4, 5.0], [60.0, -60.0, -60.0], [0.0, -float("inf"), 30.0]])
@@ -560,3 +594,46 @@ def test_env_backend_replaces_auto(monkeypatch):
 def test_rel_err_helper_rejects_nan():
     with pytest.raises(AssertionError, match="NaN"):
         rel_err(torch.tensor([float("nan")]), torch.tensor([1.0]))
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only: no host sync, and out-of-range targets never break the CUDA context
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_paths_never_sync_the_host(backend):
+    dev = "cuda"
+    x = random_logits((64, 1000)).to(dev).requires_grad_(True)
+    t = (torch.rand(64, 1000, device=dev) > 0.9).float()
+    xs = random_logits((4096, 10)).to(dev).requires_grad_(True)
+    tc = torch.randint(0, 10, (4096,), device=dev)
+    w = torch.rand(10, device=dev) + 0.5
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fc.sigmoid_focal_loss(x, t, backend=backend).backward()
+        fc.sigmoid_focal_loss(x, t, num_positives=t.sum(), backend=backend).backward()
+        fc.sigmoid_focal_loss(x, t, hard_negative_ratio=3.0, backend=backend).backward()
+        fc.softmax_focal_loss(xs, tc, 2.0, w, label_smoothing=0.1, backend=backend).backward()
+        fc.softmax_focal_loss(xs, tc, 2.0, reduction="none", backend=backend).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_out_of_range_targets_give_nan_rows(backend, monkeypatch):
+    x = random_logits((6, 4)).cuda()
+    t = torch.tensor([0, 4, -7, 3, 1000000, 2], device="cuda")
+    loss = fc.softmax_focal_loss(x, t, reduction="none", backend=backend)
+    torch.cuda.synchronize()  # the context is alive
+    bad = torch.tensor([False, True, True, False, True, False])
+    assert torch.isnan(loss.cpu()[bad]).all() and torch.isfinite(loss.cpu()[~bad]).all()
+    assert torch.isnan(fc.softmax_focal_loss(x, t, backend=backend)).item()
+    monkeypatch.setenv("FASTCASCADE_CHECK", "1")
+    with pytest.raises(ValueError, match="outside"):
+        fc.softmax_focal_loss(x, t, backend=backend)

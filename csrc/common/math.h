@@ -19,7 +19,6 @@ namespace fastcascade {
 #if defined(__CUDA_ARCH__)
 FC_HD float fc_exp(float x) { return expf(x); }
 FC_HD float fc_log(float x) { return logf(x); }
-FC_HD float fc_expm1(float x) { return expm1f(x); }
 FC_HD float fc_log1p(float x) { return log1pf(x); }
 #else
 FC_HD float fc_bits_to_float(int32_t i) { float f; std::memcpy(&f, &i, 4); return f; }
@@ -73,7 +72,7 @@ FC_HD float fc_log(float x) {
   return (x < 0.f || x != x) ? __builtin_nanf("") : res;
 }
 
-// log1p and expm1 through the rounding-error-cancelling identities (Goldberg; Kahan).
+// log1p through the rounding-error-cancelling identity (Goldberg).
 FC_HD float fc_log1p(float x) {
   float u = 1.f + x;
   float d = u - 1.f;
@@ -81,20 +80,10 @@ FC_HD float fc_log1p(float x) {
   res = d == 0.f ? x : res;
   return u == __builtin_huge_valf() ? u : res;
 }
-FC_HD float fc_expm1(float x) {
-  float u = fc_exp(x);
-  float um1 = u - 1.f;
-  float lu = fc_log(u);
-  float res = um1 * (x / (lu == 0.f ? 1.f : lu));
-  res = um1 == 0.f ? x : res;
-  res = um1 == -1.f ? -1.f : res;
-  return u == __builtin_huge_valf() ? u : res;
-}
 #endif
 
 FC_HD double fc_exp(double x) { return ::exp(x); }
 FC_HD double fc_log(double x) { return ::log(x); }
-FC_HD double fc_expm1(double x) { return ::expm1(x); }
 FC_HD double fc_log1p(double x) { return ::log1p(x); }
 
 // m^g for m >= 0, g >= 0, with 0^0 = 1 and 0^g = 0.

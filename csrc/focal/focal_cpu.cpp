@@ -70,13 +70,14 @@ FC_CPU_CLONES void sigmoid_focal_span_f32(const float* x, const float* t, int64_
 constexpr int kLanes = 16;
 constexpr int64_t kMaxLaneClasses = 64;  // wider rows take the per-row path
 
-// xb, gb, pb, ab: [C][kLanes] (gb holds 1 - p until the gradient overwrites it). t: class per lane,
-// -1 when the lane is ignored or out of range (the caller patches those rows afterwards).
+// xb, gb, pb, ab: [C][kLanes]; pb holds exp(x - max), then p; gb holds 1 - p until the gradient
+// overwrites it. t: class per lane, -1 when the lane is ignored or out of range (the caller patches
+// those rows afterwards).
 template <bool NEED_GRAD, int TWO_GAMMA>
 FC_HD void softmax_focal_lanes(const float* xb, const int32_t* t, int64_t C, const float* w, float gamma, float eps,
                                float* loss, float* gb, float* pb, float* ab) {
   constexpr int L = kLanes;
-  float mx[L], log_s[L], a_am[L], rest[L];
+  float mx[L], s[L], log_s[L], inv[L], a_am[L], rest[L];
   int32_t am[L];
 #pragma omp simd
   for (int l = 0; l < L; ++l) mx[l] = xb[l], am[l] = 0;
@@ -89,16 +90,18 @@ FC_HD void softmax_focal_lanes(const float* xb, const int32_t* t, int64_t C, con
       mx[l] = gt ? v : mx[l];
     }
 #pragma omp simd
-  for (int l = 0; l < L; ++l) log_s[l] = 0.f;
+  for (int l = 0; l < L; ++l) s[l] = 0.f;
   for (int64_t c = 0; c < C; ++c)
 #pragma omp simd
     for (int l = 0; l < L; ++l) {
       const float e = fc_exp(xb[c * L + l] - mx[l]);
-      log_s[l] += c == am[l] ? 0.f : e;
+      pb[c * L + l] = e;
+      s[l] += c == am[l] ? 0.f : e;
     }
 #pragma omp simd
   for (int l = 0; l < L; ++l) {
-    log_s[l] = fc_log1p(log_s[l]);
+    log_s[l] = fc_log1p(s[l]);
+    inv[l] = 1.f / (1.f + s[l]);
     loss[l] = a_am[l] = rest[l] = 0.f;
   }
   const float q_off = eps / float(C), q_on = 1.f - eps + q_off;
@@ -106,16 +109,16 @@ FC_HD void softmax_focal_lanes(const float* xb, const int32_t* t, int64_t C, con
     const float wc = w ? w[c] : 1.f;
 #pragma omp simd
     for (int l = 0; l < L; ++l) {
+      const bool is_am = c == am[l];
       const float lp = (xb[c * L + l] - mx[l]) - log_s[l];
-      const float p = fc_exp(lp);
-      const float om = -fc_expm1(lp);
+      const float p = (is_am ? 1.f : pb[c * L + l]) * inv[l];
+      const float om = is_am ? s[l] * inv[l] : 1.f - p;
       const float f = wc * (c == t[l] ? q_on : q_off) * focal_pow<float, TWO_GAMMA>(om, gamma);
       loss[l] += fc_xmul(f, -lp);
       if (NEED_GRAD) {
         float u = om == 0.f ? -1.f : p * lp / om;
         u = p == 0.f ? 0.f : u;
         const float a = f * (gamma * u - 1.f);
-        const bool is_am = c == am[l];
         a_am[l] += is_am ? a : 0.f;
         rest[l] += is_am ? 0.f : a;
         pb[c * L + l] = p;

@@ -95,16 +95,19 @@ FC_HD T softmax_focal_row(const X* x, int64_t stride, int64_t C, int64_t t, int6
   T s = T(0);
   for (int64_t c = 0; c < C; ++c) s += c == am ? T(0) : fc_exp(T(x[c * stride]) - mx);
   const T log_s = fc_log1p(s);  // log p_c = (x_c - mx) - log_s: never form mx + log_s, which rounds
+  const T inv = T(1) / (T(1) + s);
   const T q_off = eps / T(C), q_on = T(1) - eps + q_off;
   // grad_j = a_j - p_j A with A = a_am + rest (rest: the sum over c != am). For the arg-max class this
   // cancels when p -> 1, so it is formed as a_am (1 - p_am) - p_am rest instead.
   T loss = T(0), a_am = T(0), rest = T(0);
   for (int64_t pass = 0; pass < (NEED_GRAD ? 2 : 1); ++pass) {
     for (int64_t c = 0; c < C; ++c) {
-      const T lp = (T(x[c * stride]) - mx) - log_s;
+      const T d = T(x[c * stride]) - mx;
+      const T lp = d - log_s;
       const T wq = (weight ? T(weight[c]) : T(1)) * (c == t ? q_on : q_off);
-      const T p = fc_exp(lp);
-      const T om = -fc_expm1(lp);  // 1 - p without cancellation
+      // 1 - p without expm1: only the arg-max class can have p > 1/2, and its 1 - p is s / (1 + s).
+      const T p = c == am ? inv : fc_exp(d) * inv;
+      const T om = c == am ? s * inv : T(1) - p;
       const T f = wq * fc_pow(om, gamma);
       if (pass == 0) loss += fc_xmul(f, -lp);
       if (NEED_GRAD) {
