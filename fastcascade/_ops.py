@@ -23,13 +23,11 @@ def _load_extension():
             "fastcascade._C is not built: install the package (`pip install --no-build-isolation .`) and "
             "import it from outside the source tree."
         ) from None
-    mismatch = _build_info.TORCH_VERSION != torch.__version__
-    msg = (
-        f"fastcascade._C was built for torch {_build_info.TORCH_VERSION} but torch {torch.__version__} is "
-        f"installed. Rebuild fastcascade against this torch: {_REBUILD}"
-    )
-    if mismatch:
-        raise ImportError(msg)
+    if _build_info.TORCH_VERSION != torch.__version__:
+        raise ImportError(
+            f"fastcascade._C was built for torch {_build_info.TORCH_VERSION} but torch {torch.__version__} is "
+            f"installed. Rebuild fastcascade against this torch: {_REBUILD}"
+        )
     if importlib.util.find_spec(f"{__package__}._C") is None:
         raise ImportError(
             f"fastcascade._C is not built next to {os.path.dirname(__file__)}: when that is the source tree, "
@@ -45,12 +43,23 @@ def _load_extension():
 _C, BUILD_INFO = _load_extension()
 CUDA_COMPILED: bool = bool(_C.with_cuda)
 
-try:
-    from .kernels import focal as _triton_focal  # noqa: F401  (registers the *_triton ops)
+HAS_TRITON: bool = importlib.util.find_spec("triton") is not None
+_triton_ops_loaded = False
 
-    HAS_TRITON = True
-except ImportError:
-    HAS_TRITON = False
+
+def load_triton_ops() -> None:
+    """Imports the Triton kernels, which registers the *_triton ops, and gives them the fake kernels and
+    autograd of their C++ twins. Importing Triton takes about a second, so this runs at import only
+    where Triton is likely to be used (a visible GPU, TRITON_INTERPRET=1, FASTCASCADE_BACKEND=triton)
+    and otherwise on first use."""
+    global _triton_ops_loaded
+    if _triton_ops_loaded:
+        return
+    from .kernels import focal  # noqa: F401
+
+    for qualname, fake, reduction_arg, need_grad_arg, n_inputs, unsqueeze_none in _FOCAL_OPS:
+        _register(qualname + "_triton", fake, reduction_arg, need_grad_arg, n_inputs, unsqueeze_none)
+    _triton_ops_loaded = True
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -88,7 +97,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 def focal_op(name: str, backend: str):
     """The registered op for a fused loss: the C++ op (CPU or CUDA dispatch) or its Triton twin."""
-    return getattr(torch.ops.fastcascade, f"{name}_triton" if backend == "triton" else name)
+    if backend == "triton":
+        load_triton_ops()
+        return getattr(torch.ops.fastcascade, f"{name}_triton")
+    return getattr(torch.ops.fastcascade, name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,6 +149,13 @@ def _register(qualname: str, fake, reduction_arg: int, need_grad_arg: int, n_inp
     torch.library.register_autograd(qualname, backward, setup_context=setup_context)
 
 
-for _suffix in ("", "_triton") if HAS_TRITON else ("",):
-    _register(f"fastcascade::sigmoid_focal{_suffix}", _sigmoid_focal_fake, 5, 6, 7, False)
-    _register(f"fastcascade::softmax_focal{_suffix}", _softmax_focal_fake, 6, 7, 8, True)
+# (op, fake kernel, index of `reduction`, index of `need_grad`, number of inputs, loss "none" lacks dim 1)
+_FOCAL_OPS = [
+    ("fastcascade::sigmoid_focal", _sigmoid_focal_fake, 5, 6, 7, False),
+    ("fastcascade::softmax_focal", _softmax_focal_fake, 6, 7, 8, True),
+]
+for _op in _FOCAL_OPS:
+    _register(*_op)
+if HAS_TRITON and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+                   or os.environ.get("FASTCASCADE_BACKEND") == "triton"):
+    load_triton_ops()

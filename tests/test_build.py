@@ -1,9 +1,11 @@
 """The build and the op registry: readable import errors, every op registered with fake + autograd."""
 
+import os
 import pathlib
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import fastcascade
@@ -31,6 +33,18 @@ def test_import_from_an_unbuilt_source_tree_says_so():
     assert "not built" in r.stderr
 
 
+@pytest.mark.skipif(torch.cuda.is_available() or not _ops.HAS_TRITON, reason="off-GPU behaviour with triton installed")
+def test_triton_loads_lazily_off_gpu(tmp_path):
+    """Importing Triton costs about a second: without a GPU (and no interpreter) import skips it."""
+    code = "import sys, fastcascade; print('triton' in sys.modules)"
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTCASCADE_BACKEND")}
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stdout + r.stderr
+    code += "; fastcascade._ops.load_triton_ops(); print('triton' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and r.stdout.split() == ["False", "True"], r.stdout + r.stderr
+
+
 def test_build_info_matches_the_extension():
     assert _ops.BUILD_INFO.TORCH_VERSION == torch.__version__
     assert _ops.CUDA_COMPILED == _ops.BUILD_INFO.WITH_CUDA
@@ -40,6 +54,8 @@ def test_build_info_matches_the_extension():
 def test_every_op_runs_on_meta_tensors_and_records_autograd():
     """Each op (C++ and Triton twins) has a fake kernel (meta tensors run) and an autograd formula."""
     suffixes = ("", "_triton") if _ops.HAS_TRITON else ("",)
+    if _ops.HAS_TRITON:
+        _ops.load_triton_ops()
     x = torch.empty(4, 3, device="meta", requires_grad=True)
     for suffix in suffixes:
         loss, grad, scale = getattr(torch.ops.fastcascade, "sigmoid_focal" + suffix)(
