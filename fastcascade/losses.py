@@ -54,13 +54,17 @@ def _value_checks_on(t: torch.Tensor) -> bool:
 
 
 def _same_dense_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.stride() != b.stride():
+    """Both dense in one memory order: the ops then walk them as flat memory, whatever the layout."""
+    if any(n > 1 and sa != sb for n, sa, sb in zip(a.shape, a.stride(), b.stride())):
         return False
-    return any(
-        a.is_contiguous(memory_format=f)
-        for f in (torch.contiguous_format, torch.channels_last, torch.channels_last_3d)
-        if f is torch.contiguous_format or a.dim() == (4 if f is torch.channels_last else 5)
-    )
+    if not any(b.is_contiguous(memory_format=f) for f in _formats(b)):
+        return False
+    return any(a.is_contiguous(memory_format=f) for f in _formats(a))
+
+
+def _formats(t: torch.Tensor):
+    return {4: (torch.contiguous_format, torch.channels_last), 5: (torch.contiguous_format, torch.channels_last_3d)}.get(
+        t.dim(), (torch.contiguous_format,))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,6 +202,8 @@ def softmax_focal_loss(
     if logits.dim() < 2:
         raise ValueError(f"logits must be (N, C), (N, C, d1, ...) or (C,), got shape {tuple(logits.shape)}")
     C = logits.shape[1]
+    if C == 0:
+        raise ValueError(f"logits must have at least one class along dim 1, got shape {tuple(logits.shape)}")
     expected = (logits.shape[0],) + tuple(logits.shape[2:])
     if tuple(target.shape) != expected:
         raise ValueError(f"target must have shape {expected} for logits {tuple(logits.shape)}, got {tuple(target.shape)}")

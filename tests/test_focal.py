@@ -375,6 +375,18 @@ def test_layouts_give_the_same_result(backend, device):
         out, grad = _fwd_bwd(fc.softmax_focal_loss, xv, tc, reduction="none", backend=backend)
         torch.testing.assert_close(out, base_c, rtol=0, atol=0, msg=name)
         torch.testing.assert_close(grad, gbase_c, rtol=0, atol=0, msg=name)
+    # size-1 dimensions: their strides place nothing, so they may differ between logits and targets
+    one = random_logits((5, 1, 3, 3)).to(device)
+    tone = torch.rand(5, 1, 3, 3).to(device)
+    ref, gref = _fwd_bwd(fc.sigmoid_focal_loss, one, tone, reduction="none", backend=backend)
+    out, grad = _fwd_bwd(fc.sigmoid_focal_loss, one.to(memory_format=torch.channels_last), tone, reduction="none",
+                         backend=backend)
+    assert torch.equal(out, ref) and torch.equal(grad, gref)
+    col = random_logits((1, 5)).to(device)
+    tcol = torch.rand(5, 1).to(device)
+    out, grad = _fwd_bwd(fc.sigmoid_focal_loss, col.t(), tcol, reduction="none", backend=backend)
+    ref, gref = _fwd_bwd(fc.sigmoid_focal_loss, col.t().contiguous(), tcol, reduction="none", backend=backend)
+    assert torch.equal(out, ref) and torch.equal(grad, gref)
     # sliced (strided) inputs
     big = random_logits((8, 20)).to(device)
     tbig = torch.rand(8, 20).to(device)
@@ -524,6 +536,7 @@ def test_bad_inputs_raise_clear_errors(backend, device):
         (lambda: fc.softmax_focal_loss(x, tc, label_smoothing=-0.1), ValueError, "label_smoothing"),
         (lambda: fc.softmax_focal_loss(x, tc, reduction="batchmean"), ValueError, "reduction"),
         (lambda: fc.softmax_focal_loss(x[0, 0], tc), ValueError, "logits must be"),
+        (lambda: fc.softmax_focal_loss(x[:, :0], tc), ValueError, "at least one class"),
     ]
     for fn, exc, match in cases:
         with pytest.raises(exc, match=match):
@@ -564,6 +577,15 @@ def test_op_level_checks_for_direct_callers():
         torch.ops.fastcascade.sigmoid_focal(x, torch.rand(4, 3), 0.25, 2.0, 0.0, 3, False)
     with pytest.raises(RuntimeError, match="int64"):
         torch.ops.fastcascade.softmax_focal(x, torch.zeros(4, dtype=torch.int32), None, 2.0, 0.0, -100, 1, False)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in fused_backend_params() if p.values[0] != "triton"])
+def test_zero_classes_make_every_counted_row_nan(backend, device):
+    """The C++ ops called directly (the API refuses C = 0; the Triton op refuses it too)."""
+    x = torch.empty(4, 0, device=device)
+    t = torch.tensor([0, -100, 3, 1], device=device)
+    loss, grad, _ = fc._ops.focal_op("softmax_focal", backend)(x, t, None, 2.0, 0.0, -100, 0, True)
+    assert torch.isnan(loss[[0, 2, 3]]).all() and loss[1] == 0 and grad.shape == (4, 0)
 
 
 def test_out_of_range_targets_give_nan_rows_in_the_kernel():
@@ -621,6 +643,17 @@ def test_gpu_paths_never_sync_the_host(backend):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_sum_does_not_depend_on_alignment(backend):
+    big = random_logits((1 << 16) + 1).cuda()
+    tbig = torch.rand((1 << 16) + 1, device="cuda")
+    a = fc.sigmoid_focal_loss(big[1:], tbig[1:], reduction="sum", backend=backend)  # 4-byte offset: scalar loads
+    b = fc.sigmoid_focal_loss(big[1:].clone(), tbig[1:].clone(), reduction="sum", backend=backend)
+    assert torch.equal(a, b)
 
 
 @pytest.mark.gpu

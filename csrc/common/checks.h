@@ -18,11 +18,14 @@ inline void check_reduction(int64_t reduction) {
   TORCH_CHECK(reduction >= 0 && reduction <= 2, "reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
 }
 
-// Elementwise ops read their inputs as flat memory: same shape, same strides, no gaps or overlaps.
+// Elementwise ops read their inputs as flat memory: same shape, no gaps or overlaps, and the same
+// strides wherever they matter (a size-1 dimension's stride places nothing).
 inline void check_same_dense_layout(const at::Tensor& a, const char* an, const at::Tensor& b, const char* bn) {
   TORCH_CHECK(a.sizes() == b.sizes(), an, " and ", bn, " must have the same shape, got ", a.sizes(), " and ",
               b.sizes());
-  TORCH_CHECK(a.strides() == b.strides() && a.is_non_overlapping_and_dense(), an, " and ", bn,
+  bool same = true;
+  for (int64_t d = 0; d < a.dim(); ++d) same = same && (a.size(d) <= 1 || a.stride(d) == b.stride(d));
+  TORCH_CHECK(same && a.is_non_overlapping_and_dense() && b.is_non_overlapping_and_dense(), an, " and ", bn,
               " must be dense with identical strides (the Python API arranges this)");
 }
 

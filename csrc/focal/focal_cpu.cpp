@@ -298,12 +298,14 @@ void softmax_focal_block(const scalar_t* x, const int64_t* t, int64_t r0, int64_
       return;
     }
   }
+  const int two_gamma = two_gamma_code(gamma);
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t off = (r / S) * C * S + r % S;
     acc_t count;
-    const acc_t l = need_grad
-                        ? softmax_focal_row<acc_t, true>(x + off, S, C, t[r], ignore_index, w, gamma, eps, g + off, &count)
-                        : softmax_focal_row<acc_t, false>(x + off, S, C, t[r], ignore_index, w, gamma, eps, g, &count);
+    const acc_t l = need_grad ? softmax_focal_row<acc_t, true>(x + off, S, C, t[r], ignore_index, w, gamma, two_gamma,
+                                                               eps, g + off, &count)
+                              : softmax_focal_row<acc_t, false>(x + off, S, C, t[r], ignore_index, w, gamma, two_gamma,
+                                                                eps, g, &count);
     if (lout) lout[r] = scalar_t(l);
     lsum += l;
     csum += count;

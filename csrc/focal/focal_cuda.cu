@@ -45,42 +45,59 @@ int grid_for(int64_t work_items) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(blocks, int64_t(sms) * 8)));
 }
 
-template <typename T>
-bool aligned_to(const void* p, int64_t bytes) {
+inline bool aligned_to(const void* p, int64_t bytes) {
   return p == nullptr || reinterpret_cast<uintptr_t>(p) % bytes == 0;
 }
 
 // ---------------------------------------------------------------------------------------------
 // sigmoid focal
 
-template <typename scalar_t, typename target_t, int VEC, bool NEED_GRAD, bool REDUCE>
+// Thread i handles elements [i VEC, (i + 1) VEC) at each step, whether or not the loads are 16-byte
+// vectors (VEC_LOAD, when every pointer is aligned), so the summation order, and so the bits of the
+// result, do not depend on where the tensors sit in memory.
+template <typename scalar_t, typename target_t, bool VEC_LOAD, bool NEED_GRAD, bool REDUCE>
 __global__ void __launch_bounds__(kThreads)
 sigmoid_focal_kernel(const scalar_t* __restrict__ x, const target_t* __restrict__ t, int64_t N,
                      SigmoidFocalParams<at::opmath_type<scalar_t>> P, scalar_t* __restrict__ loss_none,
                      scalar_t* __restrict__ grad, at::opmath_type<scalar_t>* __restrict__ partials) {
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr int VEC = 16 / sizeof(scalar_t);
   acc_t acc = acc_t(0);
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t nvec = N / VEC;
   for (int64_t i = tid; i < nvec; i += stride) {
-    const Pack<scalar_t, VEC> xv = reinterpret_cast<const Pack<scalar_t, VEC>*>(x)[i];
-    const Pack<target_t, VEC> tv = reinterpret_cast<const Pack<target_t, VEC>*>(t)[i];
-    Pack<scalar_t, VEC> lv, gv;
+    Pack<scalar_t, VEC> xv, lv, gv;
+    Pack<target_t, VEC> tv;
+    if constexpr (VEC_LOAD) {
+      xv = reinterpret_cast<const Pack<scalar_t, VEC>*>(x)[i];
+      tv = reinterpret_cast<const Pack<target_t, VEC>*>(t)[i];
+    } else {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) xv.v[k] = x[i * VEC + k], tv.v[k] = t[i * VEC + k];
+    }
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
       acc_t g;
-      const acc_t l = sigmoid_focal_elem<acc_t, NEED_GRAD>(acc_t(xv.v[k]), acc_t(tv.v[k]), P, &g);
+      const acc_t l = sigmoid_focal_elem<acc_t, NEED_GRAD, kGammaRuntime>(acc_t(xv.v[k]), acc_t(tv.v[k]), P, &g);
       if (NEED_GRAD) gv.v[k] = scalar_t(g);
       if (REDUCE) acc += l;
       else lv.v[k] = scalar_t(l);
     }
-    if (NEED_GRAD) reinterpret_cast<Pack<scalar_t, VEC>*>(grad)[i] = gv;
-    if (!REDUCE) reinterpret_cast<Pack<scalar_t, VEC>*>(loss_none)[i] = lv;
+    if constexpr (VEC_LOAD) {
+      if (NEED_GRAD) reinterpret_cast<Pack<scalar_t, VEC>*>(grad)[i] = gv;
+      if (!REDUCE) reinterpret_cast<Pack<scalar_t, VEC>*>(loss_none)[i] = lv;
+    } else {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        if (NEED_GRAD) grad[i * VEC + k] = gv.v[k];
+        if (!REDUCE) loss_none[i * VEC + k] = lv.v[k];
+      }
+    }
   }
   for (int64_t i = nvec * VEC + tid; i < N; i += stride) {  // tail of fewer than VEC elements
     acc_t g;
-    const acc_t l = sigmoid_focal_elem<acc_t, NEED_GRAD>(acc_t(x[i]), acc_t(t[i]), P, &g);
+    const acc_t l = sigmoid_focal_elem<acc_t, NEED_GRAD, kGammaRuntime>(acc_t(x[i]), acc_t(t[i]), P, &g);
     if (NEED_GRAD) grad[i] = scalar_t(g);
     if (REDUCE) acc += l;
     else loss_none[i] = scalar_t(l);
@@ -91,23 +108,24 @@ sigmoid_focal_kernel(const scalar_t* __restrict__ x, const target_t* __restrict_
   }
 }
 
-// loss = (sum of partials) * loss_scale, where loss_scale is 1/denominator (denominator = sum of
-// count_partials when given, else host_denominator). grad_scale = 1/denominator, or 0 when it is 0.
+// loss = (sum of partials) / denominator, where the denominator is the sum of count_partials when
+// given, else host_denominator; grad_scale = 1 / denominator, or 0 when it is 0 (torch's rule for
+// "mean" over only ignored rows). Added in double, in a fixed order.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kFinalThreads)
 finalize_kernel(const acc_t* __restrict__ partials, const acc_t* __restrict__ count_partials, int n,
                 double host_denominator, scalar_t* __restrict__ loss, float* __restrict__ grad_scale) {
-  acc_t s = 0, c = 0;
+  double s = 0, c = 0;
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
-    s += partials[i];
-    if (count_partials) c += count_partials[i];
+    s += double(partials[i]);
+    if (count_partials) c += double(count_partials[i]);
   }
   s = block_sum(s);
   if (count_partials) c = block_sum(c);
   if (threadIdx.x == 0) {
-    const acc_t denom = count_partials ? c : acc_t(host_denominator);
+    const double denom = count_partials ? c : host_denominator;
     *loss = scalar_t(s / denom);
-    *grad_scale = denom != acc_t(0) ? float(acc_t(1) / denom) : 0.f;
+    *grad_scale = denom != 0.0 ? float(1.0 / denom) : 0.f;
   }
 }
 
@@ -118,13 +136,13 @@ void launch_sigmoid(const at::Tensor& logits, const at::Tensor& targets, int64_t
   constexpr int VEC = 16 / sizeof(scalar_t);
   const scalar_t* x = logits.const_data_ptr<scalar_t>();
   const target_t* t = targets.const_data_ptr<target_t>();
-  const bool vec_ok = aligned_to<scalar_t>(x, 16) && aligned_to<target_t>(t, VEC * sizeof(target_t)) &&
-                      aligned_to<scalar_t>(lout, 16) && aligned_to<scalar_t>(gout, 16);
+  const bool vec_ok = aligned_to(x, 16) && aligned_to(t, VEC * sizeof(target_t)) && aligned_to(lout, 16) &&
+                      aligned_to(gout, 16);
   if (vec_ok)
-    sigmoid_focal_kernel<scalar_t, target_t, VEC, NEED_GRAD, REDUCE>
+    sigmoid_focal_kernel<scalar_t, target_t, true, NEED_GRAD, REDUCE>
         <<<grid, kThreads, 0, stream>>>(x, t, N, P, lout, gout, partials);
   else
-    sigmoid_focal_kernel<scalar_t, target_t, 1, NEED_GRAD, REDUCE>
+    sigmoid_focal_kernel<scalar_t, target_t, false, NEED_GRAD, REDUCE>
         <<<grid, kThreads, 0, stream>>>(x, t, N, P, lout, gout, partials);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -151,7 +169,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sigmoid_focal_cuda(const at::Tens
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "sigmoid_focal_cuda", [&] {
     using logit_t = scalar_t;
     using acc_t = at::opmath_type<logit_t>;
-    const SigmoidFocalParams<acc_t> P{acc_t(alpha), acc_t(gamma), acc_t(label_smoothing)};
+    const SigmoidFocalParams<acc_t> P{acc_t(alpha), acc_t(gamma), acc_t(label_smoothing), two_gamma_code(gamma)};
     at::Tensor partials = at::empty({reduction == 0 ? 0 : grid}, logits.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
     acc_t* pp = reduction == 0 ? nullptr : partials.mutable_data_ptr<acc_t>();
     logit_t* lout = reduction == 0 ? loss.mutable_data_ptr<logit_t>() : nullptr;
@@ -182,7 +200,8 @@ template <typename scalar_t, bool NEED_GRAD, bool REDUCE>
 __global__ void __launch_bounds__(kThreads)
 softmax_focal_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ target,
                      const at::opmath_type<scalar_t>* __restrict__ weight, int64_t R, int64_t C, int64_t S,
-                     at::opmath_type<scalar_t> gamma, at::opmath_type<scalar_t> eps, int64_t ignore_index,
+                     at::opmath_type<scalar_t> gamma, int two_gamma, at::opmath_type<scalar_t> eps,
+                     int64_t ignore_index,
                      scalar_t* __restrict__ loss_none, scalar_t* __restrict__ grad,
                      at::opmath_type<scalar_t>* __restrict__ loss_partials,
                      at::opmath_type<scalar_t>* __restrict__ count_partials) {
@@ -192,8 +211,8 @@ softmax_focal_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__
   for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < R; r += stride) {
     const int64_t off = (r / S) * C * S + r % S;
     acc_t count;
-    const acc_t l = softmax_focal_row<acc_t, NEED_GRAD>(x + off, S, C, target[r], ignore_index, weight, gamma, eps,
-                                                       NEED_GRAD ? grad + off : grad, &count);
+    const acc_t l = softmax_focal_row<acc_t, NEED_GRAD>(x + off, S, C, target[r], ignore_index, weight, gamma,
+                                                       two_gamma, eps, NEED_GRAD ? grad + off : grad, &count);
     if (REDUCE) {
       lsum += l;
       csum += count;
@@ -236,10 +255,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_focal_cuda(const at::Tens
   at::Tensor loss = loss_output(target, reduction, logits.options());
   at::Tensor grad = need_grad ? at::empty_like(logits) : at::empty({0}, logits.options());
   at::Tensor grad_scale = at::empty({}, logits.options().dtype(at::kFloat));
-  if (R == 0 || C == 0) {
-    if (need_grad) grad.zero_();
-    if (reduction == 0) loss.zero_();
-    else loss.fill_(reduction == 1 ? NAN : 0.0);
+  if (R == 0) {  // (C == 0 runs the kernel: every counted row is then out of range, so NaN)
+    if (reduction != 0) loss.fill_(reduction == 1 ? NAN : 0.0);
     grad_scale.fill_(reduction == 1 ? 0.0 : 1.0);
     return {loss, grad, grad_scale};
   }
@@ -260,7 +277,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_focal_cuda(const at::Tens
     const acc_t gm = acc_t(gamma), eps = acc_t(label_smoothing);
     auto launch = [&](auto need_grad_c, auto reduce_c) {
       softmax_focal_kernel<scalar_t, decltype(need_grad_c)::value, decltype(reduce_c)::value>
-          <<<grid, kThreads, 0, stream>>>(x, t, w, R, C, S, gm, eps, ignore_index, lout, gout, lp, cp);
+          <<<grid, kThreads, 0, stream>>>(x, t, w, R, C, S, gm, two_gamma_code(gamma), eps, ignore_index, lout,
+                                          gout, lp, cp);
     };
     using yes = std::true_type;
     using no = std::false_type;

@@ -6,33 +6,42 @@
 
 namespace fastcascade {
 
-template <typename T>
-struct SigmoidFocalParams {
-  T alpha;   // < 0: no alpha term
-  T gamma;
-  T eps;     // label smoothing: t -> t (1 - eps) + eps / 2
-};
-
-// m^gamma. TWO_GAMMA >= 0 says gamma = TWO_GAMMA / 2 at compile time (the common 0, 1, 2, 2.5, ...):
-// products and a square root instead of exp(gamma log m), which dominates the CPU loop otherwise.
-template <typename T, int TWO_GAMMA>
-FC_HD T focal_pow(T m, T gamma) {
-  if constexpr (TWO_GAMMA < 0) {
-    return fc_pow(m, gamma);
-  } else {
-    T r = T(1);
-#pragma unroll
-    for (int i = 0; i < TWO_GAMMA / 2; ++i) r *= m;
-    if constexpr (TWO_GAMMA % 2 == 1) r *= std::sqrt(m);
-    return r;
-  }
-}
-
 // TWO_GAMMA code of a runtime gamma: 2 gamma when that is an integer in [0, kMaxTwoGamma], else -1.
 constexpr int kMaxTwoGamma = 10;
 inline int two_gamma_code(double gamma) {
   const double g2 = 2.0 * gamma;
   return (g2 >= 0.0 && g2 <= kMaxTwoGamma && g2 == double(int(g2))) ? int(g2) : -1;
+}
+
+template <typename T>
+struct SigmoidFocalParams {
+  T alpha;             // < 0: no alpha term
+  T gamma;
+  T eps;               // label smoothing: t -> t (1 - eps) + eps / 2
+  int two_gamma = -1;  // two_gamma_code(gamma), for focal_pow<T, kGammaRuntime>
+};
+
+// m^gamma, by products and a square root when 2 gamma is a small integer (the common 0, 1, 2, 2.5,
+// ...): exact, and cheaper than exp(gamma log m), which dominates the CPU loop otherwise.
+//   TWO_GAMMA >= 0: gamma = TWO_GAMMA / 2 at compile time (the CPU's vector loops);
+//   kGammaRuntime:  a warp-uniform branch on two_gamma (the CUDA kernels and the scalar CPU rows);
+//   -1:             exp(gamma log m).
+constexpr int kGammaRuntime = -2;
+template <typename T, int TWO_GAMMA>
+FC_HD T focal_pow(T m, T gamma, int two_gamma = -1) {
+  if constexpr (TWO_GAMMA == -1) {
+    return fc_pow(m, gamma);
+  } else if constexpr (TWO_GAMMA == kGammaRuntime) {
+    if (two_gamma < 0) return fc_pow(m, gamma);
+    T r = T(1);
+    for (int i = 0; i < two_gamma / 2; ++i) r *= m;
+    return two_gamma % 2 == 1 ? r * std::sqrt(m) : r;
+  } else {
+    T r = T(1);
+    for (int i = 0; i < TWO_GAMMA / 2; ++i) r *= m;
+    if constexpr (TWO_GAMMA % 2 == 1) r *= std::sqrt(m);
+    return r;
+  }
 }
 
 // Loss of one element and, if NEED_GRAD, d loss / d x.
@@ -52,7 +61,7 @@ FC_HD T sigmoid_focal_elem(T x, T t_raw, const SigmoidFocalParams<T>& P, T* grad
   const T q = x >= T(0) ? r0 : r1;
   const T ce = fc_xmul(T(1) - t, sp_pos) + fc_xmul(t, sp_neg);
   const T m = p * (T(1) - t) + q * t;
-  const T mg = focal_pow<T, TWO_GAMMA>(m, P.gamma);
+  const T mg = focal_pow<T, TWO_GAMMA>(m, P.gamma, P.two_gamma);
   const T at = P.alpha >= T(0) ? P.alpha * t + (T(1) - P.alpha) * (T(1) - t) : T(1);
   if (NEED_GRAD) {
     const T r = m > T(0) ? p * q / m : (t > T(0.5) ? p : q);
@@ -67,10 +76,11 @@ FC_HD T sigmoid_focal_elem(T x, T t_raw, const SigmoidFocalParams<T>& P, T* grad
 //   d loss/dx_j = a_j - p_j sum_c a_c,  a_c = w_c q_c (1 - p_c)^gamma (gamma u_c - 1),
 //   u_c = p_c log p_c / (1 - p_c) in [-1, 0].
 // Ignored rows give loss 0, grad 0 and count 0; a target outside [0, C) gives NaN (never an index).
-// Returns the loss; *count gets w_t (the row's share of the "mean" normaliser).
+// two_gamma = two_gamma_code(gamma). Returns the loss; *count gets w_t (the row's share of the "mean"
+// normaliser).
 template <typename T, bool NEED_GRAD, typename X, typename W, typename G>
 FC_HD T softmax_focal_row(const X* x, int64_t stride, int64_t C, int64_t t, int64_t ignore_index,
-                          const W* weight, T gamma, T eps, G* grad, T* count) {
+                          const W* weight, T gamma, int two_gamma, T eps, G* grad, T* count) {
   if (t == ignore_index) {
     if (NEED_GRAD)
       for (int64_t c = 0; c < C; ++c) grad[c * stride] = G(0);
@@ -108,7 +118,7 @@ FC_HD T softmax_focal_row(const X* x, int64_t stride, int64_t C, int64_t t, int6
       // 1 - p without expm1: only the arg-max class can have p > 1/2, and its 1 - p is s / (1 + s).
       const T p = c == am ? inv : fc_exp(d) * inv;
       const T om = c == am ? s * inv : T(1) - p;
-      const T f = wq * fc_pow(om, gamma);
+      const T f = wq * focal_pow<T, kGammaRuntime>(om, gamma, two_gamma);
       if (pass == 0) loss += fc_xmul(f, -lp);
       if (NEED_GRAD) {
         T u = om == T(0) ? T(-1) : p * lp / om;
