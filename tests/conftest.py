@@ -10,8 +10,7 @@ if not HAS_CUDA:
     # Triton kernels run on CPU tensors through the interpreter; set before triton is imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import fastcascade  # noqa: E402
-from fastcascade import _ops  # noqa: E402
+from fastcascade import _ops  # noqa: E402  (after TRITON_INTERPRET is set)
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
