@@ -1,6 +1,18 @@
 """fastcascade: fused focal losses, adapter bottlenecks and early-exit cascade routing for PyTorch."""
 
 from . import _ops, reference  # noqa: F401  (loads _C, registers fake kernels and autograd)
+from .adapters import (
+    AdaptedBlock,
+    ParameterCount,
+    ResidualAdapter,
+    adapter_state_dict,
+    add_adapters,
+    default_adapter_sites,
+    freeze_backbone,
+    load_adapter_state_dict,
+    param_groups,
+    trainable_parameters,
+)
 from .losses import (
     ClassBalancedFocalLoss,
     FocalLoss,
@@ -14,6 +26,16 @@ from .losses import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptedBlock",
+    "ParameterCount",
+    "ResidualAdapter",
+    "adapter_state_dict",
+    "add_adapters",
+    "default_adapter_sites",
+    "freeze_backbone",
+    "load_adapter_state_dict",
+    "param_groups",
+    "trainable_parameters",
     "ClassBalancedFocalLoss",
     "FocalLoss",
     "SoftmaxFocalLoss",

@@ -74,3 +74,103 @@ def softmax_focal_loss(
         denom = torch.where(keep, w[safe_t], torch.zeros_like(loss)).sum()
         return loss.sum() / denom
     return _reduce(loss, reduction)
+
+
+# ---------------------------------------------------------------------------------------------
+# residual bottleneck adapters (Rebuffi et al. 2017; Houlsby et al. 2019)
+
+ADAPTER_ACTIVATIONS = ("relu", "gelu", "silu")
+
+
+def _adapter_act(h: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "relu":
+        return F.relu(h)
+    if activation == "gelu":
+        return F.gelu(h)
+    if activation == "silu":
+        return F.silu(h)
+    raise ValueError(f"activation must be one of {ADAPTER_ACTIVATIONS}, got {activation!r}")
+
+
+def _adapter_branch(z, down_w, down_b, up_w, up_b, activation, scale, dropout):
+    """scale * up(dropout(act(down(z)))) over the last dim of z (..., C), in z's dtype."""
+    dt = z.dtype
+    h = _adapter_act(F.linear(z, down_w.to(dt), down_b.to(dt)), activation)
+    if dropout > 0:
+        h = F.dropout(h, dropout, training=True)
+    d = F.linear(h, up_w.to(dt), up_b.to(dt))
+    if scale is not None:
+        d = d * (scale.to(dt) if isinstance(scale, torch.Tensor) else scale)
+    return d
+
+
+def _keep_format(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """y in x's memory format: channels_last when x is (only) channels_last, else contiguous."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return y.contiguous(memory_format=torch.channels_last)
+    return y.contiguous()
+
+
+def _pooled_adapter(x, down_w, down_b, up_w, up_b, activation="relu", scale=None, dropout=0.0):
+    if x.dim() != 4:
+        raise ValueError(f"pooled_adapter: x must be (B, C, H, W), got shape {tuple(x.shape)}")
+    d = _adapter_branch(x.mean(dim=(2, 3)), down_w, down_b, up_w, up_b, activation, scale, dropout)
+    return _keep_format(x + d[:, :, None, None], x)
+
+
+def _pixel_adapter(x, down_w, down_b, up_w, up_b, activation="relu", scale=None, channel_dim=-1, dropout=0.0):
+    if channel_dim == 1:
+        if x.dim() != 4:
+            raise ValueError(f"pixel_adapter: channel_dim=1 needs x of shape (B, C, H, W), got "
+                             f"{tuple(x.shape)}")
+        d = _adapter_branch(x.movedim(1, -1), down_w, down_b, up_w, up_b, activation, scale, dropout)
+        d = d.movedim(-1, 1)
+    elif channel_dim == -1:
+        d = _adapter_branch(x, down_w, down_b, up_w, up_b, activation, scale, dropout)
+    else:
+        raise ValueError(f"pixel_adapter: channel_dim must be 1 (B, C, H, W) or -1 (tokens (..., C)), got "
+                         f"{channel_dim}")
+    return _keep_format(x + d, x)
+
+
+def pooled_adapter(
+    x: torch.Tensor,
+    down_w: torch.Tensor,
+    down_b: torch.Tensor,
+    up_w: torch.Tensor,
+    up_b: torch.Tensor,
+    activation: str = "relu",
+    scale: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """Pooled residual adapter: one bottleneck per image, its output broadcast over H and W.
+
+        m = mean_hw(x)                                   (B, C)
+        y = x + scale * (act(m down_w^T + down_b) up_w^T + up_b)[:, :, None, None]
+
+    x: (B, C, H, W), any memory format; down_w: (r, C), down_b: (r,), up_w: (C, r), up_b: (C,);
+    scale: None (1), a float, or a 0-d tensor; activation: "relu" | "gelu" (erf) | "silu".
+    Computed in x's dtype (weights cast to it, as nn.Linear under autocast; torch's mean and matmul
+    accumulate half inputs in fp32). y has x's shape, dtype and memory format.
+    """
+    return _pooled_adapter(x, down_w, down_b, up_w, up_b, activation, scale)
+
+
+def pixel_adapter(
+    x: torch.Tensor,
+    down_w: torch.Tensor,
+    down_b: torch.Tensor,
+    up_w: torch.Tensor,
+    up_b: torch.Tensor,
+    activation: str = "relu",
+    scale: torch.Tensor | float | None = None,
+    channel_dim: int = -1,
+) -> torch.Tensor:
+    """Pixel (token) residual adapter: a 1x1-conv bottleneck at every position.
+
+        y = x + scale * (act(x down_w^T + down_b) up_w^T + up_b)     along the channel dim
+
+    channel_dim=-1: x is tokens (..., C); channel_dim=1: x is (B, C, H, W), any memory format.
+    Weights, scale, activation and dtype rules as in pooled_adapter. y has x's shape, dtype and
+    memory format (channels_last in, channels_last out).
+    """
+    return _pixel_adapter(x, down_w, down_b, up_w, up_b, activation, scale, channel_dim)
