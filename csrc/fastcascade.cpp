@@ -11,6 +11,16 @@ TORCH_LIBRARY(fastcascade, m) {
   // logits (N, C) or (N, C, S); target int64 (N,) or (N, S).
   m.def("softmax_focal(Tensor logits, Tensor target, Tensor? weight, float gamma, float label_smoothing, "
         "int ignore_index, int reduction, bool need_grad) -> (Tensor loss, Tensor grad_logits, Tensor grad_scale)");
+
+  // Pooled residual adapter on x (B, C, H, W), contiguous or channels_last; activation 0 relu,
+  // 1 gelu (erf), 2 silu; scale None (1) or a 0-dim tensor. y keeps x's layout and dtype;
+  // pooled = mean_hw(x) (B, C) and hidden = down(pooled) (B, r), pre-activation, in fp32 (fp64 for
+  // fp64 x): what the backward needs, B (C + r) numbers instead of anything per pixel.
+  m.def("pooled_adapter(Tensor x, Tensor down_w, Tensor down_b, Tensor up_w, Tensor up_b, Tensor? scale, "
+        "int activation) -> (Tensor y, Tensor pooled, Tensor hidden)");
+  m.def("pooled_adapter_backward(Tensor grad_y, Tensor pooled, Tensor hidden, Tensor down_w, Tensor up_w, "
+        "Tensor up_b, Tensor? scale, int activation) -> (Tensor grad_x, Tensor grad_down_w, Tensor grad_down_b, "
+        "Tensor grad_up_w, Tensor grad_up_b, Tensor grad_scale)");
 }
 
 // Build facts the Python side checks at import.

@@ -55,10 +55,11 @@ def load_triton_ops() -> None:
     global _triton_ops_loaded
     if _triton_ops_loaded:
         return
-    from .kernels import focal  # noqa: F401
+    from .kernels import adapter, focal  # noqa: F401
 
     for qualname, fake, reduction_arg, need_grad_arg, n_inputs, unsqueeze_none in _FOCAL_OPS:
         _register(qualname + "_triton", fake, reduction_arg, need_grad_arg, n_inputs, unsqueeze_none)
+    _register_pooled_adapter("_triton")
     _triton_ops_loaded = True
 
 
@@ -73,7 +74,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if dev == "cpu":
             return "cpu"
         if dev == "cuda":
-            return "cuda" if CUDA_COMPILED else ("triton" if HAS_TRITON else "torch")
+            # Triton first: its kernels are verified (interpreter) and the CUDA C++ ones are not yet
+            # measured on a GPU; revisit with bench/README.md's GPU table.
+            return "triton" if HAS_TRITON else ("cuda" if CUDA_COMPILED else "torch")
         return "torch"
     if backend == "cpu" and dev != "cpu":
         raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
@@ -149,6 +152,59 @@ def _register(qualname: str, fake, reduction_arg: int, need_grad_arg: int, n_inp
     torch.library.register_autograd(qualname, backward, setup_context=setup_context)
 
 
+# ---------------------------------------------------------------------------------------------
+# pooled adapter
+
+ADAPTER_ACTIVATION_CODES = {"relu": 0, "gelu": 1, "silu": 2}
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _pooled_adapter_fake(x, down_w, down_b, up_w, up_b, scale, activation):
+    B, C, r = x.shape[0], x.shape[1], down_w.shape[0]
+    acc = _acc_dtype(x)
+    return torch.empty_like(x), x.new_empty((B, C), dtype=acc), x.new_empty((B, r), dtype=acc)
+
+
+def _pooled_adapter_backward_fake(grad_y, pooled, hidden, down_w, up_w, up_b, scale, activation):
+    g_scale = scale.new_empty(scale.shape) if scale is not None else grad_y.new_empty((0,), dtype=_acc_dtype(grad_y))
+    return (torch.empty_like(grad_y), down_w.new_empty(down_w.shape), down_w.new_empty((down_w.shape[0],)),
+            up_w.new_empty(up_w.shape), up_b.new_empty(up_b.shape), g_scale)
+
+
+def _register_pooled_adapter(suffix: str):
+    backward_op = getattr(torch.ops.fastcascade, f"pooled_adapter_backward{suffix}")
+
+    def setup_context(ctx, inputs, output):
+        x, down_w, down_b, up_w, up_b, scale, activation = inputs
+        ctx.activation = activation
+        ctx.channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        ctx.has_scale = scale is not None
+        ctx.mark_non_differentiable(output[1], output[2])  # pooled, hidden: saved for backward only
+        ctx.save_for_backward(output[1], output[2], down_w, up_w, up_b, scale)
+
+    def backward(ctx, grad_y, _grad_pooled, _grad_hidden):
+        pooled, hidden, down_w, up_w, up_b, scale = ctx.saved_tensors
+        fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
+        gx, gdw, gdb, guw, gub, gs = backward_op(grad_y.contiguous(memory_format=fmt), pooled, hidden, down_w, up_w,
+                                                 up_b, scale if ctx.has_scale else None, ctx.activation)
+        return gx, gdw, gdb, guw, gub, (gs if ctx.has_scale else None), None
+
+    torch.library.register_fake(f"fastcascade::pooled_adapter{suffix}")(_pooled_adapter_fake)
+    torch.library.register_fake(f"fastcascade::pooled_adapter_backward{suffix}")(_pooled_adapter_backward_fake)
+    torch.library.register_autograd(f"fastcascade::pooled_adapter{suffix}", backward, setup_context=setup_context)
+
+
+def adapter_op(name: str, backend: str):
+    """The registered adapter op: C++ (CPU) or its Triton twin."""
+    if backend == "triton":
+        load_triton_ops()
+        return getattr(torch.ops.fastcascade, f"{name}_triton")
+    return getattr(torch.ops.fastcascade, name)
+
+
 # (op, fake kernel, index of `reduction`, index of `need_grad`, number of inputs, loss "none" lacks dim 1)
 _FOCAL_OPS = [
     ("fastcascade::sigmoid_focal", _sigmoid_focal_fake, 5, 6, 7, False),
@@ -156,6 +212,7 @@ _FOCAL_OPS = [
 ]
 for _op in _FOCAL_OPS:
     _register(*_op)
+_register_pooled_adapter("")
 if HAS_TRITON and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
                    or os.environ.get("FASTCASCADE_BACKEND") == "triton"):
     load_triton_ops()

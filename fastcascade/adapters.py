@@ -2,8 +2,9 @@
 around them: insert adapters into a backbone, freeze it (BatchNorm statistics included), count and
 group its parameters, and save / load only the trained part with a fingerprint of the backbone.
 
-The adapter math lives in fastcascade.reference (pooled_adapter, pixel_adapter); ResidualAdapter
-runs it with backend="torch" (and, until the fused CPU/CUDA/Triton adapter ops land, with "auto").
+The adapter math lives in fastcascade.reference (pooled_adapter, pixel_adapter). ResidualAdapter
+runs the fused pooled-adapter op (fastcascade::pooled_adapter: CPU and CUDA C++, Triton) for
+kind="pooled", and the reference for kind="pixel" until its fused op lands.
 
 Name matching. freeze_backbone and param_groups select parameters by *components* of their
 qualified names: an entry matches when it equals one or more whole dot-separated components, so
@@ -25,7 +26,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.module import _IncompatibleKeys
 
-from . import reference
+from . import _ops, reference
 
 __all__ = [
     "AdaptedBlock",
@@ -41,8 +42,6 @@ __all__ = [
 ]
 
 ADAPTER_KINDS = ("pooled", "pixel")
-ADAPTER_BACKENDS = ("auto", "torch")
-_FUSED_BACKENDS = ("cpu", "cuda", "triton")
 META_KEY = "__fastcascade__"
 FORMAT = 1
 DEFAULT_TRAINABLE = ("adapter", "head", "fc", "classifier")
@@ -63,13 +62,8 @@ def _positive_int(value, name: str) -> int:
 
 
 def _check_backend(backend) -> None:
-    if backend in ADAPTER_BACKENDS:
-        return
-    if backend in _FUSED_BACKENDS:
-        raise ValueError(f"backend={backend!r} for adapters arrives with the fused adapter kernels; "
-                         f"use backend='auto' or 'torch' for now")
-    raise ValueError(f"backend must be one of {ADAPTER_BACKENDS} for adapters (the fused kernels "
-                     f"{_FUSED_BACKENDS} arrive later), got {backend!r}")
+    if backend not in _ops.BACKENDS:
+        raise ValueError(f"backend must be one of {_ops.BACKENDS}, got {backend!r}")
 
 
 def _matches(name: str, entries: Iterable[str]) -> bool:
@@ -102,8 +96,9 @@ class ResidualAdapter(nn.Module):
     Args:
         channels: C (>= 1). bottleneck: r (>= 1). kind: "pooled" | "pixel".
         activation: "relu" | "gelu" | "silu". dropout: in [0, 1). init_std: > 0.
-        backend: "auto" | "torch" ("auto" runs the reference until the fused ops land; it does not
-            read FASTCASCADE_BACKEND yet).
+        backend: "auto" | "cpu" | "cuda" | "triton" | "torch" (as for the losses). kind="pooled" without
+            active dropout runs the fused op; kind="pixel" and dropout in training run the reference
+            ("torch") until their fused kernels land.
     """
 
     def __init__(self, channels: int, bottleneck: int = 64, kind: str = "pooled", activation: str = "relu",
@@ -168,16 +163,32 @@ class ResidualAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cdim = self.channel_dim(x)
-        _check_backend(self.backend)
         if x.device != self.down_proj.weight.device:
             raise ValueError(f"x is on {x.device} but the adapter's parameters are on "
                              f"{self.down_proj.weight.device}")
         p = self.dropout if self.training else 0.0
         w = (self.down_proj.weight, self.down_proj.bias, self.up_proj.weight, self.up_proj.bias)
-        # backend "auto" == "torch" until the fused adapter ops land.
+        backend = self._backend_for(x, p)
+        if backend != "torch":
+            if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+                x = x.contiguous()
+            op = _ops.adapter_op("pooled_adapter", backend)
+            return op(x, *w, self.scale, _ops.ADAPTER_ACTIVATION_CODES[self.activation])[0]
         if self.kind == "pooled":
             return reference._pooled_adapter(x, *w, self.activation, self.scale, p)
         return reference._pixel_adapter(x, *w, self.activation, self.scale, cdim, p)
+
+    def _backend_for(self, x: torch.Tensor, dropout: float) -> str:
+        """The fused op covers kind="pooled" without active dropout; kind="pixel" and dropout in
+        training run the reference until their fused kernels land."""
+        _check_backend(self.backend)
+        fused = self.kind == "pooled" and dropout == 0.0
+        if self.backend == "torch" or (self.backend == "auto" and not fused):
+            return "torch"
+        if not fused:
+            raise ValueError(f"backend={self.backend!r}: the fused adapter op covers kind='pooled' without "
+                             f"dropout in training so far; use backend='auto' or 'torch'")
+        return _ops.resolve_backend(self.backend, x.device)
 
     def extra_repr(self) -> str:
         s = (f"channels={self.channels}, bottleneck={self.bottleneck}, kind={self.kind!r}, "

@@ -5,6 +5,12 @@ Importing this subpackage defines the ops
 ``torch.ops.fastcascade.softmax_focal_triton``.
 """
 
+from .adapter import pooled_adapter_backward_triton, pooled_adapter_triton
 from .focal import sigmoid_focal_triton, softmax_focal_triton
 
-__all__ = ["sigmoid_focal_triton", "softmax_focal_triton"]
+__all__ = [
+    "pooled_adapter_backward_triton",
+    "pooled_adapter_triton",
+    "sigmoid_focal_triton",
+    "softmax_focal_triton",
+]

@@ -30,7 +30,10 @@ def _targets(shape, kind, device, gen=None):
 
 def _grad_out(loss, gen=None):
     # not all ones, so a backward that ignores its upstream gradient fails
-    return (torch.rand(loss.shape, generator=gen, dtype=torch.float64) + 0.5).to(loss.dtype).to(loss.device)
+    # exactly representable in every dtype under test (bf16 values in [0.5, 1.5)), so the float64
+    # reference and a bf16 backend get the same upstream gradient
+    g = (torch.rand(loss.shape, generator=gen, dtype=torch.float64) + 0.5).to(torch.bfloat16)
+    return g.to(loss.dtype).to(loss.device)
 
 
 def _fwd_bwd(fn, logits, *args, **kw):

@@ -82,6 +82,14 @@ FC_HD float fc_log1p(float x) {
 }
 #endif
 
+FC_HD float fc_erf(float x) {
+#if defined(__CUDA_ARCH__)
+  return erff(x);
+#else
+  return std::erf(x);
+#endif
+}
+FC_HD double fc_erf(double x) { return ::erf(x); }
 FC_HD double fc_exp(double x) { return ::exp(x); }
 FC_HD double fc_log(double x) { return ::log(x); }
 FC_HD double fc_log1p(double x) { return ::log1p(x); }
