@@ -13,6 +13,7 @@
 
 #include "adapter/adapter_math.h"
 #include "common/checks.h"
+#include "common/cpu.h"
 
 namespace fastcascade {
 namespace {
@@ -57,12 +58,13 @@ void pooled_adapter_forward(const at::Tensor& x, const at::Tensor& down_w_in, co
                             const std::optional<at::Tensor>& scale, int64_t act, const AdapterShape& S,
                             at::Tensor& y, at::Tensor& pooled, at::Tensor& hidden) {
   using acc_t = at::opmath_type<scalar_t>;
-  const at::Tensor Wd = acc_copy<acc_t>(down_w_in), bd = acc_copy<acc_t>(down_b_in);
-  const at::Tensor Wu = acc_copy<acc_t>(up_w_in), bu = acc_copy<acc_t>(up_b_in);
+  // Transposed copies, (C, r) and (r, C): the products below run as axpy over contiguous rows.
+  const at::Tensor WdT = acc_copy<acc_t>(down_w_in.t()), bd = acc_copy<acc_t>(down_b_in);
+  const at::Tensor WuT = acc_copy<acc_t>(up_w_in.t()), bu = acc_copy<acc_t>(up_b_in);
   const acc_t s = scale_value<acc_t>(scale);
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-  const acc_t *wd = Wd.const_data_ptr<acc_t>(), *wu = Wu.const_data_ptr<acc_t>();
+  const acc_t *wdT = WdT.const_data_ptr<acc_t>(), *wuT = WuT.const_data_ptr<acc_t>();
   const acc_t *pbd = bd.const_data_ptr<acc_t>(), *pbu = bu.const_data_ptr<acc_t>();
   acc_t *pm = pooled.mutable_data_ptr<acc_t>(), *ph = hidden.mutable_data_ptr<acc_t>();
   const int64_t C = S.C, HW = S.HW, r = S.r;
@@ -85,17 +87,12 @@ void pooled_adapter_forward(const at::Tensor& x, const at::Tensor& down_w_in, co
         }
       }
       for (int64_t c = 0; c < C; ++c) m[c] /= acc_t(HW);
-      for (int64_t j = 0; j < r; ++j) {
-        acc_t v = pbd[j];
-        for (int64_t c = 0; c < C; ++c) v += wd[j * C + c] * m[c];
-        h[j] = v;
-        a[j] = adapter_act(v, act);
-      }
-      for (int64_t c = 0; c < C; ++c) {
-        acc_t v = pbu[c];
-        for (int64_t j = 0; j < r; ++j) v += wu[c * r + j] * a[j];
-        u[c] = s * v;
-      }
+      for (int64_t j = 0; j < r; ++j) h[j] = pbd[j];
+      for (int64_t c = 0; c < C; ++c) axpy(r, m[c], wdT + c * r, h);  // h = W_d m + b_d
+      for (int64_t j = 0; j < r; ++j) a[j] = adapter_act(h[j], act);
+      for (int64_t c = 0; c < C; ++c) u[c] = pbu[c];
+      for (int64_t j = 0; j < r; ++j) axpy(C, a[j], wuT + j * C, u.data());  // u = W_u a + b_u
+      for (int64_t c = 0; c < C; ++c) u[c] *= s;
       if (S.channels_last) {
         for (int64_t i = 0; i < HW; ++i)
           for (int64_t c = 0; c < C; ++c) yb[i * C + c] = scalar_t(acc_t(xb[i * C + c]) + u[c]);
@@ -133,17 +130,19 @@ void pooled_adapter_backward_impl(const at::Tensor& gy, const at::Tensor& pooled
                                   std::vector<double>& gs_part) {
   using acc_t = at::opmath_type<scalar_t>;
   const at::Tensor Wd = acc_copy<acc_t>(down_w_in), Wu = acc_copy<acc_t>(up_w_in), bu = acc_copy<acc_t>(up_b_in);
+  const at::Tensor WuT = acc_copy<acc_t>(up_w_in.t());
   const at::Tensor Hd = acc_copy<acc_t>(hidden);
   const acc_t s = scale_value<acc_t>(scale);
   const bool want_gs = scale.has_value();
   const scalar_t* gp = gy.const_data_ptr<scalar_t>();
   scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
   const acc_t *wd = Wd.const_data_ptr<acc_t>(), *wu = Wu.const_data_ptr<acc_t>(), *pbu = bu.const_data_ptr<acc_t>();
+  const acc_t* wuT = WuT.const_data_ptr<acc_t>();
   const acc_t* ph = Hd.const_data_ptr<acc_t>();
   acc_t *pgu = gu_t.mutable_data_ptr<acc_t>(), *pgh = gh_t.mutable_data_ptr<acc_t>(), *pa = a_t.mutable_data_ptr<acc_t>();
   const int64_t C = S.C, HW = S.HW, r = S.r;
   at::parallel_for(0, S.B, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> gsum(C), gm(C);
+    std::vector<acc_t> gsum(C), gm(C), v(C);
     for (int64_t b = b0; b < b1; ++b) {
       const scalar_t* gb = gp + b * C * HW;
       scalar_t* gxb = gxp + b * C * HW;
@@ -162,25 +161,19 @@ void pooled_adapter_backward_impl(const at::Tensor& gy, const at::Tensor& pooled
       }
       for (int64_t j = 0; j < r; ++j) a[j] = adapter_act(h[j], act);
       if (want_gs) {  // d/ds of sum(gy * s u) = sum_c u_c gsum_c, u = up(a) without the scale
+        for (int64_t c = 0; c < C; ++c) v[c] = pbu[c];
+        for (int64_t j = 0; j < r; ++j) axpy(C, a[j], wuT + j * C, v.data());
         double part = 0;
-        for (int64_t c = 0; c < C; ++c) {
-          acc_t v = pbu[c];
-          for (int64_t j = 0; j < r; ++j) v += wu[c * r + j] * a[j];
-          part += double(v) * double(gsum[c]);
-        }
+        for (int64_t c = 0; c < C; ++c) part += double(v[c]) * double(gsum[c]);
         gs_part[b] = part;
       }
       for (int64_t c = 0; c < C; ++c) gu[c] = s * gsum[c];
-      for (int64_t j = 0; j < r; ++j) {
-        acc_t v = 0;
-        for (int64_t c = 0; c < C; ++c) v += gu[c] * wu[c * r + j];
-        gh[j] = v * adapter_act_grad(h[j], act);
-      }
-      for (int64_t c = 0; c < C; ++c) {
-        acc_t v = 0;
-        for (int64_t j = 0; j < r; ++j) v += gh[j] * wd[j * C + c];
-        gm[c] = v / acc_t(HW);
-      }
+      for (int64_t j = 0; j < r; ++j) gh[j] = 0;
+      for (int64_t c = 0; c < C; ++c) axpy(r, gu[c], wu + c * r, gh);  // g_a = W_u^T g_u
+      for (int64_t j = 0; j < r; ++j) gh[j] *= adapter_act_grad(h[j], act);
+      for (int64_t c = 0; c < C; ++c) gm[c] = 0;
+      for (int64_t j = 0; j < r; ++j) axpy(C, gh[j], wd + j * C, gm.data());  // g_m = W_d^T g_h
+      for (int64_t c = 0; c < C; ++c) gm[c] /= acc_t(HW);
       if (S.channels_last) {
         for (int64_t i = 0; i < HW; ++i)
           for (int64_t c = 0; c < C; ++c) gxb[i * C + c] = scalar_t(acc_t(gb[i * C + c]) + gm[c]);
@@ -204,7 +197,7 @@ void outer_sum(const acc_t* p, const acc_t* q, int64_t B, int64_t I, int64_t J, 
       for (int64_t b = 0; b < B; ++b) {
         const acc_t pi = p[b * I + i];
         bias += pi;
-        for (int64_t j = 0; j < J; ++j) o[j] += pi * q[b * J + j];
+        axpy(J, pi, q + b * J, o);
       }
       out_bias[i] = bias;
     }

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/cpu.h"
 #include "focal/focal_math.h"
 
 namespace fastcascade {
@@ -22,14 +23,6 @@ namespace {
 constexpr int64_t kBlock = 2048;     // elements per partial (sigmoid)
 constexpr int64_t kRowBlock = 256;   // rows per partial (softmax)
 constexpr int64_t kGrainBlocks = 16; // blocks per parallel task at least
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FC_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define FC_CPU_CLONES
-#endif
-// A lambda called inside a clone must be inlined into it, or it is compiled for the baseline ISA.
-#define FC_LAMBDA_INLINE __attribute__((always_inline))
 
 template <bool NEED_GRAD, int TWO_GAMMA>
 FC_HD void sigmoid_focal_span(const float* x, const float* t, int64_t n, SigmoidFocalParams<float> P,

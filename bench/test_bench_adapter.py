@@ -1,0 +1,51 @@
+"""Pooled residual adapter, forward + backward: fastcascade backends vs the eager module and
+torch.compile of it, same run. Bytes counted: read x, write y, read grad_y, write grad_x.
+
+Run: pytest bench/test_bench_adapter.py --benchmark-only
+"""
+
+import pytest
+import torch
+from bench_utils import DEVICE, record
+
+import fastcascade as fc
+from fastcascade import _ops
+
+# (B, C, H, W): ResNet-18 stages on 16x16 blocks at B=4096, and a 14x14 map
+SHAPES = [(4096, 64, 4, 4), (4096, 128, 2, 2), (4096, 256, 1, 1), (4096, 512, 1, 1), (256, 256, 14, 14)]
+if DEVICE == "cpu":
+    SHAPES = [(512, 64, 4, 4), (512, 512, 1, 1), (32, 256, 14, 14)]
+DTYPES = [torch.float32, torch.bfloat16] if DEVICE == "cuda" else [torch.float32]
+
+
+def _backends():
+    if DEVICE == "cpu":
+        return ["cpu"]
+    return (["cuda"] if _ops.CUDA_COMPILED else []) + (["triton"] if _ops.HAS_TRITON else [])
+
+
+def _impls():
+    impls = {"module-eager": "torch", "module-compile": "compile"}
+    impls.update({f"fastcascade-{b}": b for b in _backends()})
+    return impls
+
+
+@pytest.mark.parametrize("impl", list(_impls()))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_pooled_adapter_fwd_bwd(benchmark, impl, dtype, shape):
+    B, C, H, W = shape
+    benchmark.group = f"pooled_adapter fwd+bwd {B}x{C}x{H}x{W} {str(dtype)[6:]} r=64"
+    backend = _impls()[impl]
+    m = fc.ResidualAdapter(C, 64, "pooled", init_std=0.02, backend="torch" if backend == "compile" else backend)
+    m = m.to(DEVICE)
+    fn = torch.compile(m) if backend == "compile" else m
+    x = torch.randn(shape, device=DEVICE, dtype=dtype).to(memory_format=torch.channels_last).requires_grad_(True)
+
+    def step():
+        x.grad = None
+        for p in m.parameters():
+            p.grad = None
+        fn(x).sum().backward()
+
+    record(benchmark, step, 4 * x.numel() * x.element_size())
