@@ -11,34 +11,12 @@
 
 #include <vector>
 
+#include "adapter/adapter_checks.h"
 #include "adapter/adapter_math.h"
-#include "common/checks.h"
 #include "common/cpu.h"
 
 namespace fastcascade {
 namespace {
-
-struct AdapterShape {
-  int64_t B, C, HW, r;
-  bool channels_last;  // per-sample memory is [HW][C] rather than [C][HW]
-};
-
-AdapterShape check_pooled_adapter(const at::Tensor& x, const char* xn, const at::Tensor& down_w,
-                                  const at::Tensor& up_w, int64_t activation) {
-  check_floating(x, xn);
-  TORCH_CHECK(x.dim() == 4, xn, " must be (B, C, H, W), got ", x.sizes());
-  const bool cl = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
-  TORCH_CHECK(x.is_contiguous() || cl, xn, " must be contiguous or channels_last (the Python API arranges this)");
-  const int64_t C = x.size(1), r = down_w.size(0);
-  TORCH_CHECK(down_w.dim() == 2 && down_w.size(1) == C, "down_w must be (r, C) with C = ", C, ", got ",
-              down_w.sizes());
-  TORCH_CHECK(up_w.dim() == 2 && up_w.size(0) == C && up_w.size(1) == r, "up_w must be (C, r) = (", C, ", ", r,
-              "), got ", up_w.sizes());
-  TORCH_CHECK(activation >= 0 && activation <= 2, "activation must be 0 (relu), 1 (gelu) or 2 (silu), got ",
-              activation);
-  TORCH_CHECK(C > 0 && r > 0, "pooled_adapter needs C >= 1 and r >= 1, got C = ", C, ", r = ", r);
-  return {x.size(0), C, x.size(2) * x.size(3), r, cl};
-}
 
 template <typename acc_t>
 at::Tensor acc_copy(const at::Tensor& t) {
@@ -112,6 +90,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pooled_adapter_cpu(const at::Tens
   const AdapterShape S = check_pooled_adapter(x, "x", down_w, up_w, activation);
   TORCH_CHECK(down_b.numel() == S.r && up_b.numel() == S.C, "down_b must have r = ", S.r, " and up_b C = ", S.C,
               " elements, got ", down_b.numel(), " and ", up_b.numel());
+  check_adapter_scale(scale, x);
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor y = at::empty_like(x);
   at::Tensor pooled = at::empty({S.B, S.C}, x.options().dtype(acc));

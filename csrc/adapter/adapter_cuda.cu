@@ -11,43 +11,13 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "adapter/adapter_checks.h"
 #include "adapter/adapter_math.h"
-#include "common/checks.h"
 
 namespace fastcascade {
 namespace {
 
 constexpr int kThreads = 256;
-
-struct AdapterDims {
-  int64_t B, C, HW, r;
-  bool channels_last;
-};
-
-AdapterDims check_dims(const at::Tensor& x, const char* xn, const at::Tensor& down_w, const at::Tensor& up_w,
-                       int64_t activation) {
-  check_floating(x, xn);
-  TORCH_CHECK(x.dim() == 4, xn, " must be (B, C, H, W), got ", x.sizes());
-  const bool cl = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
-  TORCH_CHECK(x.is_contiguous() || cl, xn, " must be contiguous or channels_last (the Python API arranges this)");
-  const int64_t C = x.size(1), r = down_w.size(0);
-  TORCH_CHECK(down_w.dim() == 2 && down_w.size(1) == C, "down_w must be (r, C) with C = ", C, ", got ",
-              down_w.sizes());
-  TORCH_CHECK(up_w.dim() == 2 && up_w.size(0) == C && up_w.size(1) == r, "up_w must be (C, r) = (", C, ", ", r,
-              "), got ", up_w.sizes());
-  TORCH_CHECK(activation >= 0 && activation <= 2, "activation must be 0 (relu), 1 (gelu) or 2 (silu), got ",
-              activation);
-  TORCH_CHECK(C > 0 && r > 0, "pooled_adapter needs C >= 1 and r >= 1, got C = ", C, ", r = ", r);
-  check_same_device(x, xn, down_w, "down_w");
-  check_same_device(x, xn, up_w, "up_w");
-  return {x.size(0), C, x.size(2) * x.size(3), r, cl};
-}
-
-void check_scale(const std::optional<at::Tensor>& scale, const at::Tensor& x) {
-  if (!scale.has_value()) return;
-  TORCH_CHECK(scale->numel() == 1, "scale must hold one value (a 0-dim tensor), got shape ", scale->sizes());
-  check_same_device(x, "x", *scale, "scale");
-}
 
 // Index of channel c, position i of a sample, in its [C][HW] or [HW][C] memory.
 __device__ __forceinline__ int64_t at_ci(int64_t c, int64_t i, int64_t C, int64_t HW, bool cl) {
@@ -193,12 +163,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pooled_adapter_cuda(const at::Ten
                                                                    const at::Tensor& up_b,
                                                                    const std::optional<at::Tensor>& scale,
                                                                    int64_t activation) {
-  const AdapterDims D = check_dims(x, "x", down_w, up_w, activation);
+  const AdapterShape D = check_pooled_adapter(x, "x", down_w, up_w, activation);
   TORCH_CHECK(down_b.numel() == D.r && up_b.numel() == D.C, "down_b must have r = ", D.r, " and up_b C = ", D.C,
               " elements, got ", down_b.numel(), " and ", up_b.numel());
   check_same_device(x, "x", down_b, "down_b");
   check_same_device(x, "x", up_b, "up_b");
-  check_scale(scale, x);
+  check_adapter_scale(scale, x);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor y = at::empty_like(x);
@@ -227,14 +197,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pooled_adapter_cuda(const at::Ten
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pooled_adapter_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& pooled, const at::Tensor& hidden, const at::Tensor& down_w,
     const at::Tensor& up_w, const at::Tensor& up_b, const std::optional<at::Tensor>& scale, int64_t activation) {
-  const AdapterDims D = check_dims(grad_y, "grad_y", down_w, up_w, activation);
+  const AdapterShape D = check_pooled_adapter(grad_y, "grad_y", down_w, up_w, activation);
   TORCH_CHECK(pooled.sizes() == at::IntArrayRef({D.B, D.C}) && hidden.sizes() == at::IntArrayRef({D.B, D.r}),
               "pooled must be (B, C) and hidden (B, r), got ", pooled.sizes(), " and ", hidden.sizes());
   TORCH_CHECK(up_b.numel() == D.C, "up_b must have C = ", D.C, " elements, got ", up_b.numel());
   check_same_device(grad_y, "grad_y", pooled, "pooled");
   check_same_device(grad_y, "grad_y", hidden, "hidden");
   check_same_device(grad_y, "grad_y", up_b, "up_b");
-  check_scale(scale, grad_y);
+  check_adapter_scale(scale, grad_y);
   const c10::cuda::CUDAGuard guard(grad_y.device());
   const auto acc = grad_y.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto opts = grad_y.options().dtype(acc);
