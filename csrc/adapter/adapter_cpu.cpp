@@ -30,6 +30,45 @@ acc_t scale_value(const std::optional<at::Tensor>& scale) {
   return scale->to(c10::CppTypeToScalarType<acc_t>::value).template item<acc_t>();  // a CPU tensor: no device sync
 }
 
+// Samples per block: their products share each weight row while it sits in L1.
+constexpr int64_t kSampleBlock = 16;
+
+// sums[c] = sum over the HW positions of channel c of one sample ([C][HW] or [HW][C] memory).
+template <typename scalar_t, typename acc_t>
+void channel_sums(const scalar_t* xb, const AdapterShape& S, acc_t* sums) {
+  const int64_t C = S.C, HW = S.HW;
+  if (S.channels_last) {
+    for (int64_t c = 0; c < C; ++c) sums[c] = 0;
+    for (int64_t i = 0; i < HW; ++i)
+      for (int64_t c = 0; c < C; ++c) sums[c] += acc_t(xb[i * C + c]);
+  } else {
+    for (int64_t c = 0; c < C; ++c) {
+      acc_t sum = 0;
+      for (int64_t i = 0; i < HW; ++i) sum += acc_t(xb[c * HW + i]);
+      sums[c] = sum;
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void channel_means(const scalar_t* xb, const AdapterShape& S, acc_t* means) {
+  channel_sums(xb, S, means);
+  for (int64_t c = 0; c < S.C; ++c) means[c] /= acc_t(S.HW);
+}
+
+// out = in + scale * v[c], broadcast over the HW positions of one sample.
+template <typename scalar_t, typename acc_t>
+void add_channels(const scalar_t* in, const AdapterShape& S, const acc_t* v, acc_t scale, scalar_t* out) {
+  const int64_t C = S.C, HW = S.HW;
+  if (S.channels_last) {
+    for (int64_t i = 0; i < HW; ++i)
+      for (int64_t c = 0; c < C; ++c) out[i * C + c] = scalar_t(acc_t(in[i * C + c]) + scale * v[c]);
+  } else {
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t i = 0; i < HW; ++i) out[c * HW + i] = scalar_t(acc_t(in[c * HW + i]) + scale * v[c]);
+  }
+}
+
 template <typename scalar_t>
 void pooled_adapter_forward(const at::Tensor& x, const at::Tensor& down_w_in, const at::Tensor& down_b_in,
                             const at::Tensor& up_w_in, const at::Tensor& up_b_in,
@@ -45,38 +84,27 @@ void pooled_adapter_forward(const at::Tensor& x, const at::Tensor& down_w_in, co
   const acc_t *wdT = WdT.const_data_ptr<acc_t>(), *wuT = WuT.const_data_ptr<acc_t>();
   const acc_t *pbd = bd.const_data_ptr<acc_t>(), *pbu = bu.const_data_ptr<acc_t>();
   acc_t *pm = pooled.mutable_data_ptr<acc_t>(), *ph = hidden.mutable_data_ptr<acc_t>();
-  const int64_t C = S.C, HW = S.HW, r = S.r;
-  at::parallel_for(0, S.B, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> a(r), u(C);
-    for (int64_t b = b0; b < b1; ++b) {
-      const scalar_t* xb = xp + b * C * HW;
-      scalar_t* yb = yp + b * C * HW;
-      acc_t* m = pm + b * C;
-      acc_t* h = ph + b * r;
-      for (int64_t c = 0; c < C; ++c) m[c] = 0;
-      if (S.channels_last) {
-        for (int64_t i = 0; i < HW; ++i)
-          for (int64_t c = 0; c < C; ++c) m[c] += acc_t(xb[i * C + c]);
-      } else {
-        for (int64_t c = 0; c < C; ++c) {
-          acc_t sum = 0;
-          for (int64_t i = 0; i < HW; ++i) sum += acc_t(xb[c * HW + i]);
-          m[c] = sum;
-        }
-      }
-      for (int64_t c = 0; c < C; ++c) m[c] /= acc_t(HW);
-      for (int64_t j = 0; j < r; ++j) h[j] = pbd[j];
-      for (int64_t c = 0; c < C; ++c) axpy(r, m[c], wdT + c * r, h);  // h = W_d m + b_d
-      for (int64_t j = 0; j < r; ++j) a[j] = adapter_act(h[j], act);
-      for (int64_t c = 0; c < C; ++c) u[c] = pbu[c];
-      for (int64_t j = 0; j < r; ++j) axpy(C, a[j], wuT + j * C, u.data());  // u = W_u a + b_u
-      for (int64_t c = 0; c < C; ++c) u[c] *= s;
-      if (S.channels_last) {
-        for (int64_t i = 0; i < HW; ++i)
-          for (int64_t c = 0; c < C; ++c) yb[i * C + c] = scalar_t(acc_t(xb[i * C + c]) + u[c]);
-      } else {
-        for (int64_t c = 0; c < C; ++c)
-          for (int64_t i = 0; i < HW; ++i) yb[c * HW + i] = scalar_t(acc_t(xb[c * HW + i]) + u[c]);
+  const int64_t C = S.C, HW = S.HW, r = S.r, nblocks = (S.B + kSampleBlock - 1) / kSampleBlock;
+  at::parallel_for(0, nblocks, 1, [&](int64_t k0, int64_t k1) {
+    std::vector<acc_t> a(kSampleBlock * r), u(kSampleBlock * C);
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t b0 = k * kSampleBlock, nb = std::min(kSampleBlock, S.B - b0);
+      acc_t* m = pm + b0 * C;  // [nb][C]
+      acc_t* h = ph + b0 * r;  // [nb][r]
+      for (int64_t bb = 0; bb < nb; ++bb) channel_means(xp + (b0 + bb) * C * HW, S, m + bb * C);
+      // h = W_d m + b_d and u = s (W_u act(h) + b_u) for the block: each weight row serves nb samples
+      for (int64_t bb = 0; bb < nb; ++bb)
+        for (int64_t j = 0; j < r; ++j) h[bb * r + j] = pbd[j];
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t bb = 0; bb < nb; ++bb) axpy(r, m[bb * C + c], wdT + c * r, h + bb * r);
+      for (int64_t i = 0; i < nb * r; ++i) a[i] = adapter_act(h[i], act);
+      for (int64_t bb = 0; bb < nb; ++bb)
+        for (int64_t c = 0; c < C; ++c) u[bb * C + c] = pbu[c];
+      for (int64_t j = 0; j < r; ++j)
+        for (int64_t bb = 0; bb < nb; ++bb) axpy(C, a[bb * r + j], wuT + j * C, u.data() + bb * C);
+      for (int64_t bb = 0; bb < nb; ++bb) {
+        const int64_t off = (b0 + bb) * C * HW;
+        add_channels(xp + off, S, u.data() + bb * C, s, yp + off);
       }
     }
   });
@@ -119,66 +147,60 @@ void pooled_adapter_backward_impl(const at::Tensor& gy, const at::Tensor& pooled
   const acc_t* wuT = WuT.const_data_ptr<acc_t>();
   const acc_t* ph = Hd.const_data_ptr<acc_t>();
   acc_t *pgu = gu_t.mutable_data_ptr<acc_t>(), *pgh = gh_t.mutable_data_ptr<acc_t>(), *pa = a_t.mutable_data_ptr<acc_t>();
-  const int64_t C = S.C, HW = S.HW, r = S.r;
-  at::parallel_for(0, S.B, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> gsum(C), gm(C), v(C);
-    for (int64_t b = b0; b < b1; ++b) {
-      const scalar_t* gb = gp + b * C * HW;
-      scalar_t* gxb = gxp + b * C * HW;
-      const acc_t* h = ph + b * r;
-      acc_t *gu = pgu + b * C, *gh = pgh + b * r, *a = pa + b * r;
-      for (int64_t c = 0; c < C; ++c) gsum[c] = 0;
-      if (S.channels_last) {
-        for (int64_t i = 0; i < HW; ++i)
-          for (int64_t c = 0; c < C; ++c) gsum[c] += acc_t(gb[i * C + c]);
-      } else {
-        for (int64_t c = 0; c < C; ++c) {
-          acc_t sum = 0;
-          for (int64_t i = 0; i < HW; ++i) sum += acc_t(gb[c * HW + i]);
-          gsum[c] = sum;
+  const int64_t C = S.C, HW = S.HW, r = S.r, nblocks = (S.B + kSampleBlock - 1) / kSampleBlock;
+  at::parallel_for(0, nblocks, 1, [&](int64_t k0, int64_t k1) {
+    std::vector<acc_t> gsum(kSampleBlock * C), gm(kSampleBlock * C), v(kSampleBlock * C);
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t b0 = k * kSampleBlock, nb = std::min(kSampleBlock, S.B - b0);
+      const acc_t* h = ph + b0 * r;                                // [nb][r]
+      acc_t *gu = pgu + b0 * C, *gh = pgh + b0 * r, *a = pa + b0 * r;  // [nb][C], [nb][r], [nb][r]
+      for (int64_t bb = 0; bb < nb; ++bb) channel_sums(gp + (b0 + bb) * C * HW, S, gsum.data() + bb * C);
+      for (int64_t i = 0; i < nb * r; ++i) a[i] = adapter_act(h[i], act);
+      if (want_gs) {  // d/ds of sum(gy * s u) = sum_c u_c gsum_c, u = up(a) without the scale
+        for (int64_t bb = 0; bb < nb; ++bb)
+          for (int64_t c = 0; c < C; ++c) v[bb * C + c] = pbu[c];
+        for (int64_t j = 0; j < r; ++j)
+          for (int64_t bb = 0; bb < nb; ++bb) axpy(C, a[bb * r + j], wuT + j * C, v.data() + bb * C);
+        for (int64_t bb = 0; bb < nb; ++bb) {
+          double part = 0;
+          for (int64_t c = 0; c < C; ++c) part += double(v[bb * C + c]) * double(gsum[bb * C + c]);
+          gs_part[b0 + bb] = part;
         }
       }
-      for (int64_t j = 0; j < r; ++j) a[j] = adapter_act(h[j], act);
-      if (want_gs) {  // d/ds of sum(gy * s u) = sum_c u_c gsum_c, u = up(a) without the scale
-        for (int64_t c = 0; c < C; ++c) v[c] = pbu[c];
-        for (int64_t j = 0; j < r; ++j) axpy(C, a[j], wuT + j * C, v.data());
-        double part = 0;
-        for (int64_t c = 0; c < C; ++c) part += double(v[c]) * double(gsum[c]);
-        gs_part[b] = part;
-      }
-      for (int64_t c = 0; c < C; ++c) gu[c] = s * gsum[c];
-      for (int64_t j = 0; j < r; ++j) gh[j] = 0;
-      for (int64_t c = 0; c < C; ++c) axpy(r, gu[c], wu + c * r, gh);  // g_a = W_u^T g_u
-      for (int64_t j = 0; j < r; ++j) gh[j] *= adapter_act_grad(h[j], act);
-      for (int64_t c = 0; c < C; ++c) gm[c] = 0;
-      for (int64_t j = 0; j < r; ++j) axpy(C, gh[j], wd + j * C, gm.data());  // g_m = W_d^T g_h
-      for (int64_t c = 0; c < C; ++c) gm[c] /= acc_t(HW);
-      if (S.channels_last) {
-        for (int64_t i = 0; i < HW; ++i)
-          for (int64_t c = 0; c < C; ++c) gxb[i * C + c] = scalar_t(acc_t(gb[i * C + c]) + gm[c]);
-      } else {
-        for (int64_t c = 0; c < C; ++c)
-          for (int64_t i = 0; i < HW; ++i) gxb[c * HW + i] = scalar_t(acc_t(gb[c * HW + i]) + gm[c]);
+      for (int64_t i = 0; i < nb * C; ++i) gu[i] = s * gsum[i];
+      for (int64_t i = 0; i < nb * r; ++i) gh[i] = 0;
+      for (int64_t c = 0; c < C; ++c)  // g_a = W_u^T g_u
+        for (int64_t bb = 0; bb < nb; ++bb) axpy(r, gu[bb * C + c], wu + c * r, gh + bb * r);
+      for (int64_t i = 0; i < nb * r; ++i) gh[i] *= adapter_act_grad(h[i], act);
+      for (int64_t i = 0; i < nb * C; ++i) gm[i] = 0;
+      for (int64_t j = 0; j < r; ++j)  // g_m = W_d^T g_h
+        for (int64_t bb = 0; bb < nb; ++bb) axpy(C, gh[bb * r + j], wd + j * C, gm.data() + bb * C);
+      for (int64_t bb = 0; bb < nb; ++bb) {
+        const int64_t off = (b0 + bb) * C * HW;
+        add_channels(gp + off, S, gm.data() + bb * C, acc_t(1) / acc_t(HW), gxp + off);
       }
     }
   });
 }
 
-// out[i][j] = sum over b of p[b][i] * q[b][j], b in order (deterministic), parallel over i;
+// out[i][j] = sum over b of p[b][i] * q[b][j], b in order (deterministic), parallel over blocks of i;
 // out_bias[i] = sum over b of p[b][i].
 template <typename acc_t>
 void outer_sum(const acc_t* p, const acc_t* q, int64_t B, int64_t I, int64_t J, acc_t* out, acc_t* out_bias) {
-  at::parallel_for(0, I, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      acc_t* o = out + i * J;
-      for (int64_t j = 0; j < J; ++j) o[j] = 0;
-      acc_t bias = 0;
-      for (int64_t b = 0; b < B; ++b) {
-        const acc_t pi = p[b * I + i];
-        bias += pi;
-        axpy(J, pi, q + b * J, o);
+  constexpr int64_t kRows = 16;  // output rows per task: each q row serves all of them from L1
+  at::parallel_for(0, (I + kRows - 1) / kRows, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t i0 = t * kRows, i1 = std::min(I, i0 + kRows);
+      for (int64_t i = i0; i < i1; ++i) {
+        out_bias[i] = 0;
+        for (int64_t j = 0; j < J; ++j) out[i * J + j] = 0;
       }
-      out_bias[i] = bias;
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t i = i0; i < i1; ++i) {
+          const acc_t pi = p[b * I + i];
+          out_bias[i] += pi;
+          axpy(J, pi, q + b * J, out + i * J);
+        }
     }
   });
 }
