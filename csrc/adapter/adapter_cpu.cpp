@@ -35,7 +35,7 @@ constexpr int64_t kSampleBlock = 16;
 
 // sums[c] = sum over the HW positions of channel c of one sample ([C][HW] or [HW][C] memory).
 template <typename scalar_t, typename acc_t>
-void channel_sums(const scalar_t* xb, const AdapterShape& S, acc_t* sums) {
+FC_HD void channel_sums(const scalar_t* xb, const AdapterShape& S, acc_t* sums) {
   const int64_t C = S.C, HW = S.HW;
   if (S.channels_last) {
     for (int64_t c = 0; c < C; ++c) sums[c] = 0;
@@ -51,14 +51,14 @@ void channel_sums(const scalar_t* xb, const AdapterShape& S, acc_t* sums) {
 }
 
 template <typename scalar_t, typename acc_t>
-void channel_means(const scalar_t* xb, const AdapterShape& S, acc_t* means) {
+FC_HD void channel_means(const scalar_t* xb, const AdapterShape& S, acc_t* means) {
   channel_sums(xb, S, means);
   for (int64_t c = 0; c < S.C; ++c) means[c] /= acc_t(S.HW);
 }
 
 // out = in + scale * v[c], broadcast over the HW positions of one sample.
 template <typename scalar_t, typename acc_t>
-void add_channels(const scalar_t* in, const AdapterShape& S, const acc_t* v, acc_t scale, scalar_t* out) {
+FC_HD void add_channels(const scalar_t* in, const AdapterShape& S, const acc_t* v, acc_t scale, scalar_t* out) {
   const int64_t C = S.C, HW = S.HW;
   if (S.channels_last) {
     for (int64_t i = 0; i < HW; ++i)
@@ -66,6 +66,32 @@ void add_channels(const scalar_t* in, const AdapterShape& S, const acc_t* v, acc
   } else {
     for (int64_t c = 0; c < C; ++c)
       for (int64_t i = 0; i < HW; ++i) out[c * HW + i] = scalar_t(acc_t(in[c * HW + i]) + scale * v[c]);
+  }
+}
+
+// Forward of samples [b0, b0 + kSampleBlock): pooled, hidden and y; a: [nb][r], u: [nb][C] scratch.
+// One clone call per block, so everything inside runs with the block's ISA.
+template <typename scalar_t, typename acc_t>
+FC_CPU_CLONES void pooled_adapter_fwd_block(const scalar_t* xp, const acc_t* wdT, const acc_t* wuT, const acc_t* pbd,
+                                            const acc_t* pbu, acc_t s, int64_t act, const AdapterShape& S, int64_t b0,
+                                            scalar_t* yp, acc_t* pm, acc_t* ph, acc_t* a, acc_t* u) {
+  const int64_t C = S.C, HW = S.HW, r = S.r, nb = std::min(kSampleBlock, S.B - b0);
+  acc_t* m = pm + b0 * C;  // [nb][C]
+  acc_t* h = ph + b0 * r;  // [nb][r]
+  for (int64_t bb = 0; bb < nb; ++bb) channel_means(xp + (b0 + bb) * C * HW, S, m + bb * C);
+  // h = W_d m + b_d and u = W_u act(h) + b_u for the block: each weight row serves nb samples
+  for (int64_t bb = 0; bb < nb; ++bb)
+    for (int64_t j = 0; j < r; ++j) h[bb * r + j] = pbd[j];
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t bb = 0; bb < nb; ++bb) axpy(r, m[bb * C + c], wdT + c * r, h + bb * r);
+  for (int64_t i = 0; i < nb * r; ++i) a[i] = adapter_act(h[i], act);
+  for (int64_t bb = 0; bb < nb; ++bb)
+    for (int64_t c = 0; c < C; ++c) u[bb * C + c] = pbu[c];
+  for (int64_t j = 0; j < r; ++j)
+    for (int64_t bb = 0; bb < nb; ++bb) axpy(C, a[bb * r + j], wuT + j * C, u + bb * C);
+  for (int64_t bb = 0; bb < nb; ++bb) {
+    const int64_t off = (b0 + bb) * C * HW;
+    add_channels(xp + off, S, u + bb * C, s, yp + off);
   }
 }
 
@@ -84,29 +110,11 @@ void pooled_adapter_forward(const at::Tensor& x, const at::Tensor& down_w_in, co
   const acc_t *wdT = WdT.const_data_ptr<acc_t>(), *wuT = WuT.const_data_ptr<acc_t>();
   const acc_t *pbd = bd.const_data_ptr<acc_t>(), *pbu = bu.const_data_ptr<acc_t>();
   acc_t *pm = pooled.mutable_data_ptr<acc_t>(), *ph = hidden.mutable_data_ptr<acc_t>();
-  const int64_t C = S.C, HW = S.HW, r = S.r, nblocks = (S.B + kSampleBlock - 1) / kSampleBlock;
+  const int64_t nblocks = (S.B + kSampleBlock - 1) / kSampleBlock;
   at::parallel_for(0, nblocks, 1, [&](int64_t k0, int64_t k1) {
-    std::vector<acc_t> a(kSampleBlock * r), u(kSampleBlock * C);
-    for (int64_t k = k0; k < k1; ++k) {
-      const int64_t b0 = k * kSampleBlock, nb = std::min(kSampleBlock, S.B - b0);
-      acc_t* m = pm + b0 * C;  // [nb][C]
-      acc_t* h = ph + b0 * r;  // [nb][r]
-      for (int64_t bb = 0; bb < nb; ++bb) channel_means(xp + (b0 + bb) * C * HW, S, m + bb * C);
-      // h = W_d m + b_d and u = s (W_u act(h) + b_u) for the block: each weight row serves nb samples
-      for (int64_t bb = 0; bb < nb; ++bb)
-        for (int64_t j = 0; j < r; ++j) h[bb * r + j] = pbd[j];
-      for (int64_t c = 0; c < C; ++c)
-        for (int64_t bb = 0; bb < nb; ++bb) axpy(r, m[bb * C + c], wdT + c * r, h + bb * r);
-      for (int64_t i = 0; i < nb * r; ++i) a[i] = adapter_act(h[i], act);
-      for (int64_t bb = 0; bb < nb; ++bb)
-        for (int64_t c = 0; c < C; ++c) u[bb * C + c] = pbu[c];
-      for (int64_t j = 0; j < r; ++j)
-        for (int64_t bb = 0; bb < nb; ++bb) axpy(C, a[bb * r + j], wuT + j * C, u.data() + bb * C);
-      for (int64_t bb = 0; bb < nb; ++bb) {
-        const int64_t off = (b0 + bb) * C * HW;
-        add_channels(xp + off, S, u.data() + bb * C, s, yp + off);
-      }
-    }
+    std::vector<acc_t> a(kSampleBlock * S.r), u(kSampleBlock * S.C);
+    for (int64_t k = k0; k < k1; ++k)
+      pooled_adapter_fwd_block(xp, wdT, wuT, pbd, pbu, s, act, S, k * kSampleBlock, yp, pm, ph, a.data(), u.data());
   });
 }
 
@@ -129,6 +137,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pooled_adapter_cpu(const at::Tens
   return {y, pooled, hidden};
 }
 
+// Backward of samples [b0, b0 + kSampleBlock): grad_x, and g_u, g_h, act(h) and the d/ds shares for
+// the weight gradients; scratch: 3 [nb][C] arrays.
+template <typename scalar_t, typename acc_t>
+FC_CPU_CLONES void pooled_adapter_bwd_block(const scalar_t* gp, const acc_t* ph, const acc_t* wd, const acc_t* wu,
+                                            const acc_t* wuT, const acc_t* pbu, acc_t s, bool want_gs, int64_t act,
+                                            const AdapterShape& S, int64_t b0, scalar_t* gxp, acc_t* pgu, acc_t* pgh,
+                                            acc_t* pa, double* gs_part, acc_t* scratch) {
+  const int64_t C = S.C, HW = S.HW, r = S.r, nb = std::min(kSampleBlock, S.B - b0);
+  acc_t *gsum = scratch, *gm = scratch + kSampleBlock * C, *v = scratch + 2 * kSampleBlock * C;
+  const acc_t* h = ph + b0 * r;                                    // [nb][r]
+  acc_t *gu = pgu + b0 * C, *gh = pgh + b0 * r, *a = pa + b0 * r;  // [nb][C], [nb][r], [nb][r]
+  for (int64_t bb = 0; bb < nb; ++bb) channel_sums(gp + (b0 + bb) * C * HW, S, gsum + bb * C);
+  for (int64_t i = 0; i < nb * r; ++i) a[i] = adapter_act(h[i], act);
+  if (want_gs) {  // d/ds of sum(gy * s u) = sum_c u_c gsum_c, u = up(a) without the scale
+    for (int64_t bb = 0; bb < nb; ++bb)
+      for (int64_t c = 0; c < C; ++c) v[bb * C + c] = pbu[c];
+    for (int64_t j = 0; j < r; ++j)
+      for (int64_t bb = 0; bb < nb; ++bb) axpy(C, a[bb * r + j], wuT + j * C, v + bb * C);
+    for (int64_t bb = 0; bb < nb; ++bb) {
+      double part = 0;
+      for (int64_t c = 0; c < C; ++c) part += double(v[bb * C + c]) * double(gsum[bb * C + c]);
+      gs_part[b0 + bb] = part;
+    }
+  }
+  for (int64_t i = 0; i < nb * C; ++i) gu[i] = s * gsum[i];
+  for (int64_t i = 0; i < nb * r; ++i) gh[i] = 0;
+  for (int64_t c = 0; c < C; ++c)  // g_a = W_u^T g_u
+    for (int64_t bb = 0; bb < nb; ++bb) axpy(r, gu[bb * C + c], wu + c * r, gh + bb * r);
+  for (int64_t i = 0; i < nb * r; ++i) gh[i] *= adapter_act_grad(h[i], act);
+  for (int64_t i = 0; i < nb * C; ++i) gm[i] = 0;
+  for (int64_t j = 0; j < r; ++j)  // g_m = W_d^T g_h
+    for (int64_t bb = 0; bb < nb; ++bb) axpy(C, gh[bb * r + j], wd + j * C, gm + bb * C);
+  for (int64_t bb = 0; bb < nb; ++bb) {
+    const int64_t off = (b0 + bb) * C * HW;
+    add_channels(gp + off, S, gm + bb * C, acc_t(1) / acc_t(HW), gxp + off);
+  }
+}
+
 template <typename scalar_t>
 void pooled_adapter_backward_impl(const at::Tensor& gy, const at::Tensor& pooled, const at::Tensor& hidden,
                                   const at::Tensor& down_w_in, const at::Tensor& up_w_in, const at::Tensor& up_b_in,
@@ -147,61 +193,39 @@ void pooled_adapter_backward_impl(const at::Tensor& gy, const at::Tensor& pooled
   const acc_t* wuT = WuT.const_data_ptr<acc_t>();
   const acc_t* ph = Hd.const_data_ptr<acc_t>();
   acc_t *pgu = gu_t.mutable_data_ptr<acc_t>(), *pgh = gh_t.mutable_data_ptr<acc_t>(), *pa = a_t.mutable_data_ptr<acc_t>();
-  const int64_t C = S.C, HW = S.HW, r = S.r, nblocks = (S.B + kSampleBlock - 1) / kSampleBlock;
+  const int64_t nblocks = (S.B + kSampleBlock - 1) / kSampleBlock;
   at::parallel_for(0, nblocks, 1, [&](int64_t k0, int64_t k1) {
-    std::vector<acc_t> gsum(kSampleBlock * C), gm(kSampleBlock * C), v(kSampleBlock * C);
-    for (int64_t k = k0; k < k1; ++k) {
-      const int64_t b0 = k * kSampleBlock, nb = std::min(kSampleBlock, S.B - b0);
-      const acc_t* h = ph + b0 * r;                                // [nb][r]
-      acc_t *gu = pgu + b0 * C, *gh = pgh + b0 * r, *a = pa + b0 * r;  // [nb][C], [nb][r], [nb][r]
-      for (int64_t bb = 0; bb < nb; ++bb) channel_sums(gp + (b0 + bb) * C * HW, S, gsum.data() + bb * C);
-      for (int64_t i = 0; i < nb * r; ++i) a[i] = adapter_act(h[i], act);
-      if (want_gs) {  // d/ds of sum(gy * s u) = sum_c u_c gsum_c, u = up(a) without the scale
-        for (int64_t bb = 0; bb < nb; ++bb)
-          for (int64_t c = 0; c < C; ++c) v[bb * C + c] = pbu[c];
-        for (int64_t j = 0; j < r; ++j)
-          for (int64_t bb = 0; bb < nb; ++bb) axpy(C, a[bb * r + j], wuT + j * C, v.data() + bb * C);
-        for (int64_t bb = 0; bb < nb; ++bb) {
-          double part = 0;
-          for (int64_t c = 0; c < C; ++c) part += double(v[bb * C + c]) * double(gsum[bb * C + c]);
-          gs_part[b0 + bb] = part;
-        }
-      }
-      for (int64_t i = 0; i < nb * C; ++i) gu[i] = s * gsum[i];
-      for (int64_t i = 0; i < nb * r; ++i) gh[i] = 0;
-      for (int64_t c = 0; c < C; ++c)  // g_a = W_u^T g_u
-        for (int64_t bb = 0; bb < nb; ++bb) axpy(r, gu[bb * C + c], wu + c * r, gh + bb * r);
-      for (int64_t i = 0; i < nb * r; ++i) gh[i] *= adapter_act_grad(h[i], act);
-      for (int64_t i = 0; i < nb * C; ++i) gm[i] = 0;
-      for (int64_t j = 0; j < r; ++j)  // g_m = W_d^T g_h
-        for (int64_t bb = 0; bb < nb; ++bb) axpy(C, gh[bb * r + j], wd + j * C, gm.data() + bb * C);
-      for (int64_t bb = 0; bb < nb; ++bb) {
-        const int64_t off = (b0 + bb) * C * HW;
-        add_channels(gp + off, S, gm.data() + bb * C, acc_t(1) / acc_t(HW), gxp + off);
-      }
-    }
+    std::vector<acc_t> scratch(3 * kSampleBlock * S.C);
+    for (int64_t k = k0; k < k1; ++k)
+      pooled_adapter_bwd_block(gp, ph, wd, wu, wuT, pbu, s, want_gs, act, S, k * kSampleBlock, gxp, pgu, pgh, pa,
+                               gs_part.data(), scratch.data());
   });
 }
 
 // out[i][j] = sum over b of p[b][i] * q[b][j], b in order (deterministic), parallel over blocks of i;
 // out_bias[i] = sum over b of p[b][i].
+constexpr int64_t kOuterRows = 16;  // output rows per task: each q row serves all of them from L1
+
+template <typename acc_t>
+FC_CPU_CLONES void outer_sum_rows(const acc_t* p, const acc_t* q, int64_t B, int64_t I, int64_t J, int64_t i0,
+                                  acc_t* out, acc_t* out_bias) {
+  const int64_t i1 = std::min(I, i0 + kOuterRows);
+  for (int64_t i = i0; i < i1; ++i) {
+    out_bias[i] = 0;
+    for (int64_t j = 0; j < J; ++j) out[i * J + j] = 0;
+  }
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = i0; i < i1; ++i) {
+      const acc_t pi = p[b * I + i];
+      out_bias[i] += pi;
+      axpy(J, pi, q + b * J, out + i * J);
+    }
+}
+
 template <typename acc_t>
 void outer_sum(const acc_t* p, const acc_t* q, int64_t B, int64_t I, int64_t J, acc_t* out, acc_t* out_bias) {
-  constexpr int64_t kRows = 16;  // output rows per task: each q row serves all of them from L1
-  at::parallel_for(0, (I + kRows - 1) / kRows, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t i0 = t * kRows, i1 = std::min(I, i0 + kRows);
-      for (int64_t i = i0; i < i1; ++i) {
-        out_bias[i] = 0;
-        for (int64_t j = 0; j < J; ++j) out[i * J + j] = 0;
-      }
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t i = i0; i < i1; ++i) {
-          const acc_t pi = p[b * I + i];
-          out_bias[i] += pi;
-          axpy(J, pi, q + b * J, out + i * J);
-        }
-    }
+  at::parallel_for(0, (I + kOuterRows - 1) / kOuterRows, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) outer_sum_rows(p, q, B, I, J, t * kOuterRows, out, out_bias);
   });
 }
 

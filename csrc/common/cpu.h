@@ -15,9 +15,10 @@
 namespace fastcascade {
 
 // y[i] += a * x[i]: the inner loop of the CPU matrix-vector products (no reduction across i, so it
-// vectorises without reassociating any sum).
+// vectorises without reassociating any sum). Inline: call it from an FC_CPU_CLONES function, whose
+// ISA it takes (a clone per call costs a dispatch per short row).
 template <typename T>
-FC_CPU_CLONES void axpy(int64_t n, T a, const T* __restrict__ x, T* __restrict__ y) {
+inline __attribute__((always_inline)) void axpy(int64_t n, T a, const T* __restrict__ x, T* __restrict__ y) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
