@@ -1,14 +1,6 @@
 #!/usr/bin/env bash
-# The test command: a virtual environment in .venv (made if missing), the dependencies, a build of
-# fastcascade (CUDA kernels compiled when a toolkit is found; FASTCASCADE_FORCE_CUDA=1 makes that
-# mandatory), then pytest. Extra arguments go to pytest.
+# The test command: environment and build (scripts/setup_env.sh), then pytest. Extra arguments go to pytest.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-python=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$python" -m venv .venv
-. .venv/bin/activate
-python -m pip install -q -r requirements-dev.txt
-MAX_JOBS=${MAX_JOBS:-2} python -m pip install -q --no-build-isolation --no-deps .
-(cd "$(mktemp -d)" && python -c "import fastcascade._ops as o; print('fastcascade built: CUDA kernels', o.CUDA_COMPILED, '| triton', o.HAS_TRITON)")
+. "$(dirname "$0")/setup_env.sh"
 # `pytest` (not `python -m pytest`): the source tree stays off sys.path, so tests import the installed build.
 pytest tests "$@"
