@@ -214,6 +214,8 @@ def softmax_focal_loss(
         if weight.device != logits.device:
             raise ValueError(f"weight must be on the logits' device {logits.device}, got {weight.device}")
     backend = _ops.resolve_backend(backend, logits.device)
+    if backend != "torch" and weight is not None and weight.requires_grad:
+        raise ValueError("weight.requires_grad: the fused loss treats class weights as constants; use backend='torch'")
     if _value_checks_on(target):
         bad = (target != ignore_index) & ((target < 0) | (target >= C))
         if bool(bad.any()):

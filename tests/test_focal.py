@@ -557,6 +557,8 @@ def test_bad_inputs_raise_clear_errors(backend, device):
     if backend != "torch":
         with pytest.raises(ValueError, match="targets.requires_grad"):
             fc.sigmoid_focal_loss(x, ts.clone().requires_grad_(True), backend=backend)
+        with pytest.raises(ValueError, match="weight.requires_grad"):
+            fc.softmax_focal_loss(x, tc, weight=torch.ones(3, device=device, requires_grad=True), backend=backend)
 
 
 def test_device_mismatch_is_caught_before_the_kernel():
