@@ -102,6 +102,51 @@ def _sample_rows(pid, B, BLOCK_B: tl.constexpr):
     return rows, rows < B
 
 
+@triton.jit
+def _chunk_offsets(base3, bmask3, cc, cmask, stride_c, BIG_INDEX: tl.constexpr):
+    """Offsets and mask of channels cc of the program's samples: (BLOCK_B, BLOCK_C, 1)."""
+    if BIG_INDEX:
+        coff = cc.to(tl.int64) * stride_c
+    else:
+        coff = cc * stride_c
+    return base3 + coff[None, :, None], bmask3 & cmask[None, :, None]
+
+
+@triton.jit
+def _hw_offsets(off3, m3, s0, HW, stride_s, BIG_INDEX: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """Offsets and mask of positions [s0, s0 + BLOCK_HW) within the chunk: (BLOCK_B, BLOCK_C, BLOCK_HW)."""
+    ss = s0 + tl.arange(0, BLOCK_HW)
+    if BIG_INDEX:
+        soff = ss.to(tl.int64) * stride_s
+    else:
+        soff = ss * stride_s
+    return off3 + soff[None, None, :], m3 & (ss < HW)[None, None, :]
+
+
+@triton.jit
+def _chunk_sums(ptr, base3, bmask3, cc, cmask, stride_c, stride_s, HW, CT: tl.constexpr,
+                BIG_INDEX: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """Sum over H, W of channels cc of the program's samples, in a fixed order: (BLOCK_B, BLOCK_C)."""
+    off3, m3 = _chunk_offsets(base3, bmask3, cc, cmask, stride_c, BIG_INDEX)
+    acc = tl.zeros([BLOCK_B, BLOCK_C, BLOCK_HW], CT)
+    for s0 in range(0, HW, BLOCK_HW):
+        off, msk = _hw_offsets(off3, m3, s0, HW, stride_s, BIG_INDEX, BLOCK_HW)
+        acc += tl.load(ptr + off, mask=msk, other=0).to(CT)
+    return tl.sum(acc, axis=2)
+
+
+@triton.jit
+def _chunk_add(in_ptr, out_ptr, v, base3, bmask3, cc, cmask, stride_c, stride_s, HW, CT: tl.constexpr,
+               BIG_INDEX: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """out = in + v broadcast over H, W, for channels cc of the program's samples; v: (BLOCK_B, BLOCK_C)."""
+    off3, m3 = _chunk_offsets(base3, bmask3, cc, cmask, stride_c, BIG_INDEX)
+    v3 = v[:, :, None]
+    for s0 in range(0, HW, BLOCK_HW):
+        off, msk = _hw_offsets(off3, m3, s0, HW, stride_s, BIG_INDEX, BLOCK_HW)
+        xv = tl.load(in_ptr + off, mask=msk, other=0).to(CT)
+        tl.store(out_ptr + off, (xv + v3).to(out_ptr.dtype.element_ty), mask=msk)
+
+
 # ----------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------
@@ -128,22 +173,8 @@ def _pooled_adapter_fwd_kernel(
     for c0 in range(0, C, BLOCK_C):
         cc = c0 + tl.arange(0, BLOCK_C)
         cmask = cc < C
-        if BIG_INDEX:
-            coff = cc.to(tl.int64) * stride_c
-        else:
-            coff = cc * stride_c
-        pc3 = x_ptr + base3 + coff[None, :, None]
-        m3 = bmask3 & cmask[None, :, None]
-        acc = tl.zeros([BLOCK_B, BLOCK_C, BLOCK_HW], CT)
-        for s0 in range(0, HW, BLOCK_HW):
-            ss = s0 + tl.arange(0, BLOCK_HW)
-            if BIG_INDEX:
-                soff = ss.to(tl.int64) * stride_s
-            else:
-                soff = ss * stride_s
-            msk = m3 & (ss < HW)[None, None, :]
-            acc += tl.load(pc3 + soff[None, None, :], mask=msk, other=0).to(CT)
-        m = tl.sum(acc, axis=2) / HW  # (BLOCK_B, BLOCK_C); 0 in masked slots
+        m = _chunk_sums(x_ptr, base3, bmask3, cc, cmask, stride_c, stride_s, HW, CT, BIG_INDEX,
+                        BLOCK_B, BLOCK_C, BLOCK_HW) / HW  # (BLOCK_B, BLOCK_C); 0 in masked slots
         tl.store(pooled_ptr + rows[:, None].to(tl.int64) * C + cc[None, :], m,
                  mask=bmask[:, None] & cmask[None, :])
         if USE_DOT:
@@ -181,23 +212,7 @@ def _pooled_adapter_fwd_kernel(
         u += tl.load(ub_ptr + cc, mask=cmask, other=0)[None, :]
         if HAS_SCALE:
             u = s * u
-        u3 = u[:, :, None]
-        if BIG_INDEX:
-            coff = cc.to(tl.int64) * stride_c
-        else:
-            coff = cc * stride_c
-        off3 = base3 + coff[None, :, None]
-        m3 = bmask3 & cmask[None, :, None]
-        for s0 in range(0, HW, BLOCK_HW):
-            ss = s0 + tl.arange(0, BLOCK_HW)
-            if BIG_INDEX:
-                soff = ss.to(tl.int64) * stride_s
-            else:
-                soff = ss * stride_s
-            off = off3 + soff[None, None, :]
-            msk = m3 & (ss < HW)[None, None, :]
-            xv = tl.load(x_ptr + off, mask=msk, other=0).to(CT)
-            tl.store(y_ptr + off, (xv + u3).to(y_ptr.dtype.element_ty), mask=msk)
+        _chunk_add(x_ptr, y_ptr, u, base3, bmask3, cc, cmask, stride_c, stride_s, HW, CT, BIG_INDEX, BLOCK_HW)
 
 
 # ----------------------------------------------------------------------------
@@ -236,22 +251,8 @@ def _pooled_adapter_bwd_kernel(
     for c0 in range(0, C, BLOCK_C):
         cc = c0 + tl.arange(0, BLOCK_C)
         cmask = cc < C
-        if BIG_INDEX:
-            coff = cc.to(tl.int64) * stride_c
-        else:
-            coff = cc * stride_c
-        pc3 = gy_ptr + base3 + coff[None, :, None]
-        m3 = bmask3 & cmask[None, :, None]
-        acc = tl.zeros([BLOCK_B, BLOCK_C, BLOCK_HW], CT)
-        for s0 in range(0, HW, BLOCK_HW):
-            ss = s0 + tl.arange(0, BLOCK_HW)
-            if BIG_INDEX:
-                soff = ss.to(tl.int64) * stride_s
-            else:
-                soff = ss * stride_s
-            msk = m3 & (ss < HW)[None, None, :]
-            acc += tl.load(pc3 + soff[None, None, :], mask=msk, other=0).to(CT)
-        gsum = tl.sum(acc, axis=2)  # (BLOCK_B, BLOCK_C)
+        gsum = _chunk_sums(gy_ptr, base3, bmask3, cc, cmask, stride_c, stride_s, HW, CT, BIG_INDEX,
+                           BLOCK_B, BLOCK_C, BLOCK_HW)  # (BLOCK_B, BLOCK_C)
         if HAS_SCALE:
             gu = s * gsum
         else:
@@ -290,23 +291,8 @@ def _pooled_adapter_bwd_kernel(
             gm = tl.dot(gh, w, input_precision="ieee")
         else:
             gm = tl.sum(gh[:, :, None] * w[None, :, :], axis=1)
-        gm3 = (gm / HW)[:, :, None]
-        if BIG_INDEX:
-            coff = cc.to(tl.int64) * stride_c
-        else:
-            coff = cc * stride_c
-        off3 = base3 + coff[None, :, None]
-        m3 = bmask3 & cmask[None, :, None]
-        for s0 in range(0, HW, BLOCK_HW):
-            ss = s0 + tl.arange(0, BLOCK_HW)
-            if BIG_INDEX:
-                soff = ss.to(tl.int64) * stride_s
-            else:
-                soff = ss * stride_s
-            off = off3 + soff[None, None, :]
-            msk = m3 & (ss < HW)[None, None, :]
-            g = tl.load(gy_ptr + off, mask=msk, other=0).to(CT)
-            tl.store(gx_ptr + off, (g + gm3).to(gx_ptr.dtype.element_ty), mask=msk)
+        _chunk_add(gy_ptr, gx_ptr, gm / HW, base3, bmask3, cc, cmask, stride_c, stride_s, HW, CT, BIG_INDEX,
+                   BLOCK_HW)
 
 
 # ----------------------------------------------------------------------------
