@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import assert_within_model, fused_backend_params
+from conftest import assert_within_model, fused_backend_params, reference_errors, seeded
 
 import fastcascade as fc
 from fastcascade import _ops, reference
@@ -37,13 +37,18 @@ def _fwd_bwd(fn, x, params):
     return y.detach(), [x.grad] + [p.grad for p in params]
 
 
+def _flat_ref(ref, x, *params):
+    y, grads = _fwd_bwd(ref, x, params)
+    return [y] + grads
+
+
 @pytest.mark.parametrize("backend,device", ADAPTER_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape,r", [((3, 12, 5, 7), 5), ((1, 3, 1, 1), 1), ((7, 64, 4, 4), 64), ((2, 130, 2, 3), 16)],
                          ids=str)
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 def test_pooled_op_matches_reference(backend, device, dtype, shape, r, fmt):
-    gen = torch.Generator().manual_seed(hash((shape, r)) % 2**31)
+    gen = seeded(shape, r)
     C = shape[1]
     for act in ACTIVATIONS:
         for with_scale in [False, True]:
@@ -60,14 +65,15 @@ def test_pooled_op_matches_reference(backend, device, dtype, shape, r, fmt):
                 return _ops.adapter_op("pooled_adapter", backend)(x, *p[:4], p[4] if with_scale else None, code)[0]
 
             # float64 truth on the inputs the backends receive (x rounded to dtype, fp32 parameters)
-            y64, g64 = _fwd_bwd(ref, x.to(dtype).double(), [p.float().double() for p in w + s])
-            yref, gref = _fwd_bwd(ref, x.to(dtype), [p.to(dtype) for p in w + s])
+            inputs64 = [x.to(dtype).double()] + [p.float().double() for p in w + s]
+            y64, *g64 = _flat_ref(ref, *inputs64)
+            y_err, *g_err = reference_errors(lambda *a: _flat_ref(ref, *a), inputs64, dtype, generator=gen)
             # fp32 parameters with a low-precision x, as under autocast
             y, g = _fwd_bwd(fused, x.to(device, dtype), [p.float().to(device) for p in w + s])
             assert y.dtype == dtype and y.is_contiguous(memory_format=fmt)
             what = f"{backend} {dtype} {shape} r={r} {fmt} {act} scale={with_scale}"
-            assert_within_model(y, y64, yref, "y " + what)
-            for i, (a, b, c) in enumerate(zip(g, g64, gref)):
+            assert_within_model(y, y64, y_err, "y " + what)
+            for i, (a, b, c) in enumerate(zip(g, g64, g_err)):
                 assert a.shape == b.shape
                 assert_within_model(a, b, c, f"grad {i} " + what)
 

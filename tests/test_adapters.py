@@ -9,7 +9,7 @@ import timm
 import torch
 import torch.nn.functional as F
 import torchvision
-from conftest import assert_within_model
+from conftest import assert_within_model, reference_errors
 from torch import nn
 
 from fastcascade import adapters as A
@@ -148,15 +148,20 @@ def test_module_matches_reference(backend, dtype, kind, shape, layout, cdim, act
     x = _x(shape, layout)
     params = _params(m)
     ref = _ref_fn(kind, activation, cdim)
-    y64, g64 = _fwd_bwd(ref, x.double(), [p.double() for p in params])
-    yref, gref = _fwd_bwd(ref, x.to(dtype), [p.to(dtype) for p in params])
+    def flat_ref(x, *params):
+        y, grads = _fwd_bwd(ref, x, params)
+        return [y] + grads
+
+    inputs64 = [x.double()] + [p.double() for p in params]
+    y64, *g64 = flat_ref(*inputs64)
+    y_err, *g_err = reference_errors(flat_ref, inputs64, dtype)
     mod = m.to(dtype)
     y, g = _fwd_bwd(_module_fn(mod), x.to(dtype), _params(mod))
     assert y.dtype == dtype and y.shape == x.shape
     _assert_same_format(y, x)
     what = f"{backend} {dtype} {kind} {shape} {layout} {activation}"
-    assert_within_model(y, y64, yref, "out " + what)
-    for i, (a, b, c) in enumerate(zip(g, g64, gref)):
+    assert_within_model(y, y64, y_err, "out " + what)
+    for i, (a, b, c) in enumerate(zip(g, g64, g_err)):
         assert a.dtype == dtype and a.shape == b.shape
         assert_within_model(a, b, c, f"grad {i} " + what)
 
