@@ -21,6 +21,17 @@ TORCH_LIBRARY(fastcascade, m) {
   m.def("pooled_adapter_backward(Tensor grad_y, Tensor pooled, Tensor hidden, Tensor down_w, Tensor up_w, "
         "Tensor up_b, Tensor? scale, int activation) -> (Tensor grad_x, Tensor grad_down_w, Tensor grad_down_b, "
         "Tensor grad_up_w, Tensor grad_up_b, Tensor grad_scale)");
+
+  // Pixel (token) residual adapter, y = x + scale * up(drop(act(down(x)))) at every position; x is
+  // (B, C, H, W), contiguous or channels_last, or tokens (T, C), contiguous. No (positions x r) tensor
+  // is written: backward recomputes the hidden activations from x. dropout: p in [0, 1) on the hidden
+  // activations, the mask drawn in the kernels from (seed, position * r + j), so backward and every
+  // backend redraw the same one (fastcascade/reference.py: adapter_dropout_keep).
+  m.def("pixel_adapter(Tensor x, Tensor down_w, Tensor down_b, Tensor up_w, Tensor up_b, Tensor? scale, "
+        "int activation, float dropout, int seed) -> Tensor");
+  m.def("pixel_adapter_backward(Tensor grad_y, Tensor x, Tensor down_w, Tensor down_b, Tensor up_w, Tensor up_b, "
+        "Tensor? scale, int activation, float dropout, int seed) -> (Tensor grad_x, Tensor grad_down_w, "
+        "Tensor grad_down_b, Tensor grad_up_w, Tensor grad_up_b, Tensor grad_scale)");
 }
 
 // Build facts the Python side checks at import.

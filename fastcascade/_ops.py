@@ -197,6 +197,39 @@ def _register_pooled_adapter(suffix: str):
     torch.library.register_autograd(f"fastcascade::pooled_adapter{suffix}", backward, setup_context=setup_context)
 
 
+def _pixel_adapter_fake(x, down_w, down_b, up_w, up_b, scale, activation, dropout, seed):
+    return torch.empty_like(x)
+
+
+def _pixel_adapter_backward_fake(grad_y, x, down_w, down_b, up_w, up_b, scale, activation, dropout, seed):
+    g_scale = scale.new_empty(scale.shape) if scale is not None else x.new_empty((0,), dtype=_acc_dtype(x))
+    return (torch.empty_like(x), down_w.new_empty(down_w.shape), down_b.new_empty(down_b.shape),
+            up_w.new_empty(up_w.shape), up_b.new_empty(up_b.shape), g_scale)
+
+
+def _register_pixel_adapter(suffix: str):
+    backward_op = getattr(torch.ops.fastcascade, f"pixel_adapter_backward{suffix}")
+
+    def setup_context(ctx, inputs, output):
+        x, down_w, down_b, up_w, up_b, scale, activation, dropout, seed = inputs
+        ctx.args = (activation, dropout, seed)
+        ctx.channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
+            memory_format=torch.channels_last)
+        ctx.has_scale = scale is not None
+        ctx.save_for_backward(x, down_w, down_b, up_w, up_b, scale)  # backward recomputes the hidden layer
+
+    def backward(ctx, grad_y):
+        x, down_w, down_b, up_w, up_b, scale = ctx.saved_tensors
+        fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
+        gx, gdw, gdb, guw, gub, gs = backward_op(grad_y.contiguous(memory_format=fmt), x, down_w, down_b, up_w, up_b,
+                                                 scale if ctx.has_scale else None, *ctx.args)
+        return gx, gdw, gdb, guw, gub, (gs if ctx.has_scale else None), None, None, None
+
+    torch.library.register_fake(f"fastcascade::pixel_adapter{suffix}")(_pixel_adapter_fake)
+    torch.library.register_fake(f"fastcascade::pixel_adapter_backward{suffix}")(_pixel_adapter_backward_fake)
+    torch.library.register_autograd(f"fastcascade::pixel_adapter{suffix}", backward, setup_context=setup_context)
+
+
 def adapter_op(name: str, backend: str):
     """The registered adapter op: C++ (CPU) or its Triton twin."""
     if backend == "triton":
@@ -213,6 +246,7 @@ _FOCAL_OPS = [
 for _op in _FOCAL_OPS:
     _register(*_op)
 _register_pooled_adapter("")
+_register_pixel_adapter("")
 if HAS_TRITON and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
                    or os.environ.get("FASTCASCADE_BACKEND") == "triton"):
     load_triton_ops()

@@ -96,9 +96,10 @@ class ResidualAdapter(nn.Module):
     Args:
         channels: C (>= 1). bottleneck: r (>= 1). kind: "pooled" | "pixel".
         activation: "relu" | "gelu" | "silu". dropout: in [0, 1). init_std: > 0.
-        backend: "auto" | "cpu" | "cuda" | "triton" | "torch" (as for the losses). kind="pooled" without
-            active dropout runs the fused op; kind="pixel" and dropout in training run the reference
-            ("torch") until their fused kernels land.
+        backend: "auto" | "cpu" | "cuda" | "triton" | "torch" (as for the losses). Both kinds run fused
+            ops; kind="pixel" draws its dropout mask inside the kernel from a seed taken from torch's
+            CPU generator (so torch.manual_seed reproduces a training step); kind="pooled" with dropout
+            in training runs the reference ("torch").
     """
 
     def __init__(self, channels: int, bottleneck: int = 64, kind: str = "pooled", activation: str = "relu",
@@ -169,25 +170,33 @@ class ResidualAdapter(nn.Module):
         p = self.dropout if self.training else 0.0
         w = (self.down_proj.weight, self.down_proj.bias, self.up_proj.weight, self.up_proj.bias)
         backend = self._backend_for(x, p)
-        if backend != "torch":
+        act = _ops.ADAPTER_ACTIVATION_CODES[self.activation]
+        if backend == "torch":
+            if self.kind == "pooled":
+                return reference._pooled_adapter(x, *w, self.activation, self.scale, p)
+            return reference._pixel_adapter(x, *w, self.activation, self.scale, cdim, p)
+        if self.kind == "pooled" or cdim == 1:
             if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
                 x = x.contiguous()
-            op = _ops.adapter_op("pooled_adapter", backend)
-            return op(x, *w, self.scale, _ops.ADAPTER_ACTIVATION_CODES[self.activation])[0]
         if self.kind == "pooled":
-            return reference._pooled_adapter(x, *w, self.activation, self.scale, p)
-        return reference._pixel_adapter(x, *w, self.activation, self.scale, cdim, p)
+            return _ops.adapter_op("pooled_adapter", backend)(x, *w, self.scale, act)[0]
+        # the mask's seed comes from torch's CPU generator: torch.manual_seed reproduces it, no device sync
+        seed = int(torch.randint(0, 2**62, ())) if p > 0 else 0
+        op = _ops.adapter_op("pixel_adapter", backend)
+        if cdim == 1:
+            return op(x, *w, self.scale, act, p, seed)
+        return op(x.reshape(-1, self.channels).contiguous(), *w, self.scale, act, p, seed).view(x.shape)
 
     def _backend_for(self, x: torch.Tensor, dropout: float) -> str:
-        """The fused op covers kind="pooled" without active dropout; kind="pixel" and dropout in
-        training run the reference until their fused kernels land."""
+        """Fused ops cover both kinds; dropout in training is fused for kind="pixel" (the mask drawn
+        in the kernel) and runs the reference for kind="pooled"."""
         _check_backend(self.backend)
-        fused = self.kind == "pooled" and dropout == 0.0
+        fused = self.kind == "pixel" or dropout == 0.0
         if self.backend == "torch" or (self.backend == "auto" and not fused):
             return "torch"
         if not fused:
-            raise ValueError(f"backend={self.backend!r}: the fused adapter op covers kind='pooled' without "
-                             f"dropout in training so far; use backend='auto' or 'torch'")
+            raise ValueError(f"backend={self.backend!r}: the fused pooled adapter has no dropout yet; "
+                             f"use backend='auto' or 'torch' for kind='pooled' with dropout in training")
         return _ops.resolve_backend(self.backend, x.device)
 
     def extra_repr(self) -> str:

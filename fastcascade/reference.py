@@ -92,11 +92,45 @@ def _adapter_act(h: torch.Tensor, activation: str) -> torch.Tensor:
     raise ValueError(f"activation must be one of {ADAPTER_ACTIVATIONS}, got {activation!r}")
 
 
-def _adapter_branch(z, down_w, down_b, up_w, up_b, activation, scale, dropout):
-    """scale * up(dropout(act(down(z)))) over the last dim of z (..., C), in z's dtype."""
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(v: torch.Tensor, c: int) -> torch.Tensor:
+    """(v * c) mod 2^32 for v in [0, 2^32) held in int64, without overflowing int64."""
+    return (v * (c & 0xFFFF) + (((v * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(v: torch.Tensor) -> torch.Tensor:
+    v = v ^ (v >> 16)
+    v = _mul32(v, 0x7FEB352D)
+    v = v ^ (v >> 15)
+    v = _mul32(v, 0x846CA68B)
+    return v ^ (v >> 16)
+
+
+def adapter_dropout_keep(seed: int, index: torch.Tensor, p: float) -> torch.Tensor:
+    """The fused adapters' dropout mask: True where element `index` (int64, >= 0) of the hidden
+    activations is kept. A counter-based hash of (seed, index) (lowbias32 mixing), compared with
+    p * 2^32, so every backend and the backward pass redraw the same mask from the seed alone.
+    For the pixel adapter, index = position * r + j with positions in (B, H, W) order (or the
+    flattened token order); for the pooled adapter, index = b * r + j."""
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+    lo, hi = index & _M32, index >> 32
+    inner = _mix32((hi + (seed >> 32)) & _M32)
+    h = _mix32(lo ^ _mix32((seed & _M32) ^ inner))
+    return h >= min(int(p * 4294967296.0), _M32)
+
+
+def _adapter_branch(z, down_w, down_b, up_w, up_b, activation, scale, dropout, seed=None):
+    """scale * up(dropout(act(down(z)))) over the last dim of z (..., C), in z's dtype. With a seed,
+    dropout uses the fused kernels' mask (adapter_dropout_keep over the rows of z in order)."""
     dt = z.dtype
     h = _adapter_act(F.linear(z, down_w.to(dt), down_b.to(dt)), activation)
-    if dropout > 0:
+    if dropout > 0 and seed is not None:
+        index = torch.arange(h.numel(), device=h.device).view(h.shape)
+        h = torch.where(adapter_dropout_keep(seed, index, dropout), h / (1 - dropout), torch.zeros_like(h))
+    elif dropout > 0:
         h = F.dropout(h, dropout, training=True)
     d = F.linear(h, up_w.to(dt), up_b.to(dt))
     if scale is not None:
@@ -118,15 +152,16 @@ def _pooled_adapter(x, down_w, down_b, up_w, up_b, activation="relu", scale=None
     return _keep_format(x + d[:, :, None, None], x)
 
 
-def _pixel_adapter(x, down_w, down_b, up_w, up_b, activation="relu", scale=None, channel_dim=-1, dropout=0.0):
+def _pixel_adapter(x, down_w, down_b, up_w, up_b, activation="relu", scale=None, channel_dim=-1, dropout=0.0,
+                   seed=None):
     if channel_dim == 1:
         if x.dim() != 4:
             raise ValueError(f"pixel_adapter: channel_dim=1 needs x of shape (B, C, H, W), got "
                              f"{tuple(x.shape)}")
-        d = _adapter_branch(x.movedim(1, -1), down_w, down_b, up_w, up_b, activation, scale, dropout)
+        d = _adapter_branch(x.movedim(1, -1), down_w, down_b, up_w, up_b, activation, scale, dropout, seed)
         d = d.movedim(-1, 1)
     elif channel_dim == -1:
-        d = _adapter_branch(x, down_w, down_b, up_w, up_b, activation, scale, dropout)
+        d = _adapter_branch(x, down_w, down_b, up_w, up_b, activation, scale, dropout, seed)
     else:
         raise ValueError(f"pixel_adapter: channel_dim must be 1 (B, C, H, W) or -1 (tokens (..., C)), got "
                          f"{channel_dim}")
@@ -164,13 +199,16 @@ def pixel_adapter(
     activation: str = "relu",
     scale: torch.Tensor | float | None = None,
     channel_dim: int = -1,
+    dropout: float = 0.0,
+    seed: int | None = None,
 ) -> torch.Tensor:
     """Pixel (token) residual adapter: a 1x1-conv bottleneck at every position.
 
-        y = x + scale * (act(x down_w^T + down_b) up_w^T + up_b)     along the channel dim
+        y = x + scale * (drop(act(x down_w^T + down_b)) up_w^T + up_b)     along the channel dim
 
     channel_dim=-1: x is tokens (..., C); channel_dim=1: x is (B, C, H, W), any memory format.
     Weights, scale, activation and dtype rules as in pooled_adapter. y has x's shape, dtype and
-    memory format (channels_last in, channels_last out).
+    memory format (channels_last in, channels_last out). dropout p with a seed: the fused ops' mask
+    (adapter_dropout_keep), kept values scaled by 1 / (1 - p); without a seed, F.dropout's.
     """
-    return _pixel_adapter(x, down_w, down_b, up_w, up_b, activation, scale, channel_dim)
+    return _pixel_adapter(x, down_w, down_b, up_w, up_b, activation, scale, channel_dim, dropout, seed)

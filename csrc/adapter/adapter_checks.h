@@ -33,6 +33,36 @@ inline AdapterShape check_pooled_adapter(const at::Tensor& x, const char* xn, co
   return {x.size(0), C, x.size(2) * x.size(3), r, cl};
 }
 
+// Pixel adapter: x (B, C, H, W) as for the pooled adapter, or tokens (T, C) contiguous, seen as one
+// channels-last "sample" of T positions. Dropout p in [0, 1).
+inline AdapterShape check_pixel_adapter(const at::Tensor& x, const char* xn, const at::Tensor& down_w,
+                                        const at::Tensor& up_w, int64_t activation, double dropout) {
+  TORCH_CHECK(dropout >= 0 && dropout < 1, "dropout must be in [0, 1), got ", dropout);
+  if (x.dim() != 2) return check_pooled_adapter(x, xn, down_w, up_w, activation);
+  check_floating(x, xn);
+  TORCH_CHECK(x.is_contiguous(), xn, " (tokens (T, C)) must be contiguous (the Python API arranges this)");
+  const at::Tensor as_image = x.view({1, x.size(0), 1, x.size(1)}).permute({0, 3, 1, 2});  // (1, C, T, 1)
+  AdapterShape S = check_pooled_adapter(as_image, xn, down_w, up_w, activation);
+  S.channels_last = true;  // a (1, C, T, 1) view of (T, C) memory is channels_last even when C = 1
+  return S;
+}
+
+// grad_y of a pixel adapter: x's shape and dtype, and memory laid out as x's (S from x).
+inline void check_same_layout(const at::Tensor& g, const char* gn, const at::Tensor& x, const AdapterShape& S) {
+  TORCH_CHECK(g.sizes() == x.sizes() && g.scalar_type() == x.scalar_type(), gn, " must have x's shape and dtype ",
+              x.sizes(), " ", x.scalar_type(), ", got ", g.sizes(), " ", g.scalar_type());
+  const bool same = x.dim() == 2 || !S.channels_last ? g.is_contiguous()
+                                                      : g.is_contiguous(at::MemoryFormat::ChannelsLast);
+  TORCH_CHECK(same, gn, " must be laid out as x (", S.channels_last ? "channels_last" : "contiguous", ")");
+  check_same_device(x, "x", g, gn);
+}
+
+// The dropout threshold on 32-bit hashes: keep an element when its hash >= p * 2^32.
+inline uint32_t dropout_threshold(double p) {
+  const double t = p * 4294967296.0;
+  return t >= 4294967295.0 ? 4294967295u : static_cast<uint32_t>(t);
+}
+
 inline void check_adapter_scale(const std::optional<at::Tensor>& scale, const at::Tensor& x) {
   if (!scale.has_value()) return;
   TORCH_CHECK(scale->numel() == 1, "scale must hold one value (a 0-dim tensor), got shape ", scale->sizes());

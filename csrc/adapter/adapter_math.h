@@ -1,6 +1,8 @@
 // Adapter activations and their derivatives, shared by the CPU and CUDA kernels
 // (fastcascade/reference.py: relu, gelu in its erf form, silu).
 #pragma once
+#include <cstdint>
+
 #include "common/math.h"
 
 namespace fastcascade {
@@ -24,6 +26,25 @@ FC_HD T adapter_act_grad(T h, int64_t act) {
   }
   const T sig = T(1) / (T(1) + fc_exp(-h));
   return sig * (T(1) + h * (T(1) - sig));
+}
+
+// Dropout on the r-wide hidden vector, drawn inside the kernels from (seed, element index) with a
+// counter-based hash: forward and backward, and every backend, redraw the identical mask, so nothing
+// is stored and results are reproducible (fastcascade/reference.py: adapter_dropout_keep).
+FC_HD uint32_t fc_mix32(uint32_t v) {  // lowbias32 (C. Wellons): a good 32-bit avalanche
+  v ^= v >> 16;
+  v *= 0x7feb352du;
+  v ^= v >> 15;
+  v *= 0x846ca68bu;
+  v ^= v >> 16;
+  return v;
+}
+
+// Keep element `index` of the hidden activations when its hash is at least `threshold` (= p * 2^32).
+FC_HD bool adapter_dropout_keep(int64_t seed, int64_t index, uint32_t threshold) {
+  const uint64_t i = static_cast<uint64_t>(index), sd = static_cast<uint64_t>(seed);
+  const uint32_t h = fc_mix32(uint32_t(i) ^ fc_mix32(uint32_t(sd) ^ fc_mix32(uint32_t(i >> 32) + uint32_t(sd >> 32))));
+  return h >= threshold;
 }
 
 }  // namespace fastcascade
