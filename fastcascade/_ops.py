@@ -55,11 +55,12 @@ def load_triton_ops() -> None:
     global _triton_ops_loaded
     if _triton_ops_loaded:
         return
-    from .kernels import adapter, focal  # noqa: F401
+    from .kernels import adapter, focal, pixel_adapter  # noqa: F401
 
     for qualname, fake, reduction_arg, need_grad_arg, n_inputs, unsqueeze_none in _FOCAL_OPS:
         _register(qualname + "_triton", fake, reduction_arg, need_grad_arg, n_inputs, unsqueeze_none)
     _register_pooled_adapter("_triton")
+    _register_pixel_adapter("_triton")
     _triton_ops_loaded = True
 
 
