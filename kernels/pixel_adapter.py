@@ -21,6 +21,8 @@ g_h and a; the weight gradients are then products of those with grad_y and x (to
 positions), and d/ds sums per-program partials in program order. No atomics: reproducible bitwise.
 """
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -54,6 +56,13 @@ def _dropout_keep(index, seed_lo, seed_hi, threshold):
 
 
 @triton.jit
+def _operand(v, DOT: tl.constexpr, DOT_IN: tl.constexpr):
+    """v rounded to the product dtype DOT, handed to tl.dot as DOT_IN (DOT itself on a GPU; fp32 under
+    the interpreter, whose numpy dot has no bf16: bf16 x bf16 products are exact in fp32 anyway)."""
+    return v.to(DOT).to(DOT_IN)
+
+
+@triton.jit
 def _tile(pid, T, HW, stride_b, stride_c, stride_p, BLOCK_T: tl.constexpr):
     """Positions of the program's tile, their mask and their base offsets into x."""
     t = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -63,7 +72,7 @@ def _tile(pid, T, HW, stride_b, stride_c, stride_p, BLOCK_T: tl.constexpr):
 
 
 @triton.jit
-def _hidden(x_ptr, wdT_ptr, bd_ptr, base, tmask, C, R, stride_c, DOT: tl.constexpr, PREC: tl.constexpr,
+def _hidden(x_ptr, wdT_ptr, bd_ptr, base, tmask, C, R, stride_c, DOT: tl.constexpr, DOT_IN: tl.constexpr, PREC: tl.constexpr,
             BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr):
     """h = x W_d^T + b_d for the tile: (BLOCK_T, BLOCK_R), zero in the padded columns."""
     rr = tl.arange(0, BLOCK_R)
@@ -74,7 +83,7 @@ def _hidden(x_ptr, wdT_ptr, bd_ptr, base, tmask, C, R, stride_c, DOT: tl.constex
         cmask = cc < C
         xt = tl.load(x_ptr + base[:, None] + cc[None, :] * stride_c, mask=tmask[:, None] & cmask[None, :], other=0.0)
         wd = tl.load(wdT_ptr + cc[:, None] * R + rr[None, :], mask=cmask[:, None] & rmask[None, :], other=0.0)
-        h = tl.dot(xt.to(DOT), wd.to(DOT), acc=h, input_precision=PREC, out_dtype=ACC)
+        h = tl.dot(_operand(xt, DOT, DOT_IN), _operand(wd, DOT, DOT_IN), acc=h, input_precision=PREC, out_dtype=ACC)
     return h + tl.load(bd_ptr + rr, mask=rmask, other=0.0)[None, :]
 
 
@@ -95,9 +104,9 @@ def _pixel_fwd_kernel(x_ptr, y_ptr, wdT_ptr, bd_ptr, wuT_ptr, bu_ptr, scale_ptr,
                       PREC: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
                       BLOCK_R: tl.constexpr):
     t, tmask, base = _tile(tl.program_id(0), T, HW, stride_b, stride_c, stride_p, BLOCK_T)
-    h = _hidden(x_ptr, wdT_ptr, bd_ptr, base, tmask, C, R, stride_c, DOT, PREC, BLOCK_T, BLOCK_C, BLOCK_R, ACC)
+    h = _hidden(x_ptr, wdT_ptr, bd_ptr, base, tmask, C, R, stride_c, DOT, DOT_IN, PREC, BLOCK_T, BLOCK_C, BLOCK_R, ACC)
     a, _ = _act_fwd_bwd(h, ACT)
-    a = _dropped(a, t, R, seed_lo, seed_hi, threshold, keep_scale, HAS_DROPOUT, BLOCK_R).to(DOT)
+    a = _operand(_dropped(a, t, R, seed_lo, seed_hi, threshold, keep_scale, HAS_DROPOUT, BLOCK_R), DOT, DOT_IN)
     s = tl.load(scale_ptr).to(ACC) if HAS_SCALE else 1.0
     rr = tl.arange(0, BLOCK_R)
     rmask = rr < R
@@ -105,7 +114,7 @@ def _pixel_fwd_kernel(x_ptr, y_ptr, wdT_ptr, bd_ptr, wuT_ptr, bu_ptr, scale_ptr,
         cc = c0 + tl.arange(0, BLOCK_C)
         cmask = cc < C
         wu = tl.load(wuT_ptr + rr[:, None] * C + cc[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
-        u = tl.dot(a, wu.to(DOT), input_precision=PREC, out_dtype=ACC)
+        u = tl.dot(a, _operand(wu, DOT, DOT_IN), input_precision=PREC, out_dtype=ACC)
         u = u + tl.load(bu_ptr + cc, mask=cmask, other=0.0)[None, :]
         m = tmask[:, None] & cmask[None, :]
         off = base[:, None] + cc[None, :] * stride_c
@@ -117,11 +126,11 @@ def _pixel_fwd_kernel(x_ptr, y_ptr, wdT_ptr, bd_ptr, wuT_ptr, bu_ptr, scale_ptr,
 def _pixel_bwd_kernel(gy_ptr, x_ptr, gx_ptr, gh_ptr, a_ptr, gs_ptr, wdT_ptr, bd_ptr, wd_ptr, wu_ptr, wuT_ptr,
                       bu_ptr, scale_ptr, T, C, R, HW, stride_b, stride_c, stride_p, seed_lo, seed_hi, threshold,
                       keep_scale, ACT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                      DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr,
+                      DOT: tl.constexpr, DOT_IN: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr,
                       BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
     pid = tl.program_id(0)
     t, tmask, base = _tile(pid, T, HW, stride_b, stride_c, stride_p, BLOCK_T)
-    h = _hidden(x_ptr, wdT_ptr, bd_ptr, base, tmask, C, R, stride_c, DOT, PREC, BLOCK_T, BLOCK_C, BLOCK_R, ACC)
+    h = _hidden(x_ptr, wdT_ptr, bd_ptr, base, tmask, C, R, stride_c, DOT, DOT_IN, PREC, BLOCK_T, BLOCK_C, BLOCK_R, ACC)
     a, da = _act_fwd_bwd(h, ACT)
     a = _dropped(a, t, R, seed_lo, seed_hi, threshold, keep_scale, HAS_DROPOUT, BLOCK_R)
     da = _dropped(da, t, R, seed_lo, seed_hi, threshold, keep_scale, HAS_DROPOUT, BLOCK_R)
@@ -136,10 +145,10 @@ def _pixel_bwd_kernel(gy_ptr, x_ptr, gx_ptr, gh_ptr, a_ptr, gs_ptr, wdT_ptr, bd_
         m = tmask[:, None] & cmask[None, :]
         g = tl.load(gy_ptr + base[:, None] + cc[None, :] * stride_c, mask=m, other=0.0)
         wu = tl.load(wu_ptr + cc[:, None] * R + rr[None, :], mask=cmask[:, None] & rmask[None, :], other=0.0)
-        ga = tl.dot(g.to(DOT), wu.to(DOT), acc=ga, input_precision=PREC, out_dtype=ACC)
+        ga = tl.dot(_operand(g, DOT, DOT_IN), _operand(wu, DOT, DOT_IN), acc=ga, input_precision=PREC, out_dtype=ACC)
         if HAS_SCALE:
             wuT = tl.load(wuT_ptr + rr[:, None] * C + cc[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
-            u = tl.dot(a.to(DOT), wuT.to(DOT), input_precision=PREC, out_dtype=ACC)
+            u = tl.dot(_operand(a, DOT, DOT_IN), _operand(wuT, DOT, DOT_IN), input_precision=PREC, out_dtype=ACC)
             u = u + tl.load(bu_ptr + cc, mask=cmask, other=0.0)[None, :]
             gs += tl.where(m, g.to(ACC) * u, 0.0)
     if HAS_SCALE:
@@ -148,12 +157,12 @@ def _pixel_bwd_kernel(gy_ptr, x_ptr, gx_ptr, gh_ptr, a_ptr, gs_ptr, wdT_ptr, bd_
     m_r = tmask[:, None] & rmask[None, :]
     tl.store(gh_ptr + t[:, None] * R + rr[None, :], gh, mask=m_r)
     tl.store(a_ptr + t[:, None] * R + rr[None, :], a, mask=m_r)
-    gh = gh.to(DOT)
+    gh = _operand(gh, DOT, DOT_IN)
     for c0 in range(0, C, BLOCK_C):  # grad_x = grad_y + g_h W_d
         cc = c0 + tl.arange(0, BLOCK_C)
         cmask = cc < C
         wd = tl.load(wd_ptr + rr[:, None] * C + cc[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
-        gm = tl.dot(gh, wd.to(DOT), input_precision=PREC, out_dtype=ACC)
+        gm = tl.dot(gh, _operand(wd, DOT, DOT_IN), input_precision=PREC, out_dtype=ACC)
         m = tmask[:, None] & cmask[None, :]
         off = base[:, None] + cc[None, :] * stride_c
         g = tl.load(gy_ptr + off, mask=m, other=0.0).to(ACC)
@@ -187,7 +196,8 @@ def _config(x: Tensor, R: int):
     block_c = 64 if block_r <= 64 else 32
     # fp32 products in full precision (not TF32): the tolerance model compares with fp32 torch
     prec = "tf32" if half else "ieee"
-    return acc, dot, prec, (tl.float64 if acc == torch.float64 else tl.float32), block_t, block_c, block_r
+    dot_in = tl.float32 if half and os.environ.get("TRITON_INTERPRET") == "1" else dot
+    return acc, dot, dot_in, prec, (tl.float64 if acc == torch.float64 else tl.float32), block_t, block_c, block_r
 
 
 def _checks(name, x, down_w, down_b, up_w, up_b, scale, activation, dropout):
@@ -232,13 +242,13 @@ def pixel_adapter_triton(x: Tensor, down_w: Tensor, down_b: Tensor, up_w: Tensor
     y = torch.empty_like(x)
     if T == 0:
         return y
-    acc, dot, prec, acc_tl, bt, bc, br = _config(x, R)
+    acc, dot, dot_in, prec, acc_tl, bt, bc, br = _config(x, R)
     wdT, bd, _, _, wuT, bu = _weights(acc, down_w, down_b, up_w, up_b)
     s = scale if scale is not None else bd  # a placeholder pointer when there is no scale
     seed_lo, seed_hi, thr, keep_scale = _dropout_args(dropout, seed)
     wrap_triton(_pixel_fwd_kernel)[(triton.cdiv(T, bt),)](
         x, y, wdT, bd, wuT, bu, s, T, C, R, HW, sb, sc, sp, seed_lo, seed_hi, thr, keep_scale,
-        ACT=activation, HAS_SCALE=scale is not None, HAS_DROPOUT=dropout > 0, DOT=dot, PREC=prec, ACC=acc_tl,
+        ACT=activation, HAS_SCALE=scale is not None, HAS_DROPOUT=dropout > 0, DOT=dot, DOT_IN=dot_in, PREC=prec, ACC=acc_tl,
         BLOCK_T=bt, BLOCK_C=bc, BLOCK_R=br)
     return y
 
@@ -253,7 +263,7 @@ def pixel_adapter_backward_triton(grad_y: Tensor, x: Tensor, down_w: Tensor, dow
         raise RuntimeError(f"{name}: grad_y must have x's shape, dtype and layout, got {tuple(grad_y.shape)} "
                          f"{grad_y.dtype} strides {grad_y.stride()} vs {tuple(x.shape)} {x.dtype} {x.stride()}")
     T, C, HW, sb, sc, sp = _layout(x)
-    acc, dot, prec, acc_tl, bt, bc, br = _config(x, R)
+    acc, dot, dot_in, prec, acc_tl, bt, bc, br = _config(x, R)
     wdT, bd, wd, wu, wuT, bu = _weights(acc, down_w, down_b, up_w, up_b)
     gx = torch.empty_like(x)
     gh = torch.empty((T, R), device=x.device, dtype=acc)
@@ -265,7 +275,7 @@ def pixel_adapter_backward_triton(grad_y: Tensor, x: Tensor, down_w: Tensor, dow
         s = scale if scale is not None else bd
         wrap_triton(_pixel_bwd_kernel)[(n_prog,)](
             grad_y, x, gx, gh, a, gs_part, wdT, bd, wd, wu, wuT, bu, s, T, C, R, HW, sb, sc, sp, seed_lo, seed_hi,
-            thr, keep_scale, ACT=activation, HAS_SCALE=scale is not None, HAS_DROPOUT=dropout > 0, DOT=dot,
+            thr, keep_scale, ACT=activation, HAS_SCALE=scale is not None, HAS_DROPOUT=dropout > 0, DOT=dot, DOT_IN=dot_in,
             PREC=prec, ACC=acc_tl, BLOCK_T=bt, BLOCK_C=bc, BLOCK_R=br)
     # (positions, C) views of grad_y and x, positions in (B, H, W) order as the rows of gh and a
     g2 = (grad_y.movedim(1, -1) if x.dim() == 4 else grad_y).reshape(T, C).to(acc)

@@ -167,3 +167,173 @@ def test_module_uses_the_fused_op_for_pooled():
     y = m(x)
     m.backend = "torch"
     torch.testing.assert_close(y, m(x), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# pixel (token) adapter op
+
+# (shape, memory format or None for tokens (T, C), r)
+PIXEL_CASES = [((3, 12, 5, 7), torch.contiguous_format, 5), ((3, 12, 5, 7), torch.channels_last, 16),
+               ((1, 3, 1, 1), torch.contiguous_format, 1), ((37, 12), None, 5), ((130, 20), None, 64)]
+
+
+def _pixel_x(shape, fmt, dtype=torch.float64, gen=None):
+    x = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    return x if fmt is None else x.contiguous(memory_format=fmt)
+
+
+def _pixel_fused(backend, act, with_scale, p, seed):
+    op = _ops.adapter_op("pixel_adapter", backend)
+    code = _ops.ADAPTER_ACTIVATION_CODES[act]
+    return lambda x, *w: op(x, *w[:4], w[4] if with_scale else None, code, p, seed)
+
+
+def _pixel_ref(act, with_scale, p, seed, cdim):
+    return lambda x, *w: reference.pixel_adapter(x, *w[:4], act, w[4] if with_scale else None, cdim, p, seed)
+
+
+@pytest.mark.parametrize("backend,device", ADAPTER_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,fmt,r", PIXEL_CASES, ids=str)
+def test_pixel_op_matches_reference(backend, device, dtype, shape, fmt, r):
+    gen = seeded(shape, r, str(fmt))
+    C = shape[1] if fmt is not None else shape[-1]
+    cdim = 1 if fmt is not None else -1
+    for act, with_scale, p in [("relu", False, 0.0), ("gelu", True, 0.0), ("silu", True, 0.3), ("gelu", False, 0.5)]:
+        w = _weights(C, r, gen=gen)
+        s = [torch.tensor(0.7, dtype=torch.float64)] if with_scale else []
+        x = _pixel_x(shape, fmt, gen=gen)
+        seed = int(torch.randint(0, 2**62, (), generator=gen))
+        ref = _pixel_ref(act, with_scale, p, seed, cdim)
+        inputs64 = [x.to(dtype).double()] + [q.float().double() for q in w + s]
+        y64, *g64 = _flat_ref(ref, *inputs64)
+        y_err, *g_err = reference_errors(lambda *a: _flat_ref(ref, *a), inputs64, dtype, generator=gen)
+        y, g = _fwd_bwd(_pixel_fused(backend, act, with_scale, p, seed), x.to(device, dtype),
+                        [q.float().to(device) for q in w + s])
+        assert y.dtype == dtype and y.is_contiguous(memory_format=fmt or torch.contiguous_format)
+        what = f"{backend} {dtype} {shape} {fmt} r={r} {act} scale={with_scale} dropout={p}"
+        assert_within_model(y, y64, y_err, "y " + what)
+        for i, (a, b, c) in enumerate(zip(g, g64, g_err)):
+            assert a.shape == b.shape
+            assert_within_model(a, b, c, f"grad {i} " + what)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in ADAPTER_BACKENDS if p.values[1] == "cpu"])
+def test_pixel_op_gradcheck_float64(backend, device):
+    gen = torch.Generator().manual_seed(0)
+    for (shape, fmt), act, p in [(((2, 4, 2, 3), torch.contiguous_format), "gelu", 0.0),
+                                 (((2, 4, 2, 3), torch.channels_last), "silu", 0.4),
+                                 (((5, 4), None), "relu", 0.0)]:
+        x = _pixel_x(shape, fmt, gen=gen).requires_grad_(True)
+        w = [q.requires_grad_(True) for q in _weights(4, 3, gen=gen)]
+        s = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
+        op = _ops.adapter_op("pixel_adapter", backend)
+        code = _ops.ADAPTER_ACTIVATION_CODES[act]
+        assert torch.autograd.gradcheck(lambda *a: op(*a, code, p, 11), (x, *w, s))
+        assert torch.autograd.gradcheck(lambda *a: op(*a, None, code, p, 11), (x, *w))
+
+
+def _pixel_opcheck_samples(device):
+    gen = torch.Generator().manual_seed(2)
+    for shape, fmt in [((3, 6, 2, 2), torch.contiguous_format), ((3, 6, 2, 2), torch.channels_last), ((9, 6), None)]:
+        x = _pixel_x(shape, fmt, torch.float32, gen).to(device).requires_grad_(True)
+        w = [q.float().to(device).requires_grad_(True) for q in _weights(6, 4, gen=gen)]
+        yield (x, *w, torch.tensor(0.5, device=device, requires_grad=True), 1, 0.0, 0)
+        yield (x, *w, None, 2, 0.25, 123)
+
+
+@pytest.mark.parametrize("backend,device", ADAPTER_BACKENDS)
+def test_pixel_op_opcheck(backend, device):
+    op = _ops.adapter_op("pixel_adapter", backend)
+    for args in _pixel_opcheck_samples(device):
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+@pytest.mark.parametrize("backend,device", [
+    pytest.param(*p.values, marks=list(p.marks) + ([INTERPRETED_AOT] if p.values[0] == "triton" else []), id=p.id)
+    for p in ADAPTER_BACKENDS])
+def test_pixel_op_aot_and_compile(backend, device):
+    op = _ops.adapter_op("pixel_adapter", backend)
+    for args in _pixel_opcheck_samples(device):
+        torch.library.opcheck(op, args, test_utils=("test_aot_dispatch_dynamic",))
+    for shape in [(3, 6, 2, 2), (2, 5, 6)]:
+        torch._dynamo.reset()
+        m = fc.ResidualAdapter(6, 4, "pixel", "gelu", init_std=0.3, learn_scale=True, backend=backend).to(device)
+        x = torch.randn(shape, device=device)
+        compiled = torch.compile(m, fullgraph=True)
+        xe, xc = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        ye, yc = m(xe), compiled(xc)
+        ye.square().sum().backward()
+        yc.square().sum().backward()
+        torch.testing.assert_close(yc, ye)
+        torch.testing.assert_close(xc.grad, xe.grad)
+
+
+@pytest.mark.parametrize("backend,device", ADAPTER_BACKENDS)
+def test_pixel_op_is_deterministic(backend, device):
+    gen = torch.Generator().manual_seed(4)
+    x = _pixel_x((3, 40, 9, 11), torch.contiguous_format, torch.float32, gen).to(device)
+    w = [q.float().to(device) for q in _weights(40, 8, gen=gen)] + [torch.tensor(0.9, device=device)]
+    runs = []
+    threads = torch.get_num_threads()
+    for n in [1, max(2, threads)]:
+        torch.set_num_threads(n)
+        try:
+            runs.append(_fwd_bwd(_pixel_fused(backend, "silu", True, 0.2, 99), x, w))
+        finally:
+            torch.set_num_threads(threads)
+    (y0, g0), (y1, g1) = runs
+    assert torch.equal(y0, y1) and all(torch.equal(a, b) for a, b in zip(g0, g1))
+
+
+@pytest.mark.parametrize("backend,device", ADAPTER_BACKENDS)
+def test_pixel_dropout_mask_comes_from_the_seed(backend, device):
+    """Dropout: the mask is a function of (seed, position, j): same seed, same output; the layout
+    does not matter (positions are numbered in (B, H, W) order); the kept fraction is 1 - p."""
+    C, r, p = 16, 64, 0.3
+    w = [q.float().to(device) for q in _weights(C, r, std=1.0)]
+    w[1] = torch.full((r,), 5.0, device=device)  # relu(h) > 0 everywhere: a zero in a marks a dropped unit
+    x = torch.randn(4, C, 8, 8, device=device)
+    op = _ops.adapter_op("pixel_adapter", backend)
+    y1 = op(x, *w, None, 0, p, 7)
+    assert torch.equal(y1, op(x, *w, None, 0, p, 7))
+    assert not torch.equal(y1, op(x, *w, None, 0, p, 8))
+    y_cl = op(x.contiguous(memory_format=torch.channels_last), *w, None, 0, p, 7)
+    torch.testing.assert_close(y_cl, y1, rtol=1e-5, atol=1e-5)
+    keep = reference.adapter_dropout_keep(7, torch.arange(4 * 8 * 8 * r), p)
+    assert abs(keep.float().mean().item() - (1 - p)) < 0.01
+
+
+def test_pixel_module_dropout_is_reproducible_and_off_in_eval():
+    m = fc.ResidualAdapter(8, 16, "pixel", dropout=0.5, init_std=0.3)
+    x = torch.randn(2, 8, 4, 4)
+    assert m._backend_for(x, 0.5) == "cpu"
+    torch.manual_seed(3)
+    y1 = m(x)
+    torch.manual_seed(3)
+    y2 = m(x)
+    y3 = m(x)
+    assert torch.equal(y1, y2) and not torch.equal(y2, y3)
+    m.eval()
+    m_ref = fc.ResidualAdapter(8, 16, "pixel", init_std=0.3, backend="torch")
+    m_ref.load_state_dict(m.state_dict())
+    torch.testing.assert_close(m(x), m_ref(x), rtol=1e-5, atol=1e-6)
+
+
+def test_pixel_op_checks_for_direct_callers():
+    x = torch.randn(2, 6, 3, 3)
+    w = [q.float() for q in _weights(6, 4)]
+    op = torch.ops.fastcascade.pixel_adapter
+    with pytest.raises(RuntimeError, match=r"dropout must be in \[0, 1\)"):
+        op(x, *w, None, 0, 1.0, 0)
+    with pytest.raises(RuntimeError, match=r"down_w must be \(r, C\)"):
+        op(x, w[0][:, :5], *w[1:], None, 0, 0.0, 0)
+    with pytest.raises(RuntimeError, match=r"must be \(B, C, H, W\)"):
+        op(x[0], *w, None, 0, 0.0, 0)
+    with pytest.raises(RuntimeError, match="must be contiguous"):
+        op(x[:, :, 0].transpose(0, 1).reshape(6, 6).t(), *w, None, 0, 0.0, 0)
+    bwd = torch.ops.fastcascade.pixel_adapter_backward
+    with pytest.raises(RuntimeError, match="grad_y must be laid out as x"):
+        bwd(x.contiguous(memory_format=torch.channels_last), x, *w, None, 0, 0.0, 0)
+    with pytest.raises(RuntimeError, match="grad_y must have x's shape"):
+        bwd(x[:1], x, *w, None, 0, 0.0, 0)
