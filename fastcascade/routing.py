@@ -15,8 +15,8 @@ fastcascade.reference, which defines the semantics). Decisions are int32, so the
 directly; gather_rows and scatter_rows are differentiable (each is the other's backward), so a cascade
 trains end to end through its routing.
 
-Values that only the device knows (branch ids, row indices) are checked without a host sync only where
-that is free: on the CPU they always raise; on CUDA the kernels stay memory-safe (documented per
+Values that only the device knows (branch ids, row indices) are checked only where that needs no
+host sync: on the CPU they always raise; on CUDA the kernels stay memory-safe (documented per
 function) and FASTCASCADE_CHECK=1 makes the API raise instead.
 """
 
@@ -97,14 +97,12 @@ def _index(index, x: torch.Tensor, xn: str) -> torch.Tensor:
     return index
 
 
-def _value_checks_on(t: torch.Tensor, backend: str) -> bool:
-    """Checks of device values: on the CPU always (the C++ CPU kernels check themselves), on CUDA only
-    with FASTCASCADE_CHECK=1 (a sync); never while compiling (data-dependent)."""
+def _value_checks_on(t: torch.Tensor) -> bool:
+    """Checks of values (ids, indices): on the CPU always (no sync there), on CUDA only with
+    FASTCASCADE_CHECK=1; never while compiling (data-dependent; the C++ CPU kernels still raise)."""
     if torch.compiler.is_compiling():
         return False
-    if t.device.type == "cpu":
-        return backend != "cpu"
-    return os.environ.get("FASTCASCADE_CHECK") == "1"
+    return t.device.type == "cpu" or os.environ.get("FASTCASCADE_CHECK") == "1"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,7 +197,7 @@ def partition(branch: torch.Tensor, num_branches: int, *, backend: str = "auto")
                          f"{tuple(branch.shape)}")
     num_branches = _int_arg(num_branches, "num_branches", 1)
     backend = _ops.resolve_backend(backend, branch.device)
-    if _value_checks_on(branch, backend):
+    if _value_checks_on(branch):
         bad = (branch < 0) | (branch >= num_branches)
         if bool(bad.any()):
             raise ValueError(f"branch holds ids outside [0, num_branches = {num_branches}): "
@@ -209,13 +207,13 @@ def partition(branch: torch.Tensor, num_branches: int, *, backend: str = "auto")
     return Partition(*_ops.routing_op("partition", backend)(branch, num_branches))
 
 
-def _check_index_values(index: torch.Tensor, rows: int, backend: str, what: str, injective: bool) -> None:
-    if not _value_checks_on(index, backend):
+def _check_index_values(index: torch.Tensor, rows: int, what: str, injective: bool) -> None:
+    if not _value_checks_on(index):
         return
     bad = (index < 0) | (index >= rows)
     if bool(bad.any()):
         raise ValueError(f"index holds rows outside [0, {rows}) ({what}): {index[bad].unique()[:8].tolist()}")
-    if injective and index.unique().numel() != index.numel():
+    if injective and index.numel() and bool(torch.bincount(index, minlength=rows).max() > 1):
         raise ValueError("index holds a row twice: scatter_rows needs distinct indices (a permutation or "
                          "injection, as partition's order)")
 
@@ -236,7 +234,7 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor, *, backend: str = "auto") 
         raise ValueError("x must have at least one dimension (rows), got a 0-dim tensor")
     _index(index, x, "x")
     backend = _ops.resolve_backend(backend, x.device)
-    _check_index_values(index, x.shape[0], backend, "x's rows", injective=False)
+    _check_index_values(index, x.shape[0], "x's rows", injective=False)
     if backend == "torch":
         return reference.gather_rows(x, index)
     return _ops.routing_op("gather_rows", backend)(x, index)
@@ -262,7 +260,7 @@ def scatter_rows(src: torch.Tensor, index: torch.Tensor, num_rows: int, *, backe
     if index.shape[0] != src.shape[0]:
         raise ValueError(f"index must have one entry per row of src ({src.shape[0]}), got {index.shape[0]}")
     backend = _ops.resolve_backend(backend, src.device)
-    _check_index_values(index, num_rows, backend, "num_rows", injective=True)
+    _check_index_values(index, num_rows, "num_rows", injective=True)
     if backend == "torch":
         return reference.scatter_rows(src, index, num_rows)
     return _ops.routing_op("scatter_rows", backend)(src, index, num_rows)

@@ -85,10 +85,15 @@ def _scalar(v: float, dtype: torch.dtype, device) -> Tensor:
 
 
 @triton.jit
-def _route_threshold_kernel(x_ptr, c_ptr, out_ptr, N, CT: tl.constexpr, BLOCK: tl.constexpr):
+def _route_threshold_kernel(x_ptr, c_ptr, out_ptr, N, CT: tl.constexpr, BF16_BITS: tl.constexpr,
+                            BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
-    x = tl.load(x_ptr + offs, mask=mask, other=0).to(CT)
+    if BF16_BITS:  # bf16 widened by its bits: exact for subnormals too (the interpreter's cast flushes them)
+        bits = tl.load(x_ptr + offs, mask=mask, other=0).to(tl.int32) & 0xFFFF
+        x = (bits << 16).to(tl.float32, bitcast=True)
+    else:
+        x = tl.load(x_ptr + offs, mask=mask, other=0).to(CT)
     c = tl.load(c_ptr)
     tl.store(out_ptr + offs, (x > c).to(tl.int32), mask=mask)
 
@@ -165,8 +170,10 @@ def route_threshold_triton(logits: Tensor, logit_threshold: float) -> Tensor:
     c = _scalar(logit_threshold if fp64 else _round_down_to_f32(logit_threshold),
                 torch.float64 if fp64 else torch.float32, logits.device)
     if n > 0:
+        bf16 = x.dtype == torch.bfloat16
         wrap_triton(_route_threshold_kernel)[(triton.cdiv(n, _BLOCK),)](
-            x, c, out, n, CT=tl.float64 if fp64 else tl.float32, BLOCK=_BLOCK)
+            x.view(torch.int16) if bf16 else x, c, out, n, CT=tl.float64 if fp64 else tl.float32, BF16_BITS=bf16,
+            BLOCK=_BLOCK)
     return out
 
 
