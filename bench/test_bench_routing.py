@@ -16,7 +16,7 @@ from bench_utils import DEVICE, record
 import fastcascade as fc
 from fastcascade import _ops
 
-ROWS = [1 << 16, 1 << 20] if DEVICE == "cuda" else [1 << 16]  # 1M x 1 KiB = 1 GiB on a GPU; 64 MiB here
+ROWS = [1 << 16, 1 << 20] if DEVICE == "cuda" else [1 << 14, 1 << 16]  # 1M x 1 KiB = 1 GiB on a GPU
 D = 512
 BRANCHES = 3
 
