@@ -554,7 +554,7 @@ def test_gpu_out_of_range_values_are_memory_safe_and_checkable(backend, monkeypa
 def test_gpu_copy_widths_and_large_partition(backend):
     gen = seeded("gpu-copy")
     base = torch.randn(1 << 14, generator=gen).half().cuda()
-    for start, D in [(0, 512), (1, 512), (2, 36), (4, 12), (3, 7)]:  # 16-, 2-, 8-, 8-, 2-byte words
+    for start, D in [(0, 512), (1, 512), (2, 36), (4, 12), (3, 7)]:  # 16-, 2-, 4-, 8-, 2-byte words
         rows = base[start:start + 40 * D].view(40, D)
         idx = torch.randperm(40, generator=gen).cuda()
         assert torch.equal(fc.gather_rows(rows, idx, backend=backend), rows[idx])
@@ -564,3 +564,24 @@ def test_gpu_copy_widths_and_large_partition(backend):
         got = fc.partition(branch, B, backend=backend)
         want = reference.partition(branch.cpu(), B)
         assert all(torch.equal(a.cpu(), b) for a, b in zip(got, want))
+
+
+def test_every_routing_op_runs_on_meta_tensors():
+    """Fake kernels of the C++ ops and their Triton twins: static output shapes, no data needed."""
+    suffixes = ("", "_triton") if _ops.HAS_TRITON else ("",)
+    if _ops.HAS_TRITON:
+        _ops.load_triton_ops()
+    meta = {"device": "meta"}
+    for suffix in suffixes:
+        ops = lambda name: getattr(torch.ops.fastcascade, name + suffix)  # noqa: E731
+        assert ops("route_threshold")(torch.empty(7, **meta), 0.0).shape == (7,)
+        assert ops("route_argmax")(torch.empty(7, 3, **meta)).dtype == torch.int32
+        assert ops("route_confident")(torch.empty(7, 3, **meta), 1.0, 2.0).shape == (7,)
+        order, counts, offsets = ops("partition")(torch.empty(7, dtype=torch.int32, **meta), 3)
+        assert (order.shape, counts.shape, offsets.shape) == ((7,), (3,), (4,))
+        x = torch.empty(7, 2, 5, dtype=torch.float16, requires_grad=True, **meta)
+        g = ops("gather_rows")(x, torch.empty(4, dtype=torch.long, **meta))
+        assert g.shape == (4, 2, 5) and g.grad_fn is not None
+        assert ops("scatter_rows")(g, torch.empty(4, dtype=torch.long, **meta), 9).shape == (9, 2, 5)
+        labels, probs = ops("vote")(torch.empty(3, 7, 4, dtype=torch.bfloat16, **meta), 0, True)
+        assert labels.dtype == torch.int64 and probs.shape == (7, 4) and probs.dtype == torch.float32
