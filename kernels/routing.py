@@ -48,7 +48,6 @@ _MAX_TILE_C = 4096       # route_argmax / route_confident loop over class chunks
 _PARTITION_ELEMS = 8192  # elements of partition's (rows x bins) one-hot tile
 _MAX_TILE_BINS = 64      # branches + 1 of the one-hot path; more use a stable device sort
 _COPY_ELEMS = 4096       # elements of a row-copy tile
-_BIG = 2**31 - 1
 
 
 def _check_float(t: Tensor, op: str, name: str) -> None:
@@ -100,7 +99,7 @@ def _route_threshold_kernel(x_ptr, c_ptr, out_ptr, N, CT: tl.constexpr, BF16_BIT
 
 @triton.jit
 def _first_max(x, valid, cols):
-    """Per row of a tile: (max, first column holding it, first NaN column or _BIG), NaNs left out
+    """Per row of a tile: (max, first column holding it, first NaN column or 2**31 - 1), NaNs left out
     of the max."""
     is_nan = x != x
     xm = tl.where(valid & ~is_nan, x, float("-inf"))
