@@ -32,6 +32,27 @@ TORCH_LIBRARY(fastcascade, m) {
   m.def("pixel_adapter_backward(Tensor grad_y, Tensor x, Tensor down_w, Tensor down_b, Tensor up_w, Tensor up_b, "
         "Tensor? scale, int activation, float dropout, int seed) -> (Tensor grad_x, Tensor grad_down_w, "
         "Tensor grad_down_b, Tensor grad_up_w, Tensor grad_up_b, Tensor grad_scale)");
+
+  // ---- routing (issue 4) -------------------------------------------------------------------------
+  // Decisions: an int32 branch id per row. route_threshold: 1 where logit > logit_threshold (compared
+  // exactly; the API passes T log(t / (1 - t)) computed in float64); logits (N,) or (N, 1).
+  m.def("route_threshold(Tensor logits, float logit_threshold) -> Tensor");
+  // First maximum of each row of logits (N, C), NaN counting as the maximum (torch.argmax).
+  m.def("route_argmax(Tensor logits) -> Tensor");
+  // 1 ("exit") where sum_c exp((x_c - max_c x) / temperature) <= max_sum (= 1 / tau), in float64.
+  m.def("route_confident(Tensor logits, float temperature, float max_sum) -> Tensor");
+  // Stable counting sort of branch (N,) int32/int64 into num_branches bins: order (N,) int64 lists the
+  // rows bin by bin, each bin's rows in index order; counts (B,), offsets (B + 1,) int64. Ids outside
+  // [0, B): CPU raises; CUDA places them after offsets[B], counted in no bin.
+  m.def("partition(Tensor branch, int num_branches) -> (Tensor order, Tensor counts, Tensor offsets)");
+  // out[i] = x[index[i]] along dim 0, any dtype; each is the other's backward.
+  m.def("gather_rows(Tensor x, Tensor index) -> Tensor");
+  // out (num_rows, ...) zeros, out[index[i]] = src[i]; index must not repeat a row.
+  m.def("scatter_rows(Tensor src, Tensor index, int num_rows) -> Tensor");
+  // member_logits (K, N, C); mode 0 hard (majority of argmax, ties by summed probability, then lowest
+  // id), 1 soft (argmax of summed probability). labels int64 (N,); probs (N, C) mean softmax in fp32
+  // (fp64 for fp64 input) when need_probs, else (0, C).
+  m.def("vote(Tensor member_logits, int mode, bool need_probs) -> (Tensor labels, Tensor probs)");
 }
 
 // Build facts the Python side checks at import.

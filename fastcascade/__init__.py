@@ -22,6 +22,16 @@ from .losses import (
     sigmoid_focal_loss,
     softmax_focal_loss,
 )
+from .routing import (
+    Partition,
+    gather_rows,
+    partition,
+    route_argmax,
+    route_confident,
+    route_threshold,
+    scatter_rows,
+    vote,
+)
 
 __version__ = "0.1.0"
 
@@ -43,4 +53,12 @@ __all__ = [
     "inverse_frequency_weights",
     "sigmoid_focal_loss",
     "softmax_focal_loss",
+    "Partition",
+    "gather_rows",
+    "partition",
+    "route_argmax",
+    "route_confident",
+    "route_threshold",
+    "scatter_rows",
+    "vote",
 ]

@@ -5,6 +5,7 @@ Also decides which backend runs a call ("auto" | "cpu" | "cuda" | "triton" | "to
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -55,12 +56,13 @@ def load_triton_ops() -> None:
     global _triton_ops_loaded
     if _triton_ops_loaded:
         return
-    from .kernels import adapter, focal, pixel_adapter  # noqa: F401
+    from .kernels import adapter, focal, pixel_adapter, routing  # noqa: F401
 
     for qualname, fake, reduction_arg, need_grad_arg, n_inputs, unsqueeze_none in _FOCAL_OPS:
         _register(qualname + "_triton", fake, reduction_arg, need_grad_arg, n_inputs, unsqueeze_none)
     _register_pooled_adapter("_triton")
     _register_pixel_adapter("_triton")
+    _register_routing("_triton")
     _triton_ops_loaded = True
 
 
@@ -248,6 +250,81 @@ for _op in _FOCAL_OPS:
     _register(*_op)
 _register_pooled_adapter("")
 _register_pixel_adapter("")
+
+
+# ---------------------------------------------------------------------------------------------
+# routing (issue 4): decisions, partition, gather / scatter rows, vote
+
+VOTE_MODES = {"hard": 0, "soft": 1}
+
+
+def _route_fake(logits, *_params):
+    return logits.new_empty((logits.shape[0],), dtype=torch.int32)
+
+
+def _partition_fake(branch, num_branches):
+    # static shapes: order (N,) whatever the ids hold, so nothing data-dependent reaches the graph
+    new = functools.partial(branch.new_empty, dtype=torch.int64)
+    return new((branch.shape[0],)), new((num_branches,)), new((num_branches + 1,))
+
+
+def _gather_rows_fake(x, index):
+    return x.new_empty((index.shape[0],) + tuple(x.shape[1:]))
+
+
+def _scatter_rows_fake(src, index, num_rows):
+    return src.new_empty((num_rows,) + tuple(src.shape[1:]))
+
+
+def _vote_fake(member_logits, mode, need_probs):
+    _, N, C = member_logits.shape
+    return (member_logits.new_empty((N,), dtype=torch.int64),
+            member_logits.new_empty((N if need_probs else 0, C), dtype=_acc_dtype(member_logits)))
+
+
+def _register_routing(suffix: str):
+    """Fake kernels of every routing op; autograd of gather_rows and scatter_rows, each the other's
+    backward (the decisions, partition and vote have integer outputs: nothing to differentiate)."""
+    ops = torch.ops.fastcascade
+    gather, scatter = getattr(ops, f"gather_rows{suffix}"), getattr(ops, f"scatter_rows{suffix}")
+    for name, fake in [("route_threshold", _route_fake), ("route_argmax", _route_fake),
+                       ("route_confident", _route_fake), ("partition", _partition_fake),
+                       ("gather_rows", _gather_rows_fake), ("scatter_rows", _scatter_rows_fake),
+                       ("vote", _vote_fake)]:
+        torch.library.register_fake(f"fastcascade::{name}{suffix}")(fake)
+
+    def gather_setup(ctx, inputs, output):
+        x, index = inputs
+        ctx.num_rows = x.shape[0]
+        ctx.save_for_backward(index)
+
+    def gather_backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        return scatter(grad.contiguous(), index, ctx.num_rows), None
+
+    def scatter_setup(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
+
+    def scatter_backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        return gather(grad.contiguous(), index), None, None
+
+    torch.library.register_autograd(f"fastcascade::gather_rows{suffix}", gather_backward, setup_context=gather_setup)
+    torch.library.register_autograd(f"fastcascade::scatter_rows{suffix}", scatter_backward,
+                                    setup_context=scatter_setup)
+
+
+def routing_op(name: str, backend: str):
+    """The registered routing op: C++ (CPU or CUDA dispatch) or its Triton twin."""
+    if backend == "triton":
+        load_triton_ops()
+        return getattr(torch.ops.fastcascade, f"{name}_triton")
+    return getattr(torch.ops.fastcascade, name)
+
+
+_register_routing("")
+
+# Last, once every op above is registered: on a GPU (or under the interpreter) the Triton twins load now.
 if HAS_TRITON and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
                    or os.environ.get("FASTCASCADE_BACKEND") == "triton"):
     load_triton_ops()

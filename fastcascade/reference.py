@@ -6,6 +6,8 @@ functions; `backend="torch"` on the public API runs them.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -212,3 +214,103 @@ def pixel_adapter(
     (adapter_dropout_keep), kept values scaled by 1 / (1 - p); without a seed, F.dropout's.
     """
     return _pixel_adapter(x, down_w, down_b, up_w, up_b, activation, scale, channel_dim, dropout, seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# routing (issue 4): decisions, partition, row gather / scatter, ensemble vote
+
+
+def logit_threshold(threshold: float, temperature: float = 1.0) -> float:
+    """The logit cut of route_threshold: sigmoid(x / T) > t  <=>  x > T log(t / (1 - t)), in float64
+    (-inf for t = 0, +inf for t = 1)."""
+    if threshold <= 0:
+        return -math.inf
+    if threshold >= 1:
+        return math.inf
+    return temperature * (math.log(threshold) - math.log1p(-threshold))
+
+
+def route_threshold(logits: torch.Tensor, threshold: float = 0.5, temperature: float = 1.0) -> torch.Tensor:
+    """int32 (N,): 1 where sigmoid(logits / T) > threshold, else 0; logits (N,) or (N, 1).
+
+    Evaluated without a sigmoid, as the exact comparison x > c with c = logit_threshold(threshold, T)
+    (float64). Every float dtype compares exactly, so all backends agree bitwise: fp16/bf16/fp32
+    kernels compare in fp32 against c rounded down to fp32, which decides every fp32 value as the
+    float64 comparison does. An fp32 sigmoid would saturate (sigmoid(x) rounds to 1 for x > 17) and
+    cannot separate thresholds near 1. threshold 0 sends every row but -inf to 1, threshold 1 sends
+    every row to 0; NaN logits go to 0.
+    """
+    c = logit_threshold(threshold, temperature)
+    return (logits.reshape(logits.shape[0]).to(torch.float64) > c).to(torch.int32)
+
+
+def route_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """int32 (N,): the first maximum of each row of logits (N, C) (torch.argmax; NaN counts as the max)."""
+    return torch.argmax(logits, dim=1).to(torch.int32)
+
+
+def route_confident(logits: torch.Tensor, tau: float, temperature: float = 1.0) -> torch.Tensor:
+    """int32 (N,): 1 ("exit") where max_c softmax(logits / T)_c >= tau, else 0 ("continue").
+
+    Evaluated in float64 as S = sum_c exp((x_c - max x) / T), summed over c in class order, and
+    1 / S >= tau  <=>  S <= 1 / tau (1 / tau in float64; +inf for tau = 0). tau = 0 exits every
+    row without NaN; tau > 1 none. Rows holding NaN or +inf continue.
+    """
+    x = logits.to(torch.float64)
+    d = (x - x.amax(dim=1, keepdim=True)) / temperature
+    s = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    for c in range(x.shape[1]):
+        s = s + torch.exp(d[:, c])
+    max_sum = math.inf if tau <= 0 else 1.0 / tau
+    return (s <= max_sum).to(torch.int32)
+
+
+def partition(branch: torch.Tensor, num_branches: int):
+    """Stable counting sort of branch ids (N,) into num_branches bins.
+
+    Returns (order, counts, offsets), int64 of shapes (N,), (B,), (B + 1,): order lists the row indices
+    of bin 0, then bin 1, ..., each bin's rows in increasing index order; counts[b] rows have id b;
+    offsets = [0, cumsum(counts)], so bin b's rows are order[offsets[b]:offsets[b + 1]]. Ids outside
+    [0, B) belong to no bin: their rows follow offsets[B] in order (so order stays a permutation).
+    """
+    b = branch.to(torch.int64)
+    key = torch.where((b >= 0) & (b < num_branches), b, torch.full_like(b, num_branches))
+    order = torch.sort(key, stable=True).indices
+    counts = (key[:, None] == torch.arange(num_branches, device=key.device)).sum(0)
+    offsets = torch.cat([key.new_zeros(1), torch.cumsum(counts, 0)])
+    return order, counts, offsets
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[index] along dim 0: out[i] = x[index[i]], shape (len(index), *x.shape[1:]), any dtype."""
+    return x[index.to(torch.int64)]
+
+
+def scatter_rows(src: torch.Tensor, index: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """out of shape (num_rows, *src.shape[1:]), zeros but out[index[i]] = src[i]; index injective."""
+    out = src.new_zeros((num_rows,) + tuple(src.shape[1:]))
+    out[index.to(torch.int64)] = src
+    return out
+
+
+def vote(member_logits, mode: str = "hard", return_probs: bool = False):
+    """Ensemble decision over K members' logits (K, N, C) (or a list of K (N, C) tensors) -> int64 (N,).
+
+    P = sum_k softmax(member_k) over classes, accumulated in member order in fp32 (fp64 for fp64
+    logits). "hard": each member votes for its argmax (first maximum); among the classes with the
+    most votes, the one with the largest P wins, then the lowest class id. "soft": the first class
+    with the largest P. return_probs=True also returns the mean probabilities P / K (N, C).
+    """
+    x = torch.stack(list(member_logits)) if not isinstance(member_logits, torch.Tensor) else member_logits
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    K, N, C = x.shape
+    p = torch.zeros(N, C, dtype=acc, device=x.device)
+    for k in range(K):
+        p = p + torch.softmax(x[k].to(acc), dim=1)
+    if mode == "hard":
+        votes = F.one_hot(torch.argmax(x, dim=2), C).sum(0)
+        score = torch.where(votes == votes.amax(dim=1, keepdim=True), p, torch.full_like(p, -1.0))
+    else:
+        score = p
+    labels = torch.argmax(score, dim=1)
+    return (labels, p / K) if return_probs else labels

@@ -7,10 +7,26 @@ Importing this subpackage defines the ops
 
 from .adapter import pooled_adapter_backward_triton, pooled_adapter_triton
 from .focal import sigmoid_focal_triton, softmax_focal_triton
+from .routing import (
+    gather_rows_triton,
+    partition_triton,
+    route_argmax_triton,
+    route_confident_triton,
+    route_threshold_triton,
+    scatter_rows_triton,
+    vote_triton,
+)
 
 __all__ = [
     "pooled_adapter_backward_triton",
     "pooled_adapter_triton",
     "sigmoid_focal_triton",
     "softmax_focal_triton",
+    "gather_rows_triton",
+    "partition_triton",
+    "route_argmax_triton",
+    "route_confident_triton",
+    "route_threshold_triton",
+    "scatter_rows_triton",
+    "vote_triton",
 ]
