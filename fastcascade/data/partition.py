@@ -13,23 +13,24 @@ For every candidate partition (libaom geometry, see ``labels.PARTITION_RECTS``) 
 * quantisation: uniform, step ``2 ** ((qp - 4) / 6)`` (the H.264/HEVC QP scale, 0..51; not AV1's
   qindex), rounding to nearest;
 * distortion D: squared error of the quantised coefficients (= pixel-domain SSE, the DCT being
-  orthonormal);
-* rate R (bits): per non-zero level ``2 + 2 * floor(log2 |level|)`` (sign + an Exp-Golomb length),
-  per sub-block 1 bit "coded" flag plus ``log2(area)`` bits of end-of-block position when coded,
-  plus a per-partition signalling cost (``PARTITION_BITS``);
+  orthonormal up to the rounding of its integer form);
+* rate R (bits): per non-zero level ``2 + 2 * floor(log2 |level|)`` (sign + an Exp-Golomb length);
+  per sub-block a 1-bit "coded" flag and, when coded, an end-of-block position of
+  ``1 + 2 * floor(log2(d + 1))`` bits, d = i + j the last significant anti-diagonal (1 bit for DC
+  only); plus a per-partition signalling cost (``PARTITION_BITS``);
 * J = D + lambda * R with lambda = ``LAMBDA_SCALE * step ** 2`` (encoders tie lambda to step^2).
 
 The block gets the partition of least J.
 
 **Exact symmetry.** A transposed block gets the transposed label, a flipped block the flipped label
-(``labels.*_LABELS``), bit for bit. Everything is computed in exact integer arithmetic: the DCT
+(``labels.*_LABELS``), bit for bit. Every cost is computed in exact integer arithmetic: the DCT
 matrices are integers (``round(512 * DCT)``, built with exact mirror symmetry), the transforms of
 integer residuals are exact (float64 products of integers below 2**53, so the summation order cannot
-matter), and D and R are int64 sums. A flip only changes coefficient signs and a transpose only
+matter), and D and R are exact integer sums. A flip only changes coefficient signs and a transpose only
 transposes them, so every candidate's cost is *exactly* the cost of its mirrored candidate on the
-mirrored block. Ties are broken by a rule that commutes with the symmetries: least J, then fewest
-sub-blocks (NONE < HORZ/VERT < HORZ_4/VERT_4 < AB types < SPLIT); a tie that remains is between
-mirror images, which no rule can order without breaking symmetry, so it goes to NONE or SPLIT
+mirrored block. Ties are broken by a rule that commutes with the symmetries: least J, then the
+first of the symmetry classes NONE, HORZ/VERT, HORZ_4/VERT_4, AB types, SPLIT; a tie that remains is
+between mirror images, which no rule can order without breaking symmetry, so it goes to NONE or SPLIT
 (whichever has the lower J, NONE on equality), the two labels every symmetry leaves alone.
 """
 
@@ -78,6 +79,9 @@ def _int_dct(n: int) -> np.ndarray:
 
 
 _DCT = {n: torch.from_numpy(_int_dct(n)) for n in (4, 8, 16)}
+# Anti-diagonal index i + j of each coefficient, per sub-block shape.
+_DIAG = {(h, w): torch.arange(h)[:, None] + torch.arange(w)[None, :]
+         for h, w in ((16, 16), (8, 16), (16, 8), (8, 8), (4, 16), (16, 4))}
 
 
 def _params(qp: float, include_4way: bool) -> dict:
@@ -108,29 +112,35 @@ def _to_pixels(blocks: torch.Tensor) -> torch.Tensor:
 
 
 def _candidate_costs(pix: torch.Tensor, qs: int, lam: int, candidates: list) -> torch.Tensor:
-    """(N, 16, 16) int64 pixels -> (N, len(candidates)) int64 costs J (units: _SCALE^4 * squared pixel)."""
+    """(N, 16, 16) int64 pixels -> (N, len(candidates)) int64 costs J (units: _SCALE^4 * squared pixel).
+
+    Exactness: the transform, the quantisation and the per-coefficient error and bits are float64
+    values that are exact integers below 2**53 (|M| <= 362, |resid| <= 255, 16-term sums; levels and
+    errors are then exact too), so they do not depend on summation order; the distortion, whose sum
+    can pass 2**53, is summed in int64."""
     n = pix.shape[0]
     mean = (pix.sum(dim=(1, 2)) + 128) // 256                 # rounded block mean, symmetric by construction
     resid = (pix - mean[:, None, None]).to(torch.float64)
+    rects = sorted({rect for label in candidates for rect in PARTITION_RECTS[label]})
     rect_cost = {}
-    for label in candidates:
-        for rect in PARTITION_RECTS[label]:
-            if rect in rect_cost:
-                continue
-            r, c, h, w = rect
-            sub = resid[:, r:r + h, c:c + w]
-            # Exact: every partial sum is an integer below 2**53 (|M| <= 362, |resid| <= 255, 16 terms).
-            coef = (_DCT[h] @ sub @ _DCT[w].T).to(torch.int64).abs()
-            level = (coef + qs // 2) // qs                     # round to nearest (qs is even)
-            err = coef - level * qs
-            dist = (err * err).sum(dim=(1, 2))
-            nz = level > 0
-            # floor(log2 level) exactly, from the float exponent (level < 2**53 is exact in float64).
-            _, expo = torch.frexp(level.clamp(min=1).to(torch.float64))
-            bits = torch.where(nz, 2 + 2 * (expo.to(torch.int64) - 1), 0).sum(dim=(1, 2))
-            coded = nz.flatten(1).any(dim=1)
-            bits = bits + 1 + torch.where(coded, int(math.log2(h * w)), 0)
-            rect_cost[rect] = dist + lam * _RATE_UNIT * bits
+    for h, w in sorted({(h, w) for _, _, h, w in rects}):    # all sub-blocks of one shape in one batch
+        group = [rect for rect in rects if rect[2:] == (h, w)]
+        sub = torch.stack([resid[:, r:r + h, c:c + w] for r, c, _, _ in group], dim=1)  # (N, k, h, w)
+        coef = (_DCT[h] @ sub @ _DCT[w].T).abs()
+        level = torch.floor((coef + qs // 2) / qs)             # round to nearest
+        err = coef - level * qs
+        dist = (err * err).to(torch.int64).sum(dim=(2, 3))
+        nz = level > 0
+        # Per non-zero level 2 + 2 floor(log2 level) bits = 2 * frexp exponent (level = m 2^e, m in [.5, 1)).
+        bits = torch.where(nz, 2 * torch.frexp(level).exponent, 0).sum(dim=(2, 3))
+        # End of block: the last significant anti-diagonal d = i + j, 1 + 2 floor(log2(d + 1)) bits
+        # (1 bit for DC only). i + j is unchanged by a transpose, so the cost keeps the symmetry.
+        diag = torch.where(nz, _DIAG[(h, w)], -1).amax(dim=(2, 3))
+        eob = 2 * torch.frexp((diag + 1).to(torch.float64)).exponent - 1
+        bits = bits.to(torch.int64) + 1 + torch.where(diag >= 0, eob, 0)   # + 1: the "coded" flag
+        cost = dist + lam * _RATE_UNIT * bits
+        for i, rect in enumerate(group):
+            rect_cost[rect] = cost[:, i]
     costs = torch.zeros(n, len(candidates), dtype=torch.int64)
     for i, label in enumerate(candidates):
         for rect in PARTITION_RECTS[label]:
