@@ -11,9 +11,20 @@ import torch
 from conftest import seeded
 
 import fastcascade.data as fd
-from fastcascade.data import (HFLIP_LABELS, IGNORE_INDEX, LABEL_NAMES, NONE, NUM_CLASSES, NUM_MAIN_CLASSES,
-                              PARTITION_RECTS, STAGE_CLASS_NAMES, TRANSPOSE_LABELS, VFLIP_LABELS, label_blocks,
-                              partition_map)
+from fastcascade.data import (
+    HFLIP_LABELS,
+    IGNORE_INDEX,
+    LABEL_NAMES,
+    NONE,
+    NUM_CLASSES,
+    NUM_MAIN_CLASSES,
+    PARTITION_RECTS,
+    STAGE_CLASS_NAMES,
+    TRANSPOSE_LABELS,
+    VFLIP_LABELS,
+    label_blocks,
+    partition_map,
+)
 
 # SHA-256 of the default dataset (split "all"): labels as int64 bytes, blocks as uint8 bytes. A change
 # here means the dataset changed: bump LABELLER_VERSION / DATASET_VERSION (they key users' caches).
@@ -89,7 +100,8 @@ def canonical(pmap: torch.Tensor) -> tuple:
 
 def test_importing_fastcascade_does_not_import_skimage(tmp_path):
     code = "import sys, fastcascade, fastcascade.data; print('skimage' in sys.modules)"
-    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120, check=False)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "False"
 
@@ -136,8 +148,8 @@ def test_labeller_symmetry_random_blocks(qp, include_4way):
     assert len(labels.unique()) >= 6  # the blocks exercise many labels, not just NONE / SPLIT
     for name, (f, table) in TRANSFORMS.items():
         assert torch.equal(label_blocks(f(blocks), qp=qp, include_4way=include_4way), table[labels]), name
-    rot = lambda x: x.transpose(-1, -2).flip(-1)  # noqa: E731  (a rotation: composed tables)
-    assert torch.equal(label_blocks(rot(blocks), qp=qp, include_4way=include_4way),
+    rotated = blocks.transpose(-1, -2).flip(-1)  # a rotation: the composed tables
+    assert torch.equal(label_blocks(rotated, qp=qp, include_4way=include_4way),
                        HFLIP_LABELS[TRANSPOSE_LABELS[labels]])
 
 
@@ -229,7 +241,7 @@ def test_split_is_by_image(full, cache_dir):
 def test_cache_is_reused_keyed_and_rebuilt_when_broken(full, cache_dir, tmp_path, monkeypatch):
     files = sorted(cache_dir.glob("partition16-*.pt"))
     assert len(files) == 1 and not list(cache_dir.glob(".*tmp"))
-    monkeypatch.setattr(fd.dataset, "build_partition_dataset", lambda *a: pytest.fail("rebuilt a cached dataset"))
+    monkeypatch.setattr(fd.dataset, "build_partition_dataset", lambda *a: pytest.fail("rebuilt from cache"))
     assert torch.equal(fd.load_partition_dataset("all", cache_dir=cache_dir).labels, full.labels)
     monkeypatch.undo()
     # FASTCASCADE_DATA_DIR is the default cache; a truncated file there is rebuilt, not trusted.
@@ -240,7 +252,7 @@ def test_cache_is_reused_keyed_and_rebuilt_when_broken(full, cache_dir, tmp_path
     assert torch.equal(ds.labels, full.labels) and torch.equal(ds.blocks, full.blocks)
     assert broken.read_bytes() == files[0].read_bytes()
     # other labeller settings get another file (a stub labeller: the key is what is tested here)
-    monkeypatch.setattr(fd.dataset, "label_blocks", lambda b, qp, include_4way: torch.zeros(len(b), dtype=torch.int64))
+    monkeypatch.setattr(fd.dataset, "label_blocks", lambda b, qp, include_4way: torch.zeros(len(b)).long())
     other = fd.load_partition_dataset("val", qp=40, verbose=False)
     assert len(list(tmp_path.glob("partition16-*.pt"))) == 2
     assert other.meta["labeller"]["qp"] == 40.0

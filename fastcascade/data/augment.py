@@ -15,8 +15,8 @@ from .labels import HFLIP_LABELS, TRANSPOSE_LABELS, VFLIP_LABELS, _check_labels
 
 def _check_blocks(blocks: torch.Tensor) -> None:
     if not isinstance(blocks, torch.Tensor) or blocks.dim() < 2 or blocks.shape[-1] != blocks.shape[-2]:
-        raise ValueError("blocks: expected a tensor (N, ..., S, S) of square blocks, got "
-                         f"{tuple(blocks.shape) if isinstance(blocks, torch.Tensor) else type(blocks).__name__}")
+        got = tuple(blocks.shape) if isinstance(blocks, torch.Tensor) else type(blocks).__name__
+        raise ValueError(f"blocks: expected a tensor (N, ..., S, S) of square blocks, got {got}")
 
 
 def _map(table: torch.Tensor, labels):
@@ -115,7 +115,8 @@ def mixup(blocks: torch.Tensor, targets: torch.Tensor, alpha: float = 0.2,
     elif targets.dim() == 2:
         soft = targets.float()
     else:
-        raise ValueError(f"targets: expected (N,) class ids or (N, C) soft targets, got shape {tuple(targets.shape)}")
+        raise ValueError("targets: expected (N,) class ids or (N, C) soft targets, got shape "
+                         f"{tuple(targets.shape)}")
     if soft.shape[0] != n:
         raise ValueError(f"targets: expected {n} rows to match blocks, got {soft.shape[0]}")
     x = blocks if blocks.is_floating_point() else blocks.float()

@@ -52,7 +52,8 @@ def _validate(obj, where: str, block_size: int, num_classes: int) -> dict:
             raise ValueError(f"{where}: 'blocks' holds NaN or infinite values")
         lo, hi = blocks.min().item(), blocks.max().item()
         if lo < 0 or hi > 1:
-            raise ValueError(f"{where}: float 'blocks' must be in [0, 1] (pixels / 255), got range [{lo:.4g}, {hi:.4g}]")
+            raise ValueError(f"{where}: float 'blocks' must be in [0, 1] (pixels / 255), got range "
+                             f"[{lo:.4g}, {hi:.4g}]")
     if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64:
         got = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
         raise ValueError(f"{where}: 'labels' must be an int64 tensor, got {got}")
@@ -101,8 +102,8 @@ def load_block_dataset(path: str | os.PathLike, split: str = "train", block_size
         folder = folder if folder.is_dir() else path
         file = folder / f"{split}.pt"
         if not file.is_file():
-            raise FileNotFoundError(f"{file}: no such file; expected {path}/{block_size}x{block_size}/{split}.pt "
-                                    f"or {path}/{split}.pt (see fastcascade.data.blockfile)")
+            raise FileNotFoundError(f"{file}: no such file; expected {path}/{block_size}x{block_size}/"
+                                    f"{split}.pt or {path}/{split}.pt (see fastcascade.data.blockfile)")
     elif path.is_file():
         folder, file = path.parent, path
     else:
@@ -114,7 +115,8 @@ def load_block_dataset(path: str | os.PathLike, split: str = "train", block_size
     if num_classes is None:
         num_classes = meta_json.get("num_classes", NUM_CLASSES)
         if not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"{folder / 'metadata.json'}: num_classes must be a positive int, got {num_classes!r}")
+            raise ValueError(f"{folder / 'metadata.json'}: num_classes must be a positive int, "
+                             f"got {num_classes!r}")
     try:
         obj = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:

@@ -181,8 +181,10 @@ def label_distribution(labels: torch.Tensor, num_classes: int = NUM_CLASSES) -> 
 
 def format_distribution(labels: torch.Tensor, num_classes: int = NUM_CLASSES) -> str:
     """The label distribution as a small text table (one row per label: count and percentage)."""
-    rows = [f"  {name:<7} {n:>7} {100 * f:6.2f}%" for name, (n, f) in label_distribution(labels, num_classes).items()]
-    return "\n".join([f"  {'label':<7} {'blocks':>7} {'share':>7}"] + rows + [f"  {'total':<7} {labels.numel():>7}"])
+    dist = label_distribution(labels, num_classes)
+    rows = [f"  {'label':<7} {'blocks':>7} {'share':>7}"]
+    rows += [f"  {name:<7} {n:>7} {100 * f:6.2f}%" for name, (n, f) in dist.items()]
+    return "\n".join(rows + [f"  {'total':<7} {labels.numel():>7}"])
 
 
 def load_partition_dataset(split: str = "train", qp: float = DEFAULT_QP, cache_dir=None,

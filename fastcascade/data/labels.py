@@ -108,10 +108,11 @@ def labels_from_stages(stage1: torch.Tensor, stage2: torch.Tensor, rect: torch.T
     is 0, else SPLIT / the rect class / the ab class as stage2 says. Entries of a stage that a sample
     does not reach are not read (they may hold IGNORE_INDEX or anything else); a reached stage holding
     a value outside its classes raises ValueError."""
-    stage1, stage2, rect, ab = torch.broadcast_tensors(*(torch.as_tensor(t) for t in (stage1, stage2, rect, ab)))
+    stage1, stage2, rect, ab = torch.broadcast_tensors(*map(torch.as_tensor, (stage1, stage2, rect, ab)))
     part = stage1 != 0
-    for name, values, reached, n in (("stage1", stage1, torch.ones_like(part), 2), ("stage2", stage2, part, 3),
-                                     ("rect", rect, part & (stage2 == 1), 4), ("ab", ab, part & (stage2 == 2), 4)):
+    checks = (("stage1", stage1, torch.ones_like(part), 2), ("stage2", stage2, part, 3),
+              ("rect", rect, part & (stage2 == 1), 4), ("ab", ab, part & (stage2 == 2), 4))
+    for name, values, reached, n in checks:
         bad = reached & ((values < 0) | (values >= n))
         if bad.any():
             raise ValueError(f"{name}: expected values in [0, {n}) where that stage is reached, got "

@@ -41,8 +41,22 @@ import math
 import numpy as np
 import torch
 
-from .labels import (BLOCK_SIZE, HORZ, HORZ_4, HORZ_A, HORZ_B, NONE, NUM_CLASSES, NUM_MAIN_CLASSES,
-                     PARTITION_RECTS, SPLIT, VERT, VERT_4, VERT_A, VERT_B)
+from .labels import (
+    BLOCK_SIZE,
+    HORZ,
+    HORZ_4,
+    HORZ_A,
+    HORZ_B,
+    NONE,
+    NUM_CLASSES,
+    NUM_MAIN_CLASSES,
+    PARTITION_RECTS,
+    SPLIT,
+    VERT,
+    VERT_4,
+    VERT_A,
+    VERT_B,
+)
 
 #: Bump when the labeller's output can change for the same input and parameters (it keys the cache).
 LABELLER_VERSION = 1
@@ -99,7 +113,8 @@ def _to_pixels(blocks: torch.Tensor) -> torch.Tensor:
     if not isinstance(blocks, torch.Tensor):
         raise ValueError(f"blocks: expected a torch.Tensor, got {type(blocks).__name__}")
     if blocks.dim() != 4 or tuple(blocks.shape[1:]) != (1, BLOCK_SIZE, BLOCK_SIZE):
-        raise ValueError(f"blocks: expected shape (N, 1, {BLOCK_SIZE}, {BLOCK_SIZE}), got {tuple(blocks.shape)}")
+        raise ValueError(f"blocks: expected shape (N, 1, {BLOCK_SIZE}, {BLOCK_SIZE}), "
+                         f"got {tuple(blocks.shape)}")
     if blocks.dtype == torch.uint8:
         return blocks[:, 0].to(device="cpu", dtype=torch.int64)
     if blocks.is_floating_point():
@@ -179,8 +194,8 @@ def label_blocks(blocks: torch.Tensor, qp: float = DEFAULT_QP, include_4way: boo
         with ``return_costs``, ``(labels, costs)``.
 
     The model (see the module docstring) is a proxy for an encoder's choice, not libaom's decision.
-    It is exactly symmetric: ``label_blocks(block.transpose(-1, -2)) == TRANSPOSE_LABELS[label_blocks(block)]``,
-    and likewise for flips.
+    It is exactly symmetric: ``label_blocks(b.transpose(-1, -2)) == TRANSPOSE_LABELS[label_blocks(b)]``, and
+    likewise for flips.
     """
     if not 0 <= float(qp) <= 51:
         raise ValueError(f"qp: expected a number in [0, 51], got {qp}")
