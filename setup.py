@@ -121,7 +121,7 @@ print(
 )
 
 setup(
-    packages=["fastcascade", "fastcascade.kernels"],
+    packages=["fastcascade", "fastcascade.data", "fastcascade.kernels"],
     package_dir={"fastcascade": "fastcascade", "fastcascade.kernels": "kernels"},
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

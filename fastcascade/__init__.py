@@ -1,6 +1,7 @@
 """fastcascade: fused focal losses, adapter bottlenecks and early-exit cascade routing for PyTorch."""
 
 from . import _ops, reference  # noqa: F401  (loads _C, registers fake kernels and autograd)
+from . import data  # noqa: F401  (fastcascade.data; scikit-image is imported only to build the dataset)
 from .adapters import (
     AdaptedBlock,
     ParameterCount,

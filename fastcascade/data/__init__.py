@@ -1,0 +1,64 @@
+"""fastcascade.data: AV1-style partition blocks for training cascades.
+
+* :func:`label_blocks`: a rate-distortion proxy that labels (N, 1, 16, 16) luma blocks with an AV1
+  partition type (libaom enum order; exactly symmetric under flips and transposes).
+* :func:`load_partition_dataset`: the embedded dataset (scikit-image's photographs, split by image,
+  cached on disk); ``python -m fastcascade.data`` builds it and prints the label distribution.
+* Label-aware augmentation (:func:`random_dihedral`, :func:`hflip`, :func:`vflip`, :func:`transpose`,
+  :func:`mixup`) and the cascade's stage targets (:func:`stage_targets`, :func:`labels_from_stages`).
+* :func:`load_block_dataset` / :func:`save_block_dataset`: your own blocks in a documented .pt format.
+
+scikit-image is imported only when the embedded dataset is built.
+"""
+
+from .augment import RandomDihedral, hflip, mixup, random_dihedral, transpose, vflip
+from .blockfile import load_block_dataset, save_block_dataset
+from .dataset import (
+    IMAGES,
+    VAL_IMAGES,
+    PartitionDataset,
+    build_partition_dataset,
+    default_cache_dir,
+    format_distribution,
+    label_distribution,
+    load_partition_dataset,
+    tile_blocks,
+)
+from .labels import (
+    BLOCK_SIZE,
+    HFLIP_LABELS,
+    HORZ,
+    HORZ_4,
+    HORZ_A,
+    HORZ_B,
+    IGNORE_INDEX,
+    LABEL_NAMES,
+    NONE,
+    NUM_CLASSES,
+    NUM_MAIN_CLASSES,
+    PARTITION_RECTS,
+    SPLIT,
+    STAGE_CLASS_NAMES,
+    STAGES,
+    TRANSPOSE_LABELS,
+    VERT,
+    VERT_4,
+    VERT_A,
+    VERT_B,
+    VFLIP_LABELS,
+    labels_from_stages,
+    partition_map,
+    stage_targets,
+)
+from .partition import DEFAULT_QP, LABELLER_VERSION, label_blocks, labeller_params, qp_to_step
+
+__all__ = [
+    "BLOCK_SIZE", "DEFAULT_QP", "HFLIP_LABELS", "HORZ", "HORZ_4", "HORZ_A", "HORZ_B", "IGNORE_INDEX",
+    "IMAGES", "LABELLER_VERSION", "LABEL_NAMES", "NONE", "NUM_CLASSES", "NUM_MAIN_CLASSES",
+    "PARTITION_RECTS", "SPLIT", "STAGES", "STAGE_CLASS_NAMES", "TRANSPOSE_LABELS", "VAL_IMAGES", "VERT",
+    "VERT_4", "VERT_A", "VERT_B", "VFLIP_LABELS", "PartitionDataset", "RandomDihedral",
+    "build_partition_dataset", "default_cache_dir", "format_distribution", "hflip", "label_blocks",
+    "label_distribution", "labeller_params", "labels_from_stages", "load_block_dataset",
+    "load_partition_dataset", "mixup", "partition_map", "qp_to_step", "random_dihedral",
+    "save_block_dataset", "stage_targets", "tile_blocks", "transpose", "vflip",
+]
