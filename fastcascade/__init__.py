@@ -14,6 +14,7 @@ from .adapters import (
     param_groups,
     trainable_parameters,
 )
+from .cascade import Argmax, Cascade, CascadeOutput, Confident, Ensemble, Leaf, Stage, Threshold
 from .losses import (
     ClassBalancedFocalLoss,
     FocalLoss,
@@ -62,4 +63,12 @@ __all__ = [
     "route_threshold",
     "scatter_rows",
     "vote",
+    "Argmax",
+    "Cascade",
+    "CascadeOutput",
+    "Confident",
+    "Ensemble",
+    "Leaf",
+    "Stage",
+    "Threshold",
 ]

@@ -1,0 +1,502 @@
+"""Early-exit cascades: a declarative tree of stages, run on whole batches with device-side routing.
+
+A cascade is a tree. A :class:`Stage` holds a module, a decision rule and one child per branch of the
+rule; a child is another Stage, a :class:`Leaf` (a final class id) or an :class:`Ensemble` (members
+that vote, each class mapped to a final id). The seed hierarchy, an AV1 partition predictor:
+
+    cascade = Cascade.av1_partition(stage1, stage2, rect, [ab1, ab2, ab3], threshold=0.5)
+    labels = cascade.predict(blocks)                       # int64 (N,), libaom's partition ids
+
+Modes of :meth:`Cascade.predict`:
+
+* ``"dynamic"`` (default): each stage runs only on the rows routed to it, as exact-size sub-batches.
+  Rows are routed with a device-side stable partition; the sizes of all branches of one level of the
+  tree reach the host in one transfer, so a cascade of depth d waits on the device at most d times
+  (boolean-mask indexing waits once per branch). The mode for large-batch throughput.
+* ``"static"``: every stage runs on a buffer of the full batch size; routed rows are gathered to its
+  front, validity is a device-side mask, and results are written back with scatters over fixed-size
+  index tensors. No host synchronisation at all, so the whole prediction can be captured in a CUDA
+  graph (:meth:`Cascade.capture`). It computes every stage on batch-size buffers: the mode for
+  small-batch latency, where launch and sync overheads dominate.
+
+Both equal the dense oracle (fastcascade.reference.cascade_dense: every stage on every row, then
+select per row) for any input. Decisions use fastcascade.routing's ops, so they are bitwise the same
+in every mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import routing
+
+__all__ = ["AV1_PARTITION_NAMES", "Argmax", "Cascade", "CascadeOutput", "Confident", "Ensemble", "Leaf", "Stage",
+           "Threshold"]
+
+# libaom's enum order of the partition types of a block
+AV1_PARTITION_NAMES = ("NONE", "HORZ", "VERT", "SPLIT", "HORZ_A", "HORZ_B", "VERT_A", "VERT_B", "HORZ_4", "VERT_4")
+NONE, HORZ, VERT, SPLIT, HORZ_A, HORZ_B, VERT_A, VERT_B = range(8)
+
+
+# ---------------------------------------------------------------------------------------------
+# decision rules
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """Binary rule on one logit per row: branch 1 where sigmoid(logit / temperature) > threshold, else 0.
+    The stage's output must be (N,) or (N, 1)."""
+
+    threshold: float = 0.5
+    temperature: float = 1.0
+
+    def num_branches(self, width: int) -> int:
+        return 2
+
+    def check_width(self, width: int, stage: str) -> None:
+        if width != 1:
+            raise ValueError(f"stage {stage!r}: a Threshold rule needs one logit per row, the module gave {width}")
+
+    def decide(self, out: torch.Tensor, backend: str) -> torch.Tensor:
+        return routing.route_threshold(out.reshape(-1), self.threshold, self.temperature, backend=backend)
+
+    def probs(self, out: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(out.reshape(-1, 1).float() / self.temperature)
+
+
+@dataclass(frozen=True)
+class Argmax:
+    """Multi-way rule: branch c = the first maximum of the row's C logits (C branches)."""
+
+    def num_branches(self, width: int) -> int:
+        return width
+
+    def check_width(self, width: int, stage: str) -> None:
+        if width < 1:
+            raise ValueError(f"stage {stage!r}: an Argmax rule needs at least one logit per row")
+
+    def decide(self, out: torch.Tensor, backend: str) -> torch.Tensor:
+        return routing.route_argmax(out, backend=backend)
+
+    def probs(self, out: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(out.float(), dim=1)
+
+
+@dataclass(frozen=True)
+class Confident:
+    """Exit-if-confident rule on C logits: branch c (the row's argmax) where max softmax(logits /
+    temperature) >= tau, else branch C ("continue"). C + 1 branches: children 0..C-1 are usually
+    leaves, child C the next stage."""
+
+    tau: float
+    temperature: float = 1.0
+
+    def num_branches(self, width: int) -> int:
+        return width + 1
+
+    def check_width(self, width: int, stage: str) -> None:
+        if width < 1:
+            raise ValueError(f"stage {stage!r}: a Confident rule needs at least one logit per row")
+
+    def decide(self, out: torch.Tensor, backend: str) -> torch.Tensor:
+        exit_ = routing.route_confident(out, self.tau, self.temperature, backend=backend)
+        arg = routing.route_argmax(out, backend=backend)
+        return torch.where(exit_.bool(), arg, torch.full_like(arg, out.shape[1]))
+
+    def probs(self, out: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(out.float() / self.temperature, dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# the tree
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """A final class id."""
+
+    label: int
+
+
+class Ensemble(nn.Module):
+    """K member modules with C outputs each; their vote (fastcascade.routing.vote: "hard" majority with
+    the mean probability breaking ties, or "soft") picks class c, whose final id is labels[c]."""
+
+    def __init__(self, members: Sequence[nn.Module], labels: Sequence[int], mode: str = "hard", name: str = "ensemble"):
+        super().__init__()
+        if len(members) < 1:
+            raise ValueError(f"ensemble {name!r} needs at least one member")
+        if mode not in ("hard", "soft"):
+            raise ValueError(f"ensemble {name!r}: mode must be 'hard' or 'soft', got {mode!r}")
+        self.members = nn.ModuleList(members)
+        self.name, self.mode = name, mode
+        self.register_buffer("label_table", _label_table(labels, name), persistent=False)
+
+    def member_logits(self, x: torch.Tensor) -> torch.Tensor:
+        outs = [m(x) for m in self.members]
+        for k, o in enumerate(outs):
+            if o.dim() != 2 or o.shape[1] != len(self.label_table):
+                raise ValueError(f"ensemble {self.name!r}: member {k} must output (N, {len(self.label_table)}) "
+                                 f"logits (one per label), got {tuple(o.shape)}")
+        return torch.stack(outs)
+
+    def classify(self, x: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(final labels (N,), mean member probabilities (N, C))."""
+        cls, probs = routing.vote(self.member_logits(x), self.mode, return_probs=True, backend=backend)
+        return self.label_table[cls], probs
+
+
+def _label_table(labels: Sequence[int], name: str) -> torch.Tensor:
+    labels = [int(v) for v in labels]
+    if not labels or min(labels) < 0:
+        raise ValueError(f"{name!r}: labels must be non-empty non-negative class ids, got {labels}")
+    return torch.tensor(labels, dtype=torch.int64)
+
+
+class Stage(nn.Module):
+    """A module, its decision rule and one child per branch (Stage, Ensemble, Leaf or an int label)."""
+
+    def __init__(self, module: nn.Module, rule: Threshold | Argmax | Confident,
+                 children: Sequence[Stage | Ensemble | Leaf | int], name: str = "stage"):
+        super().__init__()
+        if not isinstance(rule, (Threshold, Argmax, Confident)):
+            raise TypeError(f"stage {name!r}: rule must be Threshold, Argmax or Confident, got {type(rule).__name__}")
+        kids = []
+        for b, c in enumerate(children):
+            if isinstance(c, bool) or c is None:
+                raise ValueError(f"stage {name!r}: branch {b} has no child")
+            if isinstance(c, int):
+                c = Leaf(c)
+            if not isinstance(c, (Stage, Ensemble, Leaf)):
+                raise TypeError(f"stage {name!r}: child {b} must be a Stage, Ensemble, Leaf or int label, got "
+                                f"{type(c).__name__}")
+            if isinstance(c, Leaf) and c.label < 0:
+                raise ValueError(f"stage {name!r}: leaf of branch {b} has a negative label {c.label}")
+            kids.append(c)
+        if isinstance(rule, Threshold) and len(kids) != 2:
+            raise ValueError(f"stage {name!r}: a Threshold rule has 2 branches, got {len(kids)} children")
+        self.module, self.rule, self.name = module, rule, name
+        self.kids = kids  # Leaf entries are plain data; Stage/Ensemble children are registered below
+        self.child_modules = nn.ModuleList([c for c in kids if isinstance(c, nn.Module)])
+
+    def outputs(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.module(x)
+        width = 1 if out.dim() == 1 else out.shape[1]
+        if out.dim() not in (1, 2) or out.shape[0] != x.shape[0]:
+            raise ValueError(f"stage {self.name!r}: the module must return (N,) or (N, C) logits for N = "
+                             f"{x.shape[0]} rows, got {tuple(out.shape)}")
+        self.rule.check_width(width, self.name)
+        if self.rule.num_branches(width) != len(self.kids):
+            raise ValueError(f"stage {self.name!r}: its rule gives {self.rule.num_branches(width)} branches for "
+                             f"{width} logits, but the stage has {len(self.kids)} children")
+        return out if out.dim() == 2 else out[:, None]
+
+
+@dataclass
+class CascadeOutput:
+    """labels (N,) int64 final ids; exit_stage (N,) int64, the index in Cascade.node_names of the stage
+    (or ensemble) that decided each row; probs: per stage name, (N, K) fp32 probabilities of its rule
+    (the ensemble's mean member probabilities), NaN in rows that did not reach it."""
+
+    labels: torch.Tensor
+    exit_stage: torch.Tensor
+    probs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def reached(self, cascade: Cascade, name: str) -> torch.Tensor:
+        """Bool (N,): the rows that reached node `name`."""
+        return cascade.reached_mask(self.exit_stage, name)
+
+
+class Cascade(nn.Module):
+    """An early-exit cascade over a tree of stages (see the module docstring)."""
+
+    def __init__(self, root: Stage, backend: str = "auto"):
+        super().__init__()
+        if not isinstance(root, Stage):
+            raise TypeError(f"root must be a Stage, got {type(root).__name__}")
+        self.root, self.backend = root, backend
+        self.nodes: list[Stage | Ensemble] = []
+        self._paths: dict[str, list[str]] = {}
+        self._walk(root, [])
+        names = [n.name for n in self.nodes]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"stage names must be unique, repeated: {dup}")
+        self.node_names = names
+        labels = sorted(self._labels_under(root))
+        self.num_classes = labels[-1] + 1
+
+    def _walk(self, node, path):
+        self.nodes.append(node)
+        self._paths[node.name] = path + [node.name]
+        if isinstance(node, Stage):
+            for c in node.kids:
+                if not isinstance(c, Leaf):
+                    self._walk(c, path + [node.name])
+
+    def _labels_under(self, node) -> set[int]:
+        if isinstance(node, Leaf):
+            return {node.label}
+        if isinstance(node, Ensemble):
+            return set(node.label_table.tolist())
+        return set().union(*(self._labels_under(c) for c in node.kids))
+
+    # -----------------------------------------------------------------------------------------
+    @classmethod
+    def av1_partition(cls, stage1: nn.Module, stage2: nn.Module, rect: nn.Module, ab_members: Sequence[nn.Module],
+                      threshold: float = 0.5, temperature: float = 1.0, vote: str = "hard",
+                      backend: str = "auto") -> Cascade:
+        """The seed hierarchy: stage1 (one logit: PARTITION if sigmoid > threshold, else NONE exits);
+        stage2 (3 logits [SPLIT, RECT, AB]; SPLIT exits); rect (2 logits [HORZ, VERT]); ab_members
+        (each 4 logits [HORZ_A, HORZ_B, VERT_A, VERT_B]) vote. Labels in libaom's order (NONE=0 ...
+        VERT_B=7)."""
+        ab = Ensemble(ab_members, [HORZ_A, HORZ_B, VERT_A, VERT_B], mode=vote, name="ab")
+        rect_stage = Stage(rect, Argmax(), [HORZ, VERT], name="rect")
+        s2 = Stage(stage2, Argmax(), [SPLIT, rect_stage, ab], name="stage2")
+        s1 = Stage(stage1, Threshold(threshold, temperature), [NONE, s2], name="stage1")
+        return cls(s1, backend=backend)
+
+    # -----------------------------------------------------------------------------------------
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+        for node in self.nodes:
+            p = next(iter(node.parameters()), None)
+            if p is not None and p.device != x.device:
+                raise ValueError(f"x is on {x.device} but stage {node.name!r} is on {p.device}")
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, mode: str = "dynamic", return_details: bool = False):
+        """Final labels (N,) int64; with return_details, a CascadeOutput (exit stage and probabilities)."""
+        self._check_input(x)
+        if mode == "dynamic":
+            out = self._predict_dynamic(x, return_details)
+        elif mode == "static":
+            out = self._predict_static(x, return_details)
+        else:
+            raise ValueError(f"mode must be 'dynamic' or 'static', got {mode!r}")
+        return out if return_details else out.labels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.predict(x)
+
+    def _new_output(self, N: int, device, details: bool) -> CascadeOutput:
+        labels = torch.full((N,), -1, dtype=torch.int64, device=device)
+        exit_stage = torch.full((N,), -1, dtype=torch.int64, device=device)
+        return CascadeOutput(labels, exit_stage, {} if details else None)
+
+    def _record_probs(self, out: CascadeOutput, name: str, rows: torch.Tensor, p: torch.Tensor, N: int,
+                      valid: torch.Tensor | None = None) -> None:
+        if out.probs is None:
+            return
+        if name not in out.probs:
+            out.probs[name] = torch.full((N + (valid is not None), p.shape[1]), float("nan"), device=p.device)
+        buf = out.probs[name]
+        if valid is not None:
+            p = torch.where(valid[:, None], p, buf[rows])
+        buf.index_copy_(0, rows, p.to(buf.dtype))
+
+    def _predict_dynamic(self, x: torch.Tensor, details: bool) -> CascadeOutput:
+        N = x.shape[0]
+        out = self._new_output(N, x.device, details)
+        level = [(self.root, None)]  # (node, original row ids or None for all rows)
+        while level:
+            pending, counts = [], []
+            for node, rows in level:
+                xs = x if rows is None else routing.gather_rows(x, rows, backend=self.backend)
+                ids = torch.arange(N, device=x.device) if rows is None else rows
+                node_id = self.node_names.index(node.name)
+                if isinstance(node, Ensemble):
+                    lab, p = node.classify(xs, self.backend)
+                    out.labels.index_copy_(0, ids, lab)
+                    out.exit_stage.index_fill_(0, ids, node_id)
+                    self._record_probs(out, node.name, ids, p.float(), N)
+                    continue
+                logits = node.outputs(xs)
+                self._record_probs(out, node.name, ids, node.rule.probs(logits), N)
+                branch = node.rule.decide(logits, self.backend)
+                part = routing.partition(branch, len(node.kids), backend=self.backend)
+                pending.append((node, node_id, ids, part))
+                counts.append(part.counts)
+            if not pending:
+                break
+            host_counts = torch.cat(counts).tolist()  # the one host sync of this level
+            level, k = [], 0
+            for node, node_id, ids, part in pending:
+                sorted_ids = ids[part.order]
+                start = 0
+                for child in node.kids:
+                    n = host_counts[k]
+                    k += 1
+                    if n == 0:
+                        continue
+                    sub = sorted_ids[start:start + n]
+                    start += n
+                    if isinstance(child, Leaf):
+                        out.labels.index_fill_(0, sub, child.label)
+                        out.exit_stage.index_fill_(0, sub, node_id)
+                    else:
+                        level.append((child, sub))
+        return out
+
+    def _predict_static(self, x: torch.Tensor, details: bool) -> CascadeOutput:
+        """Fixed shapes everywhere: each node gets N row slots, the first count of them valid. Slot
+        row id N is a dummy row that absorbs the writes of invalid slots."""
+        N, dev = x.shape[0], x.device
+        labels = torch.full((N + 1,), -1, dtype=torch.int64, device=dev)
+        exit_stage = torch.full((N + 1,), -1, dtype=torch.int64, device=dev)
+        out = CascadeOutput(labels, exit_stage, {} if details else None)
+        slots = torch.arange(N, device=dev)
+        dummy = torch.full((N,), N, dtype=torch.int64, device=dev)
+        queue = [(self.root, slots, torch.ones(N, dtype=torch.bool, device=dev))]
+
+        def write(buf, rows, valid, value):
+            buf.index_copy_(0, rows, torch.where(valid, value, buf[rows]))
+
+        while queue:
+            node, rows, valid = queue.pop(0)
+            xs = routing.gather_rows(x, rows.clamp(max=max(N - 1, 0)), backend=self.backend) if N > 0 else x
+            node_id = self.node_names.index(node.name)
+            if isinstance(node, Ensemble):
+                lab, p = node.classify(xs, self.backend)
+                write(labels, rows, valid, lab)
+                write(exit_stage, rows, valid, torch.full_like(lab, node_id))
+                self._record_probs(out, node.name, rows, p.float(), N, valid)
+                continue
+            logits = node.outputs(xs)
+            self._record_probs(out, node.name, rows, node.rule.probs(logits), N, valid)
+            nb = len(node.kids)
+            branch = node.rule.decide(logits, self.backend)
+            branch = torch.where(valid, branch, torch.full_like(branch, nb))  # invalid slots: a discard branch
+            part = routing.partition(branch, nb + 1, backend=self.backend)
+            sorted_rows = torch.cat([rows[part.order], dummy])
+            for b, child in enumerate(node.kids):
+                child_rows = sorted_rows[part.offsets[b] + slots]
+                child_valid = slots < part.counts[b]
+                if isinstance(child, Leaf):
+                    write(labels, child_rows, child_valid, torch.full_like(child_rows, child.label))
+                    write(exit_stage, child_rows, child_valid, torch.full_like(child_rows, node_id))
+                else:
+                    queue.append((child, child_rows, child_valid))
+        out.labels, out.exit_stage = labels[:N], exit_stage[:N]
+        if out.probs is not None:
+            out.probs = {k: v[:N] for k, v in out.probs.items()}
+        return out
+
+    def capture(self, batch_size: int, example: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A CUDA graph of predict(mode="static") for inputs shaped like `example` with `batch_size`
+        rows: returns f(x) -> labels (a fresh tensor each call). CUDA only."""
+        if example.device.type != "cuda":
+            raise ValueError("capture needs CUDA tensors (CUDA graphs); use predict(mode='static') elsewhere")
+        static_x = torch.empty((batch_size, *example.shape[1:]), dtype=example.dtype, device=example.device)
+        static_x.copy_(example[:1].expand_as(static_x))
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm up: lazy initialisation and kernel autotuning stay out of the graph
+                self.predict(static_x, mode="static")
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = self.predict(static_x, mode="static")
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            if x.shape != static_x.shape:
+                raise ValueError(f"the captured cascade takes inputs of shape {tuple(static_x.shape)}, got "
+                                 f"{tuple(x.shape)}")
+            static_x.copy_(x)
+            graph.replay()
+            return static_out.clone()
+
+        return run
+
+    # -----------------------------------------------------------------------------------------
+    # evaluation helpers
+
+    def reached_mask(self, exit_stage: torch.Tensor, name: str) -> torch.Tensor:
+        """Bool (N,): rows whose decision path passed through node `name`."""
+        if name not in self._paths:
+            raise ValueError(f"unknown stage {name!r}; stages: {self.node_names}")
+        reached = torch.zeros_like(exit_stage, dtype=torch.bool)
+        for i, n in enumerate(self.node_names):
+            if name in self._paths[n]:
+                reached |= exit_stage == i
+        return reached
+
+    def stage_targets(self, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per stage, the branch (class, for an ensemble) that leads to each row's true final label,
+        -1 where that label is not under the stage."""
+        labels = labels.to(torch.int64)
+        targets = {}
+        for node in self.nodes:
+            t = torch.full_like(labels, -1)
+            if isinstance(node, Ensemble):
+                for c, lab in enumerate(node.label_table.tolist()):
+                    t[labels == lab] = c
+            else:
+                for b, child in enumerate(node.kids):
+                    for lab in self._labels_under(child):
+                        t[labels == lab] = b
+            targets[node.name] = t
+        return targets
+
+    def evaluate(self, x: torch.Tensor, labels: torch.Tensor, mode: str = "dynamic") -> dict:
+        """Routing statistics and per-stage quality on (x, true final labels):
+
+        - "accuracy": of the final labels; "reached": per stage, the fraction of rows that reach it;
+        - "confusion": per stage, the (branches x branches) confusion matrix of its decisions on the
+          rows that reached it and whose true label lies under it (rows: truth, columns: decision);
+        - "cascade_error": per stage, its standalone accuracy (run on every row whose true label lies
+          under it) and its accuracy inside the cascade (the final label on those rows), the gap
+          being the errors of the stages above it.
+        """
+        out = self.predict(x, mode=mode, return_details=True)
+        labels = labels.to(device=out.labels.device, dtype=torch.int64)
+        if labels.shape != out.labels.shape:
+            raise ValueError(f"labels must be (N,) = {tuple(out.labels.shape)}, got {tuple(labels.shape)}")
+        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ValueError(f"labels must be in [0, {self.num_classes}), got range "
+                             f"[{int(labels.min())}, {int(labels.max())}]")
+        targets = self.stage_targets(labels)
+        report = {"accuracy": (out.labels == labels).float().mean().item() if labels.numel() else float("nan"),
+                  "reached": {}, "confusion": {}, "cascade_error": {}}
+        with torch.no_grad():
+            for node in self.nodes:
+                reached = out.reached(self, node.name)
+                report["reached"][node.name] = reached.float().mean().item() if labels.numel() else float("nan")
+                t = targets[node.name]
+                under = t >= 0
+                # standalone: the node on every row whose truth is under it
+                xs = x[under]
+                if isinstance(node, Ensemble):
+                    pred = routing.vote(node.member_logits(xs), node.mode, backend=self.backend)
+                    k = len(node.label_table)
+                else:
+                    logits = node.outputs(xs)
+                    pred = node.rule.decide(logits, self.backend).to(torch.int64)
+                    k = len(node.kids)
+                standalone = (pred == t[under]).float().mean().item() if under.any() else float("nan")
+                inside = (out.labels[under] == labels[under]).float().mean().item() if under.any() else float("nan")
+                report["cascade_error"][node.name] = {"standalone_accuracy": standalone,
+                                                      "in_cascade_accuracy": inside}
+                # confusion of the decisions the node made in the cascade
+                sel = reached & under
+                dec = self._decisions_in_cascade(node, out, sel, x)
+                cm = torch.zeros((k, k), dtype=torch.int64)
+                if sel.any():
+                    cm.index_put_((t[sel].cpu(), dec.cpu()), torch.ones_like(dec.cpu()), accumulate=True)
+                report["confusion"][node.name] = cm
+        return report
+
+    def _decisions_in_cascade(self, node, out: CascadeOutput, sel: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        xs = x[sel]
+        if isinstance(node, Ensemble):
+            return routing.vote(node.member_logits(xs), node.mode, backend=self.backend)
+        return node.rule.decide(node.outputs(xs), self.backend).to(torch.int64)
+
+    def extra_repr(self) -> str:
+        return f"stages={self.node_names}, num_classes={self.num_classes}"
