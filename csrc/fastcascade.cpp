@@ -16,11 +16,13 @@ TORCH_LIBRARY(fastcascade, m) {
   // 1 gelu (erf), 2 silu; scale None (1) or a 0-dim tensor. y keeps x's layout and dtype;
   // pooled = mean_hw(x) (B, C) and hidden = down(pooled) (B, r), pre-activation, in fp32 (fp64 for
   // fp64 x): what the backward needs, B (C + r) numbers instead of anything per pixel.
+  // dropout: p in [0, 1) on act(hidden), the mask drawn in the kernels from (seed, b * r + j), as for the
+  // pixel adapter below.
   m.def("pooled_adapter(Tensor x, Tensor down_w, Tensor down_b, Tensor up_w, Tensor up_b, Tensor? scale, "
-        "int activation) -> (Tensor y, Tensor pooled, Tensor hidden)");
+        "int activation, float dropout, int seed) -> (Tensor y, Tensor pooled, Tensor hidden)");
   m.def("pooled_adapter_backward(Tensor grad_y, Tensor pooled, Tensor hidden, Tensor down_w, Tensor up_w, "
-        "Tensor up_b, Tensor? scale, int activation) -> (Tensor grad_x, Tensor grad_down_w, Tensor grad_down_b, "
-        "Tensor grad_up_w, Tensor grad_up_b, Tensor grad_scale)");
+        "Tensor up_b, Tensor? scale, int activation, float dropout, int seed) -> (Tensor grad_x, "
+        "Tensor grad_down_w, Tensor grad_down_b, Tensor grad_up_w, Tensor grad_up_b, Tensor grad_scale)");
 
   // Pixel (token) residual adapter, y = x + scale * up(drop(act(down(x)))) at every position; x is
   // (B, C, H, W), contiguous or channels_last, or tokens (T, C), contiguous. No (positions x r) tensor

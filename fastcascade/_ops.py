@@ -165,13 +165,13 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _pooled_adapter_fake(x, down_w, down_b, up_w, up_b, scale, activation):
+def _pooled_adapter_fake(x, down_w, down_b, up_w, up_b, scale, activation, dropout, seed):
     B, C, r = x.shape[0], x.shape[1], down_w.shape[0]
     acc = _acc_dtype(x)
     return torch.empty_like(x), x.new_empty((B, C), dtype=acc), x.new_empty((B, r), dtype=acc)
 
 
-def _pooled_adapter_backward_fake(grad_y, pooled, hidden, down_w, up_w, up_b, scale, activation):
+def _pooled_adapter_backward_fake(grad_y, pooled, hidden, down_w, up_w, up_b, scale, activation, dropout, seed):
     g_scale = scale.new_empty(scale.shape) if scale is not None else grad_y.new_empty((0,), dtype=_acc_dtype(grad_y))
     return (torch.empty_like(grad_y), down_w.new_empty(down_w.shape), down_w.new_empty((down_w.shape[0],)),
             up_w.new_empty(up_w.shape), up_b.new_empty(up_b.shape), g_scale)
@@ -181,8 +181,8 @@ def _register_pooled_adapter(suffix: str):
     backward_op = getattr(torch.ops.fastcascade, f"pooled_adapter_backward{suffix}")
 
     def setup_context(ctx, inputs, output):
-        x, down_w, down_b, up_w, up_b, scale, activation = inputs
-        ctx.activation = activation
+        x, down_w, down_b, up_w, up_b, scale, activation, dropout, seed = inputs
+        ctx.args = (activation, dropout, seed)
         ctx.channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
         ctx.has_scale = scale is not None
         ctx.mark_non_differentiable(output[1], output[2])  # pooled, hidden: saved for backward only
@@ -192,8 +192,8 @@ def _register_pooled_adapter(suffix: str):
         pooled, hidden, down_w, up_w, up_b, scale = ctx.saved_tensors
         fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
         gx, gdw, gdb, guw, gub, gs = backward_op(grad_y.contiguous(memory_format=fmt), pooled, hidden, down_w, up_w,
-                                                 up_b, scale if ctx.has_scale else None, ctx.activation)
-        return gx, gdw, gdb, guw, gub, (gs if ctx.has_scale else None), None
+                                                 up_b, scale if ctx.has_scale else None, *ctx.args)
+        return gx, gdw, gdb, guw, gub, (gs if ctx.has_scale else None), None, None, None
 
     torch.library.register_fake(f"fastcascade::pooled_adapter{suffix}")(_pooled_adapter_fake)
     torch.library.register_fake(f"fastcascade::pooled_adapter_backward{suffix}")(_pooled_adapter_backward_fake)

@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+
 def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "mean":
         return loss.mean()
@@ -147,10 +148,10 @@ def _keep_format(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return y.contiguous()
 
 
-def _pooled_adapter(x, down_w, down_b, up_w, up_b, activation="relu", scale=None, dropout=0.0):
+def _pooled_adapter(x, down_w, down_b, up_w, up_b, activation="relu", scale=None, dropout=0.0, seed=None):
     if x.dim() != 4:
         raise ValueError(f"pooled_adapter: x must be (B, C, H, W), got shape {tuple(x.shape)}")
-    d = _adapter_branch(x.mean(dim=(2, 3)), down_w, down_b, up_w, up_b, activation, scale, dropout)
+    d = _adapter_branch(x.mean(dim=(2, 3)), down_w, down_b, up_w, up_b, activation, scale, dropout, seed)
     return _keep_format(x + d[:, :, None, None], x)
 
 
