@@ -55,6 +55,21 @@ TORCH_LIBRARY(fastcascade, m) {
   // id), 1 soft (argmax of summed probability). labels int64 (N,); probs (N, C) mean softmax in fp32
   // (fp64 for fp64 input) when need_probs, else (0, C).
   m.def("vote(Tensor member_logits, int mode, bool need_probs) -> (Tensor labels, Tensor probs)");
+
+  // ---- dice focal (issue 6) ----------------------------------------------------------------------
+  // Dice + softmax focal on logits (B, C, S), target int64 (B, S). One pass computes the loss (logits
+  // dtype) and the sums the backward needs, in fp32 (fp64 for fp64 logits): per image b and class c
+  // inter (B, C) = sum p_c [t == c] and card (B, C) = sum p_c + [t == c] over kept pixels, and
+  // focal_stats (2,) = [sum of focal losses, sum of w_t]. A target equal to ignore_index counts in
+  // neither term; one outside [0, C) makes the sums NaN. batch_dice adds the images' sums before the
+  // Dice ratio; include_background=false leaves class 0 out of the Dice term.
+  m.def("dice_focal(Tensor logits, Tensor target, Tensor? weight, float gamma, float smooth, float lambda_dice, "
+        "float lambda_focal, int ignore_index, bool include_background, bool batch_dice) "
+        "-> (Tensor loss, Tensor inter, Tensor card, Tensor focal_stats)");
+  // One more pass (softmax recomputed) writes d loss / d logits, scaled by grad_loss (0-dim).
+  m.def("dice_focal_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, Tensor inter, "
+        "Tensor card, Tensor focal_stats, float gamma, float smooth, float lambda_dice, float lambda_focal, "
+        "int ignore_index, bool include_background, bool batch_dice) -> Tensor");
 }
 
 // Build facts the Python side checks at import.

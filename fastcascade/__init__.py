@@ -24,6 +24,7 @@ from .losses import (
     sigmoid_focal_loss,
     softmax_focal_loss,
 )
+from .losses import DiceFocalLoss, dice_focal_loss
 from .routing import (
     Partition,
     gather_rows,
@@ -71,4 +72,6 @@ __all__ = [
     "Leaf",
     "Stage",
     "Threshold",
+    "DiceFocalLoss",
+    "dice_focal_loss",
 ]

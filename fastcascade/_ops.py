@@ -56,13 +56,14 @@ def load_triton_ops() -> None:
     global _triton_ops_loaded
     if _triton_ops_loaded:
         return
-    from .kernels import adapter, focal, pixel_adapter, routing  # noqa: F401
+    from .kernels import adapter, dice_focal, focal, pixel_adapter, routing  # noqa: F401
 
     for qualname, fake, reduction_arg, need_grad_arg, n_inputs, unsqueeze_none in _FOCAL_OPS:
         _register(qualname + "_triton", fake, reduction_arg, need_grad_arg, n_inputs, unsqueeze_none)
     _register_pooled_adapter("_triton")
     _register_pixel_adapter("_triton")
     _register_routing("_triton")
+    _register_dice_focal("_triton")
     _triton_ops_loaded = True
 
 
@@ -323,6 +324,47 @@ def routing_op(name: str, backend: str):
 
 
 _register_routing("")
+
+# ---------------------------------------------------------------------------------------------
+# dice focal (issue 6): the forward returns the loss and the sums the backward needs; the backward is
+# an op of its own (one more pass over the logits), given those sums.
+
+NO_IGNORE_INDEX = -(2**63)  # ignore_index=None: no int64 target equals it
+
+
+def _dice_focal_fake(logits, target, weight, gamma, smooth, lambda_dice, lambda_focal, ignore_index,
+                     include_background, batch_dice):
+    B, C = logits.shape[0], logits.shape[1]
+    acc = _acc_dtype(logits)
+    return (logits.new_empty(()), logits.new_empty((B, C), dtype=acc), logits.new_empty((B, C), dtype=acc),
+            logits.new_empty((2,), dtype=acc))
+
+
+def _dice_focal_backward_fake(grad_loss, logits, target, weight, inter, card, focal_stats, gamma, smooth,
+                              lambda_dice, lambda_focal, ignore_index, include_background, batch_dice):
+    return logits.new_empty(logits.shape)
+
+
+def _register_dice_focal(suffix: str):
+    backward_op = getattr(torch.ops.fastcascade, f"dice_focal_backward{suffix}")
+
+    def setup_context(ctx, inputs, output):
+        logits, target, weight = inputs[:3]
+        ctx.params = inputs[3:]
+        ctx.mark_non_differentiable(output[1], output[2], output[3])  # the sums: saved for backward only
+        ctx.save_for_backward(logits, target, weight, output[1], output[2], output[3])
+
+    def backward(ctx, grad_loss, _grad_inter, _grad_card, _grad_stats):
+        logits, target, weight, inter, card, focal_stats = ctx.saved_tensors
+        grad = backward_op(grad_loss, logits, target, weight, inter, card, focal_stats, *ctx.params)
+        return (grad,) + (None,) * 9
+
+    torch.library.register_fake(f"fastcascade::dice_focal{suffix}")(_dice_focal_fake)
+    torch.library.register_fake(f"fastcascade::dice_focal_backward{suffix}")(_dice_focal_backward_fake)
+    torch.library.register_autograd(f"fastcascade::dice_focal{suffix}", backward, setup_context=setup_context)
+
+
+_register_dice_focal("")
 
 # Last, once every op above is registered: on a GPU (or under the interpreter) the Triton twins load now.
 if HAS_TRITON and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
