@@ -24,6 +24,7 @@ from .losses import (
     sigmoid_focal_loss,
     softmax_focal_loss,
 )
+from .metrics import ClassificationReport, classification_report, confusion_matrix
 from .routing import (
     Partition,
     gather_rows,
@@ -71,4 +72,7 @@ __all__ = [
     "Leaf",
     "Stage",
     "Threshold",
+    "ClassificationReport",
+    "classification_report",
+    "confusion_matrix",
 ]
