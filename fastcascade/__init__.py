@@ -14,6 +14,7 @@ from .adapters import (
     param_groups,
     trainable_parameters,
 )
+from .calibration import TemperatureScaler, expected_calibration_error, fit_temperature, tune_threshold
 from .cascade import Argmax, Cascade, CascadeOutput, Confident, Ensemble, Leaf, Stage, Threshold
 from .losses import (
     ClassBalancedFocalLoss,
@@ -75,4 +76,8 @@ __all__ = [
     "ClassificationReport",
     "classification_report",
     "confusion_matrix",
+    "TemperatureScaler",
+    "expected_calibration_error",
+    "fit_temperature",
+    "tune_threshold",
 ]
