@@ -25,7 +25,7 @@ from .losses import (
     sigmoid_focal_loss,
     softmax_focal_loss,
 )
-from .metrics import ClassificationReport, classification_report, confusion_matrix
+from .metrics import ClassificationReport, EvaluationReport, classification_report, confusion_matrix
 from .routing import (
     Partition,
     gather_rows,
@@ -74,6 +74,7 @@ __all__ = [
     "Stage",
     "Threshold",
     "ClassificationReport",
+    "EvaluationReport",
     "classification_report",
     "confusion_matrix",
     "TemperatureScaler",
