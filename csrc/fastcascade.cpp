@@ -53,6 +53,12 @@ TORCH_LIBRARY(fastcascade, m) {
   // id), 1 soft (argmax of summed probability). labels int64 (N,); probs (N, C) mean softmax in fp32
   // (fp64 for fp64 input) when need_probs, else (0, C).
   m.def("vote(Tensor member_logits, int mode, bool need_probs) -> (Tensor labels, Tensor probs)");
+
+  // ---- metrics (issue 5) -------------------------------------------------------------------------
+  // int64 (C, C) counts of (target, pred) pairs, rows = target, columns = prediction (scikit-learn's
+  // convention); pred and target int32/int64 of one shape (flattened). Elements whose target equals
+  // ignore_index are skipped. Ids outside [0, C): CPU raises; CUDA skips them (no sync).
+  m.def("confusion_matrix(Tensor pred, Tensor target, int num_classes, int? ignore_index) -> Tensor");
 }
 
 // Build facts the Python side checks at import.

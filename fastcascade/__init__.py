@@ -14,6 +14,7 @@ from .adapters import (
     param_groups,
     trainable_parameters,
 )
+from .calibration import TemperatureScaler, expected_calibration_error, fit_temperature, tune_threshold
 from .cascade import Argmax, Cascade, CascadeOutput, Confident, Ensemble, Leaf, Stage, Threshold
 from .losses import (
     ClassBalancedFocalLoss,
@@ -24,6 +25,7 @@ from .losses import (
     sigmoid_focal_loss,
     softmax_focal_loss,
 )
+from .metrics import ClassificationReport, EvaluationReport, classification_report, confusion_matrix
 from .routing import (
     Partition,
     gather_rows,
@@ -71,4 +73,12 @@ __all__ = [
     "Leaf",
     "Stage",
     "Threshold",
+    "ClassificationReport",
+    "EvaluationReport",
+    "classification_report",
+    "confusion_matrix",
+    "TemperatureScaler",
+    "expected_calibration_error",
+    "fit_temperature",
+    "tune_threshold",
 ]

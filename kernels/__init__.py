@@ -7,6 +7,7 @@ Importing this subpackage defines the ops
 
 from .adapter import pooled_adapter_backward_triton, pooled_adapter_triton
 from .focal import sigmoid_focal_triton, softmax_focal_triton
+from .metrics import confusion_matrix_triton
 from .routing import (
     gather_rows_triton,
     partition_triton,
@@ -29,4 +30,5 @@ __all__ = [
     "route_threshold_triton",
     "scatter_rows_triton",
     "vote_triton",
+    "confusion_matrix_triton",
 ]
