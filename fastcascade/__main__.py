@@ -307,10 +307,10 @@ def _train_and_report(args, train, val, y_train, device, backbone, epochs, amp, 
     # the cascade, end to end
     cascade = Cascade.av1_partition(s1, s2, rect, ab, threshold=threshold, temperature=temperature).to(device).eval()
     crep = evaluate(cascade, val, class_names=LABEL_NAMES, device=device)
-    frep = evaluate(flat, val, class_names=LABEL_NAMES, device=device)
+    frep = evaluate(flat, val, class_names=LABEL_NAMES, device=device).final
     models = {"stage1": s1, "stage2": s2, "rect": rect, **{f"ab{k + 1}": m for k, m in enumerate(ab)}}
     standalone = {k: evaluate(m, val, target_fn=_stage(k[:2] if k.startswith("ab") else k),
-                              class_names=STAGE_NAMES[k[:2] if k.startswith("ab") else k], device=device)
+                              class_names=STAGE_NAMES[k[:2] if k.startswith("ab") else k], device=device).final
                   for k, m in models.items()}
 
     print("\n== per-stage, standalone on the val rows that belong to each stage ==")

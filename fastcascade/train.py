@@ -44,9 +44,9 @@ from .cascade import Cascade
 from .data.dataset import PartitionDataset
 from .data.labels import IGNORE_INDEX, STAGE_CLASS_NAMES
 from .losses import class_balanced_weights
-from .metrics import ClassificationReport, confusion_matrix
+from .metrics import ClassificationReport, EvaluationReport, confusion_matrix
 
-__all__ = ["CascadeReport", "evaluate", "fit", "load_checkpoint", "save_checkpoint"]
+__all__ = ["evaluate", "fit", "load_checkpoint", "save_checkpoint"]
 
 CHECKPOINT_FORMAT = "fastcascade.checkpoint/1"
 SCHEDULES = ("cosine", "onecycle", None)
@@ -73,7 +73,8 @@ def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
         return False
     if a.dtype == torch.bool:
         return torch.equal(a, b)
-    return torch.equal(a.detach().contiguous().view(torch.uint8), b.detach().contiguous().view(torch.uint8))
+    return torch.equal(a.detach().reshape(-1).contiguous().view(torch.uint8),
+                       b.detach().reshape(-1).contiguous().view(torch.uint8))
 
 
 def _leaves(out, prefix: str = "output"):
@@ -577,10 +578,12 @@ def fit(model: nn.Module, loss_fn: Callable, train: Dataset, val: Dataset, epoch
     history: list[dict] = []
     best_value, best_epoch, bad_epochs, start = None, None, 0, 0
     if resume is not None:
-        ckpt = load_checkpoint(resume, model, optimizer, scheduler, map_location="cpu")
-        state = ckpt["extra"].get("fit")
-        if state is None:
+        if not isinstance(_read_checkpoint(resume)["extra"].get("fit"), Mapping):
             raise ValueError(f"resume={str(resume)!r}: the checkpoint was not written by fit (no training state)")
+        ckpt = load_checkpoint(resume, model, optimizer, scheduler, map_location="cpu")
+        state = ckpt["extra"]["fit"]
+        if ckpt["epoch"] >= epochs:
+            raise ValueError(f"resume={str(resume)!r} is at epoch {ckpt['epoch']}: nothing left of epochs={epochs}")
         history, best_value, best_epoch = list(state["history"]), state["best_value"], state["best_epoch"]
         bad_epochs, start = state["bad_epochs"], ckpt["epoch"]
         trainable_at_start = set(state["trainable_at_start"])
@@ -736,29 +739,6 @@ def _validate(model, loss_fn, val, order, target_fn, batch_size, device, amp_dty
 # evaluate
 
 
-@dataclasses.dataclass
-class CascadeReport:
-    """evaluate() of a Cascade: the final labels' report, per-stage reports of the decisions each stage
-    made on the rows that reached it (truth: the branch leading to the row's true label), the fraction of
-    rows reaching each stage, and each stage's standalone vs in-cascade accuracy (Cascade.evaluate)."""
-
-    final: ClassificationReport
-    stages: dict[str, ClassificationReport]
-    reached: dict[str, float]
-    cascade_error: dict[str, dict]
-
-    def to_dict(self) -> dict:
-        return {"final": self.final.to_dict(), "stages": {k: v.to_dict() for k, v in self.stages.items()},
-                "reached": dict(self.reached), "cascade_error": dict(self.cascade_error)}
-
-    def __str__(self) -> str:
-        parts = [f"cascade, final labels:\n{self.final}"]
-        for name, rep in self.stages.items():
-            parts.append(f"stage {name!r} (reached by {100 * self.reached[name]:.1f}% of rows, standalone "
-                         f"accuracy {self.cascade_error[name]['standalone_accuracy']:.4f}):\n{rep}")
-        return "\n\n".join(parts)
-
-
 def _tensors_of(data) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
         return data[0], data[1]
@@ -781,9 +761,12 @@ def evaluate(model_or_cascade: nn.Module, data, *, batch_size: int = 1024, devic
     A model: its predictions (argmax, or logit > 0 for one logit per row) against target_fn(labels)
     (rows with IGNORE_INDEX dropped); returns a fastcascade.metrics.ClassificationReport over
     num_classes (default: the output width, 2 for one logit). A Cascade: labels are final labels;
-    returns a CascadeReport (final report, per-stage reports, reached fractions, cascade error) from
-    Cascade.predict(mode=mode) and Cascade.evaluate. Runs in eval mode (restored after), on `device`
-    (default: the model's).
+    the report adds, per stage, the report of the decisions it made on the rows that reached it (its
+    branches named as in fastcascade.data.STAGE_CLASS_NAMES for the AV1 stages), the fraction of rows
+    reaching it and its standalone vs in-cascade accuracy (Cascade.predict(mode=mode) and
+    Cascade.evaluate). Returns a fastcascade.metrics.EvaluationReport (accuracy, macro_f1,
+    weighted_f1, confusion; .final is the ClassificationReport). Runs in eval mode (restored after),
+    on `device` (default: the model's).
     """
     if not isinstance(model_or_cascade, nn.Module):
         raise TypeError(f"model_or_cascade must be an nn.Module or a fastcascade.Cascade, got "
@@ -811,13 +794,13 @@ def evaluate(model_or_cascade: nn.Module, data, *, batch_size: int = 1024, devic
         if num_classes is None:
             num_classes = _num_outputs_classes(model(x[:1].to(device)))
         cm = confusion_matrix(pred.cpu(), t.cpu(), num_classes)
-        return ClassificationReport.from_confusion(cm, class_names)
+        return EvaluationReport(final=ClassificationReport.from_confusion(cm, class_names))
     finally:
         for m, m_mode in modes.items():
             m.training = m_mode
 
 
-def _evaluate_cascade(cascade: Cascade, x, labels, batch_size, class_names, mode) -> CascadeReport:
+def _evaluate_cascade(cascade: Cascade, x, labels, batch_size, class_names, mode) -> EvaluationReport:
     pred = torch.cat([cascade.predict(x[i:i + batch_size], mode=mode) for i in range(0, x.shape[0], batch_size)])
     final = ClassificationReport.from_confusion(confusion_matrix(pred.cpu(), labels.cpu(), cascade.num_classes),
                                                 class_names)
@@ -828,4 +811,5 @@ def _evaluate_cascade(cascade: Cascade, x, labels, batch_size, class_names, mode
         k = cm.shape[0]
         names = STAGE_CLASS_NAMES.get(node.name)
         stages[node.name] = ClassificationReport.from_confusion(cm, list(names[:k]) if names else None)
-    return CascadeReport(final, stages, ev["reached"], ev["cascade_error"])
+    return EvaluationReport(final=final, stages=stages, reached=dict(ev["reached"]),
+                            cascade_error=dict(ev["cascade_error"]))

@@ -331,7 +331,7 @@ def test_evaluate_model_and_cascade(blocks):
     ab = [TinyCNN(4, 3 + k) for k in range(3)]
     cascade = fc.Cascade.av1_partition(s1, s2, rect, ab, threshold=0.4).eval()
     rep = T.evaluate(cascade, val, class_names=list(fd.LABEL_NAMES[:8]), batch_size=128)
-    assert isinstance(rep, T.CascadeReport)
+    assert isinstance(rep, fc.EvaluationReport)
     assert torch.equal(rep.final.confusion, confusion_matrix(cascade.predict(x), y, 8))
     ref = cascade.evaluate(x, y)
     assert rep.reached == ref["reached"] and rep.reached["stage1"] == 1.0
@@ -339,7 +339,7 @@ def test_evaluate_model_and_cascade(blocks):
         assert torch.equal(rep.stages[name].confusion, ref["confusion"][name])
     assert rep.stages["stage2"].class_names == ("SPLIT", "RECT", "AB")
     json.dumps(rep.to_dict())
-    assert "reached by" in str(rep)
+    assert "stage rect: reached" in str(rep)
     assert T.evaluate(cascade, (x, y), mode="static", class_names=list(fd.LABEL_NAMES[:8])).to_dict() == rep.to_dict()
     # a single stage, on the rows that reach it
     r = T.evaluate(rect, val, target_fn=lambda t: fd.stage_targets(t)["rect"])
@@ -380,7 +380,7 @@ DDP_SCRIPT = textwrap.dedent("""
     rank = dist.get_rank()
     rep = T.evaluate(model, val)
     json.dump({"world": dist.get_world_size(), "history": history, "best": str(best),
-               "weights": [p.tolist() for p in model.state_dict().values()], "single": rep.to_dict()},
+               "weights": [p.tolist() for p in model.state_dict().values()], "single": rep.final.to_dict()},
               open(f"{out}/rank{rank}.json", "w"))
     dist.destroy_process_group()
 """)
