@@ -36,6 +36,7 @@ from .routing import (
     scatter_rows,
     vote,
 )
+from .train import evaluate, fit, load_checkpoint, save_checkpoint
 
 __version__ = "0.1.0"
 
@@ -81,4 +82,8 @@ __all__ = [
     "expected_calibration_error",
     "fit_temperature",
     "tune_threshold",
+    "evaluate",
+    "fit",
+    "load_checkpoint",
+    "save_checkpoint",
 ]

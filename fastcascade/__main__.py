@@ -44,7 +44,8 @@ STAGE_NAMES = {"stage1": ["NONE", "PARTITION"], "stage2": ["SPLIT", "RECT", "AB"
 
 
 def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    conv = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+    return nn.Sequential(conv, nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
 class SmallCNN(nn.Module):
@@ -115,8 +116,8 @@ def _load_data(args) -> tuple[fd.PartitionDataset, fd.PartitionDataset]:
         if len(ds) == 0:
             raise ValueError(f"the {name} split is empty")
         if int(ds.labels.max()) >= NUM_LABELS:
-            raise ValueError(f"the {name} split holds labels >= {NUM_LABELS} (HORZ_4 / VERT_4): the demo cascade "
-                             f"predicts the 8 main partition types only")
+            raise ValueError(f"the {name} split holds labels >= {NUM_LABELS} (HORZ_4 / VERT_4): the demo "
+                             f"cascade predicts the 8 main partition types only")
     return train, val
 
 
@@ -214,8 +215,8 @@ def run_demo(args) -> dict:
     if quick:
         train, val = _subset(train, 4000, args.seed), _subset(val, 2000, args.seed + 1)
     y_train = _labels(train)
-    print(f"fastcascade demo: {len(train)} train / {len(val)} val blocks, backbone {backbone}, device {device}, "
-          f"{epochs} epochs per model{' (quick)' if quick else ''}")
+    print(f"fastcascade demo: {len(train)} train / {len(val)} val blocks, backbone {backbone}, device "
+          f"{device}, {epochs} epochs per model{' (quick)' if quick else ''}")
     print(fd.format_distribution(y_train, NUM_LABELS))
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -235,7 +236,8 @@ def run_demo(args) -> dict:
     return result
 
 
-def _train_and_report(args, train, val, y_train, device, backbone, epochs, amp, quick, work: pathlib.Path) -> dict:
+def _train_and_report(args, train, val, y_train, device, backbone, epochs, amp, quick,
+                      work: pathlib.Path) -> dict:
     ckpt = work / "checkpoints"
     common = dict(device=device, amp_dtype=amp, progress=args.progress, batch_size=args.batch_size)
     stage_counts = {k: torch.bincount(v[v != fd.IGNORE_INDEX], minlength=len(fd.STAGE_CLASS_NAMES[k]))
@@ -262,8 +264,11 @@ def _train_and_report(args, train, val, y_train, device, backbone, epochs, amp, 
     t_cascade = time.perf_counter()
     # Stage 1: NONE vs PARTITION, one logit
     s1 = make_backbone(backbone, 1, args.seed, args.width)
-    s1 = train_one("stage1", s1, lambda out, t: sigmoid_focal_loss(out.reshape(-1), t.float(), alpha=None, gamma=2.5),
-                   "stage1", args.seed, lr=3e-3, augment=fd.RandomDihedral(seed=args.seed))
+    def stage1_loss(out, t):
+        return sigmoid_focal_loss(out.reshape(-1), t.float(), alpha=None, gamma=2.5)
+
+    s1 = train_one("stage1", s1, stage1_loss, "stage1", args.seed, lr=3e-3,
+                   augment=fd.RandomDihedral(seed=args.seed))
     s1_logits, s1_t = _stage_logits(s1, val, "stage1", device)
     temperature = fit_temperature(s1_logits, s1_t)
     threshold, thr_metrics = tune_threshold(torch.sigmoid(s1_logits / temperature), s1_t, objective="f1")
@@ -272,7 +277,8 @@ def _train_and_report(args, train, val, y_train, device, backbone, epochs, amp, 
     s2 = with_new_head(s1, 3, args.seed + 1)
     add_adapters(s2, bottleneck=16, kind="pooled", example_input=torch.zeros(1, 1, 16, 16, device=device))
     trainable = freeze_backbone(s2)
-    cb = ClassBalancedFocalLoss(stage_counts["stage2"], beta=0.9999, gamma=2.0, label_smoothing=0.1).to(device)
+    cb = ClassBalancedFocalLoss(stage_counts["stage2"], beta=0.9999, gamma=2.0, label_smoothing=0.1)
+    cb = cb.to(device)
     s2 = train_one("stage2", s2, cb, "stage2", args.seed + 1, param_groups={"adapter": 3e-3, "head": 3e-3},
                    sampler=None)
 
@@ -282,10 +288,12 @@ def _train_and_report(args, train, val, y_train, device, backbone, epochs, amp, 
                      param_groups={"head": 3e-3, "backbone": 1e-3}, freeze_epochs=1,
                      augment=fd.RandomDihedral(seed=args.seed + 2))
 
-    # AB ensemble: three members, different seeds and augmentations (all dihedral; flips only; dihedral + mixup)
-    augments = [fd.RandomDihedral(seed=args.seed + 31), fd.RandomDihedral(p_transpose=0.0, seed=args.seed + 32),
+    # AB ensemble: three members, different seeds and augmentations (dihedral; flips only; dihedral + mixup)
+    augments = [fd.RandomDihedral(seed=args.seed + 31),
+                fd.RandomDihedral(p_transpose=0.0, seed=args.seed + 32),
                 DihedralMixup(alpha=0.4, seed=args.seed + 33)]
-    losses = [SoftmaxFocalLoss(gamma=2.0), SoftmaxFocalLoss(gamma=2.0), F.cross_entropy]  # mixup: soft targets
+    # the mixup member learns from soft targets: cross-entropy takes class probabilities
+    losses = [SoftmaxFocalLoss(gamma=2.0), SoftmaxFocalLoss(gamma=2.0), F.cross_entropy]
     ab = []
     for k in range(3):
         m = with_new_head(s1, 4, args.seed + 3 + k)
@@ -305,24 +313,28 @@ def _train_and_report(args, train, val, y_train, device, backbone, epochs, amp, 
     timing["train_flat_s"] = time.perf_counter() - t_flat
 
     # the cascade, end to end
-    cascade = Cascade.av1_partition(s1, s2, rect, ab, threshold=threshold, temperature=temperature).to(device).eval()
+    cascade = Cascade.av1_partition(s1, s2, rect, ab, threshold=threshold, temperature=temperature)
+    cascade = cascade.to(device).eval()
     crep = evaluate(cascade, val, class_names=LABEL_NAMES, device=device)
     frep = evaluate(flat, val, class_names=LABEL_NAMES, device=device).final
     models = {"stage1": s1, "stage2": s2, "rect": rect, **{f"ab{k + 1}": m for k, m in enumerate(ab)}}
-    standalone = {k: evaluate(m, val, target_fn=_stage(k[:2] if k.startswith("ab") else k),
-                              class_names=STAGE_NAMES[k[:2] if k.startswith("ab") else k], device=device).final
-                  for k, m in models.items()}
+    standalone = {}
+    for k, m in models.items():
+        stage = "ab" if k.startswith("ab") else k
+        rep = evaluate(m, val, target_fn=_stage(stage), class_names=STAGE_NAMES[stage], device=device)
+        standalone[k] = rep.final
 
     print("\n== per-stage, standalone on the val rows that belong to each stage ==")
     for name, rep in standalone.items():
         print(f"\n-- {name} --\n{rep}")
     print(f"\nStage 1 threshold (tuned on val for F1, after temperature {temperature:.3f}): {threshold:.4f} "
-          f"(precision {thr_metrics['precision']:.4f}, recall {thr_metrics['recall']:.4f}, F1 {thr_metrics['f1']:.4f})")
+          f"(precision {thr_metrics['precision']:.4f}, recall {thr_metrics['recall']:.4f}, "
+          f"F1 {thr_metrics['f1']:.4f})")
     print(f"\n== cascade, end to end (early exit) ==\n{crep}")
     print("\nfraction of val blocks reaching each stage: "
           + ", ".join(f"{k} {100 * v:.1f}%" for k, v in crep.reached.items()))
-    print(f"\n== flat 8-class model ({flat_epochs} epochs: the cascade's budget of {cascade_rows} training rows) ==\n"
-          f"{frep}")
+    print(f"\n== flat 8-class model ({flat_epochs} epochs: the cascade's budget of {cascade_rows} training "
+          f"rows) ==\n{frep}")
 
     # throughput on the val blocks
     x = _blocks(val).to(device)
@@ -341,11 +353,12 @@ def _train_and_report(args, train, val, y_train, device, backbone, epochs, amp, 
 
     c, f = crep.final, frep
     print(f"\n== summary ==\n  cascade: accuracy {c.accuracy:.4f}, macro F1 {c.macro_f1:.4f}, weighted F1 "
-          f"{c.weighted_f1:.4f}\n  flat:    accuracy {f.accuracy:.4f}, macro F1 {f.macro_f1:.4f}, weighted F1 "
-          f"{f.weighted_f1:.4f}")
+          f"{c.weighted_f1:.4f}\n  flat:    accuracy {f.accuracy:.4f}, macro F1 {f.macro_f1:.4f}, weighted "
+          f"F1 {f.weighted_f1:.4f}")
 
     _plot_confusion(c.confusion, LABEL_NAMES, "cascade (val)", work / "confusion_cascade.png")
-    _plot_confusion(f.confusion, LABEL_NAMES, f"flat 8-class (val, {flat_epochs} epochs)", work / "confusion_flat.png")
+    _plot_confusion(f.confusion, LABEL_NAMES, f"flat 8-class (val, {flat_epochs} epochs)",
+                    work / "confusion_flat.png")
     for name, rep in crep.stages.items():
         _plot_confusion(rep.confusion, list(rep.class_names), f"cascade stage {name} (in cascade)",
                         work / f"confusion_stage_{name}.png")
@@ -361,8 +374,9 @@ def _train_and_report(args, train, val, y_train, device, backbone, epochs, amp, 
         "standalone": {k: v.to_dict() for k, v in standalone.items()},
         "cascade": crep.to_dict(),
         "flat": frep.to_dict(),
-        "summary": {"cascade_accuracy": c.accuracy, "cascade_macro_f1": c.macro_f1, "flat_accuracy": f.accuracy,
-                    "flat_macro_f1": f.macro_f1, "cascade_training_rows": cascade_rows,
+        "summary": {"cascade_accuracy": c.accuracy, "cascade_macro_f1": c.macro_f1,
+                    "flat_accuracy": f.accuracy, "flat_macro_f1": f.macro_f1,
+                    "cascade_training_rows": cascade_rows,
                     "flat_training_rows": flat_epochs * len(train)},
         "throughput_blocks_per_s": tput,
         "routing_matches_dense": same,
@@ -377,7 +391,8 @@ def _stage_logits(model: nn.Module, val, stage: str, device) -> tuple[torch.Tens
     model.eval()
     t = _stage(stage)(_labels(val))
     x = _blocks(val)
-    logits = torch.cat([model(x[i:i + 2048].to(device)).float().reshape(-1).cpu() for i in range(0, len(x), 2048)])
+    chunks = [model(x[i:i + 2048].to(device)).float().reshape(-1).cpu() for i in range(0, len(x), 2048)]
+    logits = torch.cat(chunks)
     return logits, t
 
 
@@ -389,21 +404,26 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastcascade", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train and evaluate the AV1 partition cascade on the embedded dataset")
-    demo.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when visible, else cpu)")
-    demo.add_argument("--out", default=None, help="run folder (default: ./runs/demo-<timestamp>); must not exist "
-                                                  "or be empty")
-    demo.add_argument("--epochs", type=_positive, default=None, help="epochs per model (default 8; 2 with --quick)")
-    demo.add_argument("--quick", action="store_true", help="CI-sized run: 4000 train / 2000 val blocks, 2 epochs")
+    demo.add_argument("--device", default=None,
+                      help="cpu, cuda or cuda:N (default: cuda when visible, else cpu)")
+    demo.add_argument("--out", default=None,
+                      help="run folder (default: ./runs/demo-<timestamp>); must not exist or be empty")
+    demo.add_argument("--epochs", type=_positive, default=None,
+                      help="epochs per model (default 8; 2 with --quick)")
+    demo.add_argument("--quick", action="store_true",
+                      help="CI-sized run: 4000 train / 2000 val blocks, 2 epochs")
     demo.add_argument("--backbone", choices=("small-cnn", "resnet18"), default=None,
                       help="default: small-cnn on the CPU, timm resnet18 on CUDA")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--batch-size", type=_positive, default=None, help="default 128; 64 with --quick")
     demo.add_argument("--width", type=_positive, default=16, help="channels of the small CNN's first layer")
     demo.add_argument("--threads", type=_positive, default=None,
-                      help="CPU threads (default 1 on the CPU: the convolutions on 16x16 blocks are too small "
-                           "for intra-op threads to pay, and on a busy machine they cost several times more)")
-    demo.add_argument("--data", default=None, help="your own dataset folder (<dir>/16x16/{train,val}.pt, see "
-                                                   "fastcascade.data.load_block_dataset) instead of the embedded one")
+                      help="CPU threads (default 1 on the CPU: the convolutions on 16x16 blocks are too "
+                           "small for intra-op threads to pay, and on a busy machine they cost several "
+                           "times more)")
+    demo.add_argument("--data", default=None,
+                      help="your own dataset folder (<dir>/16x16/{train,val}.pt, see "
+                           "fastcascade.data.load_block_dataset) instead of the embedded one")
     demo.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
     args = parser.parse_args(argv)
     try:

@@ -117,9 +117,10 @@ def _verify_reload(path: pathlib.Path, model: nn.Module, probe) -> None:
     theirs = dict(fresh.named_parameters()) | dict(fresh.named_buffers())
     differ = [k for k in mine if not _bitwise_equal(mine[k], theirs[k])]
     if differ:
-        raise RuntimeError(f"save_checkpoint: after reloading, {len(differ)} tensor(s) differ from the in-memory "
-                           f"model, e.g. {differ[:5]}: they are not in state_dict() (non-persistent buffers?) or "
-                           f"load_state_dict does not restore them; no checkpoint was written")
+        raise RuntimeError(f"save_checkpoint: after reloading, {len(differ)} tensor(s) differ from the "
+                           f"in-memory model, e.g. {differ[:5]}: they are not in state_dict() "
+                           f"(non-persistent buffers?) or load_state_dict does not restore them; no "
+                           f"checkpoint was written")
     if probe is None:
         return
     modes = {m: m.training for m in model.modules()}
@@ -133,16 +134,16 @@ def _verify_reload(path: pathlib.Path, model: nn.Module, probe) -> None:
         for m, mode in modes.items():
             m.training = mode
     if ref.keys() != got.keys():
-        raise RuntimeError(f"save_checkpoint: the reloaded model returns {sorted(got)} on the probe batch, the "
-                           f"in-memory one {sorted(ref)}; no checkpoint was written")
+        raise RuntimeError(f"save_checkpoint: the reloaded model returns {sorted(got)} on the probe batch, "
+                           f"the in-memory one {sorted(ref)}; no checkpoint was written")
     bad = [k for k in ref if not _bitwise_equal(ref[k], got[k])]
     if bad:
         k = bad[0]
         diff = (ref[k].double() - got[k].double()).abs().nan_to_num(float("inf")).max().item() \
             if ref[k].shape == got[k].shape else "shape"
         raise RuntimeError(f"save_checkpoint: the reloaded model's {k} on the probe batch differs from the "
-                           f"in-memory model's (max abs difference {diff}): the model has state that state_dict "
-                           f"does not capture; no checkpoint was written")
+                           f"in-memory model's (max abs difference {diff}): the model has state that "
+                           f"state_dict does not capture; no checkpoint was written")
 
 
 def _atomic_save(obj, path: pathlib.Path, verify: Callable[[pathlib.Path], None] | None = None) -> None:
@@ -237,7 +238,8 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
         if unexpected:
             parts.append(f"{len(unexpected)} checkpoint entries are not in the model ({_few(unexpected)})")
         if shapes:
-            parts.append(f"{len(shapes)} entries differ in shape or dtype, checkpoint vs model ({_few(shapes)})")
+            parts.append(f"{len(shapes)} entries differ in shape or dtype, checkpoint vs model "
+                         f"({_few(shapes)})")
         raise ValueError(f"checkpoint {path} was saved from another architecture ({ckpt.get('model_class')}, "
                          f"{len(saved)} entries) than this {type(model).__name__} ({len(mine)} entries): "
                          + "; ".join(parts))
@@ -380,6 +382,10 @@ def _dist_setup(device) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
+def _as_tensor(rows: int, device) -> torch.Tensor:
+    return torch.tensor(float(rows), dtype=torch.float64, device=device)
+
+
 def _all_sum(t: torch.Tensor, world: int, device: torch.device) -> torch.Tensor:
     if world == 1:
         return t
@@ -394,18 +400,20 @@ def _all_sum(t: torch.Tensor, world: int, device: torch.device) -> torch.Tensor:
 # fit
 
 
-def _check_fit_args(model, loss_fn, train, val, epochs, lr, schedule, freeze_epochs, monitor, patience, amp_dtype,
-                    grad_clip, sampler, batch_size) -> None:
+def _check_fit_args(model, loss_fn, train, val, epochs, lr, schedule, freeze_epochs, monitor, patience,
+                    amp_dtype, grad_clip, sampler, batch_size) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable (logits, targets) -> loss, got {type(loss_fn).__name__}")
     for name, ds in (("train", train), ("val", val)):
         if not hasattr(ds, "__getitem__") or not hasattr(ds, "__len__"):
-            raise TypeError(f"{name} must be a map-style dataset of (input, label) items, got {type(ds).__name__}")
+            raise TypeError(f"{name} must be a map-style dataset of (input, label) items, got "
+                            f"{type(ds).__name__}")
         if len(ds) == 0:
             raise ValueError(f"{name} is empty")
-    for name, v, lo in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("freeze_epochs", freeze_epochs, 0)):
+    ints = (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("freeze_epochs", freeze_epochs, 0))
+    for name, v, lo in ints:
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
     if not (isinstance(lr, (int, float)) and lr > 0):
@@ -418,8 +426,11 @@ def _check_fit_args(model, loss_fn, train, val, epochs, lr, schedule, freeze_epo
         raise ValueError(f"monitor must be one of {REPORT_MONITORS + LOSS_MONITORS}, got {monitor!r}")
     if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
         raise ValueError(f"patience must be None or an int >= 1, got {patience!r}")
-    if amp_dtype not in (None, torch.bfloat16, torch.float16):
-        raise ValueError(f"amp_dtype must be None, torch.bfloat16 or torch.float16, got {amp_dtype!r}")
+    if amp_dtype is torch.float16:
+        raise ValueError("amp_dtype=torch.float16 needs loss scaling (torch.amp.GradScaler), which fit does "
+                         "not do; use torch.bfloat16 (same exponent range as float32)")
+    if amp_dtype not in (None, torch.bfloat16):
+        raise ValueError(f"amp_dtype must be None or torch.bfloat16, got {amp_dtype!r}")
     if grad_clip is not None and not grad_clip > 0:
         raise ValueError(f"grad_clip must be None or > 0, got {grad_clip!r}")
 
@@ -434,7 +445,8 @@ def _sampler_weights(targets: torch.Tensor, sampler: str, beta: float) -> torch.
     if sampler == "class_balanced":
         per_class = class_balanced_weights(counts, beta).double()
     else:
-        per_class = torch.where(counts > 0, 1.0 / counts.clamp(min=1).double(), torch.zeros((), dtype=torch.float64))
+        per_class = torch.where(counts > 0, 1.0 / counts.clamp(min=1).double(),
+                                torch.zeros((), dtype=torch.float64))
     return per_class[targets]
 
 
@@ -446,8 +458,9 @@ def _optimizer(model: nn.Module, lr: float, groups, weight_decay: float) -> torc
     else:
         groups = list(groups)
         if not groups or not all(isinstance(g, Mapping) and "params" in g for g in groups):
-            raise ValueError("param_groups must be None, a dict of learning rates by group name, or a list of "
-                             "optimizer parameter groups (dicts with 'params'), e.g. fastcascade.param_groups(model)")
+            raise ValueError("param_groups must be None, a dict of learning rates by group name, or a list "
+                             "of optimizer parameter groups (dicts with 'params'), e.g. "
+                             "fastcascade.param_groups(model)")
     return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
 
 
@@ -455,8 +468,8 @@ def _scheduler(optimizer, schedule, total_steps: int):
     if schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     if schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
-                                                   total_steps=total_steps)
+        peaks = [g["lr"] for g in optimizer.param_groups]
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peaks, total_steps=total_steps)
     return None
 
 
@@ -486,11 +499,12 @@ def _write_json(obj, path: pathlib.Path) -> None:
 
 
 def fit(model: nn.Module, loss_fn: Callable, train: Dataset, val: Dataset, epochs: int, *, lr: float = 1e-3,
-        param_groups=None, weight_decay: float = 0.01, schedule: str | None = "cosine", freeze_epochs: int = 0,
-        monitor: str = "macro_f1", patience: int | None = None, amp_dtype: torch.dtype | None = None,
-        grad_clip: float | None = None, sampler: str | None = None, beta: float = 0.9999, batch_size: int = 256,
-        eval_batch_size: int = 1024, target_fn: Callable | None = None, augment: Callable | None = None,
-        device=None, out_dir: str | os.PathLike | None = None, seed: int = 0, progress: bool = True,
+        param_groups=None, weight_decay: float = 0.01, schedule: str | None = "cosine",
+        freeze_epochs: int = 0, monitor: str = "macro_f1", patience: int | None = None,
+        amp_dtype: torch.dtype | None = None, grad_clip: float | None = None, sampler: str | None = None,
+        beta: float = 0.9999, batch_size: int = 256, eval_batch_size: int = 1024,
+        target_fn: Callable | None = None, augment: Callable | None = None, device=None,
+        out_dir: str | os.PathLike | None = None, seed: int = 0, progress: bool = True,
         resume: str | os.PathLike | None = None, num_classes: int | None = None,
         class_names: Sequence[str] | None = None, checkpoint_every: int | None = None, num_workers: int = 0,
         name: str = "fit") -> tuple[list[dict], pathlib.Path | None]:
@@ -513,7 +527,7 @@ def fit(model: nn.Module, loss_fn: Callable, train: Dataset, val: Dataset, epoch
             and heads train); then the requires_grad flags the model came with are restored.
         monitor: "macro_f1", "weighted_f1", "accuracy" (maximised) or "val_loss" (minimised); picks the
             best checkpoint and drives early stopping after `patience` epochs without improvement.
-        amp_dtype: None or torch.bfloat16 / torch.float16: forward and loss under torch.autocast.
+        amp_dtype: None or torch.bfloat16: forward and loss under torch.autocast (bf16 needs no loss scaling).
         grad_clip: max global gradient norm (torch.nn.utils.clip_grad_norm_), or None.
         sampler: None (a seeded shuffle), "class_balanced" (rows weighted by the effective-number class
             weight with `beta`) or "oversample" (1 / class count): torch WeightedRandomSampler, with
@@ -538,8 +552,8 @@ def fit(model: nn.Module, loss_fn: Callable, train: Dataset, val: Dataset, epoch
     f1, support; accuracy, macro_f1, weighted_f1, confusion), frozen, seconds. After fit, model holds
     the weights of the best epoch.
     """
-    _check_fit_args(model, loss_fn, train, val, epochs, lr, schedule, freeze_epochs, monitor, patience, amp_dtype,
-                    grad_clip, sampler, batch_size)
+    _check_fit_args(model, loss_fn, train, val, epochs, lr, schedule, freeze_epochs, monitor, patience,
+                    amp_dtype, grad_clip, sampler, batch_size)
     if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
         raise ValueError(f"checkpoint_every must be None or an int >= 1, got {checkpoint_every!r}")
     rank, world, device = _dist_setup(device)
@@ -579,11 +593,13 @@ def fit(model: nn.Module, loss_fn: Callable, train: Dataset, val: Dataset, epoch
     best_value, best_epoch, bad_epochs, start = None, None, 0, 0
     if resume is not None:
         if not isinstance(_read_checkpoint(resume)["extra"].get("fit"), Mapping):
-            raise ValueError(f"resume={str(resume)!r}: the checkpoint was not written by fit (no training state)")
+            raise ValueError(f"resume={str(resume)!r}: the checkpoint was not written by fit (no training "
+                             f"state)")
         ckpt = load_checkpoint(resume, model, optimizer, scheduler, map_location="cpu")
         state = ckpt["extra"]["fit"]
         if ckpt["epoch"] >= epochs:
-            raise ValueError(f"resume={str(resume)!r} is at epoch {ckpt['epoch']}: nothing left of epochs={epochs}")
+            raise ValueError(f"resume={str(resume)!r} is at epoch {ckpt['epoch']}: nothing left of "
+                             f"epochs={epochs}")
         history, best_value, best_epoch = list(state["history"]), state["best_value"], state["best_epoch"]
         bad_epochs, start = state["bad_epochs"], ckpt["epoch"]
         trainable_at_start = set(state["trainable_at_start"])
@@ -603,20 +619,21 @@ def fit(model: nn.Module, loss_fn: Callable, train: Dataset, val: Dataset, epoch
             frozen = epoch < freeze_epochs
             _set_frozen(model, frozen, trainable_at_start)
             # DDP registers the parameters that require grad when it is built: rebuild it per phase
-            wrapped = (nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                           else None) if world > 1 else model)
+            ids = [device.index] if device.type == "cuda" else None
+            wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids) if world > 1 else model
         # this epoch's rows for this rank
         if weights is not None:
             drawn = torch.tensor(list(WeightedRandomSampler(weights, n_local * world, replacement=True,
                                                             generator=gen)), dtype=torch.int64)
             order = drawn[rank::world]
         elif world > 1:
-            ds_sampler = DistributedSampler(range(train_idx.numel()), num_replicas=world, rank=rank, shuffle=True,
-                                            seed=seed)
+            ds_sampler = DistributedSampler(range(train_idx.numel()), num_replicas=world, rank=rank,
+                                            shuffle=True, seed=seed)
             ds_sampler.set_epoch(epoch)
             order = torch.tensor(list(ds_sampler), dtype=torch.int64)
         else:
-            order = torch.tensor(list(RandomSampler(range(train_idx.numel()), generator=gen)), dtype=torch.int64)
+            order = torch.tensor(list(RandomSampler(range(train_idx.numel()), generator=gen)),
+                                 dtype=torch.int64)
         wrapped.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         rows = 0
@@ -646,17 +663,17 @@ def fit(model: nn.Module, loss_fn: Callable, train: Dataset, val: Dataset, epoch
                     bar.set_postfix(loss=f"{loss.item():.4f}")
         if bar is not None:
             bar.close()
-        totals = _all_sum(torch.stack([loss_sum, torch.tensor(float(rows), dtype=torch.float64, device=device)]),
-                          world, device)
+        totals = _all_sum(torch.stack([loss_sum, _as_tensor(rows, device)]), world, device)
         train_loss = (totals[0] / totals[1]).item()
-        val_loss, report = _validate(model, loss_fn, val, val_idx[rank::world].tolist(), target_fn, eval_batch_size,
-                                     device, amp_dtype, num_classes, class_names, world)
+        val_loss, report = _validate(model, loss_fn, val, val_idx[rank::world].tolist(), target_fn,
+                                     eval_batch_size, device, amp_dtype, num_classes, class_names, world)
         record = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
                   "lr": {n: g["lr"] for n, g in zip(group_names, optimizer.param_groups)},
                   "val": report.to_dict(), "frozen": frozen, "seconds": time.perf_counter() - t0}
         history.append(record)
         value = val_loss if monitor in LOSS_MONITORS else record["val"][monitor]
-        improved = best_value is None or (value < best_value if monitor in LOSS_MONITORS else value > best_value)
+        minimise = monitor in LOSS_MONITORS
+        improved = best_value is None or (value < best_value if minimise else value > best_value)
         if improved:
             best_value, best_epoch, bad_epochs = value, epoch + 1, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -665,23 +682,23 @@ def fit(model: nn.Module, loss_fn: Callable, train: Dataset, val: Dataset, epoch
         stop = patience is not None and bad_epochs >= patience
         record["stopped_early"] = stop
         if progress and rank == 0:
-            _progress_write(f"{name} epoch {epoch + 1}/{epochs}: train_loss {train_loss:.4f} val_loss {val_loss:.4f} "
-                            f"{monitor} {value:.4f}" + (" *" if improved else ""))
+            _progress_write(f"{name} epoch {epoch + 1}/{epochs}: train_loss {train_loss:.4f} val_loss "
+                            f"{val_loss:.4f} {monitor} {value:.4f}" + (" *" if improved else ""))
         if out_dir is not None:
             if improved:
                 best_path = out_dir / "best.pt"
-            state = {"history": history, "best_value": best_value, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
-                     "best_path": str(best_path) if best_path is not None else None,
+            state = {"history": history, "best_value": best_value, "best_epoch": best_epoch,
+                     "bad_epochs": bad_epochs, "best_path": str(best_path) if best_path is not None else None,
                      "trainable_at_start": sorted(trainable_at_start), "rng": _rng_state(),
-                     "sampler_generator": gen.get_state(), "augment": _augment_state(augment), "monitor": monitor}
+                     "sampler_generator": gen.get_state(), "augment": _augment_state(augment),
+                     "monitor": monitor}
             if rank == 0:
                 extra = {"fit": state}
-                save_checkpoint(out_dir / "last.pt", model, optimizer, scheduler, epoch + 1, extra, probe=probe)
-                if improved:
-                    save_checkpoint(best_path, model, optimizer, scheduler, epoch + 1, extra, probe=probe)
+                paths = [out_dir / "last.pt"] + ([best_path] if improved else [])
                 if checkpoint_every is not None and (epoch + 1) % checkpoint_every == 0:
-                    save_checkpoint(out_dir / f"epoch-{epoch + 1:04d}.pt", model, optimizer, scheduler, epoch + 1,
-                                    extra, probe=probe)
+                    paths.append(out_dir / f"epoch-{epoch + 1:04d}.pt")
+                for path in paths:
+                    save_checkpoint(path, model, optimizer, scheduler, epoch + 1, extra, probe=probe)
                 _write_json(history, out_dir / "history.json")
             if world > 1:
                 dist.barrier()  # the files exist for every rank once fit moves on
@@ -706,7 +723,8 @@ def _progress_write(msg: str) -> None:
 
 
 @torch.no_grad()
-def _validate(model, loss_fn, val, order, target_fn, batch_size, device, amp_dtype, num_classes, class_names, world):
+def _validate(model, loss_fn, val, order, target_fn, batch_size, device, amp_dtype, num_classes, class_names,
+              world):
     """(val loss: mean over rows of the batch-mean losses weighted by batch size, ClassificationReport),
     each summed over ranks."""
     modes = {m: m.training for m in model.modules()}
@@ -729,8 +747,7 @@ def _validate(model, loss_fn, val, order, target_fn, batch_size, device, amp_dty
     finally:
         for m, mode in modes.items():
             m.training = mode
-    totals = _all_sum(torch.stack([loss_sum, torch.tensor(float(rows), dtype=torch.float64, device=device)]),
-                      world, device)
+    totals = _all_sum(torch.stack([loss_sum, _as_tensor(rows, device)]), world, device)
     cm = _all_sum(cm, world, device)
     return (totals[0] / totals[1]).item(), ClassificationReport.from_confusion(cm.cpu(), class_names)
 
@@ -789,7 +806,8 @@ def evaluate(model_or_cascade: nn.Module, data, *, batch_size: int = 1024, devic
         t = _targets(labels, target_fn)
         keep = _kept(t)
         x, t = x[keep], t[keep]
-        preds = [_predict(model(x[i:i + batch_size].to(device)).float()) for i in range(0, x.shape[0], batch_size)]
+        starts = range(0, x.shape[0], batch_size)
+        preds = [_predict(model(x[i:i + batch_size].to(device)).float()) for i in starts]
         pred = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.int64)
         if num_classes is None:
             num_classes = _num_outputs_classes(model(x[:1].to(device)))
@@ -801,9 +819,10 @@ def evaluate(model_or_cascade: nn.Module, data, *, batch_size: int = 1024, devic
 
 
 def _evaluate_cascade(cascade: Cascade, x, labels, batch_size, class_names, mode) -> EvaluationReport:
-    pred = torch.cat([cascade.predict(x[i:i + batch_size], mode=mode) for i in range(0, x.shape[0], batch_size)])
-    final = ClassificationReport.from_confusion(confusion_matrix(pred.cpu(), labels.cpu(), cascade.num_classes),
-                                                class_names)
+    starts = range(0, x.shape[0], batch_size)
+    pred = torch.cat([cascade.predict(x[i:i + batch_size], mode=mode) for i in starts])
+    cm = confusion_matrix(pred.cpu(), labels.cpu(), cascade.num_classes)
+    final = ClassificationReport.from_confusion(cm, class_names)
     ev = cascade.evaluate(x, labels, mode=mode)
     stages = {}
     for node in cascade.nodes:
