@@ -541,6 +541,9 @@ def fit(model: nn.Module, loss_fn: Callable, train: Dataset, val: Dataset, epoch
         num_classes, class_names: of the validation report (default: the model's output width, 2 for
             one logit).
         seed: seeds torch, numpy, python and the sampler: the same seed gives the same run, bitwise.
+        batch_size, eval_batch_size: rows per training step (per rank) and per validation batch.
+        num_workers: DataLoader workers (0: batches are read in this process, which for tensor-backed
+            datasets is one indexing op per batch). name: the label of progress lines.
 
     Under torchrun (or an initialised process group) the model is wrapped in DistributedDataParallel,
     each rank trains on its shard of every epoch (DistributedSampler; the weighted samplers draw one
