@@ -21,10 +21,15 @@ def main(path: str) -> None:
         for b in rows:
             e = b["extra_info"]
             impl = b["param"] if "param" in b and b["param"] else b["name"]
-            impl = b["params"].get("impl", impl) if b.get("params") else impl
-            mem = f"{e['peak_extra_mb']:.0f}" if e["peak_extra_mb"] >= 0 else "n/a"
-            print(f"| {group} | {impl} | {e['median_ms']:.3f} | {e['gbps']:.1f} | {100 * e['frac_copy_bw']:.0f}% "
-                  f"| {mem} | {slowest / e['median_ms']:.1f}x |")
+            params = b.get("params") or {}
+            impl = params.get("impl", params.get("mode", impl))
+            if "blocks_per_s" in e:  # end-to-end cases: throughput instead of bytes
+                impl = f"{impl} ({e['blocks_per_s']:,.0f} blocks/s)"
+            mem = f"{e['peak_extra_mb']:.0f}" if e.get("peak_extra_mb", -1) >= 0 else "n/a"
+            gbps = f"{e['gbps']:.1f}" if "gbps" in e else "n/a"
+            frac = f"{100 * e['frac_copy_bw']:.0f}%" if "frac_copy_bw" in e else "n/a"
+            print(f"| {group} | {impl} | {e['median_ms']:.3f} | {gbps} | {frac} | {mem} | "
+                  f"{slowest / e['median_ms']:.1f}x |")
 
 
 if __name__ == "__main__":

@@ -82,3 +82,33 @@ def test_token_adapter(benchmark, impl, dtype, shape, mode):
         fn(x).backward(g)
 
     record(benchmark, step, (2 if mode == "fwd" else 5) * x.numel() * x.element_size())
+
+
+# A Stage-2 training step: frozen timm ResNet-18 (one input channel) + pooled adapters after its four
+# stages + a 3-way head, B=4096 16x16 blocks (bf16 autocast on a GPU), adapters fused vs eager.
+STEP_BATCH = 4096 if DEVICE == "cuda" else 256
+
+
+@pytest.mark.parametrize("impl", ["adapters-eager", "adapters-fastcascade"])
+def test_stage2_training_step(benchmark, impl):
+    import timm
+
+    benchmark.group = f"stage-2 training step, resnet18 + 4 pooled adapters, B={STEP_BATCH} 16x16"
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=3, in_chans=1)
+    fc.add_adapters(model, bottleneck=64, kind="pooled", backend="torch" if impl == "adapters-eager" else "auto")
+    fc.freeze_backbone(model)
+    model = model.to(DEVICE).to(memory_format=torch.channels_last).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    x = torch.rand(STEP_BATCH, 1, 16, 16, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 3, (STEP_BATCH,), device=DEVICE)
+    amp = torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=DEVICE == "cuda")
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with amp:
+            loss = fc.softmax_focal_loss(model(x), y, gamma=2.0)
+        loss.backward()
+        opt.step()
+
+    record(benchmark, step, x.numel() * x.element_size())

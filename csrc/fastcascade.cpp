@@ -16,11 +16,13 @@ TORCH_LIBRARY(fastcascade, m) {
   // 1 gelu (erf), 2 silu; scale None (1) or a 0-dim tensor. y keeps x's layout and dtype;
   // pooled = mean_hw(x) (B, C) and hidden = down(pooled) (B, r), pre-activation, in fp32 (fp64 for
   // fp64 x): what the backward needs, B (C + r) numbers instead of anything per pixel.
+  // dropout: p in [0, 1) on act(hidden), the mask drawn in the kernels from (seed, b * r + j), as for the
+  // pixel adapter below.
   m.def("pooled_adapter(Tensor x, Tensor down_w, Tensor down_b, Tensor up_w, Tensor up_b, Tensor? scale, "
-        "int activation) -> (Tensor y, Tensor pooled, Tensor hidden)");
+        "int activation, float dropout, int seed) -> (Tensor y, Tensor pooled, Tensor hidden)");
   m.def("pooled_adapter_backward(Tensor grad_y, Tensor pooled, Tensor hidden, Tensor down_w, Tensor up_w, "
-        "Tensor up_b, Tensor? scale, int activation) -> (Tensor grad_x, Tensor grad_down_w, Tensor grad_down_b, "
-        "Tensor grad_up_w, Tensor grad_up_b, Tensor grad_scale)");
+        "Tensor up_b, Tensor? scale, int activation, float dropout, int seed) -> (Tensor grad_x, "
+        "Tensor grad_down_w, Tensor grad_down_b, Tensor grad_up_w, Tensor grad_up_b, Tensor grad_scale)");
 
   // Pixel (token) residual adapter, y = x + scale * up(drop(act(down(x)))) at every position; x is
   // (B, C, H, W), contiguous or channels_last, or tokens (T, C), contiguous. No (positions x r) tensor
@@ -59,6 +61,20 @@ TORCH_LIBRARY(fastcascade, m) {
   // convention); pred and target int32/int64 of one shape (flattened). Elements whose target equals
   // ignore_index are skipped. Ids outside [0, C): CPU raises; CUDA skips them (no sync).
   m.def("confusion_matrix(Tensor pred, Tensor target, int num_classes, int? ignore_index) -> Tensor");
+  // ---- dice focal (issue 6) ----------------------------------------------------------------------
+  // Dice + softmax focal on logits (B, C, S), target int64 (B, S). One pass computes the loss (logits
+  // dtype) and the sums the backward needs, in fp32 (fp64 for fp64 logits): per image b and class c
+  // inter (B, C) = sum p_c [t == c] and card (B, C) = sum p_c + [t == c] over kept pixels, and
+  // focal_stats (2,) = [sum of focal losses, sum of w_t]. A target equal to ignore_index counts in
+  // neither term; one outside [0, C) makes the sums NaN. batch_dice adds the images' sums before the
+  // Dice ratio; include_background=false leaves class 0 out of the Dice term.
+  m.def("dice_focal(Tensor logits, Tensor target, Tensor? weight, float gamma, float smooth, float lambda_dice, "
+        "float lambda_focal, int ignore_index, bool include_background, bool batch_dice) "
+        "-> (Tensor loss, Tensor inter, Tensor card, Tensor focal_stats)");
+  // One more pass (softmax recomputed) writes d loss / d logits, scaled by grad_loss (0-dim).
+  m.def("dice_focal_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, Tensor inter, "
+        "Tensor card, Tensor focal_stats, float gamma, float smooth, float lambda_dice, float lambda_focal, "
+        "int ignore_index, bool include_background, bool batch_dice) -> Tensor");
 }
 
 // Build facts the Python side checks at import.

@@ -26,6 +26,7 @@ from .losses import (
     softmax_focal_loss,
 )
 from .metrics import ClassificationReport, EvaluationReport, classification_report, confusion_matrix
+from .losses import DiceFocalLoss, dice_focal_loss
 from .routing import (
     Partition,
     gather_rows,
@@ -86,4 +87,6 @@ __all__ = [
     "fit",
     "load_checkpoint",
     "save_checkpoint",
+    "DiceFocalLoss",
+    "dice_focal_loss",
 ]

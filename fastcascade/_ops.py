@@ -56,7 +56,7 @@ def load_triton_ops() -> None:
     global _triton_ops_loaded
     if _triton_ops_loaded:
         return
-    from .kernels import adapter, focal, metrics, pixel_adapter, routing  # noqa: F401
+    from .kernels import adapter, dice_focal, focal, metrics, pixel_adapter, routing  # noqa: F401
 
     for qualname, fake, reduction_arg, need_grad_arg, n_inputs, unsqueeze_none in _FOCAL_OPS:
         _register(qualname + "_triton", fake, reduction_arg, need_grad_arg, n_inputs, unsqueeze_none)
@@ -64,6 +64,7 @@ def load_triton_ops() -> None:
     _register_pixel_adapter("_triton")
     _register_routing("_triton")
     _register_metrics("_triton")
+    _register_dice_focal("_triton")
     _triton_ops_loaded = True
 
 
@@ -166,13 +167,13 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _pooled_adapter_fake(x, down_w, down_b, up_w, up_b, scale, activation):
+def _pooled_adapter_fake(x, down_w, down_b, up_w, up_b, scale, activation, dropout, seed):
     B, C, r = x.shape[0], x.shape[1], down_w.shape[0]
     acc = _acc_dtype(x)
     return torch.empty_like(x), x.new_empty((B, C), dtype=acc), x.new_empty((B, r), dtype=acc)
 
 
-def _pooled_adapter_backward_fake(grad_y, pooled, hidden, down_w, up_w, up_b, scale, activation):
+def _pooled_adapter_backward_fake(grad_y, pooled, hidden, down_w, up_w, up_b, scale, activation, dropout, seed):
     g_scale = scale.new_empty(scale.shape) if scale is not None else grad_y.new_empty((0,), dtype=_acc_dtype(grad_y))
     return (torch.empty_like(grad_y), down_w.new_empty(down_w.shape), down_w.new_empty((down_w.shape[0],)),
             up_w.new_empty(up_w.shape), up_b.new_empty(up_b.shape), g_scale)
@@ -182,8 +183,8 @@ def _register_pooled_adapter(suffix: str):
     backward_op = getattr(torch.ops.fastcascade, f"pooled_adapter_backward{suffix}")
 
     def setup_context(ctx, inputs, output):
-        x, down_w, down_b, up_w, up_b, scale, activation = inputs
-        ctx.activation = activation
+        x, down_w, down_b, up_w, up_b, scale, activation, dropout, seed = inputs
+        ctx.args = (activation, dropout, seed)
         ctx.channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
         ctx.has_scale = scale is not None
         ctx.mark_non_differentiable(output[1], output[2])  # pooled, hidden: saved for backward only
@@ -193,8 +194,8 @@ def _register_pooled_adapter(suffix: str):
         pooled, hidden, down_w, up_w, up_b, scale = ctx.saved_tensors
         fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
         gx, gdw, gdb, guw, gub, gs = backward_op(grad_y.contiguous(memory_format=fmt), pooled, hidden, down_w, up_w,
-                                                 up_b, scale if ctx.has_scale else None, ctx.activation)
-        return gx, gdw, gdb, guw, gub, (gs if ctx.has_scale else None), None
+                                                 up_b, scale if ctx.has_scale else None, *ctx.args)
+        return gx, gdw, gdb, guw, gub, (gs if ctx.has_scale else None), None, None, None
 
     torch.library.register_fake(f"fastcascade::pooled_adapter{suffix}")(_pooled_adapter_fake)
     torch.library.register_fake(f"fastcascade::pooled_adapter_backward{suffix}")(_pooled_adapter_backward_fake)
@@ -348,6 +349,48 @@ def metrics_op(name: str, backend: str):
 
 
 _register_metrics("")
+
+
+# ---------------------------------------------------------------------------------------------
+# dice focal (issue 6): the forward returns the loss and the sums the backward needs; the backward is
+# an op of its own (one more pass over the logits), given those sums.
+
+NO_IGNORE_INDEX = -(2**63)  # ignore_index=None: no int64 target equals it
+
+
+def _dice_focal_fake(logits, target, weight, gamma, smooth, lambda_dice, lambda_focal, ignore_index,
+                     include_background, batch_dice):
+    B, C = logits.shape[0], logits.shape[1]
+    acc = _acc_dtype(logits)
+    return (logits.new_empty(()), logits.new_empty((B, C), dtype=acc), logits.new_empty((B, C), dtype=acc),
+            logits.new_empty((2,), dtype=acc))
+
+
+def _dice_focal_backward_fake(grad_loss, logits, target, weight, inter, card, focal_stats, gamma, smooth,
+                              lambda_dice, lambda_focal, ignore_index, include_background, batch_dice):
+    return logits.new_empty(logits.shape)
+
+
+def _register_dice_focal(suffix: str):
+    backward_op = getattr(torch.ops.fastcascade, f"dice_focal_backward{suffix}")
+
+    def setup_context(ctx, inputs, output):
+        logits, target, weight = inputs[:3]
+        ctx.params = inputs[3:]
+        ctx.mark_non_differentiable(output[1], output[2], output[3])  # the sums: saved for backward only
+        ctx.save_for_backward(logits, target, weight, output[1], output[2], output[3])
+
+    def backward(ctx, grad_loss, _grad_inter, _grad_card, _grad_stats):
+        logits, target, weight, inter, card, focal_stats = ctx.saved_tensors
+        grad = backward_op(grad_loss, logits, target, weight, inter, card, focal_stats, *ctx.params)
+        return (grad,) + (None,) * 9
+
+    torch.library.register_fake(f"fastcascade::dice_focal{suffix}")(_dice_focal_fake)
+    torch.library.register_fake(f"fastcascade::dice_focal_backward{suffix}")(_dice_focal_backward_fake)
+    torch.library.register_autograd(f"fastcascade::dice_focal{suffix}", backward, setup_context=setup_context)
+
+
+_register_dice_focal("")
 
 # Last, once every op above is registered: on a GPU (or under the interpreter) the Triton twins load now.
 if HAS_TRITON and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"

@@ -3,8 +3,8 @@ around them: insert adapters into a backbone, freeze it (BatchNorm statistics in
 group its parameters, and save / load only the trained part with a fingerprint of the backbone.
 
 The adapter math lives in fastcascade.reference (pooled_adapter, pixel_adapter). ResidualAdapter
-runs the fused pooled-adapter op (fastcascade::pooled_adapter: CPU and CUDA C++, Triton) for
-kind="pooled", and the reference for kind="pixel" until its fused op lands.
+runs the fused ops fastcascade::pooled_adapter and fastcascade::pixel_adapter (CPU and CUDA C++,
+Triton), dropout included (its mask drawn in the kernels from a seed).
 
 Name matching. freeze_backbone and param_groups select parameters by *components* of their
 qualified names: an entry matches when it equals one or more whole dot-separated components, so
@@ -97,9 +97,9 @@ class ResidualAdapter(nn.Module):
         channels: C (>= 1). bottleneck: r (>= 1). kind: "pooled" | "pixel".
         activation: "relu" | "gelu" | "silu". dropout: in [0, 1). init_std: > 0.
         backend: "auto" | "cpu" | "cuda" | "triton" | "torch" (as for the losses). Both kinds run fused
-            ops; kind="pixel" draws its dropout mask inside the kernel from a seed taken from torch's
-            CPU generator (so torch.manual_seed reproduces a training step); kind="pooled" with dropout
-            in training runs the reference ("torch").
+            ops, which draw the dropout mask inside the kernel from a seed taken from torch's CPU
+            generator (so torch.manual_seed reproduces a training step); "torch" runs the reference,
+            whose dropout is F.dropout's.
     """
 
     def __init__(self, channels: int, bottleneck: int = 64, kind: str = "pooled", activation: str = "relu",
@@ -169,34 +169,25 @@ class ResidualAdapter(nn.Module):
                              f"{self.down_proj.weight.device}")
         p = self.dropout if self.training else 0.0
         w = (self.down_proj.weight, self.down_proj.bias, self.up_proj.weight, self.up_proj.bias)
-        backend = self._backend_for(x, p)
-        act = _ops.ADAPTER_ACTIVATION_CODES[self.activation]
+        backend = self._backend_for(x)
         if backend == "torch":
             if self.kind == "pooled":
                 return reference._pooled_adapter(x, *w, self.activation, self.scale, p)
             return reference._pixel_adapter(x, *w, self.activation, self.scale, cdim, p)
-        if self.kind == "pooled" or cdim == 1:
-            if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
-                x = x.contiguous()
-        if self.kind == "pooled":
-            return _ops.adapter_op("pooled_adapter", backend)(x, *w, self.scale, act)[0]
+        act = _ops.ADAPTER_ACTIVATION_CODES[self.activation]
         # the mask's seed comes from torch's CPU generator: torch.manual_seed reproduces it, no device sync
         seed = int(torch.randint(0, 2**62, ())) if p > 0 else 0
+        if cdim == 1 and not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+            x = x.contiguous()
+        if self.kind == "pooled":
+            return _ops.adapter_op("pooled_adapter", backend)(x, *w, self.scale, act, p, seed)[0]
         op = _ops.adapter_op("pixel_adapter", backend)
         if cdim == 1:
             return op(x, *w, self.scale, act, p, seed)
         return op(x.reshape(-1, self.channels).contiguous(), *w, self.scale, act, p, seed).view(x.shape)
 
-    def _backend_for(self, x: torch.Tensor, dropout: float) -> str:
-        """Fused ops cover both kinds; dropout in training is fused for kind="pixel" (the mask drawn
-        in the kernel) and runs the reference for kind="pooled"."""
+    def _backend_for(self, x: torch.Tensor) -> str:
         _check_backend(self.backend)
-        fused = self.kind == "pixel" or dropout == 0.0
-        if self.backend == "torch" or (self.backend == "auto" and not fused):
-            return "torch"
-        if not fused:
-            raise ValueError(f"backend={self.backend!r}: the fused pooled adapter has no dropout yet; "
-                             f"use backend='auto' or 'torch' for kind='pooled' with dropout in training")
         return _ops.resolve_backend(self.backend, x.device)
 
     def extra_repr(self) -> str:

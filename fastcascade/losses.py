@@ -23,6 +23,8 @@ __all__ = [
     "FocalLoss",
     "SoftmaxFocalLoss",
     "ClassBalancedFocalLoss",
+    "dice_focal_loss",
+    "DiceFocalLoss",
 ]
 
 _TARGET_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool, torch.uint8)
@@ -329,3 +331,142 @@ class ClassBalancedFocalLoss(SoftmaxFocalLoss):
         super().__init__(gamma, class_balanced_weights(counts, beta), ignore_index, label_smoothing, reduction,
                          backend)
         self.beta = beta
+
+
+# ---------------------------------------------------------------------------------------------
+# dice focal (issue 6)
+
+
+def dice_focal_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    gamma: float = 2.0,
+    lambda_dice: float = 0.5,
+    lambda_focal: float = 0.5,
+    smooth: float = 1.0,
+    include_background: bool = True,
+    ignore_index: int | None = None,
+    batch_dice: bool = True,
+    reduction: str = "mean",
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Dice + softmax focal loss for segmentation, fused: loss = lambda_dice * dice + lambda_focal * focal.
+
+    With p = softmax(logits, dim=1) and y = one-hot(target), pixels whose target is ignore_index
+    counting in neither term:
+
+        focal  = softmax_focal_loss(logits, target, gamma, weight, ignore_index)   ("mean": / sum_i w_{t_i})
+        I_c    = sum p_c y_c,   S_c = sum p_c + sum y_c     (over batch and pixels if batch_dice, else per image)
+        dice_c = 1 - (2 I_c + smooth) / (S_c + smooth)
+        dice   = sum_c w_c dice_c / sum_c w_c    (w = weight or ones; class 0 left out when
+                                                  include_background=False; mean over images if not batch_dice)
+
+    A term whose lambda is 0 is left out. One pass over the logits gives the loss and the per-image,
+    per-class sums; backward is one more pass that recomputes the softmax and writes d loss / d logits.
+    No per-pixel tensor besides the gradient. Deterministic; fp32 accumulation for fp16/bf16 logits.
+
+    Args:
+        logits: (B, C, *spatial), e.g. (B, C, H, W); float16/bfloat16/float32/float64. Channels-last and
+            other non-contiguous layouts are copied to contiguous first.
+        target: int64 (B, *spatial) class indices in [0, C), or ignore_index.
+        weight: optional (C,) class weights, shared by both terms (constants: no gradient).
+        reduction: only "mean" (the loss is a scalar; see below).
+    On CPU a target outside [0, C) (other than ignore_index) raises; on CUDA it makes the loss and the
+    gradient NaN (never a memory fault), and FASTCASCADE_CHECK=1 raises instead.
+
+    Differences from MONAI's DiceFocalLoss(softmax=True, to_onehot_y=True) (checked in
+    tests/test_dice_focal.py against monai 1.6):
+      - MONAI's focal term is the sigmoid (per-channel binary) focal loss whatever `softmax` says; here it
+        is the softmax focal loss. MONAI's FocalLoss(use_softmax=True) averages over B*C*pixels elements,
+        so without weights this focal term is C times it; with weights, this one divides by sum_i w_{t_i}
+        (F.cross_entropy's rule) where MONAI divides by the element count.
+      - The Dice term equals MONAI's DiceLoss / DiceFocalLoss(lambda_focal=0) with
+        smooth_nr = smooth_dr = smooth and batch = batch_dice (MONAI's defaults: 1e-5 and batch=False; here
+        smooth=1 and batch_dice=True). MONAI weights as mean_c(w_c dice_c); here sum_c w_c dice_c /
+        sum_c w_c: the same when the weights of the included classes sum to their number.
+      - include_background=False leaves class 0 out of the Dice term only (after the softmax over all C,
+        as MONAI's Dice); MONAI also drops it from its focal term.
+      - ignore_index: MONAI's DiceFocalLoss has none; MONAI's DiceLoss(ignore_index=...) masks like here.
+      - lambda defaults are 0.5 / 0.5 (MONAI: 1.0 / 1.0); reduction="none" / "sum" (MONAI: per-element
+        or per-(image, class) terms) are not offered: the fused op produces the scalar only.
+      - gamma is the same; MONAI's alpha has no counterpart (use weight).
+    """
+    _check_common(logits, gamma, 0.0, reduction)
+    if reduction != "mean":
+        raise ValueError(f"reduction must be 'mean' for dice_focal_loss (the Dice term is a ratio of sums; "
+                         f"no per-pixel loss exists), got {reduction!r}")
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.dtype != torch.int64:
+        raise ValueError(f"target must hold int64 class indices, got dtype {target.dtype} (try target.long())")
+    if target.device != logits.device:
+        raise ValueError(f"logits and target must be on the same device, got {logits.device} and {target.device}")
+    if logits.dim() < 3:
+        raise ValueError(f"logits must be (B, C, *spatial) with at least one spatial dim, got shape "
+                         f"{tuple(logits.shape)}")
+    B, C = logits.shape[:2]
+    if C == 0:
+        raise ValueError(f"logits must have at least one class along dim 1, got shape {tuple(logits.shape)}")
+    expected = (B,) + tuple(logits.shape[2:])
+    if tuple(target.shape) != expected:
+        raise ValueError(f"target must have shape {expected} for logits {tuple(logits.shape)}, got {tuple(target.shape)}")
+    for name, v in (("lambda_dice", lambda_dice), ("lambda_focal", lambda_focal), ("smooth", smooth)):
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+    if not include_background and C < 2:
+        raise ValueError(f"include_background=False needs at least 2 classes (class 0 is left out), got C = {C}")
+    if ignore_index is not None and not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index must be an int or None, got {ignore_index!r}")
+    if weight is not None:
+        if not isinstance(weight, torch.Tensor) or weight.shape != (C,) or not weight.is_floating_point():
+            raise ValueError(f"weight must be a float tensor of shape ({C},), got "
+                             f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+        if weight.device != logits.device:
+            raise ValueError(f"weight must be on the logits' device {logits.device}, got {weight.device}")
+    backend = _ops.resolve_backend(backend, logits.device)
+    if backend != "torch" and weight is not None and weight.requires_grad:
+        raise ValueError("weight.requires_grad: the fused loss treats class weights as constants; use backend='torch'")
+    if _value_checks_on(target):
+        bad = (target < 0) | (target >= C)
+        if ignore_index is not None:
+            bad &= target != ignore_index
+        if bool(bad.any()):
+            raise ValueError(f"target holds class indices outside [0, {C}) (ignore_index={ignore_index}): "
+                             f"{target[bad].unique()[:8].tolist()}")
+
+    if backend == "torch":
+        return reference.dice_focal_loss(logits, target, weight, gamma, lambda_dice, lambda_focal, smooth,
+                                         include_background, ignore_index, batch_dice)
+    # The op takes (B, C, S) planes; reshape copies only what is not contiguous already.
+    x, t = logits.reshape(B, C, -1), target.reshape(B, -1)
+    op = _ops.focal_op("dice_focal", backend)
+    loss, _, _, _ = op(x, t, weight, float(gamma), float(smooth), float(lambda_dice), float(lambda_focal),
+                       _ops.NO_IGNORE_INDEX if ignore_index is None else int(ignore_index), bool(include_background),
+                       bool(batch_dice))
+    return loss
+
+
+class DiceFocalLoss(nn.Module):
+    """Module form of dice_focal_loss; `weight` is a buffer (moves with .to())."""
+
+    def __init__(self, weight: torch.Tensor | Sequence[float] | None = None, gamma: float = 2.0,
+                 lambda_dice: float = 0.5, lambda_focal: float = 0.5, smooth: float = 1.0,
+                 include_background: bool = True, ignore_index: int | None = None, batch_dice: bool = True,
+                 reduction: str = "mean", backend: str = "auto"):
+        super().__init__()
+        self.gamma, self.lambda_dice, self.lambda_focal, self.smooth = gamma, lambda_dice, lambda_focal, smooth
+        self.include_background, self.ignore_index, self.batch_dice = include_background, ignore_index, batch_dice
+        self.reduction, self.backend = reduction, backend
+        self.register_buffer("weight", None if weight is None else torch.as_tensor(weight, dtype=torch.float32))
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return dice_focal_loss(logits, target, self.weight, self.gamma, self.lambda_dice, self.lambda_focal,
+                               self.smooth, self.include_background, self.ignore_index, self.batch_dice,
+                               self.reduction, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"gamma={self.gamma}, lambda_dice={self.lambda_dice}, lambda_focal={self.lambda_focal}, "
+                f"smooth={self.smooth}, include_background={self.include_background}, "
+                f"ignore_index={self.ignore_index}, batch_dice={self.batch_dice}")

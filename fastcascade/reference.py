@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+
 def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "mean":
         return loss.mean()
@@ -147,10 +148,10 @@ def _keep_format(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return y.contiguous()
 
 
-def _pooled_adapter(x, down_w, down_b, up_w, up_b, activation="relu", scale=None, dropout=0.0):
+def _pooled_adapter(x, down_w, down_b, up_w, up_b, activation="relu", scale=None, dropout=0.0, seed=None):
     if x.dim() != 4:
         raise ValueError(f"pooled_adapter: x must be (B, C, H, W), got shape {tuple(x.shape)}")
-    d = _adapter_branch(x.mean(dim=(2, 3)), down_w, down_b, up_w, up_b, activation, scale, dropout)
+    d = _adapter_branch(x.mean(dim=(2, 3)), down_w, down_b, up_w, up_b, activation, scale, dropout, seed)
     return _keep_format(x + d[:, :, None, None], x)
 
 
@@ -372,3 +373,52 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
     cell = torch.where(keep, t * C + p, torch.full_like(t, C * C))  # static shapes: compiles without a break
     counts = torch.zeros(C * C + 1, dtype=torch.int64, device=t.device).scatter_add_(0, cell, torch.ones_like(cell))
     return counts[: C * C].view(C, C)
+
+
+# ---------------------------------------------------------------------------------------------
+# dice focal (issue 6): Dice + softmax focal for segmentation
+
+
+def dice_focal_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    gamma: float = 2.0,
+    lambda_dice: float = 0.5,
+    lambda_focal: float = 0.5,
+    smooth: float = 1.0,
+    include_background: bool = True,
+    ignore_index: int | None = None,
+    batch_dice: bool = True,
+) -> torch.Tensor:
+    """lambda_dice * dice + lambda_focal * focal on logits (B, C, *spatial), target int64 (B, *spatial).
+
+    p = softmax(logits, 1), y = one-hot(target); pixels whose target is ignore_index count in neither term.
+    focal = softmax_focal_loss(logits, target, gamma, weight, ignore_index, reduction="mean").
+    Per class c (class 0 left out when include_background=False), summed over the batch and the pixels
+    when batch_dice, else per image:
+        I_c = sum p_c y_c,  S_c = sum p_c + sum y_c,  dice_c = 1 - (2 I_c + smooth) / (S_c + smooth)
+    dice = sum_c w_c dice_c / sum_c w_c (w = weight, or ones), then the mean over images when not batch_dice.
+    A term whose lambda is 0 is left out (so it cannot turn the loss into NaN).
+    """
+    B, C = logits.shape[:2]
+    keep = torch.ones_like(target, dtype=torch.bool) if ignore_index is None else target != ignore_index
+    safe_t = torch.where(keep, target, torch.zeros_like(target))
+    p = torch.softmax(logits, dim=1).reshape(B, C, -1)
+    y = F.one_hot(safe_t, C).movedim(-1, 1).reshape(B, C, -1).to(p.dtype)
+    k = keep.reshape(B, 1, -1).to(p.dtype)
+    inter = (p * y * k).sum(2)  # (B, C)
+    card = ((p + y) * k).sum(2)
+    if batch_dice:
+        inter, card = inter.sum(0, keepdim=True), card.sum(0, keepdim=True)
+    dice_c = 1 - (2 * inter + smooth) / (card + smooth)
+    w = torch.ones(C, dtype=p.dtype, device=p.device) if weight is None else weight.to(p.dtype)
+    if not include_background:
+        w = torch.cat([w.new_zeros(1), w[1:]])
+    loss = logits.new_zeros((), dtype=p.dtype)
+    if lambda_dice != 0:
+        loss = loss + lambda_dice * ((dice_c * w).sum(1) / w.sum()).mean()
+    if lambda_focal != 0:
+        focal = softmax_focal_loss(logits, target, gamma, weight, -100 if ignore_index is None else ignore_index)
+        loss = loss + lambda_focal * focal
+    return loss

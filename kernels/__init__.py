@@ -6,6 +6,7 @@ Importing this subpackage defines the ops
 """
 
 from .adapter import pooled_adapter_backward_triton, pooled_adapter_triton
+from .dice_focal import dice_focal_backward_triton, dice_focal_triton
 from .focal import sigmoid_focal_triton, softmax_focal_triton
 from .metrics import confusion_matrix_triton
 from .routing import (
@@ -21,6 +22,8 @@ from .routing import (
 __all__ = [
     "pooled_adapter_backward_triton",
     "pooled_adapter_triton",
+    "dice_focal_backward_triton",
+    "dice_focal_triton",
     "sigmoid_focal_triton",
     "softmax_focal_triton",
     "gather_rows_triton",

@@ -4,10 +4,13 @@ Two custom ops are defined with ``torch.library.triton_op`` in the
 ``fastcascade`` namespace:
 
 * ``fastcascade::pooled_adapter_triton``
-    (x, down_w, down_b, up_w, up_b, scale, activation) -> (y, pooled, hidden)
+    (x, down_w, down_b, up_w, up_b, scale, activation, dropout, seed) -> (y, pooled, hidden)
 * ``fastcascade::pooled_adapter_backward_triton``
-    (grad_y, pooled, hidden, down_w, up_w, up_b, scale, activation)
+    (grad_y, pooled, hidden, down_w, up_w, up_b, scale, activation, dropout, seed)
     -> (grad_x, grad_down_w, grad_down_b, grad_up_w, grad_up_b, grad_scale)
+
+Dropout (p = dropout) acts on act(h), its mask hashed from (seed, b * r + j) by _dropout_keep, the
+same function as the C++ kernels' adapter_dropout_keep (and reference.adapter_dropout_keep).
 
 Semantics (fastcascade.reference._pooled_adapter)::
 
@@ -56,6 +59,7 @@ _MIN_PROGRAMS = 256
 _FORCE_BLOCK_B: int | None = None
 
 _INT32_MAX = 2**31 - 1
+_M32 = 0xFFFFFFFF
 
 
 # ----------------------------------------------------------------------------
@@ -94,6 +98,33 @@ def _act_fwd_bwd(h, ACT: tl.constexpr):
         a = hd * sig
         d = sig * (1.0 + hd * (1.0 - sig))
     return a.to(h.dtype), d.to(h.dtype)
+
+
+@triton.jit
+def _mix32(v):
+    # lowbias32, as fc_mix32 in csrc/adapter/adapter_math.h (uint32 arithmetic wraps mod 2^32)
+    v = v ^ (v >> 16)
+    v = v * 0x7FEB352D
+    v = v ^ (v >> 15)
+    v = v * tl.full((), 0x846CA68B, tl.uint32)
+    return v ^ (v >> 16)
+
+
+@triton.jit
+def _dropout_keep(index, seed_lo, seed_hi, threshold):
+    lo = (index & 0xFFFFFFFF).to(tl.uint32)
+    hi = (index >> 32).to(tl.uint32)
+    inner = _mix32(hi + seed_hi.to(tl.uint32))
+    h = _mix32(lo ^ _mix32(seed_lo.to(tl.uint32) ^ inner))
+    return h >= threshold.to(tl.uint32)
+
+
+@triton.jit
+def _dropped(v, index, seed_lo, seed_hi, threshold, keep_scale, HAS_DROPOUT: tl.constexpr):
+    """Dropout of the hidden activations v at element indices `index` (int64): v / (1 - p) where kept."""
+    if HAS_DROPOUT:
+        v = tl.where(_dropout_keep(index, seed_lo, seed_hi, threshold), v * keep_scale, 0.0)
+    return v
 
 
 @triton.jit
@@ -155,8 +186,8 @@ def _chunk_add(in_ptr, out_ptr, v, base3, bmask3, cc, cmask, stride_c, stride_s,
 @triton.jit
 def _pooled_adapter_fwd_kernel(
     x_ptr, y_ptr, dw_ptr, db_ptr, uw_ptr, ub_ptr, s_ptr, pooled_ptr, hidden_ptr,
-    B, C, R, HW, stride_b, stride_c, stride_s,
-    ACT: tl.constexpr, HAS_SCALE: tl.constexpr, USE_FP64: tl.constexpr,
+    B, C, R, HW, stride_b, stride_c, stride_s, seed_lo, seed_hi, threshold, keep_scale,
+    ACT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_FP64: tl.constexpr,
     USE_DOT: tl.constexpr, BIG_INDEX: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
@@ -192,6 +223,8 @@ def _pooled_adapter_fwd_kernel(
     tl.store(hidden_ptr + rows[:, None].to(tl.int64) * R + rr[None, :], h,
              mask=bmask[:, None] & rmask[None, :])
     a = _act_fwd(h, ACT)  # act(0) = 0 in the padded slots
+    a = _dropped(a, rows[:, None].to(tl.int64) * R + rr[None, :], seed_lo, seed_hi, threshold, keep_scale,
+                 HAS_DROPOUT)
     if HAS_SCALE:
         s = tl.load(s_ptr)
 
@@ -224,8 +257,8 @@ def _pooled_adapter_fwd_kernel(
 def _pooled_adapter_bwd_kernel(
     gy_ptr, gx_ptr, hid_ptr, dw_ptr, uw_ptr, ub_ptr, s_ptr,
     gu_ptr, gh_ptr, a_ptr, gsp_ptr,
-    B, C, R, HW, stride_b, stride_c, stride_s,
-    ACT: tl.constexpr, HAS_SCALE: tl.constexpr, USE_FP64: tl.constexpr,
+    B, C, R, HW, stride_b, stride_c, stride_s, seed_lo, seed_hi, threshold, keep_scale,
+    ACT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_FP64: tl.constexpr,
     USE_DOT: tl.constexpr, BIG_INDEX: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
@@ -241,6 +274,8 @@ def _pooled_adapter_bwd_kernel(
 
     hid = tl.load(hid_ptr + br_off, mask=br_mask, other=0)
     a, da = _act_fwd_bwd(hid, ACT)
+    a = _dropped(a, br_off, seed_lo, seed_hi, threshold, keep_scale, HAS_DROPOUT)  # index b * r + j
+    da = _dropped(da, br_off, seed_lo, seed_hi, threshold, keep_scale, HAS_DROPOUT)
     tl.store(a_ptr + br_off, a, mask=br_mask)
     if HAS_SCALE:
         s = tl.load(s_ptr)
@@ -298,6 +333,13 @@ def _pooled_adapter_bwd_kernel(
 # ----------------------------------------------------------------------------
 # host helpers
 # ----------------------------------------------------------------------------
+
+
+def _dropout_args(dropout: float, seed: int):
+    if not 0 <= seed < 2**63:
+        raise RuntimeError(f"seed must be in [0, 2**63), got {seed}")
+    threshold = min(int(dropout * 4294967296.0), _M32)
+    return seed & _M32, seed >> 32, threshold, 1.0 / (1.0 - dropout)
 
 
 def _check_activation(name: str, activation: int) -> None:
@@ -391,9 +433,12 @@ def pooled_adapter_triton(
     up_b: Tensor,
     scale: Optional[Tensor],
     activation: int,
+    dropout: float,
+    seed: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     name = "pooled_adapter_triton"
     _check_activation(name, activation)
+    drop = _dropout_args(dropout, seed)
     if x.dtype not in _FLOAT_DTYPES:
         raise RuntimeError(f"{name}: x must be float16/bfloat16/float32/float64, got {x.dtype}")
     sb, sc, ss = _nchw_strides(name, "x", x)
@@ -428,8 +473,8 @@ def pooled_adapter_triton(
     grid = (triton.cdiv(B, bb),)
     wrap_triton(_pooled_adapter_fwd_kernel)[grid](
         x, y, dw, db, uw, ub, s, pooled, hidden,
-        B, C, R, HW, sb, sc, ss,
-        ACT=int(activation), HAS_SCALE=scale is not None, USE_FP64=use_fp64,
+        B, C, R, HW, sb, sc, ss, *drop,
+        ACT=int(activation), HAS_SCALE=scale is not None, HAS_DROPOUT=dropout > 0, USE_FP64=use_fp64,
         USE_DOT=use_dot, BIG_INDEX=C * HW > _INT32_MAX,
         BLOCK_B=bb, BLOCK_C=bc, BLOCK_R=br, BLOCK_HW=bhw, num_warps=num_warps,
     )
@@ -446,9 +491,12 @@ def pooled_adapter_backward_triton(
     up_b: Tensor,
     scale: Optional[Tensor],
     activation: int,
+    dropout: float,
+    seed: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     name = "pooled_adapter_backward_triton"
     _check_activation(name, activation)
+    drop = _dropout_args(dropout, seed)
     if grad_y.dtype not in _FLOAT_DTYPES:
         raise RuntimeError(f"{name}: grad_y must be float16/bfloat16/float32/float64, got {grad_y.dtype}")
     sb, sc, ss = _nchw_strides(name, "grad_y", grad_y)
@@ -487,8 +535,8 @@ def pooled_adapter_backward_triton(
         wrap_triton(_pooled_adapter_bwd_kernel)[grid](
             grad_y, grad_x, hid, dw, uw, ub, s,
             g_u, g_h, act, gs_part if scale is not None else g_u,
-            B, C, R, HW, sb, sc, ss,
-            ACT=int(activation), HAS_SCALE=scale is not None, USE_FP64=use_fp64,
+            B, C, R, HW, sb, sc, ss, *drop,
+            ACT=int(activation), HAS_SCALE=scale is not None, HAS_DROPOUT=dropout > 0, USE_FP64=use_fp64,
             USE_DOT=use_dot, BIG_INDEX=C * HW > _INT32_MAX,
             BLOCK_B=bb, BLOCK_C=bc, BLOCK_R=br, BLOCK_HW=bhw, num_warps=num_warps,
         )

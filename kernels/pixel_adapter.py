@@ -14,7 +14,8 @@ the r-wide hidden layer h = x W_d^T + b_d is accumulated over channel chunks wit
 in registers; activation and dropout (the mask hashed from (seed, position * r + j), identical to
 the C++ kernels') follow, then a second loop over channel chunks writes y = x + s (a W_u^T + b_u),
 re-reading x from cache. Half-precision x runs the products in x's dtype with fp32 accumulation
-(the weights rounded to it, as nn.Linear under autocast); fp32 and fp64 x in full precision.
+(the weights rounded to it, as nn.Linear under autocast; fp32 products under TRITON_INTERPRET=1,
+whose bf16 arithmetic does not round as a GPU does); fp32 and fp64 x in full precision.
 
 Backward recomputes h from x, writes grad_x = grad_y + g_h W_d and the (positions, r) matrices
 g_h and a; the weight gradients are then products of those with grad_y and x (torch.mm, over all
@@ -29,38 +30,9 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from .adapter import _act_fwd_bwd, _check_activation, _check_param, _check_scale
+from .adapter import _act_fwd_bwd, _check_activation, _check_param, _check_scale, _dropout_args, _dropped
 
 __all__ = ["pixel_adapter_backward_triton", "pixel_adapter_triton"]
-
-_M32 = 0xFFFFFFFF
-
-
-@triton.jit
-def _mix32(v):
-    # lowbias32, as fc_mix32 in csrc/adapter/adapter_math.h (uint32 arithmetic wraps mod 2^32)
-    v = v ^ (v >> 16)
-    v = v * 0x7FEB352D
-    v = v ^ (v >> 15)
-    v = v * tl.full((), 0x846CA68B, tl.uint32)
-    return v ^ (v >> 16)
-
-
-@triton.jit
-def _dropout_keep(index, seed_lo, seed_hi, threshold):
-    lo = (index & 0xFFFFFFFF).to(tl.uint32)
-    hi = (index >> 32).to(tl.uint32)
-    inner = _mix32(hi + seed_hi.to(tl.uint32))
-    h = _mix32(lo ^ _mix32(seed_lo.to(tl.uint32) ^ inner))
-    return h >= threshold.to(tl.uint32)
-
-
-@triton.jit
-def _operand(v, DOT: tl.constexpr, DOT_IN: tl.constexpr):
-    """v rounded to the product dtype DOT, handed to tl.dot as DOT_IN (DOT itself on a GPU; fp32 under
-    the interpreter, whose numpy dot has no bf16: bf16 x bf16 products are exact in fp32 anyway)."""
-    return v.to(DOT).to(DOT_IN)
-
 
 @triton.jit
 def _tile(pid, T, HW, stride_b, stride_c, stride_p, BLOCK_T: tl.constexpr):
@@ -72,8 +44,9 @@ def _tile(pid, T, HW, stride_b, stride_c, stride_p, BLOCK_T: tl.constexpr):
 
 
 @triton.jit
-def _hidden(x_ptr, wdT_ptr, bd_ptr, base, tmask, C, R, stride_c, DOT: tl.constexpr, DOT_IN: tl.constexpr, PREC: tl.constexpr,
-            BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr):
+def _hidden(x_ptr, wdT_ptr, bd_ptr, base, tmask, C, R, stride_c, DOT: tl.constexpr,
+            PREC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+            ACC: tl.constexpr):
     """h = x W_d^T + b_d for the tile: (BLOCK_T, BLOCK_R), zero in the padded columns."""
     rr = tl.arange(0, BLOCK_R)
     rmask = rr < R
@@ -83,30 +56,21 @@ def _hidden(x_ptr, wdT_ptr, bd_ptr, base, tmask, C, R, stride_c, DOT: tl.constex
         cmask = cc < C
         xt = tl.load(x_ptr + base[:, None] + cc[None, :] * stride_c, mask=tmask[:, None] & cmask[None, :], other=0.0)
         wd = tl.load(wdT_ptr + cc[:, None] * R + rr[None, :], mask=cmask[:, None] & rmask[None, :], other=0.0)
-        h = tl.dot(_operand(xt, DOT, DOT_IN), _operand(wd, DOT, DOT_IN), acc=h, input_precision=PREC, out_dtype=ACC)
+        h = tl.dot(xt.to(DOT), wd.to(DOT), acc=h, input_precision=PREC, out_dtype=ACC)
     return h + tl.load(bd_ptr + rr, mask=rmask, other=0.0)[None, :]
-
-
-@triton.jit
-def _dropped(a, t, R, seed_lo, seed_hi, threshold, keep_scale, HAS_DROPOUT: tl.constexpr,
-             BLOCK_R: tl.constexpr):
-    if HAS_DROPOUT:
-        rr = tl.arange(0, BLOCK_R)
-        keep = _dropout_keep(t[:, None] * R + rr[None, :], seed_lo, seed_hi, threshold)
-        a = tl.where(keep, a * keep_scale, 0.0)
-    return a
 
 
 @triton.jit
 def _pixel_fwd_kernel(x_ptr, y_ptr, wdT_ptr, bd_ptr, wuT_ptr, bu_ptr, scale_ptr, T, C, R, HW,
                       stride_b, stride_c, stride_p, seed_lo, seed_hi, threshold, keep_scale,
                       ACT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT: tl.constexpr,
-                      PREC: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
-                      BLOCK_R: tl.constexpr):
+                      PREC: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr,
+                      BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
     t, tmask, base = _tile(tl.program_id(0), T, HW, stride_b, stride_c, stride_p, BLOCK_T)
-    h = _hidden(x_ptr, wdT_ptr, bd_ptr, base, tmask, C, R, stride_c, DOT, DOT_IN, PREC, BLOCK_T, BLOCK_C, BLOCK_R, ACC)
+    h = _hidden(x_ptr, wdT_ptr, bd_ptr, base, tmask, C, R, stride_c, DOT, PREC, BLOCK_T, BLOCK_C, BLOCK_R, ACC)
     a, _ = _act_fwd_bwd(h, ACT)
-    a = _operand(_dropped(a, t, R, seed_lo, seed_hi, threshold, keep_scale, HAS_DROPOUT, BLOCK_R), DOT, DOT_IN)
+    index = t[:, None] * R + tl.arange(0, BLOCK_R)[None, :]  # dropout index: position * r + j
+    a = _dropped(a, index, seed_lo, seed_hi, threshold, keep_scale, HAS_DROPOUT).to(DOT)
     s = tl.load(scale_ptr).to(ACC) if HAS_SCALE else 1.0
     rr = tl.arange(0, BLOCK_R)
     rmask = rr < R
@@ -114,7 +78,7 @@ def _pixel_fwd_kernel(x_ptr, y_ptr, wdT_ptr, bd_ptr, wuT_ptr, bu_ptr, scale_ptr,
         cc = c0 + tl.arange(0, BLOCK_C)
         cmask = cc < C
         wu = tl.load(wuT_ptr + rr[:, None] * C + cc[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
-        u = tl.dot(a, _operand(wu, DOT, DOT_IN), input_precision=PREC, out_dtype=ACC)
+        u = tl.dot(a, wu.to(DOT), input_precision=PREC, out_dtype=ACC)
         u = u + tl.load(bu_ptr + cc, mask=cmask, other=0.0)[None, :]
         m = tmask[:, None] & cmask[None, :]
         off = base[:, None] + cc[None, :] * stride_c
@@ -123,46 +87,41 @@ def _pixel_fwd_kernel(x_ptr, y_ptr, wdT_ptr, bd_ptr, wuT_ptr, bu_ptr, scale_ptr,
 
 
 @triton.jit
-def _pixel_bwd_kernel(gy_ptr, x_ptr, gx_ptr, gh_ptr, a_ptr, gs_ptr, wdT_ptr, bd_ptr, wd_ptr, wu_ptr, wuT_ptr,
-                      bu_ptr, scale_ptr, T, C, R, HW, stride_b, stride_c, stride_p, seed_lo, seed_hi, threshold,
+def _pixel_bwd_kernel(gy_ptr, x_ptr, gx_ptr, gh_ptr, a_ptr, gs_ptr, wdT_ptr, bd_ptr, wd_ptr, wu_ptr,
+                      scale_ptr, T, C, R, HW, stride_b, stride_c, stride_p, seed_lo, seed_hi, threshold,
                       keep_scale, ACT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                      DOT: tl.constexpr, DOT_IN: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr,
-                      BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+                      DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+                      BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
     pid = tl.program_id(0)
     t, tmask, base = _tile(pid, T, HW, stride_b, stride_c, stride_p, BLOCK_T)
-    h = _hidden(x_ptr, wdT_ptr, bd_ptr, base, tmask, C, R, stride_c, DOT, DOT_IN, PREC, BLOCK_T, BLOCK_C, BLOCK_R, ACC)
+    h = _hidden(x_ptr, wdT_ptr, bd_ptr, base, tmask, C, R, stride_c, DOT, PREC, BLOCK_T, BLOCK_C, BLOCK_R, ACC)
     a, da = _act_fwd_bwd(h, ACT)
-    a = _dropped(a, t, R, seed_lo, seed_hi, threshold, keep_scale, HAS_DROPOUT, BLOCK_R)
-    da = _dropped(da, t, R, seed_lo, seed_hi, threshold, keep_scale, HAS_DROPOUT, BLOCK_R)
+    index = t[:, None] * R + tl.arange(0, BLOCK_R)[None, :]  # dropout index: position * r + j
+    a = _dropped(a, index, seed_lo, seed_hi, threshold, keep_scale, HAS_DROPOUT)
+    da = _dropped(da, index, seed_lo, seed_hi, threshold, keep_scale, HAS_DROPOUT)
     s = tl.load(scale_ptr).to(ACC) if HAS_SCALE else 1.0
     rr = tl.arange(0, BLOCK_R)
     rmask = rr < R
     ga = tl.zeros((BLOCK_T, BLOCK_R), dtype=ACC)
-    gs = tl.zeros((BLOCK_T, BLOCK_C), dtype=ACC)
-    for c0 in range(0, C, BLOCK_C):  # g_a = grad_y W_u; and d/ds = sum grad_y * (a W_u^T + b_u)
+    for c0 in range(0, C, BLOCK_C):  # g_a = grad_y W_u
         cc = c0 + tl.arange(0, BLOCK_C)
         cmask = cc < C
         m = tmask[:, None] & cmask[None, :]
         g = tl.load(gy_ptr + base[:, None] + cc[None, :] * stride_c, mask=m, other=0.0)
         wu = tl.load(wu_ptr + cc[:, None] * R + rr[None, :], mask=cmask[:, None] & rmask[None, :], other=0.0)
-        ga = tl.dot(_operand(g, DOT, DOT_IN), _operand(wu, DOT, DOT_IN), acc=ga, input_precision=PREC, out_dtype=ACC)
-        if HAS_SCALE:
-            wuT = tl.load(wuT_ptr + rr[:, None] * C + cc[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
-            u = tl.dot(_operand(a, DOT, DOT_IN), _operand(wuT, DOT, DOT_IN), input_precision=PREC, out_dtype=ACC)
-            u = u + tl.load(bu_ptr + cc, mask=cmask, other=0.0)[None, :]
-            gs += tl.where(m, g.to(ACC) * u, 0.0)
-    if HAS_SCALE:
-        tl.store(gs_ptr + pid, tl.sum(tl.sum(gs, axis=1), axis=0))
+        ga = tl.dot(g.to(DOT), wu.to(DOT), acc=ga, input_precision=PREC, out_dtype=ACC)
+    if HAS_SCALE:  # d/ds sum(grad_y * s (a W_u^T + b_u)) = sum a * g_a + (b_u . sum_t grad_y, on the host)
+        tl.store(gs_ptr + pid, tl.sum(tl.sum(a * ga, axis=1), axis=0))
     gh = s * ga * da
     m_r = tmask[:, None] & rmask[None, :]
     tl.store(gh_ptr + t[:, None] * R + rr[None, :], gh, mask=m_r)
     tl.store(a_ptr + t[:, None] * R + rr[None, :], a, mask=m_r)
-    gh = _operand(gh, DOT, DOT_IN)
+    gh = gh.to(DOT)
     for c0 in range(0, C, BLOCK_C):  # grad_x = grad_y + g_h W_d
         cc = c0 + tl.arange(0, BLOCK_C)
         cmask = cc < C
         wd = tl.load(wd_ptr + rr[:, None] * C + cc[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
-        gm = tl.dot(gh, _operand(wd, DOT, DOT_IN), input_precision=PREC, out_dtype=ACC)
+        gm = tl.dot(gh, wd.to(DOT), input_precision=PREC, out_dtype=ACC)
         m = tmask[:, None] & cmask[None, :]
         off = base[:, None] + cc[None, :] * stride_c
         g = tl.load(gy_ptr + off, mask=m, other=0.0).to(ACC)
@@ -196,8 +155,12 @@ def _config(x: Tensor, R: int):
     block_c = 64 if block_r <= 64 else 32
     # fp32 products in full precision (not TF32): the tolerance model compares with fp32 torch
     prec = "tf32" if half else "ieee"
-    dot_in = tl.float32 if half and os.environ.get("TRITON_INTERPRET") == "1" else dot
-    return acc, dot, dot_in, prec, (tl.float64 if acc == torch.float64 else tl.float32), block_t, block_c, block_r
+    if half and os.environ.get("TRITON_INTERPRET") == "1":
+        # The interpreter's fp32 -> bf16 casts and bf16 dots do not round as a GPU does (measured: a
+        # 16x16 dot of bf16-rounded inputs off by 0.09): it runs the products in fp32, which tests the
+        # kernel's logic; the bf16 tensor-core path itself is tested on a GPU.
+        dot, prec = tl.float32, "ieee"
+    return acc, dot, prec, (tl.float64 if acc == torch.float64 else tl.float32), block_t, block_c, block_r
 
 
 def _checks(name, x, down_w, down_b, up_w, up_b, scale, activation, dropout):
@@ -226,13 +189,6 @@ def _weights(acc, down_w, down_b, up_w, up_b):
             up_b.detach().to(acc).contiguous())
 
 
-def _dropout_args(dropout: float, seed: int):
-    if not 0 <= seed < 2**63:
-        raise RuntimeError(f"seed must be in [0, 2**63), got {seed}")
-    threshold = min(int(dropout * 4294967296.0), _M32)
-    return seed & _M32, seed >> 32, threshold, 1.0 / (1.0 - dropout)
-
-
 @triton_op("fastcascade::pixel_adapter_triton", mutates_args=())
 def pixel_adapter_triton(x: Tensor, down_w: Tensor, down_b: Tensor, up_w: Tensor, up_b: Tensor,
                          scale: Tensor | None, activation: int, dropout: float, seed: int) -> Tensor:
@@ -242,13 +198,13 @@ def pixel_adapter_triton(x: Tensor, down_w: Tensor, down_b: Tensor, up_w: Tensor
     y = torch.empty_like(x)
     if T == 0:
         return y
-    acc, dot, dot_in, prec, acc_tl, bt, bc, br = _config(x, R)
+    acc, dot, prec, acc_tl, bt, bc, br = _config(x, R)
     wdT, bd, _, _, wuT, bu = _weights(acc, down_w, down_b, up_w, up_b)
     s = scale if scale is not None else bd  # a placeholder pointer when there is no scale
     seed_lo, seed_hi, thr, keep_scale = _dropout_args(dropout, seed)
     wrap_triton(_pixel_fwd_kernel)[(triton.cdiv(T, bt),)](
         x, y, wdT, bd, wuT, bu, s, T, C, R, HW, sb, sc, sp, seed_lo, seed_hi, thr, keep_scale,
-        ACT=activation, HAS_SCALE=scale is not None, HAS_DROPOUT=dropout > 0, DOT=dot, DOT_IN=dot_in, PREC=prec, ACC=acc_tl,
+        ACT=activation, HAS_SCALE=scale is not None, HAS_DROPOUT=dropout > 0, DOT=dot, PREC=prec, ACC=acc_tl,
         BLOCK_T=bt, BLOCK_C=bc, BLOCK_R=br)
     return y
 
@@ -263,8 +219,8 @@ def pixel_adapter_backward_triton(grad_y: Tensor, x: Tensor, down_w: Tensor, dow
         raise RuntimeError(f"{name}: grad_y must have x's shape, dtype and layout, got {tuple(grad_y.shape)} "
                          f"{grad_y.dtype} strides {grad_y.stride()} vs {tuple(x.shape)} {x.dtype} {x.stride()}")
     T, C, HW, sb, sc, sp = _layout(x)
-    acc, dot, dot_in, prec, acc_tl, bt, bc, br = _config(x, R)
-    wdT, bd, wd, wu, wuT, bu = _weights(acc, down_w, down_b, up_w, up_b)
+    acc, dot, prec, acc_tl, bt, bc, br = _config(x, R)
+    wdT, bd, wd, wu, _, bu = _weights(acc, down_w, down_b, up_w, up_b)
     gx = torch.empty_like(x)
     gh = torch.empty((T, R), device=x.device, dtype=acc)
     a = torch.empty((T, R), device=x.device, dtype=acc)
@@ -274,18 +230,19 @@ def pixel_adapter_backward_triton(grad_y: Tensor, x: Tensor, down_w: Tensor, dow
         seed_lo, seed_hi, thr, keep_scale = _dropout_args(dropout, seed)
         s = scale if scale is not None else bd
         wrap_triton(_pixel_bwd_kernel)[(n_prog,)](
-            grad_y, x, gx, gh, a, gs_part, wdT, bd, wd, wu, wuT, bu, s, T, C, R, HW, sb, sc, sp, seed_lo, seed_hi,
-            thr, keep_scale, ACT=activation, HAS_SCALE=scale is not None, HAS_DROPOUT=dropout > 0, DOT=dot, DOT_IN=dot_in,
+            grad_y, x, gx, gh, a, gs_part, wdT, bd, wd, wu, s, T, C, R, HW, sb, sc, sp, seed_lo, seed_hi,
+            thr, keep_scale, ACT=activation, HAS_SCALE=scale is not None, HAS_DROPOUT=dropout > 0, DOT=dot,
             PREC=prec, ACC=acc_tl, BLOCK_T=bt, BLOCK_C=bc, BLOCK_R=br)
     # (positions, C) views of grad_y and x, positions in (B, H, W) order as the rows of gh and a
     g2 = (grad_y.movedim(1, -1) if x.dim() == 4 else grad_y).reshape(T, C).to(acc)
     x2 = (x.movedim(1, -1) if x.dim() == 4 else x).reshape(T, C).to(acc)
     s = scale.detach().to(acc) if scale is not None else torch.ones((), device=x.device, dtype=acc)
     g_up_w = torch.mm(g2.t(), a) * s
-    g_up_b = g2.sum(0) * s
+    g_sum = g2.sum(0)
+    g_up_b = g_sum * s
     g_down_w = torch.mm(gh.t(), x2)
     g_down_b = gh.sum(0)
-    g_scale = gs_part.sum().reshape(scale.shape).to(scale.dtype) if scale is not None else \
-        x.new_empty((0,), dtype=acc)
+    g_scale = ((gs_part.sum() + (g_sum * bu).sum()).reshape(scale.shape).to(scale.dtype) if scale is not None
+               else x.new_empty((0,), dtype=acc))
     return (gx, g_down_w.to(down_w.dtype), g_down_b.to(down_b.dtype), g_up_w.to(up_w.dtype),
             g_up_b.to(up_b.dtype), g_scale)

@@ -62,7 +62,8 @@ def test_pooled_op_matches_reference(backend, device, dtype, shape, r, fmt):
             code = _ops.ADAPTER_ACTIVATION_CODES[act]
 
             def fused(x, *p):
-                return _ops.adapter_op("pooled_adapter", backend)(x, *p[:4], p[4] if with_scale else None, code)[0]
+                return _ops.adapter_op("pooled_adapter", backend)(x, *p[:4], p[4] if with_scale else None, code,
+                                                                  0.0, 0)[0]
 
             # float64 truth on the inputs the backends receive (x rounded to dtype, fp32 parameters)
             inputs64 = [x.to(dtype).double()] + [p.float().double() for p in w + s]
@@ -88,8 +89,8 @@ def test_pooled_op_gradcheck_float64(backend, device):
             s = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
             op = _ops.adapter_op("pooled_adapter", backend)
             code = _ops.ADAPTER_ACTIVATION_CODES[act]
-            assert torch.autograd.gradcheck(lambda *a: op(*a, code)[0], (x, *w, s))
-            assert torch.autograd.gradcheck(lambda *a: op(*a, None, code)[0], (x, *w))
+            assert torch.autograd.gradcheck(lambda *a: op(*a, code, 0.0, 0)[0], (x, *w, s))
+            assert torch.autograd.gradcheck(lambda *a: op(*a, None, code, 0.3, 5)[0], (x, *w))
 
 
 def _opcheck_samples(device):
@@ -97,8 +98,8 @@ def _opcheck_samples(device):
     for fmt in [torch.contiguous_format, torch.channels_last]:
         x = _x((3, 6, 2, 2), fmt, torch.float32, gen).to(device).requires_grad_(True)
         w = [p.float().to(device).requires_grad_(True) for p in _weights(6, 4, gen=gen)]
-        yield (x, *w, torch.tensor(0.5, device=device, requires_grad=True), 1)
-        yield (x, *w, None, 2)
+        yield (x, *w, torch.tensor(0.5, device=device, requires_grad=True), 1, 0.0, 0)
+        yield (x, *w, None, 2, 0.25, 9)
 
 
 @pytest.mark.parametrize("backend,device", ADAPTER_BACKENDS)
@@ -137,7 +138,8 @@ def test_pooled_op_is_deterministic(backend, device):
     for n in [1, max(2, threads)]:
         torch.set_num_threads(n)
         try:
-            runs.append(_fwd_bwd(lambda x, *p: _ops.adapter_op("pooled_adapter", backend)(x, *p, None, 1)[0], x, w))
+            runs.append(_fwd_bwd(lambda x, *p: _ops.adapter_op("pooled_adapter", backend)(x, *p, None, 1, 0.2, 3)[0],
+                                 x, w))
         finally:
             torch.set_num_threads(threads)
     (y0, g0), (y1, g1) = runs
@@ -149,21 +151,21 @@ def test_pooled_op_checks_for_direct_callers():
     w = [p.float() for p in _weights(6, 4)]
     op = torch.ops.fastcascade.pooled_adapter
     with pytest.raises(RuntimeError, match=r"down_w must be \(r, C\)"):
-        op(x, w[0][:, :5], *w[1:], None, 0)
+        op(x, w[0][:, :5], *w[1:], None, 0, 0.0, 0)
     with pytest.raises(RuntimeError, match=r"up_w must be \(C, r\)"):
-        op(x, w[0], w[1], w[2][:5], w[3], None, 0)
+        op(x, w[0], w[1], w[2][:5], w[3], None, 0, 0.0, 0)
     with pytest.raises(RuntimeError, match="activation must be"):
-        op(x, *w, None, 3)
+        op(x, *w, None, 3, 0.0, 0)
     with pytest.raises(RuntimeError, match="contiguous or channels_last"):
-        op(x.transpose(2, 3), *w, None, 0)
+        op(x.transpose(2, 3), *w, None, 0, 0.0, 0)
     with pytest.raises(RuntimeError, match=r"x must be \(B, C, H, W\)"):
-        op(x[0], *w, None, 0)
+        op(x[0], *w, None, 0, 0.0, 0)
 
 
 def test_module_uses_the_fused_op_for_pooled():
     m = fc.ResidualAdapter(8, 4, "pooled", init_std=0.3)
     x = torch.randn(2, 8, 3, 3)
-    assert m._backend_for(x, 0.0) == "cpu"
+    assert m._backend_for(x) == "cpu"
     y = m(x)
     m.backend = "torch"
     torch.testing.assert_close(y, m(x), rtol=1e-5, atol=1e-6)
@@ -307,7 +309,7 @@ def test_pixel_dropout_mask_comes_from_the_seed(backend, device):
 def test_pixel_module_dropout_is_reproducible_and_off_in_eval():
     m = fc.ResidualAdapter(8, 16, "pixel", dropout=0.5, init_std=0.3)
     x = torch.randn(2, 8, 4, 4)
-    assert m._backend_for(x, 0.5) == "cpu"
+    assert m._backend_for(x) == "cpu"
     torch.manual_seed(3)
     y1 = m(x)
     torch.manual_seed(3)

@@ -7,7 +7,16 @@ from torch import nn
 
 import fastcascade as fc
 from fastcascade import reference
-from fastcascade.cascade import AV1_PARTITION_NAMES, Argmax, Cascade, Confident, Ensemble, Leaf, Stage, Threshold
+from fastcascade.cascade import (
+    AV1_PARTITION_NAMES,
+    Argmax,
+    Cascade,
+    Confident,
+    Ensemble,
+    Leaf,
+    Stage,
+    Threshold,
+)
 
 
 def _head(out: int, gen: torch.Generator, bias=None) -> nn.Module:

@@ -4,6 +4,7 @@
 
 #include <optional>
 
+#include "adapter/adapter_math.h"
 #include "common/checks.h"
 
 namespace fastcascade {
@@ -61,6 +62,11 @@ inline void check_same_layout(const at::Tensor& g, const char* gn, const at::Ten
 inline uint32_t dropout_threshold(double p) {
   const double t = p * 4294967296.0;
   return t >= 4294967295.0 ? 4294967295u : static_cast<uint32_t>(t);
+}
+
+inline AdapterDropout adapter_dropout(double p, int64_t seed) {
+  TORCH_CHECK(p >= 0 && p < 1, "dropout must be in [0, 1), got ", p);
+  return {seed, dropout_threshold(p), 1.0 / (1.0 - p), p > 0};
 }
 
 inline void check_adapter_scale(const std::optional<at::Tensor>& scale, const at::Tensor& x) {

@@ -73,8 +73,9 @@ FC_HD void add_channels(const scalar_t* in, const AdapterShape& S, const acc_t* 
 // One clone call per block, so everything inside runs with the block's ISA.
 template <typename scalar_t, typename acc_t>
 FC_CPU_CLONES void pooled_adapter_fwd_block(const scalar_t* xp, const acc_t* wdT, const acc_t* wuT, const acc_t* pbd,
-                                            const acc_t* pbu, acc_t s, int64_t act, const AdapterShape& S, int64_t b0,
-                                            scalar_t* yp, acc_t* pm, acc_t* ph, acc_t* a, acc_t* u) {
+                                            const acc_t* pbu, acc_t s, int64_t act, const AdapterDropout& drop,
+                                            const AdapterShape& S, int64_t b0, scalar_t* yp, acc_t* pm, acc_t* ph,
+                                            acc_t* a, acc_t* u) {
   const int64_t C = S.C, HW = S.HW, r = S.r, nb = std::min(kSampleBlock, S.B - b0);
   acc_t* m = pm + b0 * C;  // [nb][C]
   acc_t* h = ph + b0 * r;  // [nb][r]
@@ -84,7 +85,7 @@ FC_CPU_CLONES void pooled_adapter_fwd_block(const scalar_t* xp, const acc_t* wdT
     for (int64_t j = 0; j < r; ++j) h[bb * r + j] = pbd[j];
   for (int64_t c = 0; c < C; ++c)
     for (int64_t bb = 0; bb < nb; ++bb) axpy(r, m[bb * C + c], wdT + c * r, h + bb * r);
-  for (int64_t i = 0; i < nb * r; ++i) a[i] = adapter_act(h[i], act);
+  for (int64_t i = 0; i < nb * r; ++i) a[i] = drop.apply(adapter_act(h[i], act), b0 * r + i);
   for (int64_t bb = 0; bb < nb; ++bb)
     for (int64_t c = 0; c < C; ++c) u[bb * C + c] = pbu[c];
   for (int64_t j = 0; j < r; ++j)
@@ -98,8 +99,8 @@ FC_CPU_CLONES void pooled_adapter_fwd_block(const scalar_t* xp, const acc_t* wdT
 template <typename scalar_t>
 void pooled_adapter_forward(const at::Tensor& x, const at::Tensor& down_w_in, const at::Tensor& down_b_in,
                             const at::Tensor& up_w_in, const at::Tensor& up_b_in,
-                            const std::optional<at::Tensor>& scale, int64_t act, const AdapterShape& S,
-                            at::Tensor& y, at::Tensor& pooled, at::Tensor& hidden) {
+                            const std::optional<at::Tensor>& scale, int64_t act, const AdapterDropout& drop,
+                            const AdapterShape& S, at::Tensor& y, at::Tensor& pooled, at::Tensor& hidden) {
   using acc_t = at::opmath_type<scalar_t>;
   // Transposed copies, (C, r) and (r, C): the products below run as axpy over contiguous rows.
   const at::Tensor WdT = acc_copy<acc_t>(down_w_in.t()), bd = acc_copy<acc_t>(down_b_in);
@@ -114,7 +115,8 @@ void pooled_adapter_forward(const at::Tensor& x, const at::Tensor& down_w_in, co
   at::parallel_for(0, nblocks, 1, [&](int64_t k0, int64_t k1) {
     std::vector<acc_t> a(kSampleBlock * S.r), u(kSampleBlock * S.C);
     for (int64_t k = k0; k < k1; ++k)
-      pooled_adapter_fwd_block(xp, wdT, wuT, pbd, pbu, s, act, S, k * kSampleBlock, yp, pm, ph, a.data(), u.data());
+      pooled_adapter_fwd_block(xp, wdT, wuT, pbd, pbu, s, act, drop, S, k * kSampleBlock, yp, pm, ph, a.data(),
+                               u.data());
   });
 }
 
@@ -122,8 +124,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pooled_adapter_cpu(const at::Tens
                                                                   const at::Tensor& down_b, const at::Tensor& up_w,
                                                                   const at::Tensor& up_b,
                                                                   const std::optional<at::Tensor>& scale,
-                                                                  int64_t activation) {
+                                                                  int64_t activation, double dropout, int64_t seed) {
   const AdapterShape S = check_pooled_adapter(x, "x", down_w, up_w, activation);
+  const AdapterDropout drop = adapter_dropout(dropout, seed);
   TORCH_CHECK(down_b.numel() == S.r && up_b.numel() == S.C, "down_b must have r = ", S.r, " and up_b C = ", S.C,
               " elements, got ", down_b.numel(), " and ", up_b.numel());
   check_adapter_scale(scale, x);
@@ -132,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pooled_adapter_cpu(const at::Tens
   at::Tensor pooled = at::empty({S.B, S.C}, x.options().dtype(acc));
   at::Tensor hidden = at::empty({S.B, S.r}, x.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pooled_adapter_cpu", [&] {
-    pooled_adapter_forward<scalar_t>(x, down_w, down_b, up_w, up_b, scale, activation, S, y, pooled, hidden);
+    pooled_adapter_forward<scalar_t>(x, down_w, down_b, up_w, up_b, scale, activation, drop, S, y, pooled, hidden);
   });
   return {y, pooled, hidden};
 }
@@ -142,14 +145,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pooled_adapter_cpu(const at::Tens
 template <typename scalar_t, typename acc_t>
 FC_CPU_CLONES void pooled_adapter_bwd_block(const scalar_t* gp, const acc_t* ph, const acc_t* wd, const acc_t* wu,
                                             const acc_t* wuT, const acc_t* pbu, acc_t s, bool want_gs, int64_t act,
-                                            const AdapterShape& S, int64_t b0, scalar_t* gxp, acc_t* pgu, acc_t* pgh,
+                                            const AdapterDropout& drop, const AdapterShape& S, int64_t b0, scalar_t* gxp, acc_t* pgu, acc_t* pgh,
                                             acc_t* pa, double* gs_part, acc_t* scratch) {
   const int64_t C = S.C, HW = S.HW, r = S.r, nb = std::min(kSampleBlock, S.B - b0);
   acc_t *gsum = scratch, *gm = scratch + kSampleBlock * C, *v = scratch + 2 * kSampleBlock * C;
   const acc_t* h = ph + b0 * r;                                    // [nb][r]
   acc_t *gu = pgu + b0 * C, *gh = pgh + b0 * r, *a = pa + b0 * r;  // [nb][C], [nb][r], [nb][r]
   for (int64_t bb = 0; bb < nb; ++bb) channel_sums(gp + (b0 + bb) * C * HW, S, gsum + bb * C);
-  for (int64_t i = 0; i < nb * r; ++i) a[i] = adapter_act(h[i], act);
+  for (int64_t i = 0; i < nb * r; ++i) a[i] = drop.apply(adapter_act(h[i], act), b0 * r + i);
   if (want_gs) {  // d/ds of sum(gy * s u) = sum_c u_c gsum_c, u = up(a) without the scale
     for (int64_t bb = 0; bb < nb; ++bb)
       for (int64_t c = 0; c < C; ++c) v[bb * C + c] = pbu[c];
@@ -165,7 +168,7 @@ FC_CPU_CLONES void pooled_adapter_bwd_block(const scalar_t* gp, const acc_t* ph,
   for (int64_t i = 0; i < nb * r; ++i) gh[i] = 0;
   for (int64_t c = 0; c < C; ++c)  // g_a = W_u^T g_u
     for (int64_t bb = 0; bb < nb; ++bb) axpy(r, gu[bb * C + c], wu + c * r, gh + bb * r);
-  for (int64_t i = 0; i < nb * r; ++i) gh[i] *= adapter_act_grad(h[i], act);
+  for (int64_t i = 0; i < nb * r; ++i) gh[i] = drop.apply(gh[i] * adapter_act_grad(h[i], act), b0 * r + i);
   for (int64_t i = 0; i < nb * C; ++i) gm[i] = 0;
   for (int64_t j = 0; j < r; ++j)  // g_m = W_d^T g_h
     for (int64_t bb = 0; bb < nb; ++bb) axpy(C, gh[bb * r + j], wd + j * C, gm + bb * C);
@@ -178,8 +181,8 @@ FC_CPU_CLONES void pooled_adapter_bwd_block(const scalar_t* gp, const acc_t* ph,
 template <typename scalar_t>
 void pooled_adapter_backward_impl(const at::Tensor& gy, const at::Tensor& pooled, const at::Tensor& hidden,
                                   const at::Tensor& down_w_in, const at::Tensor& up_w_in, const at::Tensor& up_b_in,
-                                  const std::optional<at::Tensor>& scale, int64_t act, const AdapterShape& S,
-                                  at::Tensor& gx, at::Tensor& gu_t, at::Tensor& gh_t, at::Tensor& a_t,
+                                  const std::optional<at::Tensor>& scale, int64_t act, const AdapterDropout& drop,
+                                  const AdapterShape& S, at::Tensor& gx, at::Tensor& gu_t, at::Tensor& gh_t, at::Tensor& a_t,
                                   std::vector<double>& gs_part) {
   using acc_t = at::opmath_type<scalar_t>;
   const at::Tensor Wd = acc_copy<acc_t>(down_w_in), Wu = acc_copy<acc_t>(up_w_in), bu = acc_copy<acc_t>(up_b_in);
@@ -197,7 +200,7 @@ void pooled_adapter_backward_impl(const at::Tensor& gy, const at::Tensor& pooled
   at::parallel_for(0, nblocks, 1, [&](int64_t k0, int64_t k1) {
     std::vector<acc_t> scratch(3 * kSampleBlock * S.C);
     for (int64_t k = k0; k < k1; ++k)
-      pooled_adapter_bwd_block(gp, ph, wd, wu, wuT, pbu, s, want_gs, act, S, k * kSampleBlock, gxp, pgu, pgh, pa,
+      pooled_adapter_bwd_block(gp, ph, wd, wu, wuT, pbu, s, want_gs, act, drop, S, k * kSampleBlock, gxp, pgu, pgh, pa,
                                gs_part.data(), scratch.data());
   });
 }
@@ -231,8 +234,10 @@ void outer_sum(const acc_t* p, const acc_t* q, int64_t B, int64_t I, int64_t J, 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pooled_adapter_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& pooled, const at::Tensor& hidden, const at::Tensor& down_w,
-    const at::Tensor& up_w, const at::Tensor& up_b, const std::optional<at::Tensor>& scale, int64_t activation) {
+    const at::Tensor& up_w, const at::Tensor& up_b, const std::optional<at::Tensor>& scale, int64_t activation,
+    double dropout, int64_t seed) {
   const AdapterShape S = check_pooled_adapter(grad_y, "grad_y", down_w, up_w, activation);
+  const AdapterDropout drop = adapter_dropout(dropout, seed);
   TORCH_CHECK(pooled.sizes() == at::IntArrayRef({S.B, S.C}) && hidden.sizes() == at::IntArrayRef({S.B, S.r}),
               "pooled must be (B, C) and hidden (B, r), got ", pooled.sizes(), " and ", hidden.sizes());
   const auto acc = grad_y.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -241,8 +246,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor gu = at::empty({S.B, S.C}, opts), gh = at::empty({S.B, S.r}, opts), a = at::empty({S.B, S.r}, opts);
   std::vector<double> gs_part(scale.has_value() ? S.B : 0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_y.scalar_type(), "pooled_adapter_backward_cpu", [&] {
-    pooled_adapter_backward_impl<scalar_t>(grad_y, pooled, hidden, down_w, up_w, up_b, scale, activation, S, gx, gu,
-                                           gh, a, gs_part);
+    pooled_adapter_backward_impl<scalar_t>(grad_y, pooled, hidden, down_w, up_w, up_b, scale, activation, drop, S,
+                                           gx, gu, gh, a, gs_part);
   });
   at::Tensor g_up_w = at::empty({S.C, S.r}, opts), g_up_b = at::empty({S.C}, opts);
   at::Tensor g_down_w = at::empty({S.r, S.C}, opts), g_down_b = at::empty({S.r}, opts);

@@ -41,7 +41,8 @@ pooled_adapter_fwd_kernel(const scalar_t* __restrict__ x, const at::opmath_type<
                           const at::opmath_type<scalar_t>* __restrict__ wu,
                           const at::opmath_type<scalar_t>* __restrict__ bu,
                           const at::opmath_type<scalar_t>* __restrict__ scale, int64_t C, int64_t HW, int64_t r,
-                          bool cl, int64_t act, scalar_t* __restrict__ y, at::opmath_type<scalar_t>* __restrict__ pooled,
+                          bool cl, int64_t act, AdapterDropout drop, scalar_t* __restrict__ y,
+                          at::opmath_type<scalar_t>* __restrict__ pooled,
                           at::opmath_type<scalar_t>* __restrict__ hidden) {
   using acc_t = at::opmath_type<scalar_t>;
   extern __shared__ unsigned char smem_raw[];
@@ -61,7 +62,7 @@ pooled_adapter_fwd_kernel(const scalar_t* __restrict__ x, const at::opmath_type<
     acc_t v = bd[j];
     for (int64_t c = 0; c < C; ++c) v += wd[j * C + c] * m[c];
     hidden[b * r + j] = v;
-    a[j] = adapter_act(v, act);
+    a[j] = drop.apply(adapter_act(v, act), b * r + j);
   }
   __syncthreads();
   const acc_t s = scale ? *scale : acc_t(1);
@@ -87,7 +88,8 @@ pooled_adapter_bwd_kernel(const scalar_t* __restrict__ gy, const at::opmath_type
                           const at::opmath_type<scalar_t>* __restrict__ wu,
                           const at::opmath_type<scalar_t>* __restrict__ bu,
                           const at::opmath_type<scalar_t>* __restrict__ scale, int64_t C, int64_t HW, int64_t r,
-                          bool cl, int64_t act, scalar_t* __restrict__ gx, at::opmath_type<scalar_t>* __restrict__ gu_out,
+                          bool cl, int64_t act, AdapterDropout drop, scalar_t* __restrict__ gx,
+                          at::opmath_type<scalar_t>* __restrict__ gu_out,
                           at::opmath_type<scalar_t>* __restrict__ gh_out, at::opmath_type<scalar_t>* __restrict__ a_out,
                           double* __restrict__ gs_part) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -100,7 +102,7 @@ pooled_adapter_bwd_kernel(const scalar_t* __restrict__ gy, const at::opmath_type
   const scalar_t* gb = gy + b * C * HW;
   channel_sums(gb, C, HW, cl, gsum);
   for (int64_t j = threadIdx.x; j < r; j += blockDim.x) {
-    a[j] = adapter_act(hidden[b * r + j], act);
+    a[j] = drop.apply(adapter_act(hidden[b * r + j], act), b * r + j);
     a_out[b * r + j] = a[j];
   }
   __syncthreads();
@@ -118,7 +120,7 @@ pooled_adapter_bwd_kernel(const scalar_t* __restrict__ gy, const at::opmath_type
   for (int64_t j = threadIdx.x; j < r; j += blockDim.x) {
     acc_t v = 0;
     for (int64_t c = 0; c < C; ++c) v += s * gsum[c] * wu[c * r + j];
-    gh[j] = v * adapter_act_grad(hidden[b * r + j], act);
+    gh[j] = drop.apply(v * adapter_act_grad(hidden[b * r + j], act), b * r + j);
     gh_out[b * r + j] = gh[j];
   }
   __syncthreads();
@@ -162,8 +164,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pooled_adapter_cuda(const at::Ten
                                                                    const at::Tensor& down_b, const at::Tensor& up_w,
                                                                    const at::Tensor& up_b,
                                                                    const std::optional<at::Tensor>& scale,
-                                                                   int64_t activation) {
+                                                                   int64_t activation, double dropout, int64_t seed) {
   const AdapterShape D = check_pooled_adapter(x, "x", down_w, up_w, activation);
+  const AdapterDropout drop = adapter_dropout(dropout, seed);
   TORCH_CHECK(down_b.numel() == D.r && up_b.numel() == D.C, "down_b must have r = ", D.r, " and up_b C = ", D.C,
               " elements, got ", down_b.numel(), " and ", up_b.numel());
   check_same_device(x, "x", down_b, "down_b");
@@ -187,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pooled_adapter_cuda(const at::Ten
     pooled_adapter_fwd_kernel<scalar_t><<<D.B, kThreads, smem, stream>>>(
         x.const_data_ptr<scalar_t>(), Wd.const_data_ptr<acc_t>(), bd.const_data_ptr<acc_t>(),
         Wu.const_data_ptr<acc_t>(), bu.const_data_ptr<acc_t>(), s.defined() ? s.const_data_ptr<acc_t>() : nullptr,
-        D.C, D.HW, D.r, D.channels_last, activation, y.mutable_data_ptr<scalar_t>(),
+        D.C, D.HW, D.r, D.channels_last, activation, drop, y.mutable_data_ptr<scalar_t>(),
         pooled.mutable_data_ptr<acc_t>(), hidden.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -196,8 +199,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pooled_adapter_cuda(const at::Ten
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pooled_adapter_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& pooled, const at::Tensor& hidden, const at::Tensor& down_w,
-    const at::Tensor& up_w, const at::Tensor& up_b, const std::optional<at::Tensor>& scale, int64_t activation) {
+    const at::Tensor& up_w, const at::Tensor& up_b, const std::optional<at::Tensor>& scale, int64_t activation,
+    double dropout, int64_t seed) {
   const AdapterShape D = check_pooled_adapter(grad_y, "grad_y", down_w, up_w, activation);
+  const AdapterDropout drop = adapter_dropout(dropout, seed);
   TORCH_CHECK(pooled.sizes() == at::IntArrayRef({D.B, D.C}) && hidden.sizes() == at::IntArrayRef({D.B, D.r}),
               "pooled must be (B, C) and hidden (B, r), got ", pooled.sizes(), " and ", hidden.sizes());
   TORCH_CHECK(up_b.numel() == D.C, "up_b must have C = ", D.C, " elements, got ", up_b.numel());
@@ -226,7 +231,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       pooled_adapter_bwd_kernel<scalar_t><<<D.B, kThreads, smem, stream>>>(
           grad_y.const_data_ptr<scalar_t>(), Hd.const_data_ptr<acc_t>(), Wd.const_data_ptr<acc_t>(),
           Wu.const_data_ptr<acc_t>(), bu.const_data_ptr<acc_t>(), s.defined() ? s.const_data_ptr<acc_t>() : nullptr,
-          D.C, D.HW, D.r, D.channels_last, activation, gx.mutable_data_ptr<scalar_t>(), gu.mutable_data_ptr<acc_t>(),
+          D.C, D.HW, D.r, D.channels_last, activation, drop, gx.mutable_data_ptr<scalar_t>(),
+          gu.mutable_data_ptr<acc_t>(),
           gh.mutable_data_ptr<acc_t>(), a.mutable_data_ptr<acc_t>(),
           scale.has_value() ? gs_part.mutable_data_ptr<double>() : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -47,4 +47,18 @@ FC_HD bool adapter_dropout_keep(int64_t seed, int64_t index, uint32_t threshold)
   return h >= threshold;
 }
 
+// Dropout as the kernels apply it: v / (1 - p) where element `index` is kept, else 0.
+struct AdapterDropout {
+  int64_t seed;
+  uint32_t threshold;  // p * 2^32
+  double keep_scale;   // 1 / (1 - p)
+  bool on;             // p > 0
+
+  template <typename T>
+  FC_HD T apply(T v, int64_t index) const {
+    if (!on) return v;
+    return adapter_dropout_keep(seed, index, threshold) ? v * T(keep_scale) : T(0);
+  }
+};
+
 }  // namespace fastcascade

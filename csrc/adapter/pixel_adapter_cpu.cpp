@@ -64,14 +64,8 @@ void store_tile(const acc_t* base, const acc_t* v, acc_t s, const AdapterShape& 
 
 // a = drop(act(h)) in place of a copy; element (row t, j) has dropout index t * r + j.
 template <typename acc_t>
-void activate(const acc_t* h, int64_t nb, int64_t r, int64_t act, int64_t row0, double p, int64_t seed, acc_t* a) {
-  const uint32_t thr = dropout_threshold(p);
-  const acc_t keep_scale = acc_t(1) / acc_t(1 - p);
-  for (int64_t i = 0; i < nb * r; ++i) {
-    acc_t v = adapter_act(h[i], act);
-    if (p > 0) v = adapter_dropout_keep(seed, row0 * r + i, thr) ? v * keep_scale : acc_t(0);
-    a[i] = v;
-  }
+void activate(const acc_t* h, int64_t nb, int64_t r, int64_t act, int64_t row0, const AdapterDropout& drop, acc_t* a) {
+  for (int64_t i = 0; i < nb * r; ++i) a[i] = drop.apply(adapter_act(h[i], act), row0 * r + i);
 }
 
 template <typename acc_t>
@@ -93,8 +87,8 @@ struct Weights {  // fp32 (fp64 for fp64 x) copies in the layouts the products w
 };
 
 template <typename scalar_t>
-void pixel_forward(const at::Tensor& x, const Weights<at::opmath_type<scalar_t>>& W, int64_t act, double p,
-                   int64_t seed, const AdapterShape& S, at::Tensor& y) {
+void pixel_forward(const at::Tensor& x, const Weights<at::opmath_type<scalar_t>>& W, int64_t act,
+                   const AdapterDropout& drop, const AdapterShape& S, at::Tensor& y) {
   using acc_t = at::opmath_type<scalar_t>;
   const Tiling T(S);
   const auto opts = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
@@ -109,7 +103,7 @@ void pixel_forward(const at::Tensor& x, const Weights<at::opmath_type<scalar_t>>
       at::Tensor Xn = X.narrow(0, 0, nb), Hn = H.narrow(0, 0, nb), An = A.narrow(0, 0, nb), Un = U.narrow(0, 0, nb);
       load_tile(xp, S, T, b, p0, nb, Xn.mutable_data_ptr<acc_t>());
       at::addmm_out(Hn, W.bd, Xn, W.wdT);  // h = x W_d^T + b_d
-      activate(Hn.const_data_ptr<acc_t>(), nb, S.r, act, b * T.positions + p0, p, seed, An.mutable_data_ptr<acc_t>());
+      activate(Hn.const_data_ptr<acc_t>(), nb, S.r, act, b * T.positions + p0, drop, An.mutable_data_ptr<acc_t>());
       at::addmm_out(Un, W.bu, An, W.wuT);  // u = a W_u^T + b_u
       store_tile(Xn.const_data_ptr<acc_t>(), Un.const_data_ptr<acc_t>(), W.s, S, T, b, p0, nb, yp);
     }
@@ -127,7 +121,7 @@ at::Tensor pixel_adapter_cpu(const at::Tensor& x, const at::Tensor& down_w, cons
   if (x.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pixel_adapter_cpu", [&] {
     const Weights<at::opmath_type<scalar_t>> W(down_w, down_b, up_w, up_b, scale);
-    pixel_forward<scalar_t>(x, W, activation, dropout, seed, S, y);
+    pixel_forward<scalar_t>(x, W, activation, adapter_dropout(dropout, seed), S, y);
   });
   return y;
 }
@@ -144,7 +138,7 @@ struct GradPartials {
 
 template <typename scalar_t>
 void pixel_backward(const at::Tensor& gy, const at::Tensor& x, const Weights<at::opmath_type<scalar_t>>& W,
-                    bool want_gs, int64_t act, double p, int64_t seed, const AdapterShape& S, at::Tensor& gx,
+                    bool want_gs, int64_t act, const AdapterDropout& drop, const AdapterShape& S, at::Tensor& gx,
                     GradPartials<at::opmath_type<scalar_t>>& part) {
   using acc_t = at::opmath_type<scalar_t>;
   const Tiling T(S);
@@ -152,8 +146,6 @@ void pixel_backward(const at::Tensor& gy, const at::Tensor& x, const Weights<at:
   const auto opts = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const scalar_t *xp = x.const_data_ptr<scalar_t>(), *gp = gy.const_data_ptr<scalar_t>();
   scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
-  const uint32_t thr = dropout_threshold(p);
-  const acc_t keep_scale = acc_t(1) / acc_t(1 - p);
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
     at::Tensor X = at::empty({kTile, S.C}, opts), G = at::empty({kTile, S.C}, opts), U = at::empty({kTile, S.C}, opts);
     at::Tensor H = at::empty({kTile, S.r}, opts), A = at::empty({kTile, S.r}, opts), GH = at::empty({kTile, S.r}, opts);
@@ -167,23 +159,19 @@ void pixel_backward(const at::Tensor& gy, const at::Tensor& x, const Weights<at:
         load_tile(xp, S, T, b, p0, nb, Xn.mutable_data_ptr<acc_t>());
         load_tile(gp, S, T, b, p0, nb, Gn.mutable_data_ptr<acc_t>());
         at::addmm_out(Hn, W.bd, Xn, W.wdT);
-        activate(Hn.const_data_ptr<acc_t>(), nb, S.r, act, row0, p, seed, An.mutable_data_ptr<acc_t>());
-        if (want_gs) {  // d/ds sum(gy * s u) = sum gy * u
-          at::addmm_out(Un, W.bu, An, W.wuT);
-          const acc_t *gq = Gn.const_data_ptr<acc_t>(), *uq = Un.const_data_ptr<acc_t>();
-          double sum = 0;
-          for (int64_t i = 0; i < nb * S.C; ++i) sum += double(gq[i]) * double(uq[i]);
-          part.g_scale[g] += sum;
-        }
+        activate(Hn.const_data_ptr<acc_t>(), nb, S.r, act, row0, drop, An.mutable_data_ptr<acc_t>());
         // g_u = s gy; g_a = g_u W_u; g_h = g_a * drop'(.) * act'(h); gx = gy + g_h W_d
-        at::mm_out(GHn, Gn, W.wu);
+        at::mm_out(GHn, Gn, W.wu);  // gy W_u, then scaled in place into g_h
         acc_t* gh = GHn.mutable_data_ptr<acc_t>();
         const acc_t* h = Hn.const_data_ptr<acc_t>();
-        for (int64_t i = 0; i < nb * S.r; ++i) {
-          acc_t v = W.s * gh[i] * adapter_act_grad(h[i], act);
-          if (p > 0) v = adapter_dropout_keep(seed, row0 * S.r + i, thr) ? v * keep_scale : acc_t(0);
-          gh[i] = v;
+        if (want_gs) {  // d/ds sum(gy * s (a W_u^T + b_u)) = sum a * (gy W_u) + b_u . sum gy (the latter below)
+          const acc_t* aq = An.const_data_ptr<acc_t>();
+          double sum = 0;
+          for (int64_t i = 0; i < nb * S.r; ++i) sum += double(aq[i]) * double(gh[i]);
+          part.g_scale[g] += sum;
         }
+        for (int64_t i = 0; i < nb * S.r; ++i)
+          gh[i] = drop.apply(W.s * gh[i] * adapter_act_grad(h[i], act), row0 * S.r + i);
         at::mm_out(Un, GHn, W.wd);
         store_tile(Gn.const_data_ptr<acc_t>(), Un.const_data_ptr<acc_t>(), acc_t(1), S, T, b, p0, nb, gxp);
         // weight gradients: g_W_u += s gy^T a, g_W_d += g_h^T x (the scale applied once at the end)
@@ -219,7 +207,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     using acc_t = at::opmath_type<scalar_t>;
     const Weights<acc_t> W(down_w, down_b, up_w, up_b, scale);
     GradPartials<acc_t> part(groups, S, opts);
-    if (x.numel() > 0) pixel_backward<scalar_t>(grad_y, x, W, scale.has_value(), activation, dropout, seed, S, gx, part);
+    if (x.numel() > 0)
+      pixel_backward<scalar_t>(grad_y, x, W, scale.has_value(), activation, adapter_dropout(dropout, seed), S, gx, part);
     // fixed-order sums over the groups
     g_down_w = ordered_sum(part.g_down_w);
     g_down_b = ordered_sum(part.g_down_b);
@@ -228,6 +217,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     if (scale.has_value()) {
       double total = 0;
       for (double v : part.g_scale) total += v;
+      const at::Tensor g_sum = ordered_sum(part.g_up_b);  // sum gy over positions
+      total += at::dot(g_sum.to(at::kDouble), W.bu.to(at::kDouble)).item<double>();
       g_scale = at::full(scale->sizes(), total, scale->options());
     }
   });

@@ -41,20 +41,14 @@ __device__ __forceinline__ int64_t pos_offset(const PixelLayout& L, int64_t t) {
 template <typename scalar_t, typename acc_t>
 __device__ void tile_hidden(const scalar_t* __restrict__ x, const acc_t* __restrict__ wdT,
                             const acc_t* __restrict__ bd, const PixelLayout& L, int64_t t0, int64_t tt, int64_t act,
-                            int64_t seed, uint32_t thr, acc_t keep_scale, bool dropout, acc_t* A, acc_t* D) {
+                            const AdapterDropout& drop, acc_t* A, acc_t* D) {
   for (int64_t k = threadIdx.x; k < tt * L.r; k += blockDim.x) {
     const int64_t i = k / L.r, j = k % L.r, t = t0 + i;
     const int64_t base = pos_offset(L, t);
     acc_t h = bd[j];
     for (int64_t c = 0; c < L.C; ++c) h += acc_t(x[base + c * L.sc]) * wdT[c * L.r + j];
-    acc_t a = adapter_act(h, act), d = adapter_act_grad(h, act);
-    if (dropout) {
-      const bool keep = adapter_dropout_keep(seed, t * L.r + j, thr);
-      a = keep ? a * keep_scale : acc_t(0);
-      d = keep ? d * keep_scale : acc_t(0);
-    }
-    A[k] = a;
-    if (D != nullptr) D[k] = d;
+    A[k] = drop.apply(adapter_act(h, act), t * L.r + j);
+    if (D != nullptr) D[k] = drop.apply(adapter_act_grad(h, act), t * L.r + j);
   }
 }
 
@@ -65,13 +59,12 @@ pixel_adapter_fwd_kernel(const scalar_t* __restrict__ x, const at::opmath_type<s
                          const at::opmath_type<scalar_t>* __restrict__ wuT,
                          const at::opmath_type<scalar_t>* __restrict__ bu,
                          const at::opmath_type<scalar_t>* __restrict__ scale, PixelLayout L, int64_t tile,
-                         int64_t act, int64_t seed, uint32_t thr, at::opmath_type<scalar_t> keep_scale, bool dropout,
-                         scalar_t* __restrict__ y) {
+                         int64_t act, AdapterDropout drop, scalar_t* __restrict__ y) {
   using acc_t = at::opmath_type<scalar_t>;
   extern __shared__ unsigned char smem_raw[];
   acc_t* A = reinterpret_cast<acc_t*>(smem_raw);  // [tile][r]
   const int64_t t0 = blockIdx.x * tile, tt = min(tile, L.T - t0);
-  tile_hidden(x, wdT, bd, L, t0, tt, act, seed, thr, keep_scale, dropout, A, static_cast<acc_t*>(nullptr));
+  tile_hidden(x, wdT, bd, L, t0, tt, act, drop, A, static_cast<acc_t*>(nullptr));
   __syncthreads();
   const acc_t s = scale != nullptr ? *scale : acc_t(1);
   for (int64_t k = threadIdx.x; k < tt * L.C; k += blockDim.x) {
@@ -90,11 +83,8 @@ pixel_adapter_bwd_kernel(const scalar_t* __restrict__ gy, const scalar_t* __rest
                          const at::opmath_type<scalar_t>* __restrict__ bd,
                          const at::opmath_type<scalar_t>* __restrict__ wd,
                          const at::opmath_type<scalar_t>* __restrict__ wu,
-                         const at::opmath_type<scalar_t>* __restrict__ wuT,
-                         const at::opmath_type<scalar_t>* __restrict__ bu,
                          const at::opmath_type<scalar_t>* __restrict__ scale, PixelLayout L, int64_t tile,
-                         int64_t act, int64_t seed, uint32_t thr, at::opmath_type<scalar_t> keep_scale, bool dropout,
-                         scalar_t* __restrict__ gx, at::opmath_type<scalar_t>* __restrict__ gh_out,
+                         int64_t act, AdapterDropout drop, scalar_t* __restrict__ gx, at::opmath_type<scalar_t>* __restrict__ gh_out,
                          at::opmath_type<scalar_t>* __restrict__ a_out, double* __restrict__ gs_part) {
   using acc_t = at::opmath_type<scalar_t>;
   extern __shared__ unsigned char smem_raw[];
@@ -103,20 +93,21 @@ pixel_adapter_bwd_kernel(const scalar_t* __restrict__ gy, const scalar_t* __rest
   acc_t* GH = D + tile * L.r;
   __shared__ double red[kThreads];
   const int64_t t0 = blockIdx.x * tile, tt = min(tile, L.T - t0);
-  tile_hidden(x, wdT, bd, L, t0, tt, act, seed, thr, keep_scale, dropout, A, D);
+  tile_hidden(x, wdT, bd, L, t0, tt, act, drop, A, D);
   __syncthreads();
   const acc_t s = scale != nullptr ? *scale : acc_t(1);
+  double gs = 0;  // d/ds sum(grad_y * s (a W_u^T + b_u)) = sum a * (grad_y W_u) + b_u . sum grad_y (host)
   for (int64_t k = threadIdx.x; k < tt * L.r; k += blockDim.x) {  // g_h = s (grad_y W_u) * d
     const int64_t i = k / L.r, j = k % L.r, t = t0 + i;
     const int64_t base = pos_offset(L, t);
     acc_t ga = 0;
     for (int64_t c = 0; c < L.C; ++c) ga += acc_t(gy[base + c * L.sc]) * wu[c * L.r + j];
+    gs += double(A[k]) * double(ga);
     GH[k] = s * ga * D[k];
     gh_out[t * L.r + j] = GH[k];
     a_out[t * L.r + j] = A[k];
   }
   __syncthreads();
-  double gs = 0;
   for (int64_t k = threadIdx.x; k < tt * L.C; k += blockDim.x) {  // grad_x = grad_y + g_h W_d
     const int64_t i = k / L.C, c = k % L.C;
     const int64_t off = pos_offset(L, t0 + i) + c * L.sc;
@@ -124,11 +115,6 @@ pixel_adapter_bwd_kernel(const scalar_t* __restrict__ gy, const scalar_t* __rest
     acc_t m = 0;
     for (int64_t j = 0; j < L.r; ++j) m += GH[i * L.r + j] * wd[j * L.C + c];
     gx[off] = scalar_t(g + m);
-    if (gs_part != nullptr) {  // d/ds sum(grad_y * s u) = sum grad_y * u
-      acc_t u = bu[c];
-      for (int64_t j = 0; j < L.r; ++j) u += A[i * L.r + j] * wuT[j * L.C + c];
-      gs += double(g) * double(u);
-    }
   }
   if (gs_part == nullptr) return;
   red[threadIdx.x] = gs;  // fixed-shape tree: the same order every run
@@ -177,8 +163,7 @@ at::Tensor pixel_adapter_cuda(const at::Tensor& x, const at::Tensor& down_w, con
     pixel_adapter_fwd_kernel<scalar_t><<<blocks, kThreads, size_t(tile * L.r) * sizeof(acc_t), stream>>>(
         x.const_data_ptr<scalar_t>(), WdT.const_data_ptr<acc_t>(), bd.const_data_ptr<acc_t>(),
         WuT.const_data_ptr<acc_t>(), bu.const_data_ptr<acc_t>(), s.defined() ? s.const_data_ptr<acc_t>() : nullptr,
-        L, tile, activation, seed, dropout_threshold(dropout), acc_t(1.0 / (1.0 - dropout)), dropout > 0,
-        y.mutable_data_ptr<scalar_t>());
+        L, tile, activation, adapter_dropout(dropout, seed), y.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return y;
@@ -204,7 +189,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pixel_adapter_bwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const at::Tensor Wd = acc_copy<acc_t>(down_w), WdT = acc_copy<acc_t>(down_w.t()), bd = acc_copy<acc_t>(down_b);
-    const at::Tensor Wu = acc_copy<acc_t>(up_w), WuT = acc_copy<acc_t>(up_w.t()), bu = acc_copy<acc_t>(up_b);
+    const at::Tensor Wu = acc_copy<acc_t>(up_w);
     const at::Tensor s = scale.has_value() ? acc_copy<acc_t>(*scale) : at::Tensor();
     const int64_t tile = tile_for(L.r, 3, sizeof(acc_t));
     const int64_t blocks = (L.T + tile - 1) / tile;
@@ -213,9 +198,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     pixel_adapter_bwd_kernel<scalar_t><<<blocks, kThreads, size_t(3 * tile * L.r) * sizeof(acc_t), stream>>>(
         grad_y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), WdT.const_data_ptr<acc_t>(),
         bd.const_data_ptr<acc_t>(), Wd.const_data_ptr<acc_t>(), Wu.const_data_ptr<acc_t>(),
-        WuT.const_data_ptr<acc_t>(), bu.const_data_ptr<acc_t>(), s.defined() ? s.const_data_ptr<acc_t>() : nullptr,
-        L, tile, activation, seed, dropout_threshold(dropout), acc_t(1.0 / (1.0 - dropout)), dropout > 0,
-        gx.mutable_data_ptr<scalar_t>(), gh.mutable_data_ptr<acc_t>(), a.mutable_data_ptr<acc_t>(),
+        s.defined() ? s.const_data_ptr<acc_t>() : nullptr,
+        L, tile, activation, adapter_dropout(dropout, seed), gx.mutable_data_ptr<scalar_t>(), gh.mutable_data_ptr<acc_t>(), a.mutable_data_ptr<acc_t>(),
         scale.has_value() ? gs_part.mutable_data_ptr<double>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -223,10 +207,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor g2 = (x.dim() == 4 ? grad_y.movedim(1, -1) : grad_y).detach().reshape({L.T, L.C}).to(acc);
   const at::Tensor x2 = (x.dim() == 4 ? x.movedim(1, -1) : x).detach().reshape({L.T, L.C}).to(acc);
   const at::Tensor s = scale.has_value() ? scale->detach().to(acc) : at::ones({}, opts);
-  const at::Tensor g_up_w = at::mm(g2.t(), a).mul_(s), g_up_b = g2.sum(0).mul_(s);
+  const at::Tensor g_sum = g2.sum(0);
+  const at::Tensor g_up_w = at::mm(g2.t(), a).mul_(s), g_up_b = g_sum * s;
   const at::Tensor g_down_w = at::mm(gh.t(), x2), g_down_b = gh.sum(0);
-  at::Tensor g_scale =
-      scale.has_value() ? gs_part.sum().to(scale->options()).reshape(scale->sizes()) : at::empty({0}, opts);
+  const at::Tensor bias_share = at::dot(g_sum.to(at::kDouble), up_b.detach().to(at::kDouble));
+  at::Tensor g_scale = scale.has_value()
+                           ? (gs_part.sum() + bias_share).to(scale->options()).reshape(scale->sizes())
+                           : at::empty({0}, opts);
   return {gx, g_down_w.to(down_w.scalar_type()), g_down_b.to(down_b.scalar_type()), g_up_w.to(up_w.scalar_type()),
           g_up_b.to(up_b.scalar_type()), g_scale};
 }
