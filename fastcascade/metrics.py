@@ -81,7 +81,7 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
     if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
         raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__}")
     backend = _ops.resolve_backend(backend, pred.device)
-    if _value_checks_on(pred):
+    if backend != "cpu" and _value_checks_on(pred):  # the C++ CPU kernel checks in its own pass
         kept = target != ignore_index if ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
         for t, name in ((target, "target"), (pred, "pred")):
             bad = kept & ((t < 0) | (t >= C))
@@ -92,7 +92,15 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
     if backend == "torch":
         return reference.confusion_matrix(pred, target, C, ignore_index)
     pred, target = (t if t.dtype in (torch.int32, torch.int64) else t.to(torch.int32) for t in (pred, target))
-    return _ops.metrics_op("confusion_matrix", backend)(pred, target, C, ignore_index)
+    op = _ops.metrics_op("confusion_matrix", backend)
+    if backend != "cpu" or torch.compiler.is_compiling():
+        return op(pred, target, C, ignore_index)
+    try:
+        return op(pred, target, C, ignore_index)
+    except RuntimeError as e:  # ids out of range, found by the kernel's single pass: the API's error type
+        if "outside [0, num_classes" in str(e):
+            raise ValueError(str(e)) from None
+        raise
 
 
 def _div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
