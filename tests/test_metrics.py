@@ -38,7 +38,7 @@ def _sk_confusion(pred, target, C, ignore_index=None):
                                            (torch.int64, torch.int32), (torch.int32, torch.int32)], ids=str)
 def test_confusion_matrix_matches_sklearn(backend, device, pdtype, tdtype):
     gen = seeded("confusion", pdtype, tdtype)
-    cases = [(0, 3), (1, 1), (7, 3), (4097, 8), (3000, 16), (2000, 70)]  # 70: the Triton atomic path
+    cases = [(0, 3), (1, 1), (7, 3), (4097, 8), (3000, 16), (1000, 32), (2000, 70)]  # C > 32: Triton atomics
     if backend != "triton":
         cases.append((140000, 5))  # several CPU chunks
     for n, C in cases:
