@@ -83,11 +83,11 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
     backend = _ops.resolve_backend(backend, pred.device)
     if backend != "cpu" and _value_checks_on(pred):  # the C++ CPU kernel checks in its own pass
         kept = target != ignore_index if ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
+        note = f" (ignore_index = {ignore_index})" if ignore_index is not None else ""
         for t, name in ((target, "target"), (pred, "pred")):
             bad = kept & ((t < 0) | (t >= C))
             if bool(bad.any()):
-                raise ValueError(f"{name} holds ids outside [0, num_classes = {C})"
-                                 f"{' (ignore_index = %d)' % ignore_index if ignore_index is not None else ''}: "
+                raise ValueError(f"{name} holds ids outside [0, num_classes = {C}){note}: "
                                  f"{t[bad].unique()[:8].tolist()}")
     if backend == "torch":
         return reference.confusion_matrix(pred, target, C, ignore_index)
@@ -198,12 +198,12 @@ class ClassificationReport:
         total = int(self.support.sum())
         s = self.support.double()
         weighted = [float((x * s).sum() / total) if total else 0.0 for x in (self.precision, self.recall)]
+        macro = f"{self.macro_precision:9.4f} {self.macro_recall:9.4f} {self.macro_f1:9.4f} {self.miou:9.4f}"
+        weighted = f"{weighted[0]:9.4f} {weighted[1]:9.4f} {self.weighted_f1:9.4f} {'':9}"
         lines += ["",
                   f"{'accuracy':>{width}}  {'':9} {'':9} {self.accuracy:9.4f} {'':9} {total:9d}",
-                  f"{'macro avg':>{width}}  {self.macro_precision:9.4f} {self.macro_recall:9.4f} {self.macro_f1:9.4f} "
-                  f"{self.miou:9.4f} {total:9d}",
-                  f"{'weighted avg':>{width}}  {weighted[0]:9.4f} {weighted[1]:9.4f} {self.weighted_f1:9.4f} "
-                  f"{'':9} {total:9d}"]
+                  f"{'macro avg':>{width}}  {macro} {total:9d}",
+                  f"{'weighted avg':>{width}}  {weighted} {total:9d}"]
         return "\n".join(lines)
 
 

@@ -49,7 +49,7 @@ def _confusion_hist_kernel(pred_ptr, target_ptr, partial_ptr, N, C, ignore, tile
                            HAS_IGNORE: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     acc = tl.zeros([NB], tl.int64)
-    for k in range(0, tiles_per_prog):
+    for k in range(tiles_per_prog):
         offs = (pid * tiles_per_prog + k) * BLOCK + tl.arange(0, BLOCK)
         cell, ok = _cells(pred_ptr, target_ptr, offs, N, C, ignore, HAS_IGNORE)
         acc += tl.histogram(cell.to(tl.int32), NB, mask=ok).to(tl.int64)
@@ -66,7 +66,8 @@ def _confusion_atomic_kernel(pred_ptr, target_ptr, out_ptr, N, C, ignore, HAS_IG
 
 
 @triton_op("fastcascade::confusion_matrix_triton", mutates_args=())
-def confusion_matrix_triton(pred: Tensor, target: Tensor, num_classes: int, ignore_index: Optional[int]) -> Tensor:
+def confusion_matrix_triton(pred: Tensor, target: Tensor, num_classes: int,
+                            ignore_index: Optional[int]) -> Tensor:  # noqa: UP045 (torch's schema inference)
     for t, name in ((pred, "pred"), (target, "target")):
         if t.dtype not in _INDEX_DTYPES:
             raise RuntimeError(f"confusion_matrix_triton: {name} must be int32 or int64, got {t.dtype}")
