@@ -154,9 +154,10 @@ def tune_threshold(scores: torch.Tensor, labels: torch.Tensor, objective: str = 
                    grid: torch.Tensor | Sequence[float] | None = None) -> tuple[float, dict]:
     """The decision threshold of a binary stage, chosen on validation scores.
 
-    A row is predicted positive where score > threshold (strictly: fastcascade.route_threshold and the
-    cascade's Threshold rule decide the same way, so the returned metrics are what the cascade gets on
-    these rows). objective "f1" maximises F1; "precision" maximises precision among thresholds whose
+    A row is predicted positive where score > threshold, compared exactly in float64 (strictly, as
+    fastcascade.route_threshold and the cascade's Threshold rule decide: with scores = sigmoid of the
+    logits in float64, the returned metrics are what the cascade gets on these rows; fp32 scores can
+    round onto the threshold). objective "f1" maximises F1; "precision" maximises precision among thresholds whose
     recall is >= min_recall (required). min_recall also constrains "f1" when given. Ties go to the
     lowest threshold.
 

@@ -81,18 +81,26 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
     if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
         raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__}")
     backend = _ops.resolve_backend(backend, pred.device)
-    if _value_checks_on(pred):
+    if backend != "cpu" and _value_checks_on(pred):  # the C++ CPU kernel checks in its own pass
         kept = target != ignore_index if ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
+        note = f" (ignore_index = {ignore_index})" if ignore_index is not None else ""
         for t, name in ((target, "target"), (pred, "pred")):
             bad = kept & ((t < 0) | (t >= C))
             if bool(bad.any()):
-                raise ValueError(f"{name} holds ids outside [0, num_classes = {C})"
-                                 f"{' (ignore_index = %d)' % ignore_index if ignore_index is not None else ''}: "
+                raise ValueError(f"{name} holds ids outside [0, num_classes = {C}){note}: "
                                  f"{t[bad].unique()[:8].tolist()}")
     if backend == "torch":
         return reference.confusion_matrix(pred, target, C, ignore_index)
     pred, target = (t if t.dtype in (torch.int32, torch.int64) else t.to(torch.int32) for t in (pred, target))
-    return _ops.metrics_op("confusion_matrix", backend)(pred, target, C, ignore_index)
+    op = _ops.metrics_op("confusion_matrix", backend)
+    if backend != "cpu" or torch.compiler.is_compiling():
+        return op(pred, target, C, ignore_index)
+    try:
+        return op(pred, target, C, ignore_index)
+    except RuntimeError as e:  # ids out of range, found by the kernel's single pass: the API's error type
+        if "outside [0, num_classes" in str(e):
+            raise ValueError(str(e)) from None
+        raise
 
 
 def _div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
@@ -190,12 +198,12 @@ class ClassificationReport:
         total = int(self.support.sum())
         s = self.support.double()
         weighted = [float((x * s).sum() / total) if total else 0.0 for x in (self.precision, self.recall)]
+        macro = f"{self.macro_precision:9.4f} {self.macro_recall:9.4f} {self.macro_f1:9.4f} {self.miou:9.4f}"
+        weighted = f"{weighted[0]:9.4f} {weighted[1]:9.4f} {self.weighted_f1:9.4f} {'':9}"
         lines += ["",
                   f"{'accuracy':>{width}}  {'':9} {'':9} {self.accuracy:9.4f} {'':9} {total:9d}",
-                  f"{'macro avg':>{width}}  {self.macro_precision:9.4f} {self.macro_recall:9.4f} {self.macro_f1:9.4f} "
-                  f"{self.miou:9.4f} {total:9d}",
-                  f"{'weighted avg':>{width}}  {weighted[0]:9.4f} {weighted[1]:9.4f} {self.weighted_f1:9.4f} "
-                  f"{'':9} {total:9d}"]
+                  f"{'macro avg':>{width}}  {macro} {total:9d}",
+                  f"{'weighted avg':>{width}}  {weighted} {total:9d}"]
         return "\n".join(lines)
 
 

@@ -2,7 +2,8 @@
 
 Importing this subpackage defines the ops
 ``torch.ops.fastcascade.sigmoid_focal_triton`` and
-``torch.ops.fastcascade.softmax_focal_triton``.
+``torch.ops.fastcascade.softmax_focal_triton``, and the routing, adapter and metrics twins
+(``*_triton``: same schemas as the C++ ops).
 """
 
 from .adapter import pooled_adapter_backward_triton, pooled_adapter_triton

@@ -36,7 +36,10 @@ def test_fit_temperature_recovers_a_known_temperature(C, t_true):
 def test_fitted_temperature_minimises_the_nll():
     logits, labels = _synthetic(seeded("nll"), 5000, 4, 1.7)
     t = fc.fit_temperature(logits, labels)
-    nll = lambda s: float(F.cross_entropy(logits / s, labels))  # noqa: E731
+
+    def nll(s):
+        return float(F.cross_entropy(logits / s, labels))
+
     assert nll(t) <= min(nll(t * 0.98), nll(t * 1.02), nll(1.0))
 
 
