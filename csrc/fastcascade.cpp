@@ -56,6 +56,11 @@ TORCH_LIBRARY(fastcascade, m) {
   // (fp64 for fp64 input) when need_probs, else (0, C).
   m.def("vote(Tensor member_logits, int mode, bool need_probs) -> (Tensor labels, Tensor probs)");
 
+  // ---- metrics (issue 5) -------------------------------------------------------------------------
+  // int64 (C, C) counts of (target, pred) pairs, rows = target, columns = prediction (scikit-learn's
+  // convention); pred and target int32/int64 of one shape (flattened). Elements whose target equals
+  // ignore_index are skipped. Ids outside [0, C): CPU raises; CUDA skips them (no sync).
+  m.def("confusion_matrix(Tensor pred, Tensor target, int num_classes, int? ignore_index) -> Tensor");
   // ---- dice focal (issue 6) ----------------------------------------------------------------------
   // Dice + softmax focal on logits (B, C, S), target int64 (B, S). One pass computes the loss (logits
   // dtype) and the sums the backward needs, in fp32 (fp64 for fp64 logits): per image b and class c

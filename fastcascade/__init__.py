@@ -14,6 +14,7 @@ from .adapters import (
     param_groups,
     trainable_parameters,
 )
+from .calibration import TemperatureScaler, expected_calibration_error, fit_temperature, tune_threshold
 from .cascade import Argmax, Cascade, CascadeOutput, Confident, Ensemble, Leaf, Stage, Threshold
 from .losses import (
     ClassBalancedFocalLoss,
@@ -24,6 +25,7 @@ from .losses import (
     sigmoid_focal_loss,
     softmax_focal_loss,
 )
+from .metrics import ClassificationReport, EvaluationReport, classification_report, confusion_matrix
 from .losses import DiceFocalLoss, dice_focal_loss
 from .routing import (
     Partition,
@@ -35,6 +37,7 @@ from .routing import (
     scatter_rows,
     vote,
 )
+from .train import evaluate, fit, load_checkpoint, save_checkpoint
 
 __version__ = "0.1.0"
 
@@ -72,6 +75,18 @@ __all__ = [
     "Leaf",
     "Stage",
     "Threshold",
+    "ClassificationReport",
+    "EvaluationReport",
+    "classification_report",
+    "confusion_matrix",
+    "TemperatureScaler",
+    "expected_calibration_error",
+    "fit_temperature",
+    "tune_threshold",
+    "evaluate",
+    "fit",
+    "load_checkpoint",
+    "save_checkpoint",
     "DiceFocalLoss",
     "dice_focal_loss",
 ]

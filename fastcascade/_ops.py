@@ -56,13 +56,14 @@ def load_triton_ops() -> None:
     global _triton_ops_loaded
     if _triton_ops_loaded:
         return
-    from .kernels import adapter, dice_focal, focal, pixel_adapter, routing  # noqa: F401
+    from .kernels import adapter, dice_focal, focal, metrics, pixel_adapter, routing  # noqa: F401
 
     for qualname, fake, reduction_arg, need_grad_arg, n_inputs, unsqueeze_none in _FOCAL_OPS:
         _register(qualname + "_triton", fake, reduction_arg, need_grad_arg, n_inputs, unsqueeze_none)
     _register_pooled_adapter("_triton")
     _register_pixel_adapter("_triton")
     _register_routing("_triton")
+    _register_metrics("_triton")
     _register_dice_focal("_triton")
     _triton_ops_loaded = True
 
@@ -324,6 +325,31 @@ def routing_op(name: str, backend: str):
 
 
 _register_routing("")
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics (issue 5): confusion matrix
+
+
+def _confusion_matrix_fake(pred, target, num_classes, ignore_index):
+    return pred.new_empty((num_classes, num_classes), dtype=torch.int64)
+
+
+def _register_metrics(suffix: str):
+    """Fake kernels of the metrics ops; integer outputs, so no autograd."""
+    torch.library.register_fake(f"fastcascade::confusion_matrix{suffix}")(_confusion_matrix_fake)
+
+
+def metrics_op(name: str, backend: str):
+    """The registered metrics op: C++ (CPU or CUDA dispatch) or its Triton twin."""
+    if backend == "triton":
+        load_triton_ops()
+        return getattr(torch.ops.fastcascade, f"{name}_triton")
+    return getattr(torch.ops.fastcascade, name)
+
+
+_register_metrics("")
+
 
 # ---------------------------------------------------------------------------------------------
 # dice focal (issue 6): the forward returns the loss and the sums the backward needs; the backward is

@@ -357,6 +357,25 @@ def cascade_dense(cascade, x: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
+# metrics (issue 5)
+
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int | None = None):
+    """int64 (C, C) counts: cm[t, p] = #{i : target_i = t, pred_i = p}, rows = target, columns =
+    prediction (scikit-learn's convention); pred and target of one shape, flattened. Elements whose
+    target equals ignore_index count nowhere, and so (on the device backends) do elements with an id
+    outside [0, C)."""
+    C = num_classes
+    t, p = target.reshape(-1).to(torch.int64), pred.reshape(-1).to(torch.int64)
+    keep = (t >= 0) & (t < C) & (p >= 0) & (p < C)
+    if ignore_index is not None:
+        keep &= t != ignore_index
+    cell = torch.where(keep, t * C + p, torch.full_like(t, C * C))  # static shapes: compiles without a break
+    counts = torch.zeros(C * C + 1, dtype=torch.int64, device=t.device).scatter_add_(0, cell, torch.ones_like(cell))
+    return counts[: C * C].view(C, C)
+
+
+# ---------------------------------------------------------------------------------------------
 # dice focal (issue 6): Dice + softmax focal for segmentation
 
 

@@ -2,12 +2,14 @@
 
 Importing this subpackage defines the ops
 ``torch.ops.fastcascade.sigmoid_focal_triton`` and
-``torch.ops.fastcascade.softmax_focal_triton``.
+``torch.ops.fastcascade.softmax_focal_triton``, and the routing, adapter and metrics twins
+(``*_triton``: same schemas as the C++ ops).
 """
 
 from .adapter import pooled_adapter_backward_triton, pooled_adapter_triton
 from .dice_focal import dice_focal_backward_triton, dice_focal_triton
 from .focal import sigmoid_focal_triton, softmax_focal_triton
+from .metrics import confusion_matrix_triton
 from .routing import (
     gather_rows_triton,
     partition_triton,
@@ -32,4 +34,5 @@ __all__ = [
     "route_threshold_triton",
     "scatter_rows_triton",
     "vote_triton",
+    "confusion_matrix_triton",
 ]

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The main job: environment and build (scripts/setup_env.sh), then `python -m fastcascade demo`, which
+# trains and evaluates the AV1 partition cascade on the embedded dataset. Extra arguments go to the demo
+# (--quick, --device cuda, --epochs N, --out DIR, ...; see --help); relative paths are from where you call it.
+set -euo pipefail
+here=$PWD
+. "$(dirname "$0")/setup_env.sh"
+cd "$here"
+# Import the installed build (with fastcascade._C), not ./fastcascade when called from the source tree:
+# drop the current directory from sys.path (python -P / PYTHONSAFEPATH need Python >= 3.11).
+python -c 'import runpy, sys; sys.path.pop(0); runpy.run_module("fastcascade", run_name="__main__", alter_sys=True)' \
+    demo "$@"

@@ -1,0 +1,489 @@
+"""fastcascade.train (fit, checkpoints, evaluate, DDP) and the demo, `python -m fastcascade demo`."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Subset, TensorDataset
+
+import fastcascade as fc
+import fastcascade.data as fd
+from fastcascade import train as T
+from fastcascade.metrics import confusion_matrix
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # tiny models: intra-op threads only add overhead (and contention on a shared CI machine)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _linear_task(n=1200, seed=0, classes=3):
+    """An easy synthetic task: the class is a linear function of the inputs, plus a little noise."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g)
+    w = torch.randn(8, classes, generator=g)
+    y = (x @ w + 0.1 * torch.randn(n, classes, generator=g)).argmax(1)
+    cut = n * 3 // 4
+    return TensorDataset(x[:cut], y[:cut]), TensorDataset(x[cut:], y[cut:])
+
+
+def _mlp(seed=0, classes=3, dropout=0.1):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(dropout), nn.Linear(32, classes))
+
+
+class TinyCNN(nn.Module):
+    def __init__(self, k, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU())
+        self.layer1 = nn.Sequential(nn.Conv2d(8, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU())
+        self.fc = nn.Linear(8 * 4, k)
+
+    def forward(self, x):
+        return self.fc(nn.functional.adaptive_avg_pool2d(self.layer1(self.stem(x)), 2).flatten(1))
+
+
+@pytest.fixture(scope="module")
+def blocks():
+    """A small slice of the embedded dataset (train and val images stay apart)."""
+    train, val = fd.load_partition_dataset("train"), fd.load_partition_dataset("val")
+    g = torch.Generator().manual_seed(0)
+    return (Subset(train, torch.randperm(len(train), generator=g)[:800].tolist()),
+            Subset(val, torch.randperm(len(val), generator=g)[:400].tolist()))
+
+
+def _files(d: pathlib.Path):
+    return sorted(p.name for p in d.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+
+
+class HiddenState(nn.Module):
+    """A buffer that forward reads but state_dict leaves out: a reload cannot reproduce the model."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+        self.register_buffer("shift", torch.zeros(2), persistent=False)
+
+    def forward(self, x):
+        return self.lin(x) + self.shift
+
+
+def test_save_checkpoint_round_trip(tmp_path):
+    model = _mlp()
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(5, 8)).sum().backward()
+    opt.step()
+    extra = {"note": "x", "t": torch.arange(3)}
+    path = T.save_checkpoint(tmp_path / "a.pt", model, opt, epoch=3, extra=extra, probe=torch.randn(4, 8))
+    assert _files(tmp_path) == ["a.pt"]
+    fresh = _mlp(seed=1)
+    fresh_opt = torch.optim.AdamW(fresh.parameters())
+    ckpt = T.load_checkpoint(path, fresh, fresh_opt)
+    assert ckpt["epoch"] == 3 and ckpt["extra"]["note"] == "x"
+    assert torch.equal(ckpt["extra"]["t"], torch.arange(3))
+    for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
+        assert torch.equal(a, b)
+    assert fresh_opt.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"]
+
+
+def test_save_checkpoint_refuses_state_outside_state_dict(tmp_path):
+    model = HiddenState()
+    model.shift.fill_(0.5)  # the in-memory model differs from anything rebuilt from the file
+    with pytest.raises(RuntimeError, match="shift"):
+        T.save_checkpoint(tmp_path / "m.pt", model, probe=torch.randn(3, 4))
+    assert _files(tmp_path) == []  # no checkpoint, no temporary file
+
+
+def test_save_checkpoint_probe_catches_a_reload_that_changes_outputs(tmp_path):
+    class SkipsBias(nn.Linear):
+        """load_state_dict that silently drops the bias: every tensor is in state_dict, but a reload
+        gives a zero bias, so only the outputs on the probe reveal it."""
+
+        def _load_from_state_dict(self, state_dict, prefix, *args):
+            state_dict = dict(state_dict)
+            super()._load_from_state_dict(state_dict, prefix, *args)
+            with torch.no_grad():
+                self.bias.zero_()
+
+    torch.manual_seed(0)
+    model = SkipsBias(4, 2)
+    with pytest.raises(RuntimeError, match="differ"):
+        T.save_checkpoint(tmp_path / "m.pt", model, probe=torch.randn(3, 4))
+    assert _files(tmp_path) == []
+
+
+def test_save_checkpoint_is_atomic(tmp_path):
+    path = tmp_path / "c.pt"
+    good = _mlp()
+    T.save_checkpoint(path, good, probe=torch.randn(2, 8))
+    before = path.read_bytes()
+    bad = HiddenState()
+    bad.shift.fill_(1.0)
+    with pytest.raises(RuntimeError):
+        T.save_checkpoint(path, bad, probe=torch.randn(2, 4))
+    with pytest.raises(Exception):  # torch.save itself fails half-way: not picklable
+        T.save_checkpoint(path, good, extra={"fn": lambda: 0})
+    assert path.read_bytes() == before  # the old checkpoint is untouched
+    assert _files(tmp_path) == ["c.pt"]
+
+
+def test_load_checkpoint_errors(tmp_path):
+    path = T.save_checkpoint(tmp_path / "m.pt", _mlp(), probe=torch.randn(2, 8))
+    with pytest.raises(ValueError, match=r"another architecture.*3\.weight \[3, 32\] vs \[4, 32\]"):
+        T.load_checkpoint(path, _mlp(classes=4))
+    other = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))  # no dropout: keys shift
+    with pytest.raises(ValueError, match=r"not in the checkpoint \(2\.weight, 2\.bias\)"):
+        T.load_checkpoint(path, other)
+    with pytest.raises(ValueError, match="no optimizer state"):
+        T.load_checkpoint(path, _mlp(), torch.optim.AdamW(_mlp().parameters()))
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        T.load_checkpoint(tmp_path / "missing.pt", _mlp())
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable"):
+        T.load_checkpoint(tmp_path / "garbage.pt", _mlp())
+    torch.save(_mlp().state_dict(), tmp_path / "plain.pt")
+    with pytest.raises(ValueError, match="not a fastcascade checkpoint"):
+        T.load_checkpoint(tmp_path / "plain.pt", _mlp())
+
+
+# ---------------------------------------------------------------------------------------------
+# fit
+
+
+def test_fit_learns_an_easy_task(tmp_path):
+    train, val = _linear_task()
+    model = _mlp()
+    history, best = T.fit(model, nn.functional.cross_entropy, train, val, 6, lr=1e-2, batch_size=64,
+                          out_dir=tmp_path, progress=False)
+    assert len(history) == 6
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    final = T.evaluate(model, val)
+    assert final.macro_f1 > 0.85  # chance is about 0.33
+    # the model ends with the best epoch's weights, and best.pt holds them
+    i = max(range(6), key=lambda k: history[k]["val"]["macro_f1"])
+    assert final.macro_f1 == history[i]["val"]["macro_f1"]
+    assert best == tmp_path / "best.pt" and T.load_checkpoint(best, _mlp(seed=5))["epoch"] == i + 1
+    assert set(_files(tmp_path)) == {"best.pt", "last.pt", "history.json"}
+    assert json.loads((tmp_path / "history.json").read_text())[-1]["epoch"] == 6
+    rec = history[0]
+    assert {"epoch", "train_loss", "val_loss", "lr", "val", "frozen", "seconds"} <= set(rec)
+    assert {"precision", "recall", "f1", "support"} <= set(rec["val"]["per_class"]["0"])
+
+
+def test_fit_is_deterministic_and_seeded():
+    train, val = _linear_task()
+    ce = nn.functional.cross_entropy
+    runs = [T.fit(_mlp(), ce, train, val, 2, batch_size=64, seed=s, progress=False)[0] for s in (0, 0, 1)]
+    assert [r["train_loss"] for r in runs[0]] == [r["train_loss"] for r in runs[1]]
+    assert [r["train_loss"] for r in runs[0]] != [r["train_loss"] for r in runs[2]]
+
+
+def test_resume_continues_exactly(tmp_path, blocks):
+    train, val = blocks
+    loss = fc.SoftmaxFocalLoss(gamma=2.0)
+
+    def run(out, epochs, resume=None):
+        model = TinyCNN(8)
+        return T.fit(model, loss, train, val, epochs, lr=3e-3, batch_size=64, sampler="class_balanced",
+                     augment=fd.RandomDihedral(seed=7), out_dir=out, checkpoint_every=1, progress=False,
+                     resume=resume, seed=3), model
+
+    (full, _), m_full = run(tmp_path / "a", 3)
+    (resumed, _), m_res = run(tmp_path / "b", 3, resume=tmp_path / "a" / "epoch-0001.pt")
+    assert len(resumed) == 3 and resumed[0] == full[0]  # the first epoch comes from the checkpoint
+    for k in (1, 2):
+        assert resumed[k]["train_loss"] == full[k]["train_loss"]  # bitwise
+        assert resumed[k]["val_loss"] == full[k]["val_loss"]
+        assert resumed[k]["val"]["confusion"] == full[k]["val"]["confusion"]
+    for a, b in zip(m_full.state_dict().values(), m_res.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="not written by fit"):
+        T.save_checkpoint(tmp_path / "plain.pt", TinyCNN(8))
+        T.fit(TinyCNN(8), loss, train, val, 2, resume=tmp_path / "plain.pt", progress=False)
+
+
+def test_early_stopping(tmp_path):
+    train, val = _linear_task()
+    # a learning rate too small to change any prediction: the monitored F1 never improves after epoch 1
+    history, best = T.fit(_mlp(dropout=0.0), nn.functional.cross_entropy, train, val, 10, lr=1e-12,
+                          patience=2, out_dir=tmp_path, progress=False)
+    assert len(history) == 3 and history[-1]["stopped_early"] and not history[0]["stopped_early"]
+    assert T.load_checkpoint(best, _mlp())["epoch"] == 1
+    history, _ = T.fit(_mlp(dropout=0.0), nn.functional.cross_entropy, train, val, 4, lr=1e-2, patience=None,
+                       monitor="val_loss", progress=False)
+    assert len(history) == 4
+
+
+def _seen_targets(sampler, seed=0, epochs=1):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2000, 8, generator=g)
+    y = (torch.rand(2000, generator=g) < 0.1).long()  # 10% minority
+    seen = []
+
+    def loss_fn(out, t):
+        if torch.is_grad_enabled():  # training steps only, not validation
+            seen.append(t.clone())
+        return nn.functional.cross_entropy(out, t)
+
+    T.fit(_mlp(classes=2), loss_fn, TensorDataset(x, y), TensorDataset(x[:100], y[:100]), epochs,
+          sampler=sampler, batch_size=250, seed=seed, progress=False)
+    return torch.cat(seen), y
+
+
+@pytest.mark.parametrize("sampler", ["class_balanced", "oversample"])
+def test_samplers_balance_classes(sampler):
+    seen, y = _seen_targets(sampler)
+    assert seen.numel() == y.numel()  # an epoch draws as many rows as the training set
+    assert abs(y.float().mean().item() - 0.1) < 0.03
+    frac = seen.float().mean().item()
+    # effective number (beta=0.9999) at 1800 / 200 rows weighs classes ~1.09 : 1.01; oversampling 1 : 1
+    assert 0.42 < frac < 0.58, frac
+    again, _ = _seen_targets(sampler)
+    other, _ = _seen_targets(sampler, seed=1)
+    assert torch.equal(seen, again) and not torch.equal(seen, other)
+
+
+def test_plain_shuffle_keeps_the_distribution():
+    seen, y = _seen_targets(None)
+    assert torch.equal(seen.sort().values, y.sort().values)  # each row exactly once
+
+
+def test_target_fn_drops_rows_that_do_not_reach_a_stage(blocks):
+    train, val = blocks
+    seen = []
+
+    def loss_fn(out, t):
+        if torch.is_grad_enabled():
+            seen.append(t.clone())
+        return fc.softmax_focal_loss(out, t)
+
+    history, _ = T.fit(TinyCNN(4), loss_fn, train, val, 1, target_fn=lambda y: fd.stage_targets(y)["ab"],
+                       progress=False, class_names=["HORZ_A", "HORZ_B", "VERT_A", "VERT_B"])
+    seen = torch.cat(seen)
+    ab_rows = (fd.stage_targets(train.dataset.labels[train.indices])["ab"] != fd.IGNORE_INDEX).sum()
+    assert seen.numel() == ab_rows and seen.min() >= 0 and seen.max() <= 3
+    val_ab = (fd.stage_targets(val.dataset.labels[val.indices])["ab"] != fd.IGNORE_INDEX).sum()
+    assert sum(sum(r) for r in history[0]["val"]["confusion"]) == val_ab
+
+
+def test_freeze_then_unfreeze(tmp_path, blocks):
+    train, val = blocks
+    model = TinyCNN(2)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    history, _ = T.fit(model, fc.SoftmaxFocalLoss(), train, val, 2, freeze_epochs=1, out_dir=tmp_path,
+                       checkpoint_every=1, monitor="val_loss",
+                       target_fn=lambda y: fd.stage_targets(y)["rect"],
+                       param_groups={"head": 1e-2, "backbone": 1e-2}, progress=False)
+    assert [r["frozen"] for r in history] == [True, False]
+    assert set(history[0]["lr"]) == {"head", "backbone"}
+    after1 = T.load_checkpoint(tmp_path / "epoch-0001.pt", TinyCNN(2))["model"]
+    for k in start:
+        frozen_bn = k.startswith(("stem", "layer1"))
+        # the backbone (BatchNorm statistics too) is held in epoch 1, the head trains
+        assert torch.equal(after1[k], start[k]) == frozen_bn, k
+    after2 = T.load_checkpoint(tmp_path / "epoch-0002.pt", TinyCNN(2))["model"]
+    assert not torch.equal(after2["stem.0.weight"], start["stem.0.weight"])
+    assert all(p.requires_grad for p in model.parameters())  # the flags the model came with
+
+
+def test_fit_bf16_autocast_and_clipping():
+    train, val = _linear_task(400)
+    history, _ = T.fit(_mlp(), nn.functional.cross_entropy, train, val, 2, amp_dtype=torch.bfloat16,
+                       grad_clip=0.5, schedule="onecycle", progress=False)
+    assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in history)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"schedule": "linear"}, "schedule"), ({"sampler": "balanced"}, "sampler"),
+    ({"monitor": "f1"}, "monitor"),
+    ({"patience": 0}, "patience"), ({"batch_size": 0}, "batch_size"), ({"lr": -1.0}, "lr"),
+    ({"amp_dtype": torch.int8}, "amp_dtype"), ({"amp_dtype": torch.float16}, "GradScaler"),
+    ({"grad_clip": 0.0}, "grad_clip"),
+    ({"param_groups": [1, 2]}, "param_groups"),
+    ({"target_fn": lambda y: torch.full_like(y, -100)}, "no rows"),
+])
+def test_fit_bad_arguments(kw, match):
+    train, val = _linear_task(200)
+    with pytest.raises((ValueError, TypeError), match=match):
+        T.fit(_mlp(), nn.functional.cross_entropy, train, val, 1, progress=False, **kw)
+    with pytest.raises(ValueError, match="epochs"):
+        T.fit(_mlp(), nn.functional.cross_entropy, train, val, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate
+
+
+def test_evaluate_model_and_cascade(blocks):
+    _, val = blocks
+    x = torch.stack([val[i][0] for i in range(len(val))])
+    y = torch.stack([val[i][1] for i in range(len(val))])
+    s1, s2, rect = TinyCNN(1, 0), TinyCNN(3, 1), TinyCNN(2, 2)
+    ab = [TinyCNN(4, 3 + k) for k in range(3)]
+    cascade = fc.Cascade.av1_partition(s1, s2, rect, ab, threshold=0.4).eval()
+    rep = T.evaluate(cascade, val, class_names=list(fd.LABEL_NAMES[:8]), batch_size=128)
+    assert isinstance(rep, fc.EvaluationReport)
+    assert torch.equal(rep.final.confusion, confusion_matrix(cascade.predict(x), y, 8))
+    ref = cascade.evaluate(x, y)
+    assert rep.reached == ref["reached"] and rep.reached["stage1"] == 1.0
+    for name in ("stage1", "stage2", "rect", "ab"):
+        assert torch.equal(rep.stages[name].confusion, ref["confusion"][name])
+    assert rep.stages["stage2"].class_names == ("SPLIT", "RECT", "AB")
+    json.dumps(rep.to_dict())
+    assert "stage rect: reached" in str(rep)
+    static = T.evaluate(cascade, (x, y), mode="static", class_names=list(fd.LABEL_NAMES[:8]))
+    assert static.to_dict() == rep.to_dict()
+    # a single stage, on the rows that reach it
+    r = T.evaluate(rect, val, target_fn=lambda t: fd.stage_targets(t)["rect"])
+    t = fd.stage_targets(y)["rect"]
+    keep = t != fd.IGNORE_INDEX
+    with torch.no_grad():
+        pred = rect.eval()(x[keep]).argmax(1)
+    assert torch.equal(r.confusion, confusion_matrix(pred, t[keep], 2))
+    with torch.no_grad():
+        bin_pred = (s1(x).reshape(-1) > 0).long()
+    assert torch.equal(T.evaluate(s1, (x, y), target_fn=lambda t: fd.stage_targets(t)["stage1"]).confusion,
+                       confusion_matrix(bin_pred, fd.stage_targets(y)["stage1"], 2))
+    with pytest.raises(TypeError, match="data"):
+        T.evaluate(rect, [1, 2, 3])
+
+
+# ---------------------------------------------------------------------------------------------
+# distributed: two CPU processes (gloo) under torchrun
+
+DDP_SCRIPT = textwrap.dedent("""
+    import json, os, sys, torch
+    from torch import nn
+    from torch.utils.data import TensorDataset
+    import torch.distributed as dist
+    from fastcascade import train as T
+
+    torch.set_num_threads(1)
+    out = sys.argv[1]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(900, 8, generator=g)
+    y = (x @ torch.randn(8, 3, generator=g)).argmax(1)
+    train, val = TensorDataset(x[:700], y[:700]), TensorDataset(x[700:], y[700:])
+    torch.manual_seed(int(os.environ["RANK"]))  # different initial weights: DDP must broadcast rank 0's
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    history, best = T.fit(model, nn.functional.cross_entropy, train, val, 2, lr=1e-2, batch_size=50,
+                          sampler=sys.argv[2] if sys.argv[2] != "none" else None, out_dir=out + "/ckpt",
+                          progress=False)
+    rank = dist.get_rank()
+    rep = T.evaluate(model, val)
+    json.dump({"world": dist.get_world_size(), "history": history, "best": str(best),
+               "weights": [p.tolist() for p in model.state_dict().values()], "single": rep.final.to_dict()},
+              open(f"{out}/rank{rank}.json", "w"))
+    dist.destroy_process_group()
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sampler", ["none", "oversample"])
+def test_fit_ddp_two_processes_agree(tmp_path, sampler):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                        str(script), str(tmp_path), sampler], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{k}.json").read_text()) for k in (0, 1))
+    assert r0["world"] == r1["world"] == 2
+    assert r0["weights"] == r1["weights"]  # identical final weights
+    same_but_time = [{**h, "seconds": r0["history"][i]["seconds"]} for i, h in enumerate(r1["history"])]
+    assert r0["history"] == same_but_time
+    # validation metrics are all-reduced: the sharded confusion sums to the full val set, and equal a
+    # single-process evaluation of the same (best) weights
+    best = max(r0["history"], key=lambda h: h["val"]["macro_f1"])
+    assert sum(map(sum, best["val"]["confusion"])) == 200
+    assert best["val"]["confusion"] == r0["single"]["confusion"]
+    assert r0["history"][-1]["train_loss"] < r0["history"][0]["train_loss"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["best.pt", "history.json", "last.pt"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the demo
+
+
+def _demo(args, cwd, timeout=600):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "fastcascade", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_demo_quick_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    r = _demo(["demo", "--quick", "--out", str(out), "--no-progress"], tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for text in ("== cascade, end to end", "fraction of val blocks reaching each stage", "blocks/s",
+                 "== flat 8-class model", "equal the dense oracle: True"):
+        assert text in r.stdout
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["config"]["quick"] and m["config"]["train_blocks"] == 4000 and m["config"]["val_blocks"] == 2000
+    final = m["cascade"]["final"]
+    assert final["class_names"] == list(fd.LABEL_NAMES[:8]) and sum(map(sum, final["confusion"])) == 2000
+    assert m["cascade"]["reached"]["stage1"] == 1.0
+    assert 0 < m["cascade"]["reached"]["stage2"] <= 1
+    reached = m["cascade"]["reached"]
+    assert reached["rect"] + reached["ab"] <= reached["stage2"]
+    assert 0 <= m["summary"]["cascade_macro_f1"] <= 1 and 0 <= m["summary"]["flat_macro_f1"] <= 1
+    assert m["summary"]["flat_training_rows"] >= 0.5 * m["summary"]["cascade_training_rows"]
+    assert set(m["throughput_blocks_per_s"]) == {"dynamic", "static", "dense", "flat"}
+    assert m["routing_matches_dense"] is True
+    assert 0 < m["stage1"]["threshold"] < 1 and m["stage1"]["temperature"] > 0
+    assert set(m["history"]) == {"stage1", "stage2", "rect", "ab1", "ab2", "ab3", "flat"}
+    for png in ("confusion_cascade.png", "confusion_flat.png", "learning_curves.png",
+                "confusion_stage_stage2.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for stage in ("stage1", "stage2", "rect", "ab1", "ab2", "ab3", "flat"):
+        assert (out / "checkpoints" / stage / "best.pt").is_file()
+    assert _files(tmp_path) == ["run"]  # no partial folder left next to it
+
+
+def test_demo_bad_input(tmp_path, capsys):
+    from fastcascade.__main__ import main
+
+    r = _demo(["demo", "--quick", "--epochz", "3"], tmp_path)  # the real command line, once
+    assert r.returncode == 2 and "unrecognized arguments: --epochz" in r.stderr
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--epochs", "0"])
+    assert e.value.code == 2 and "argument --epochs: expected an int >= 1, got 0" in capsys.readouterr().err
+
+    def fails(args, message):
+        assert main(["demo", "--quick", "--no-progress", *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err, err
+
+    o = ["--out", str(tmp_path / "o")]
+    fails(["--data", str(tmp_path / "nowhere"), *o], "nowhere: no such file")
+    (tmp_path / "bad" / "16x16").mkdir(parents=True)
+    (tmp_path / "bad" / "16x16" / "train.pt").write_bytes(b"garbage")
+    fails(["--data", str(tmp_path / "bad"), *o], "train.pt: could not be read")
+    zeros = torch.zeros(4, 1, 16, 16, dtype=torch.uint8)
+    fd.save_block_dataset(tmp_path / "lab" / "16x16" / "train.pt", zeros, torch.tensor([0, 1, 9, 2]))
+    fd.save_block_dataset(tmp_path / "lab" / "16x16" / "val.pt", zeros, torch.tensor([0, 1, 2, 3]))
+    fails(["--data", str(tmp_path / "lab"), *o], "'labels' must be in [0, 8)")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("x")
+    fails(["--out", str(tmp_path / "full")], "not empty")
+    if not torch.cuda.is_available():
+        fails(["--device", "cuda", *o], "--device cuda: no CUDA device is visible")
+    assert sorted(_files(tmp_path)) == ["bad", "full", "lab"]  # nothing written for any failed run
+    assert _files(tmp_path / "full") == ["keep.txt"]
