@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import routing
+from . import metrics, routing
 
 __all__ = ["AV1_PARTITION_NAMES", "Argmax", "Cascade", "CascadeOutput", "Confident", "Ensemble", "Leaf", "Stage",
            "Threshold"]
@@ -486,10 +486,8 @@ class Cascade(nn.Module):
                 # confusion of the decisions the node made in the cascade
                 sel = reached & under
                 dec = self._decisions_in_cascade(node, out, sel, x)
-                cm = torch.zeros((k, k), dtype=torch.int64)
-                if sel.any():
-                    cm.index_put_((t[sel].cpu(), dec.cpu()), torch.ones_like(dec.cpu()), accumulate=True)
-                report["confusion"][node.name] = cm
+                report["confusion"][node.name] = metrics.confusion_matrix(dec, t[sel], k,
+                                                                          backend=self.backend).cpu()
         return report
 
     def _decisions_in_cascade(self, node, out: CascadeOutput, sel: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
