@@ -95,7 +95,8 @@ AV1_TTA_LABEL_MAPS: dict[str, torch.Tensor] = {name: tta_label_map(name) for nam
 # reports
 
 
-def segmentation_report(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int | None = None,
+def segmentation_report(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
+                        ignore_index: int | None = None,
                         class_names: Sequence[str] | None = None) -> ClassificationReport:
     """mIoU and per-class IoU / Dice / precision / recall of a segmentation (fastcascade.confusion_matrix).
 
@@ -108,11 +109,13 @@ def segmentation_report(pred: torch.Tensor, target: torch.Tensor, num_classes: i
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
     if pred.is_floating_point():
-        if pred.dim() != target.dim() + 1 or pred.shape[0] != target.shape[0] or pred.shape[2:] != target.shape[1:]:
-            raise ValueError(f"pred: scores must be (B, K, H, W) for target (B, H, W), got {tuple(pred.shape)} and "
-                             f"target {tuple(target.shape)}")
+        if (pred.dim() != target.dim() + 1 or pred.shape[0] != target.shape[0]
+                or pred.shape[2:] != target.shape[1:]):
+            raise ValueError("pred: scores must be (B, K, H, W) for target (B, H, W), got "
+                             f"{tuple(pred.shape)} and target {tuple(target.shape)}")
         if pred.shape[1] != num_classes:
-            raise ValueError(f"pred: expected {num_classes} score channels (num_classes), got {pred.shape[1]}")
+            raise ValueError(f"pred: expected {num_classes} score channels (num_classes), "
+                             f"got {pred.shape[1]}")
         pred = pred.argmax(1)
     return classification_report(pred, target, num_classes, class_names, ignore_index)
 
@@ -122,22 +125,20 @@ def segmentation_report(pred: torch.Tensor, target: torch.Tensor, num_classes: i
 
 
 def _check_label_maps(label_maps, transforms, k: int) -> dict[str, torch.Tensor]:
-    if not isinstance(label_maps, Mapping):
-        raise TypeError(f"label_maps must be a dict transform -> (K,) label map, got {type(label_maps).__name__}")
     maps = {}
     for name in transforms:
         if name not in label_maps:
             raise ValueError(f"label_maps: no map for transform {name!r} (has {sorted(label_maps)})")
         m = torch.as_tensor(label_maps[name])
         if m.dtype != torch.int64 or m.dim() != 1 or m.numel() < k:
-            raise ValueError(f"label_maps[{name!r}]: expected an int64 (K,) map with K >= {k} (the model's classes), "
-                             f"got {m.dtype} {tuple(m.shape)}")
+            raise ValueError(f"label_maps[{name!r}]: expected an int64 (K,) map with K >= {k} (the model's "
+                             f"classes), got {m.dtype} {tuple(m.shape)}")
         m = m[:k]
         # A model with fewer classes than the table (e.g. 8 main AV1 classes of 10) keeps a prefix: it must
         # still be a permutation of range(k), or probabilities would leave the model's classes.
         if not torch.equal(m.sort().values, torch.arange(k)):
-            raise ValueError(f"label_maps[{name!r}]: its first {k} entries must be a permutation of range({k}), "
-                             f"got {m.tolist()}")
+            raise ValueError(f"label_maps[{name!r}]: its first {k} entries must be a permutation of "
+                             f"range({k}), got {m.tolist()}")
         maps[name] = m
     return maps
 
@@ -174,7 +175,8 @@ def tta_predict(model, x: torch.Tensor, transforms: Sequence[str] = ("identity",
         raise ValueError(f"activation must be 'softmax', 'sigmoid' or 'none', got {activation!r}")
     if task == "classification" and label_maps is not None:
         if not isinstance(label_maps, Mapping):
-            raise TypeError(f"label_maps must be a dict transform -> (K,) label map, got {type(label_maps).__name__}")
+            raise TypeError("label_maps must be a dict transform -> (K,) label map, got "
+                            f"{type(label_maps).__name__}")
         missing = [t for t in transforms if t not in label_maps]
         if missing:  # before running the model; the maps themselves are checked once K is known
             raise ValueError(f"label_maps: no map for transform {missing[0]!r} (has {sorted(label_maps)})")
@@ -191,7 +193,8 @@ def tta_predict(model, x: torch.Tensor, transforms: Sequence[str] = ("identity",
                 out = out.sigmoid()
             if task == "segmentation":
                 if out.dim() != 4:
-                    raise ValueError(f"model: segmentation outputs must be (B, K, H, W), got {tuple(out.shape)}")
+                    raise ValueError("model: segmentation outputs must be (B, K, H, W), got "
+                                     f"{tuple(out.shape)}")
                 out = tta_inverse(out, name)
                 if out.shape[0] != x.shape[0] or out.shape[2:] != x.shape[2:]:
                     raise ValueError(f"model: output {tuple(out.shape)} does not map back onto x's "
@@ -224,7 +227,8 @@ def _labels_arg(t, name: str, n: int) -> torch.Tensor:
     return t.long()
 
 
-def kfold_splits(n_or_groups, k: int = 3, seed: int = 0, stratify=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def kfold_splits(n_or_groups, k: int = 3, seed: int = 0,
+                 stratify=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """k folds as a list of (train_idx, val_idx) sorted int64 tensors; each sample is in exactly one val_idx.
 
     n_or_groups: the number of samples n, or a (n,) sequence of group ids (e.g. the source image of each
@@ -280,7 +284,8 @@ def kfold_splits(n_or_groups, k: int = 3, seed: int = 0, stratify=None) -> list[
         group_fold = torch.empty(g, dtype=torch.int64)
         total = gc.sum(0).clamp(min=1)
         for gi in order.tolist():
-            trial = counts.unsqueeze(0) + torch.eye(k, dtype=torch.float64).unsqueeze(2) * gc[gi]   # (k, k, c)
+            # trial[f]: the (k, c) counts if this group went to fold f.
+            trial = counts.unsqueeze(0) + torch.eye(k, dtype=torch.float64).unsqueeze(2) * gc[gi]
             # Spread of each class's share across folds (stratification), then of fold sizes.
             spread = (trial / total).std(1, unbiased=False).mean(1) if y is not None else torch.zeros(k)
             size = trial.sum(2).std(1, unbiased=False)
@@ -352,7 +357,8 @@ def class_weights_from_pixel_counts(counts, method: str = "inverse_frequency", b
         raise ValueError(f"method must be one of {_WEIGHT_METHODS}, got {method!r}")
     c = torch.as_tensor(counts)
     if c.is_complex() or c.dtype == torch.bool or c.dim() not in (1, 2) or c.shape[-1] == 0:
-        raise ValueError(f"counts: expected (C,) or (N, C) non-negative pixel counts, got {c.dtype} {tuple(c.shape)}")
+        raise ValueError(f"counts: expected (C,) or (N, C) non-negative pixel counts, got {c.dtype} "
+                         f"{tuple(c.shape)}")
     c = c.to(torch.float64)
     if bool((c < 0).any()) or not bool(torch.isfinite(c).all()):
         raise ValueError("counts: expected finite counts >= 0")

@@ -20,7 +20,8 @@ ALL_TRANSFORMS = tuple(fc.TTA_TRANSFORMS)
 def test_segmentation_report_matches_counting_by_hand():
     g = seeded("report")
     target = torch.randint(0, 4, (3, 9, 7), generator=g)
-    pred = torch.where(torch.rand(3, 9, 7, generator=g) < 0.7, target, torch.randint(0, 4, (3, 9, 7), generator=g))
+    noise = torch.randint(0, 4, (3, 9, 7), generator=g)
+    pred = torch.where(torch.rand(3, 9, 7, generator=g) < 0.7, target, noise)
     target[0, 0, :3] = 255
     rep = fc.segmentation_report(pred, target, 4, ignore_index=255, class_names=["a", "b", "c", "d"])
     keep = target != 255
@@ -103,7 +104,8 @@ def test_tta_non_square_rot90_and_averaging():
     probs = fc.tta_predict(conv, x)
     assert probs.shape == (2, 2, 4, 6)
     with torch.no_grad():
-        each = [fc.tta_inverse(conv(fc.tta_transform(x, n)).softmax(1), n) for n in ("identity", "hflip", "vflip", "rot90")]
+        each = [fc.tta_inverse(conv(fc.tta_transform(x, n)).softmax(1), n)
+                for n in ("identity", "hflip", "vflip", "rot90")]
     torch.testing.assert_close(probs, torch.stack(each).mean(0))
     assert not torch.allclose(probs, each[0])
 
@@ -155,7 +157,7 @@ def test_classification_tta_with_av1_label_maps():
     labels = torch.arange(NUM_CLASSES)
     # Each sub-block a distinct random level so the oracle sees only the geometry.
     g = seeded("oracle")
-    blocks = torch.stack([_block_of(int(lb)) * 10 + torch.rand((), generator=g) for lb in labels]).unsqueeze(1)
+    blocks = torch.stack([_block_of(int(lb)) * 10 + torch.rand((), generator=g) for lb in labels])[:, None]
     oracle = PartitionOracle()
     plain = oracle(blocks).softmax(1)
     probs = fc.tta_predict(oracle, blocks, transforms=ALL_TRANSFORMS, task="classification",
@@ -271,7 +273,8 @@ def test_kfold_bad_input():
 def test_pixel_class_counts():
     masks = torch.tensor([[[0, 0, 1], [2, 255, 1]], [[1, 1, 1], [1, 0, 255]]])
     assert fc.pixel_class_counts(masks, 4, ignore_index=255).tolist() == [3, 6, 1, 0]
-    assert fc.pixel_class_counts(masks, 4, ignore_index=255, per_image=True).tolist() == [[2, 2, 1, 0], [1, 4, 0, 0]]
+    per_image = fc.pixel_class_counts(masks, 4, ignore_index=255, per_image=True)
+    assert per_image.tolist() == [[2, 2, 1, 0], [1, 4, 0, 0]]
     with pytest.raises(ValueError, match=r"masks hold ids outside \[0, num_classes = 4\).*\[255\]"):
         fc.pixel_class_counts(masks, 4)
     with pytest.raises(ValueError, match="masks must hold integer"):
