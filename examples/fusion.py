@@ -12,8 +12,9 @@ The frame encoder is timm efficientnet_b0 (pretrained=False: random frozen weigh
 statistics recalibrated on training frames, a stand-in for a pretrained one) with
 fastcascade.add_adapters + fastcascade.freeze_backbone: only the adapters train in it. The audio
 branch computes torch.stft -> power -> mel filterbank (built here in torch) -> log. Training is a plain
-short loop (fastcascade.fit takes one input tensor per sample; this model takes three). Reports macro F1 (fastcascade.classification_report) on held-out events and per-event
-inference latency (batch of 1, median).
+short loop (fastcascade.fit takes one input tensor per sample; this model takes three). Reports macro
+F1 (fastcascade.classification_report) on held-out events and per-event inference latency (batch of 1,
+median).
 
     python examples/fusion.py --quick      # small sizes, 4 epochs, ~30 s on one CPU thread
     python examples/fusion.py
