@@ -38,6 +38,18 @@ from .routing import (
     vote,
 )
 from .train import evaluate, fit, load_checkpoint, save_checkpoint
+from .segmentation import (
+    AV1_TTA_LABEL_MAPS,
+    TTA_TRANSFORMS,
+    class_weights_from_pixel_counts,
+    kfold_splits,
+    pixel_class_counts,
+    segmentation_report,
+    tta_inverse,
+    tta_label_map,
+    tta_predict,
+    tta_transform,
+)
 
 __version__ = "0.1.0"
 
@@ -89,4 +101,14 @@ __all__ = [
     "save_checkpoint",
     "DiceFocalLoss",
     "dice_focal_loss",
+    "AV1_TTA_LABEL_MAPS",
+    "TTA_TRANSFORMS",
+    "class_weights_from_pixel_counts",
+    "kfold_splits",
+    "pixel_class_counts",
+    "segmentation_report",
+    "tta_inverse",
+    "tta_label_map",
+    "tta_predict",
+    "tta_transform",
 ]
