@@ -24,17 +24,6 @@ constexpr int64_t kChunk = 1024;         // pixels per partial
 constexpr int kLanes = 16;
 constexpr int64_t kMaxLaneClasses = 64;  // wider pixels take the per-pixel path
 
-// Calls f(std::integral_constant<int, K>) with K = two_gamma_code(gamma) in [0, kMaxTwoGamma], else -1.
-template <int K = 0, typename F>
-FC_HD void with_two_gamma(int two_gamma, F&& f) {
-  if constexpr (K > kMaxTwoGamma) {
-    f(std::integral_constant<int, -1>{});
-  } else if (two_gamma == K) {
-    f(std::integral_constant<int, K>{});
-  } else {
-    with_two_gamma<K + 1>(two_gamma, f);
-  }
-}
 
 // Softmax of kLanes pixels, xb [C][kLanes]: pb gets p, ob gets 1 - p, lb gets log p, am the arg-max
 // (dice_focal_math.h's PixelSoftmax, lane by lane).

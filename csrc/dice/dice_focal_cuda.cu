@@ -12,6 +12,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "common/cuda_reduce.cuh"
 #include "common/checks.h"
 #include "dice/dice_focal_math.h"
 
@@ -22,21 +23,6 @@ constexpr int kMaxThreads = 256;
 constexpr int64_t kChunk = 4096;               // pixels per partial: fixed, so partials depend on the shape only
 constexpr int64_t kSharedBytes = 48 * 1024;    // per-thread class sums, without an opt-in carve-out
 
-// Sum over the block in a fixed order; valid in thread 0 (focal_cuda.cu's block_sum).
-template <typename acc_t>
-__device__ acc_t block_sum(acc_t v) {
-  __shared__ acc_t warp_sums[32];
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) warp_sums[warp] = v;
-  __syncthreads();
-  const int nwarps = (blockDim.x + 31) >> 5;
-  v = threadIdx.x < nwarps ? warp_sums[threadIdx.x] : acc_t(0);
-  if (warp == 0)
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-  __syncthreads();
-  return v;
-}
 
 // partials[(b * nchunk + chunk) * P + j], P = 2C + 2: [focal sum, normaliser, inter (C), card (C)].
 template <typename scalar_t>

@@ -35,18 +35,6 @@ FC_HD void sigmoid_focal_span(const float* x, const float* t, int64_t n, Sigmoid
   }
 }
 
-// Calls f(std::integral_constant<int, K>) with K = two_gamma_code(gamma) when that is in
-// [0, kMaxTwoGamma], else K = -1 (generic pow): one instantiation per common gamma.
-template <int K = 0, typename F>
-FC_HD void with_two_gamma(int two_gamma, F&& f) {
-  if constexpr (K > kMaxTwoGamma) {
-    f(std::integral_constant<int, -1>{});
-  } else if (two_gamma == K) {
-    f(std::integral_constant<int, K>{});
-  } else {
-    with_two_gamma<K + 1>(two_gamma, f);
-  }
-}
 
 FC_CPU_CLONES void sigmoid_focal_span_f32(const float* x, const float* t, int64_t n, SigmoidFocalParams<float> P,
                                           float* loss, float* grad, bool need_grad) {

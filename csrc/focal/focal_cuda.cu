@@ -9,6 +9,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "common/cuda_reduce.cuh"
 #include "common/checks.h"
 #include "focal/focal_math.h"
 
@@ -23,21 +24,6 @@ struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
 
-// Sum over the block in a fixed order; the result is valid in thread 0.
-template <typename acc_t>
-__device__ acc_t block_sum(acc_t v) {
-  __shared__ acc_t warp_sums[32];
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) warp_sums[warp] = v;
-  __syncthreads();
-  const int nwarps = (blockDim.x + 31) >> 5;
-  v = threadIdx.x < nwarps ? warp_sums[threadIdx.x] : acc_t(0);
-  if (warp == 0)
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-  __syncthreads();  // warp_sums may be reused by the next call
-  return v;
-}
 
 int grid_for(int64_t work_items) {
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;

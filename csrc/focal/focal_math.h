@@ -2,6 +2,8 @@
 // plainly). Written in log space and without m^(gamma-1), so saturated and infinite logits give no
 // NaN for any gamma >= 0.
 #pragma once
+#include <type_traits>
+
 #include "common/math.h"
 
 namespace fastcascade {
@@ -11,6 +13,19 @@ constexpr int kMaxTwoGamma = 10;
 inline int two_gamma_code(double gamma) {
   const double g2 = 2.0 * gamma;
   return (g2 >= 0.0 && g2 <= kMaxTwoGamma && g2 == double(int(g2))) ? int(g2) : -1;
+}
+
+// Calls f(std::integral_constant<int, K>) with K = two_gamma (a two_gamma_code) when that is in
+// [0, kMaxTwoGamma], else K = -1 (generic pow): one instantiation per common gamma.
+template <int K = 0, typename F>
+FC_HD void with_two_gamma(int two_gamma, F&& f) {
+  if constexpr (K > kMaxTwoGamma) {
+    f(std::integral_constant<int, -1>{});
+  } else if (two_gamma == K) {
+    f(std::integral_constant<int, K>{});
+  } else {
+    with_two_gamma<K + 1>(two_gamma, f);
+  }
 }
 
 template <typename T>
