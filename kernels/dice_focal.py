@@ -22,7 +22,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from .focal import _FLOAT_DTYPES, _log1p_01, _softmax_terms, _split_float
+from .focal import _FLOAT_DTYPES, _precise_softmax, _softmax_terms, _split_float
 
 __all__ = ["dice_focal_triton", "dice_focal_backward_triton"]
 
@@ -49,16 +49,7 @@ def _pixel_tile(x_ptr, t_ptr, w_ptr, pid, C, S, n_sblk, ignore_index, gamma,
 
     x = tl.load(x_ptr + offs, mask=mask2, other=0).to(CT)
     x = tl.where(cmask[None, :], x, float("-inf"))
-    # log-sum-exp without the arg-max term, so a confident class keeps log p and 1 - p precise
-    mx, am = tl.max(x, axis=1, return_indices=True, return_indices_tie_break_left=True)
-    is_am = cols[None, :] == am[:, None]
-    xm = x - mx[:, None]
-    ex = tl.exp(xm)
-    ssum = tl.sum(tl.where(is_am, 0.0, ex), axis=1)
-    inv = 1.0 / (1.0 + ssum)
-    lp = xm - _log1p_01(ssum)[:, None]
-    p = tl.where(is_am, inv[:, None], ex * inv[:, None])
-    om = tl.where(is_am, (ssum * inv)[:, None], 1.0 - p)
+    is_am, lp, p, om, inv = _precise_softmax(x, cols)  # focal.py's: log p and 1 - p stay precise
     if HAS_W:
         w = tl.load(w_ptr + cols, mask=cmask, other=0).to(CT)
         wt = tl.load(w_ptr + tl.where(valid, t, 0), mask=rmask & valid, other=0).to(CT)

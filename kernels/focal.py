@@ -65,6 +65,24 @@ def _log1p_01(e):
 
 
 @triton.jit
+def _precise_softmax(x, cols):
+    """Softmax over the rows of x (rows, BLOCK_C; -inf in padded columns): (is_am, log p, p, 1 - p,
+    1 / (1 + s)). log-sum-exp = mx + log1p(s), s summing exp(x - mx) over c != argmax: the arg-max term
+    (exactly 1) stays out of the sum, so log p and 1 - p of a confident class keep their relative
+    precision; only the arg-max class can have p > 1/2, and its 1 - p is s / (1 + s)."""
+    mx, am = tl.max(x, axis=1, return_indices=True, return_indices_tie_break_left=True)
+    is_am = cols[None, :] == am[:, None]
+    xm = x - mx[:, None]
+    ex = tl.exp(xm)
+    s = tl.sum(tl.where(is_am, 0.0, ex), axis=1)
+    inv = 1.0 / (1.0 + s)
+    lp = xm - _log1p_01(s)[:, None]
+    p = tl.where(is_am, inv[:, None], ex * inv[:, None])
+    om = tl.where(is_am, (s * inv)[:, None], 1.0 - p)
+    return is_am, lp, p, om, inv
+
+
+@triton.jit
 def _neg_expm1(lp):
     """Returns (exp(lp), -expm1(lp)) for lp <= 0, the latter accurate near 0 (Kahan trick)."""
     u = tl.exp(lp)
@@ -226,18 +244,7 @@ def _softmax_focal_tile_kernel(
 
     x = tl.load(x_ptr + offs, mask=mask2, other=0).to(CT)
     x = tl.where(cmask[None, :], x, float("-inf"))
-    # log-sum-exp = mx + log1p(s), s summing exp(x - mx) over c != argmax: the arg-max term (exactly 1)
-    # stays out of the sum, so log p and 1 - p of a confident class keep their relative precision.
-    mx, am = tl.max(x, axis=1, return_indices=True, return_indices_tie_break_left=True)
-    is_am = cols[None, :] == am[:, None]
-    xm = x - mx[:, None]
-    ex = tl.exp(xm)
-    s = tl.sum(tl.where(is_am, 0.0, ex), axis=1)
-    inv = 1.0 / (1.0 + s)
-    lp = xm - _log1p_01(s)[:, None]
-    # only the arg-max class can have p > 1/2; its 1 - p is s / (1 + s)
-    p = tl.where(is_am, inv[:, None], ex * inv[:, None])
-    om = tl.where(is_am, (s * inv)[:, None], 1.0 - p)
+    is_am, lp, p, om, inv = _precise_softmax(x, cols)
 
     if HAS_W:
         w = tl.load(w_ptr + cols, mask=cmask, other=0).to(CT)
