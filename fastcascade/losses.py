@@ -163,6 +163,21 @@ def _hard_negative_reduce(loss: torch.Tensor, targets: torch.Tensor, ratio: floa
 # softmax focal
 
 
+def _class_weight_backend(weight, C: int, logits: torch.Tensor, backend: str) -> str:
+    """Checks class weights (None or a float (C,) tensor on the logits' device) and resolves the
+    backend: the fused losses treat the weights as constants, so weights that need a gradient refuse them."""
+    if weight is not None:
+        if not isinstance(weight, torch.Tensor) or weight.shape != (C,) or not weight.is_floating_point():
+            raise ValueError(f"weight must be a float tensor of shape ({C},), got "
+                             f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+        if weight.device != logits.device:
+            raise ValueError(f"weight must be on the logits' device {logits.device}, got {weight.device}")
+    backend = _ops.resolve_backend(backend, logits.device)
+    if backend != "torch" and weight is not None and weight.requires_grad:
+        raise ValueError("weight.requires_grad: the fused loss treats class weights as constants; use backend='torch'")
+    return backend
+
+
 def softmax_focal_loss(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -209,15 +224,7 @@ def softmax_focal_loss(
     expected = (logits.shape[0],) + tuple(logits.shape[2:])
     if tuple(target.shape) != expected:
         raise ValueError(f"target must have shape {expected} for logits {tuple(logits.shape)}, got {tuple(target.shape)}")
-    if weight is not None:
-        if not isinstance(weight, torch.Tensor) or weight.shape != (C,) or not weight.is_floating_point():
-            raise ValueError(f"weight must be a float tensor of shape ({C},), got "
-                             f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
-        if weight.device != logits.device:
-            raise ValueError(f"weight must be on the logits' device {logits.device}, got {weight.device}")
-    backend = _ops.resolve_backend(backend, logits.device)
-    if backend != "torch" and weight is not None and weight.requires_grad:
-        raise ValueError("weight.requires_grad: the fused loss treats class weights as constants; use backend='torch'")
+    backend = _class_weight_backend(weight, C, logits, backend)
     if _value_checks_on(target):
         bad = (target != ignore_index) & ((target < 0) | (target >= C))
         if bool(bad.any()):
@@ -419,15 +426,7 @@ def dice_focal_loss(
         raise ValueError(f"include_background=False needs at least 2 classes (class 0 is left out), got C = {C}")
     if ignore_index is not None and not isinstance(ignore_index, int):
         raise ValueError(f"ignore_index must be an int or None, got {ignore_index!r}")
-    if weight is not None:
-        if not isinstance(weight, torch.Tensor) or weight.shape != (C,) or not weight.is_floating_point():
-            raise ValueError(f"weight must be a float tensor of shape ({C},), got "
-                             f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
-        if weight.device != logits.device:
-            raise ValueError(f"weight must be on the logits' device {logits.device}, got {weight.device}")
-    backend = _ops.resolve_backend(backend, logits.device)
-    if backend != "torch" and weight is not None and weight.requires_grad:
-        raise ValueError("weight.requires_grad: the fused loss treats class weights as constants; use backend='torch'")
+    backend = _class_weight_backend(weight, C, logits, backend)
     if _value_checks_on(target):
         bad = (target < 0) | (target >= C)
         if ignore_index is not None:
