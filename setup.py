@@ -15,7 +15,7 @@ import re
 import shutil
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -121,7 +121,7 @@ print(
 )
 
 setup(
-    packages=["fastcascade", "fastcascade.data", "fastcascade.kernels"],
+    packages=find_packages(include=["fastcascade", "fastcascade.*"]) + ["fastcascade.kernels"],
     package_dir={"fastcascade": "fastcascade", "fastcascade.kernels": "kernels"},
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -1,4 +1,4 @@
-"""The seed cascade end to end (issue 4, benchmark b): six ResNet-18 backbones (stage1, stage2, rect, three
+"""The seed cascade end to end: six ResNet-18 backbones (stage1, stage2, rect, three
 AB members; timm, one input channel) on 16x16 luma blocks. Blocks/s of fastcascade's dynamic, static
 and CUDA-graph modes against dense evaluation (every stage on every block, then select) and eager
 boolean-mask indexing (x[mask] per branch: a nonzero() and a host sync per branch). The stage-1
@@ -14,7 +14,7 @@ import torch
 from bench_utils import DEVICE, median_seconds
 
 import fastcascade as fc
-from fastcascade import reference
+from fastcascade.cascade import cascade_dense
 
 BATCHES = [256, 8192] if DEVICE == "cuda" else [256]
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
@@ -72,7 +72,7 @@ def test_av1_cascade_throughput(benchmark, mode, batch):
     x = torch.rand(batch, 1, 16, 16, device=DEVICE).to(DTYPE).contiguous(memory_format=torch.channels_last)
     cascade = _cascade(x)
     fns = {
-        "dense": lambda: reference.cascade_dense(cascade, x),
+        "dense": lambda: cascade_dense(cascade, x),
         "masked": lambda: _masked(cascade, x),
         "dynamic": lambda: cascade.predict(x),
         "static": lambda: cascade.predict(x, mode="static"),
@@ -83,7 +83,7 @@ def test_av1_cascade_throughput(benchmark, mode, batch):
     else:
         fn = fns[mode]
     details = cascade.predict(x, return_details=True)
-    assert torch.equal(fn(), reference.cascade_dense(cascade, x))
+    assert torch.equal(fn(), cascade_dense(cascade, x))
     seconds = median_seconds(fn, reps=5 if DEVICE == "cpu" else 20, warmup=1 if DEVICE == "cpu" else 3)
     benchmark.extra_info.update(
         device=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", torch=torch.__version__,

@@ -1,4 +1,4 @@
-"""Metrics (issue 5): confusion matrix of N predictions against N targets, C = 8 and C = 16.
+"""Metrics: confusion matrix of N predictions against N targets, C = 8 and C = 16.
 
 fastcascade confusion_matrix (one pass over pred and target, per-block histograms, no host sync)
 against torch.bincount(target * C + pred, minlength=C * C) (an index kernel, then a bincount that

@@ -1,4 +1,4 @@
-"""Routing (issue 4, benchmark a): split N rows x 512 fp16 into 3 branches by a per-row branch id.
+"""Routing: split N rows x 512 fp16 into 3 branches by a per-row branch id.
 
 fastcascade: partition (stable counting sort, no host sync) + gather_rows into branch-contiguous
 order, then one transfer of the 4 offsets so each branch is a view; against boolean-mask indexing

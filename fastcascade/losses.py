@@ -7,13 +7,13 @@ reads the inputs once and, when a gradient is needed, writes d loss / d logits i
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from . import _ops, reference
+from ._checks import checks_forced, value_checks_on
 
 __all__ = [
     "sigmoid_focal_loss",
@@ -43,16 +43,18 @@ def _check_common(logits, gamma: float, label_smoothing: float, reduction: str) 
         raise ValueError(f"reduction must be one of {tuple(_ops.REDUCTION_CODES)}, got {reduction!r}")
 
 
+def _check_class_target(target, logits: torch.Tensor) -> None:
+    """target: an int64 tensor of class ids on the logits' device."""
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.dtype != torch.int64:
+        raise ValueError(f"target must hold int64 class indices, got dtype {target.dtype} (try target.long())")
+    if target.device != logits.device:
+        raise ValueError(f"logits and target must be on the same device, got {logits.device} and {target.device}")
+
+
 def _need_grad(logits: torch.Tensor) -> bool:
     return logits.requires_grad and torch.is_grad_enabled()
-
-
-def _value_checks_on(t: torch.Tensor) -> bool:
-    """Checks of target values that memory safety rests on: always on the CPU (no sync there), on CUDA
-    with FASTCASCADE_CHECK=1 (the kernels give NaN rows instead)."""
-    if torch.compiler.is_compiling():
-        return False
-    return t.device.type == "cpu" or os.environ.get("FASTCASCADE_CHECK") == "1"
 
 
 def _same_dense_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -121,7 +123,7 @@ def sigmoid_focal_loss(
     backend = _ops.resolve_backend(backend, logits.device)
     if backend != "torch" and targets.requires_grad:
         raise ValueError("targets.requires_grad: the fused loss treats targets as constants; use backend='torch'")
-    if os.environ.get("FASTCASCADE_CHECK") == "1" and not torch.compiler.is_compiling():
+    if checks_forced() and not torch.compiler.is_compiling():
         if targets.is_floating_point() and bool(((targets < 0) | (targets > 1)).any()):
             raise ValueError("targets must lie in [0, 1]")
 
@@ -132,7 +134,7 @@ def sigmoid_focal_loss(
     else:
         if not _same_dense_layout(logits, targets):
             logits, targets = logits.contiguous(), targets.contiguous()
-        loss, _, _ = _ops.focal_op("sigmoid_focal", backend)(
+        loss, _, _ = _ops.op("sigmoid_focal", backend)(
             logits, targets, -1.0 if alpha is None else float(alpha), float(gamma), float(label_smoothing),
             _ops.REDUCTION_CODES[inner], _need_grad(logits),
         )
@@ -207,12 +209,7 @@ def softmax_focal_loss(
     (never a memory fault), and FASTCASCADE_CHECK=1 raises instead.
     """
     _check_common(logits, gamma, label_smoothing, reduction)
-    if not isinstance(target, torch.Tensor):
-        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
-    if target.dtype != torch.int64:
-        raise ValueError(f"target must hold int64 class indices, got dtype {target.dtype} (try target.long())")
-    if target.device != logits.device:
-        raise ValueError(f"logits and target must be on the same device, got {logits.device} and {target.device}")
+    _check_class_target(target, logits)
     unbatched = logits.dim() == 1
     if unbatched:
         logits, target = logits.unsqueeze(0), target.unsqueeze(0)
@@ -225,7 +222,7 @@ def softmax_focal_loss(
     if tuple(target.shape) != expected:
         raise ValueError(f"target must have shape {expected} for logits {tuple(logits.shape)}, got {tuple(target.shape)}")
     backend = _class_weight_backend(weight, C, logits, backend)
-    if _value_checks_on(target):
+    if value_checks_on(target):
         bad = (target != ignore_index) & ((target < 0) | (target >= C))
         if bool(bad.any()):
             raise ValueError(f"target holds class indices outside [0, {C}) (ignore_index={ignore_index}): "
@@ -241,7 +238,7 @@ def softmax_focal_loss(
             x, t = logits.reshape(logits.shape[0], C, -1), target.reshape(target.shape[0], -1)
         else:
             x, t = logits, target
-        loss, _, _ = _ops.focal_op("softmax_focal", backend)(
+        loss, _, _ = _ops.op("softmax_focal", backend)(
             x, t, weight, float(gamma), float(label_smoothing), int(ignore_index),
             _ops.REDUCTION_CODES[reduction], _need_grad(logits),
         )
@@ -341,7 +338,7 @@ class ClassBalancedFocalLoss(SoftmaxFocalLoss):
 
 
 # ---------------------------------------------------------------------------------------------
-# dice focal (issue 6)
+# dice focal
 
 
 def dice_focal_loss(
@@ -404,12 +401,7 @@ def dice_focal_loss(
     if reduction != "mean":
         raise ValueError(f"reduction must be 'mean' for dice_focal_loss (the Dice term is a ratio of sums; "
                          f"no per-pixel loss exists), got {reduction!r}")
-    if not isinstance(target, torch.Tensor):
-        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
-    if target.dtype != torch.int64:
-        raise ValueError(f"target must hold int64 class indices, got dtype {target.dtype} (try target.long())")
-    if target.device != logits.device:
-        raise ValueError(f"logits and target must be on the same device, got {logits.device} and {target.device}")
+    _check_class_target(target, logits)
     if logits.dim() < 3:
         raise ValueError(f"logits must be (B, C, *spatial) with at least one spatial dim, got shape "
                          f"{tuple(logits.shape)}")
@@ -427,7 +419,7 @@ def dice_focal_loss(
     if ignore_index is not None and not isinstance(ignore_index, int):
         raise ValueError(f"ignore_index must be an int or None, got {ignore_index!r}")
     backend = _class_weight_backend(weight, C, logits, backend)
-    if _value_checks_on(target):
+    if value_checks_on(target):
         bad = (target < 0) | (target >= C)
         if ignore_index is not None:
             bad &= target != ignore_index
@@ -440,7 +432,7 @@ def dice_focal_loss(
                                          include_background, ignore_index, batch_dice)
     # The op takes (B, C, S) planes; reshape copies only what is not contiguous already.
     x, t = logits.reshape(B, C, -1), target.reshape(B, -1)
-    op = _ops.focal_op("dice_focal", backend)
+    op = _ops.op("dice_focal", backend)
     loss, _, _, _ = op(x, t, weight, float(gamma), float(smooth), float(lambda_dice), float(lambda_focal),
                        _ops.NO_IGNORE_INDEX if ignore_index is None else int(ignore_index), bool(include_background),
                        bool(batch_dice))

@@ -20,12 +20,12 @@ do; weighted averages weigh each class by its support.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Sequence
 
 import torch
 
 from . import _ops, reference
+from ._checks import value_checks_on
 
 __all__ = ["ClassificationReport", "EvaluationReport", "classification_report", "confusion_matrix"]
 
@@ -47,14 +47,6 @@ def _num_classes(num_classes) -> int:
     if not 1 <= num_classes <= 46340:
         raise ValueError(f"num_classes must be in [1, 46340], got {num_classes}")
     return num_classes
-
-
-def _value_checks_on(t: torch.Tensor) -> bool:
-    """Checks of values (ids): on the CPU always (no sync there), on CUDA only with FASTCASCADE_CHECK=1;
-    never while compiling (data-dependent; the C++ CPU kernel still raises)."""
-    if torch.compiler.is_compiling():
-        return False
-    return t.device.type == "cpu" or os.environ.get("FASTCASCADE_CHECK") == "1"
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int | None = None, *,
@@ -81,7 +73,7 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
     if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
         raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__}")
     backend = _ops.resolve_backend(backend, pred.device)
-    if backend != "cpu" and _value_checks_on(pred):  # the C++ CPU kernel checks in its own pass
+    if backend != "cpu" and value_checks_on(pred):  # the C++ CPU kernel checks in its own pass
         kept = target != ignore_index if ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
         note = f" (ignore_index = {ignore_index})" if ignore_index is not None else ""
         for t, name in ((target, "target"), (pred, "pred")):
@@ -92,7 +84,7 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
     if backend == "torch":
         return reference.confusion_matrix(pred, target, C, ignore_index)
     pred, target = (t if t.dtype in (torch.int32, torch.int64) else t.to(torch.int32) for t in (pred, target))
-    op = _ops.metrics_op("confusion_matrix", backend)
+    op = _ops.op("confusion_matrix", backend)
     if backend != "cpu" or torch.compiler.is_compiling():
         return op(pred, target, C, ignore_index)
     try:

@@ -148,29 +148,6 @@ def _keep_format(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return y.contiguous()
 
 
-def _pooled_adapter(x, down_w, down_b, up_w, up_b, activation="relu", scale=None, dropout=0.0, seed=None):
-    if x.dim() != 4:
-        raise ValueError(f"pooled_adapter: x must be (B, C, H, W), got shape {tuple(x.shape)}")
-    d = _adapter_branch(x.mean(dim=(2, 3)), down_w, down_b, up_w, up_b, activation, scale, dropout, seed)
-    return _keep_format(x + d[:, :, None, None], x)
-
-
-def _pixel_adapter(x, down_w, down_b, up_w, up_b, activation="relu", scale=None, channel_dim=-1, dropout=0.0,
-                   seed=None):
-    if channel_dim == 1:
-        if x.dim() != 4:
-            raise ValueError(f"pixel_adapter: channel_dim=1 needs x of shape (B, C, H, W), got "
-                             f"{tuple(x.shape)}")
-        d = _adapter_branch(x.movedim(1, -1), down_w, down_b, up_w, up_b, activation, scale, dropout, seed)
-        d = d.movedim(-1, 1)
-    elif channel_dim == -1:
-        d = _adapter_branch(x, down_w, down_b, up_w, up_b, activation, scale, dropout, seed)
-    else:
-        raise ValueError(f"pixel_adapter: channel_dim must be 1 (B, C, H, W) or -1 (tokens (..., C)), got "
-                         f"{channel_dim}")
-    return _keep_format(x + d, x)
-
-
 def pooled_adapter(
     x: torch.Tensor,
     down_w: torch.Tensor,
@@ -179,18 +156,24 @@ def pooled_adapter(
     up_b: torch.Tensor,
     activation: str = "relu",
     scale: torch.Tensor | float | None = None,
+    dropout: float = 0.0,
+    seed: int | None = None,
 ) -> torch.Tensor:
     """Pooled residual adapter: one bottleneck per image, its output broadcast over H and W.
 
         m = mean_hw(x)                                   (B, C)
-        y = x + scale * (act(m down_w^T + down_b) up_w^T + up_b)[:, :, None, None]
+        y = x + scale * (drop(act(m down_w^T + down_b)) up_w^T + up_b)[:, :, None, None]
 
     x: (B, C, H, W), any memory format; down_w: (r, C), down_b: (r,), up_w: (C, r), up_b: (C,);
     scale: None (1), a float, or a 0-d tensor; activation: "relu" | "gelu" (erf) | "silu".
     Computed in x's dtype (weights cast to it, as nn.Linear under autocast; torch's mean and matmul
-    accumulate half inputs in fp32). y has x's shape, dtype and memory format.
+    accumulate half inputs in fp32). y has x's shape, dtype and memory format. dropout p with a seed:
+    the fused ops' mask (adapter_dropout_keep over index b * r + j); without a seed, F.dropout's.
     """
-    return _pooled_adapter(x, down_w, down_b, up_w, up_b, activation, scale)
+    if x.dim() != 4:
+        raise ValueError(f"pooled_adapter: x must be (B, C, H, W), got shape {tuple(x.shape)}")
+    d = _adapter_branch(x.mean(dim=(2, 3)), down_w, down_b, up_w, up_b, activation, scale, dropout, seed)
+    return _keep_format(x + d[:, :, None, None], x)
 
 
 def pixel_adapter(
@@ -214,11 +197,22 @@ def pixel_adapter(
     memory format (channels_last in, channels_last out). dropout p with a seed: the fused ops' mask
     (adapter_dropout_keep), kept values scaled by 1 / (1 - p); without a seed, F.dropout's.
     """
-    return _pixel_adapter(x, down_w, down_b, up_w, up_b, activation, scale, channel_dim, dropout, seed)
+    if channel_dim == 1:
+        if x.dim() != 4:
+            raise ValueError(f"pixel_adapter: channel_dim=1 needs x of shape (B, C, H, W), got "
+                             f"{tuple(x.shape)}")
+        d = _adapter_branch(x.movedim(1, -1), down_w, down_b, up_w, up_b, activation, scale, dropout, seed)
+        d = d.movedim(-1, 1)
+    elif channel_dim == -1:
+        d = _adapter_branch(x, down_w, down_b, up_w, up_b, activation, scale, dropout, seed)
+    else:
+        raise ValueError(f"pixel_adapter: channel_dim must be 1 (B, C, H, W) or -1 (tokens (..., C)), got "
+                         f"{channel_dim}")
+    return _keep_format(x + d, x)
 
 
 # ---------------------------------------------------------------------------------------------
-# routing (issue 4): decisions, partition, row gather / scatter, ensemble vote
+# routing: decisions, partition, row gather / scatter, ensemble vote
 
 
 def logit_threshold(threshold: float, temperature: float = 1.0) -> float:
@@ -318,46 +312,7 @@ def vote(member_logits, mode: str = "hard", return_probs: bool = False):
 
 
 # ---------------------------------------------------------------------------------------------
-# cascades
-
-
-@torch.no_grad()
-def cascade_dense(cascade, x: torch.Tensor) -> torch.Tensor:
-    """The dense oracle of fastcascade.Cascade.predict: every stage (and ensemble member) runs on every
-    row, then each row follows its own decisions from the root to a leaf. int64 labels (N,).
-    Decisions use the routing references (route_threshold / route_argmax / route_confident / vote)."""
-    from .cascade import Argmax, Confident, Ensemble, Leaf, Threshold  # the tree's types; no cycle at import
-
-    labels = torch.full((x.shape[0],), -1, dtype=torch.int64, device=x.device)
-
-    def decide(node, logits):
-        rule = node.rule
-        if isinstance(rule, Threshold):
-            return route_threshold(logits.reshape(-1), rule.threshold, rule.temperature)
-        if isinstance(rule, Argmax):
-            return route_argmax(logits)
-        assert isinstance(rule, Confident)
-        arg = route_argmax(logits)
-        exit_ = route_confident(logits, rule.tau, rule.temperature).bool()
-        return torch.where(exit_, arg, torch.full_like(arg, logits.shape[1]))
-
-    def assign(node, mask):
-        if isinstance(node, Leaf):
-            labels[mask] = node.label
-        elif isinstance(node, Ensemble):
-            cls = vote(torch.stack([m(x) for m in node.members]), node.mode)
-            labels[mask] = node.label_table[cls][mask]
-        else:
-            branch = decide(node, node.outputs(x))
-            for b, child in enumerate(node.kids):
-                assign(child, mask & (branch == b))
-
-    assign(cascade.root, torch.ones_like(labels, dtype=torch.bool))
-    return labels
-
-
-# ---------------------------------------------------------------------------------------------
-# metrics (issue 5)
+# metrics
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int | None = None):
@@ -376,7 +331,7 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
 
 
 # ---------------------------------------------------------------------------------------------
-# dice focal (issue 6): Dice + softmax focal for segmentation
+# dice focal: Dice + softmax focal for segmentation
 
 
 def dice_focal_loss(

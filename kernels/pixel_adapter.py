@@ -30,7 +30,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from .adapter import _act_fwd_bwd, _check_activation, _check_param, _check_scale, _dropout_args, _dropped
+from .pooled_adapter import _act_fwd_bwd, _check_activation, _check_param, _check_scale, _dropout_args, _dropped
 
 __all__ = ["pixel_adapter_backward_triton", "pixel_adapter_triton"]
 

@@ -62,7 +62,7 @@ def test_pooled_op_matches_reference(backend, device, dtype, shape, r, fmt):
             code = _ops.ADAPTER_ACTIVATION_CODES[act]
 
             def fused(x, *p):
-                return _ops.adapter_op("pooled_adapter", backend)(x, *p[:4], p[4] if with_scale else None, code,
+                return _ops.op("pooled_adapter", backend)(x, *p[:4], p[4] if with_scale else None, code,
                                                                   0.0, 0)[0]
 
             # float64 truth on the inputs the backends receive (x rounded to dtype, fp32 parameters)
@@ -87,7 +87,7 @@ def test_pooled_op_gradcheck_float64(backend, device):
             x = _x((2, 5, 3, 2), fmt, gen=gen).requires_grad_(True)
             w = [p.requires_grad_(True) for p in _weights(5, 3, gen=gen)]
             s = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
-            op = _ops.adapter_op("pooled_adapter", backend)
+            op = _ops.op("pooled_adapter", backend)
             code = _ops.ADAPTER_ACTIVATION_CODES[act]
             assert torch.autograd.gradcheck(lambda *a: op(*a, code, 0.0, 0)[0], (x, *w, s))
             assert torch.autograd.gradcheck(lambda *a: op(*a, None, code, 0.3, 5)[0], (x, *w))
@@ -104,7 +104,7 @@ def _opcheck_samples(device):
 
 @pytest.mark.parametrize("backend,device", ADAPTER_BACKENDS)
 def test_pooled_op_opcheck(backend, device):
-    op = _ops.adapter_op("pooled_adapter", backend)
+    op = _ops.op("pooled_adapter", backend)
     for args in _opcheck_samples(device):
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
@@ -113,7 +113,7 @@ def test_pooled_op_opcheck(backend, device):
     pytest.param(*p.values, marks=list(p.marks) + ([INTERPRETED_AOT] if p.values[0] == "triton" else []), id=p.id)
     for p in ADAPTER_BACKENDS])
 def test_pooled_op_aot_and_compile(backend, device):
-    op = _ops.adapter_op("pooled_adapter", backend)
+    op = _ops.op("pooled_adapter", backend)
     for args in _opcheck_samples(device):
         torch.library.opcheck(op, args, test_utils=("test_aot_dispatch_dynamic",))
     torch._dynamo.reset()
@@ -138,7 +138,7 @@ def test_pooled_op_is_deterministic(backend, device):
     for n in [1, max(2, threads)]:
         torch.set_num_threads(n)
         try:
-            runs.append(_fwd_bwd(lambda x, *p: _ops.adapter_op("pooled_adapter", backend)(x, *p, None, 1, 0.2, 3)[0],
+            runs.append(_fwd_bwd(lambda x, *p: _ops.op("pooled_adapter", backend)(x, *p, None, 1, 0.2, 3)[0],
                                  x, w))
         finally:
             torch.set_num_threads(threads)
@@ -185,7 +185,7 @@ def _pixel_x(shape, fmt, dtype=torch.float64, gen=None):
 
 
 def _pixel_fused(backend, act, with_scale, p, seed):
-    op = _ops.adapter_op("pixel_adapter", backend)
+    op = _ops.op("pixel_adapter", backend)
     code = _ops.ADAPTER_ACTIVATION_CODES[act]
     return lambda x, *w: op(x, *w[:4], w[4] if with_scale else None, code, p, seed)
 
@@ -229,7 +229,7 @@ def test_pixel_op_gradcheck_float64(backend, device):
         x = _pixel_x(shape, fmt, gen=gen).requires_grad_(True)
         w = [q.requires_grad_(True) for q in _weights(4, 3, gen=gen)]
         s = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
-        op = _ops.adapter_op("pixel_adapter", backend)
+        op = _ops.op("pixel_adapter", backend)
         code = _ops.ADAPTER_ACTIVATION_CODES[act]
         assert torch.autograd.gradcheck(lambda *a: op(*a, code, p, 11), (x, *w, s))
         assert torch.autograd.gradcheck(lambda *a: op(*a, None, code, p, 11), (x, *w))
@@ -246,7 +246,7 @@ def _pixel_opcheck_samples(device):
 
 @pytest.mark.parametrize("backend,device", ADAPTER_BACKENDS)
 def test_pixel_op_opcheck(backend, device):
-    op = _ops.adapter_op("pixel_adapter", backend)
+    op = _ops.op("pixel_adapter", backend)
     for args in _pixel_opcheck_samples(device):
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
@@ -255,7 +255,7 @@ def test_pixel_op_opcheck(backend, device):
     pytest.param(*p.values, marks=list(p.marks) + ([INTERPRETED_AOT] if p.values[0] == "triton" else []), id=p.id)
     for p in ADAPTER_BACKENDS])
 def test_pixel_op_aot_and_compile(backend, device):
-    op = _ops.adapter_op("pixel_adapter", backend)
+    op = _ops.op("pixel_adapter", backend)
     for args in _pixel_opcheck_samples(device):
         torch.library.opcheck(op, args, test_utils=("test_aot_dispatch_dynamic",))
     for shape in [(3, 6, 2, 2), (2, 5, 6)]:
@@ -296,7 +296,7 @@ def test_pixel_dropout_mask_comes_from_the_seed(backend, device):
     w = [q.float().to(device) for q in _weights(C, r, std=1.0)]
     w[1] = torch.full((r,), 5.0, device=device)  # relu(h) > 0 everywhere: a zero in a marks a dropped unit
     x = torch.randn(4, C, 8, 8, device=device)
-    op = _ops.adapter_op("pixel_adapter", backend)
+    op = _ops.op("pixel_adapter", backend)
     y1 = op(x, *w, None, 0, p, 7)
     assert torch.equal(y1, op(x, *w, None, 0, p, 7))
     assert not torch.equal(y1, op(x, *w, None, 0, p, 8))

@@ -215,8 +215,8 @@ def test_dropout_train_only_and_reproducible():
     x = _x((4, 16, 3, 3), "contiguous")
     for kind in ["pooled", "pixel"]:
         m = _adapter(16, 8, kind, dropout=0.5)
-        ref = reference._pooled_adapter if kind == "pooled" else (
-            lambda *a, **k: reference._pixel_adapter(*a, channel_dim=1, **k))
+        ref = reference.pooled_adapter if kind == "pooled" else (
+            lambda *a, **k: reference.pixel_adapter(*a, channel_dim=1, **k))
         m.eval()  # no dropout: the fused op (fp32 math), close to the reference
         torch.testing.assert_close(m(x), ref(x, *_weights(m)), rtol=1e-5, atol=1e-6)
         m.train()

@@ -289,7 +289,7 @@ INTERPRETED_AOT = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
 @pytest.mark.parametrize("backend,device", fused_backend_params())
 def test_opcheck_schema_fake_autograd(backend, device):
     for name, args in _opcheck_samples(device):
-        op = fc._ops.focal_op(name, backend)
+        op = fc._ops.op(name, backend)
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
@@ -298,7 +298,7 @@ def test_opcheck_schema_fake_autograd(backend, device):
     for p in fused_backend_params()])
 def test_opcheck_aot_dispatch(backend, device):
     for name, args in _opcheck_samples(device):
-        op = fc._ops.focal_op(name, backend)
+        op = fc._ops.op(name, backend)
         torch.library.opcheck(op, args, test_utils=("test_aot_dispatch_dynamic",))
 
 
@@ -354,7 +354,7 @@ def test_deterministic(backend, device):
 def test_forward_only_when_no_grad(backend, device):
     x = random_logits((100,)).to(device)
     t = torch.rand(100).to(device)
-    op = fc._ops.focal_op("sigmoid_focal", backend)
+    op = fc._ops.op("sigmoid_focal", backend)
     loss, grad, scale = op(x, t, 0.25, 2.0, 0.0, 1, False)
     assert grad.numel() == 0
     with torch.no_grad():
@@ -597,7 +597,7 @@ def test_zero_classes_make_every_counted_row_nan(backend, device):
     """The C++ ops called directly (the API refuses C = 0; the Triton op refuses it too)."""
     x = torch.empty(4, 0, device=device)
     t = torch.tensor([0, -100, 3, 1], device=device)
-    loss, grad, _ = fc._ops.focal_op("softmax_focal", backend)(x, t, None, 2.0, 0.0, -100, 0, True)
+    loss, grad, _ = fc._ops.op("softmax_focal", backend)(x, t, None, 2.0, 0.0, -100, 0, True)
     assert torch.isnan(loss[[0, 2, 3]]).all() and loss[1] == 0 and grad.shape == (4, 0)
 
 

@@ -1,4 +1,4 @@
-"""Routing ops (issue 4): every backend against fastcascade.reference (decisions and partitions exactly),
+"""Routing ops: every backend against fastcascade.reference (decisions and partitions exactly),
 properties that do not lean on the reference, gradients, opcheck, torch.compile, determinism, bad input."""
 
 import math
@@ -172,7 +172,7 @@ def test_partition_kernel_drops_out_of_range_ids_as_cuda_does(backend, device):
     """What the device kernels do without FASTCASCADE_CHECK (the API raises first on the CPU)."""
     for B in [3, 100]:
         branch = torch.tensor([2, -1, 0, 3, 0, 1, 7, 2, -5], device=device)
-        order, counts, offsets = _ops.routing_op("partition", backend)(branch, B)
+        order, counts, offsets = _ops.op("partition", backend)(branch, B)
         _check_partition_properties(branch.cpu(), B, order.cpu(), counts.cpu(), offsets.cpu())
         want = reference.partition(branch.cpu(), B)
         assert all(torch.equal(a.cpu(), b) for a, b in zip((order, counts, offsets), want))
@@ -255,7 +255,7 @@ def test_gather_scatter_gradients_are_each_other(backend, device):
     (fc.scatter_rows(src, idx, 12, backend=backend) * g).sum().backward()
     assert torch.equal(src.grad, g[idx])
     if device == "cpu":
-        op = lambda name: _ops.routing_op(name, backend) if backend != "torch" else getattr(reference, name)  # noqa: E731
+        op = lambda name: _ops.op(name, backend) if backend != "torch" else getattr(reference, name)  # noqa: E731
         assert torch.autograd.gradcheck(lambda a: op("gather_rows")(a, idx), (x.detach().requires_grad_(True),))
         assert torch.autograd.gradcheck(lambda a: op("scatter_rows")(a, idx, 12), (src.detach().requires_grad_(True),))
 
@@ -274,9 +274,9 @@ def test_row_kernels_stay_in_bounds_as_cuda_does(backend, device):
     """Out-of-range indices without FASTCASCADE_CHECK (the API raises first on the CPU): gather reads zeros,
     scatter skips the row."""
     x = torch.arange(12.0, device=device).view(4, 3)
-    g = _ops.routing_op("gather_rows", backend)(x, torch.tensor([1, 4, -1, 3], device=device))
+    g = _ops.op("gather_rows", backend)(x, torch.tensor([1, 4, -1, 3], device=device))
     assert g.tolist() == [[3, 4, 5], [0, 0, 0], [0, 0, 0], [9, 10, 11]]
-    s = _ops.routing_op("scatter_rows", backend)(x, torch.tensor([2, 9, -3, 0], device=device), 3)
+    s = _ops.op("scatter_rows", backend)(x, torch.tensor([2, 9, -3, 0], device=device), 3)
     assert s.tolist() == [[9, 10, 11], [0, 0, 0], [0, 1, 2]]
 
 
@@ -345,7 +345,7 @@ def _opcheck_samples(device):
 @pytest.mark.parametrize("backend,device", FUSED)
 def test_routing_opcheck(backend, device):
     for name, args in _opcheck_samples(device):
-        torch.library.opcheck(_ops.routing_op(name, backend), args,
+        torch.library.opcheck(_ops.op(name, backend), args,
                               test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
@@ -357,7 +357,7 @@ def _aot_params():
 @pytest.mark.parametrize("backend,device", _aot_params())
 def test_routing_opcheck_aot(backend, device):
     for name, args in _opcheck_samples(device):
-        torch.library.opcheck(_ops.routing_op(name, backend), args, test_utils=("test_aot_dispatch_dynamic",))
+        torch.library.opcheck(_ops.op(name, backend), args, test_utils=("test_aot_dispatch_dynamic",))
 
 
 @pytest.mark.parametrize("backend,device", _aot_params() + [pytest.param("torch", "cpu", id="torch")])

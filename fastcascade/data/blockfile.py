@@ -26,7 +26,8 @@ import pathlib
 
 import torch
 
-from .dataset import PartitionDataset, atomic_torch_save
+from .._io import save_torch
+from .dataset import PartitionDataset
 from .labels import BLOCK_SIZE, NUM_CLASSES
 
 
@@ -139,5 +140,5 @@ def save_block_dataset(path: str | os.PathLike, blocks: torch.Tensor, labels: to
     block_size = blocks.shape[-1] if isinstance(blocks, torch.Tensor) and blocks.dim() == 4 else BLOCK_SIZE
     _validate(obj, str(path), block_size, num_classes)
     obj = {k: (v.detach().cpu().contiguous() if isinstance(v, torch.Tensor) else v) for k, v in obj.items()}
-    atomic_torch_save(obj, path)
+    save_torch(obj, path)
     return path

@@ -14,12 +14,12 @@ import hashlib
 import json
 import os
 import pathlib
-import tempfile
 from importlib import metadata
 
 import numpy as np
 import torch
 
+from .._io import save_torch
 from .labels import BLOCK_SIZE, LABEL_NAMES, NUM_CLASSES, NUM_MAIN_CLASSES
 from .partition import DEFAULT_QP, label_blocks, labeller_params
 
@@ -90,24 +90,6 @@ def _cache_file(cache_dir: pathlib.Path, params: dict) -> pathlib.Path:
     return cache_dir / f"partition16-{key}.pt"
 
 
-def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file in the target folder, then os.replace: readers see the old file
-    or the complete new one, never a partial write; the temporary file is removed on failure."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _load_or_build(qp: float, include_4way: bool, cache_dir, verbose: bool) -> dict:
     params = _params(qp, include_4way)
     cache_dir = pathlib.Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
@@ -120,7 +102,7 @@ def _load_or_build(qp: float, include_4way: bool, cache_dir, verbose: bool) -> d
         except Exception:  # unreadable (e.g. truncated by a crash outside our atomic write): rebuild
             pass
     data = build_partition_dataset(qp, include_4way)
-    atomic_torch_save(data, path)
+    save_torch(data, path)
     if verbose:
         print(f"fastcascade.data: built {len(data['labels'])} blocks from {len(IMAGES)} images "
               f"(qp={qp}, include_4way={include_4way}) -> {path}")

@@ -1,0 +1,66 @@
+"""Argument and value checks shared by the public API: one home for each, so every function words the
+same mistake the same way."""
+
+from __future__ import annotations
+
+import operator
+import os
+from collections.abc import Iterable
+
+import torch
+
+BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
+
+
+def checks_forced() -> bool:
+    """FASTCASCADE_CHECK=1: raise on bad values even where checking them costs a device sync."""
+    return os.environ.get("FASTCASCADE_CHECK") == "1"
+
+
+def value_checks_on(t: torch.Tensor) -> bool:
+    """Whether to check the values of t (target ids, indices) on the host: always on the CPU (no sync
+    there), on CUDA only with FASTCASCADE_CHECK=1 (the kernels give NaN rows or skip instead); never
+    while compiling (data-dependent; the C++ CPU kernels still raise)."""
+    if torch.compiler.is_compiling():
+        return False
+    return t.device.type == "cpu" or checks_forced()
+
+
+def tensor_arg(t, name: str) -> torch.Tensor:
+    """t itself; TypeError naming the argument when it is not a tensor."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def int_arg(v, name: str, lowest: int) -> int:
+    """An int (or SymInt) >= lowest; TypeError for other types (bool included), ValueError below lowest."""
+    if isinstance(v, bool) or not isinstance(v, (int, torch.SymInt)):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if v < lowest:
+        raise ValueError(f"{name} must be >= {lowest}, got {v}")
+    return v
+
+
+def positive_int(value, name: str) -> int:
+    """An int >= 1 from anything with __index__ (numpy ints too); bool refused."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int >= 1, got {value!r}")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int >= 1, got {value!r}") from None
+    if v < 1:
+        raise ValueError(f"{name} must be >= 1, got {v}")
+    return v
+
+
+def check_backend(backend) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def few(items: Iterable, n: int = 5) -> str:
+    """The first n items as a list, and how many more: for error messages about long lists."""
+    items = list(items)
+    return f"{items[:n]}" + (f" and {len(items) - n} more" if len(items) > n else "")
