@@ -38,6 +38,7 @@ from .routing import (
     vote,
 )
 from .train import evaluate, fit, load_checkpoint, save_checkpoint
+from .selftest import selftest
 from .segmentation import (
     AV1_TTA_LABEL_MAPS,
     TTA_TRANSFORMS,
@@ -99,6 +100,7 @@ __all__ = [
     "fit",
     "load_checkpoint",
     "save_checkpoint",
+    "selftest",
     "DiceFocalLoss",
     "dice_focal_loss",
     "AV1_TTA_LABEL_MAPS",

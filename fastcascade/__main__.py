@@ -1,4 +1,5 @@
 """``python -m fastcascade demo``: train and evaluate the AV1 partition cascade on the embedded dataset.
+(``python -m fastcascade selftest``: check every op on every backend here, see fastcascade/selftest.py.)
 
 Stage 1 (NONE vs PARTITION, sigmoid focal, gamma 2.5, temperature and threshold fitted on val), Stage 2
 (SPLIT | RECT | AB, class-balanced softmax focal with label smoothing 0.1, pooled adapters on the frozen
@@ -31,6 +32,7 @@ from .calibration import fit_temperature, tune_threshold
 from .cascade import Cascade
 from .losses import ClassBalancedFocalLoss, SoftmaxFocalLoss, sigmoid_focal_loss
 from .reference import cascade_dense
+from .selftest import add_arguments as add_selftest_arguments, run_cli as run_selftest
 from .train import _write_json, evaluate, fit
 
 NUM_LABELS = fd.NUM_MAIN_CLASSES
@@ -425,7 +427,11 @@ def main(argv=None) -> int:
                       help="your own dataset folder (<dir>/16x16/{train,val}.pt, see "
                            "fastcascade.data.load_block_dataset) instead of the embedded one")
     demo.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
+    add_selftest_arguments(sub.add_parser("selftest", help="check every op on every backend here against the "
+                                          "reference (exit 1 if any disagrees)"))
     args = parser.parse_args(argv)
+    if args.command == "selftest":
+        return run_selftest(args)
     try:
         run_demo(args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
