@@ -95,8 +95,8 @@ def reference_errors(ref_fn, inputs64, dtype, samples: int = 4, generator=None) 
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     worst = None
     for k in range(samples + 1):
-        nudged = [a if k == 0 or not a.is_floating_point() else a * (1 + 4 * eps * (2 * _uniform_like(a, gen) - 1))
-                  for a in inputs64]
+        nudged = [a if k == 0 or not a.is_floating_point()
+                  else a * (1 + 4 * eps * (2 * _uniform_like(a, gen) - 1)) for a in inputs64]
         truth = ref_fn(*nudged)
         low = ref_fn(*[a.to(dtype) if a.is_floating_point() else a for a in nudged])
         # The plain reference can give NaN in low precision (e.g. (1 - p)^0.5 once p rounds to 1);
@@ -124,7 +124,7 @@ class _Case:
     diff: tuple = ()  # indices of the inputs that get a gradient
     exact: frozenset = frozenset()  # outputs (and "grad <input>") compared exactly with the reference
     views: dict = dataclasses.field(default_factory=dict)  # input index -> the view the op receives
-    module: Callable | None = None  # (backend, device) -> nn.Module taking inputs[0], inputs[1:] its parameters
+    module: Callable | None = None  # (backend, device) -> nn.Module of inputs[0]; inputs[1:] are its parameters
 
     @property
     def key(self) -> str:
@@ -177,7 +177,8 @@ def _sigmoid_cases(dtypes, tiers):
         if "small" in tiers:
             out.append(case("small", (64, 37), d))
         if "awkward" in tiers:
-            out += [case("awkward", (4097,), d, None, 0.5, "none", 0.1), case("awkward", (1,), d, 0.6, 5.0, "sum"),
+            out += [case("awkward", (4097,), d, None, 0.5, "none", 0.1),
+                    case("awkward", (1,), d, 0.6, 5.0, "sum"),
                     case("awkward", (7, 65), d, reduction="sum", view=((7, 130), lambda x: x[:, ::2]),
                          label="7x65 strided sum")]
     if "bench" in tiers:
@@ -220,7 +221,8 @@ def _softmax_cases(dtypes, tiers):
         if "small" in tiers:
             out.append(case("small", (33, 10), d, weighted=True))
         if "awkward" in tiers:
-            out += [case("awkward", (4097, 3), d, 0.5, True, 1, 0.05, "none"), case("awkward", (1, 3), d, reduction="sum"),
+            out += [case("awkward", (4097, 3), d, 0.5, True, 1, 0.05, "none"),
+                    case("awkward", (1, 3), d, reduction="sum"),
                     case("awkward", (2, 4, 3, 5), d), case("awkward", (2, 5, 7, 9), d, channels_last=True)]
     if "bench" in tiers:
         out.append(case("bench", (1 << 22, 10), torch.float32))
@@ -267,7 +269,7 @@ def _dice_cases(dtypes, tiers):
 
 
 def _adapter_cases(kind, dtypes, tiers, tokens=4097):
-    """tokens: the awkward token count (the quick run takes fewer: the interpreter runs one tile at a time)."""
+    """tokens: the awkward token count (fewer in the quick run: the interpreter runs one tile at a time)."""
     op = f"{kind}_adapter"
 
     def case(tier, shape, r, dtype, act, channels_last=False):
@@ -290,8 +292,8 @@ def _adapter_cases(kind, dtypes, tiers, tokens=4097):
             return reference.pixel_adapter(x, dw, db, uw, ub, act, channel_dim=1 if x.dim() == 4 else -1)
 
         label = "x".join(map(str, shape)) + (" nhwc" if channels_last else "") + f" r={r} {act}"
-        return _Case(op, tier, label, dtype, make, None, ref, ("x", "down_w", "down_b", "up_w", "up_b"), ("y",),
-                     diff=(0, 1, 2, 3, 4), module=module)
+        return _Case(op, tier, label, dtype, make, None, ref, ("x", "down_w", "down_b", "up_w", "up_b"),
+                     ("y",), diff=(0, 1, 2, 3, 4), module=module)
 
     out = []
     for d in dtypes:
@@ -299,13 +301,15 @@ def _adapter_cases(kind, dtypes, tiers, tokens=4097):
             if "small" in tiers:
                 out.append(case("small", (3, 12, 5, 7), 5, d, "relu"))
             if "awkward" in tiers:
-                out += [case("awkward", (1, 3, 1, 1), 1, d, "gelu"), case("awkward", (7, 64, 4, 4), 64, d, "silu", True),
+                out += [case("awkward", (1, 3, 1, 1), 1, d, "gelu"),
+                        case("awkward", (7, 64, 4, 4), 64, d, "silu", True),
                         case("awkward", (2, 130, 2, 3), 16, d, "gelu")]
         else:
             if "small" in tiers:
                 out.append(case("small", (33, 24), 8, d, "relu"))
             if "awkward" in tiers:
-                out += [case("awkward", (tokens, 7), 3, d, "gelu"), case("awkward", (2, 16, 5, 7), 4, d, "silu", True),
+                out += [case("awkward", (tokens, 7), 3, d, "gelu"),
+                        case("awkward", (2, 16, 5, 7), 4, d, "silu", True),
                         case("awkward", (1, 8, 3, 3), 1, d, "relu")]
     if "bench" in tiers:
         if kind == "pooled":
@@ -347,8 +351,8 @@ def _decision_cases(dtypes, tiers):
             public = lambda b, x: _fc().route_confident(x, 0.6, 1.5, backend=b)  # noqa: E731
             ref = lambda x: reference.route_confident(x, 0.6, 1.5)  # noqa: E731
         label = "x".join(map(str, shape)) + (" transposed" if transposed else "")
-        return _Case(op, tier, label, dtype, make, public, ref, ("logits",), ("branch",), exact=frozenset({"branch"}),
-                     views={0: (lambda x: x.t())} if transposed else {})
+        return _Case(op, tier, label, dtype, make, public, ref, ("logits",), ("branch",),
+                     exact=frozenset({"branch"}), views={0: (lambda x: x.t())} if transposed else {})
 
     for d in dtypes:
         if "small" in tiers:
@@ -361,15 +365,17 @@ def _decision_cases(dtypes, tiers):
                 out += [rowwise(op, "awkward", (1, 1), d), rowwise(op, "awkward", (4097, 7), d),
                         rowwise(op, "awkward", (7, 4097), d, transposed=True)]
     if "bench" in tiers:
-        out += [threshold("bench", (1 << 24,), torch.float32), rowwise("route_argmax", "bench", (1 << 22, 10), torch.float32),
+        out += [threshold("bench", (1 << 24,), torch.float32),
+                rowwise("route_argmax", "bench", (1 << 22, 10), torch.float32),
                 rowwise("route_confident", "bench", (1 << 22, 10), torch.float32)]
     return out
 
 
 def _routing_cases(dtypes, tiers):
-    """partition, gather_rows / scatter_rows and vote. The vote's labels are compared exactly: its P sums differ
-    between backends by a few ulp, so a hard-vote tie broken by P can flip where two classes' P lie within ~1e-7;
-    the benchmark-sized vote keeps N at 2^18 rows, where that is expected about once in a hundred runs."""
+    """partition, gather_rows / scatter_rows and vote. The vote's labels are compared exactly: its P sums
+    differ between backends by a few ulp, so a hard-vote tie broken by P can flip where two classes' P lie
+    within ~1e-7; the benchmark-sized vote keeps N at 2^18 rows, where that is expected about once in a
+    hundred runs."""
     out = []
 
     def partition(tier, n, nb, idtype=torch.int64):
@@ -377,8 +383,9 @@ def _routing_cases(dtypes, tiers):
             return [_randint(gen, device, nb, (n,), idtype)]
 
         return _Case("partition", tier, f"{n} B={nb} {str(idtype)[6:]}", torch.int64, make,
-                     lambda b, br: tuple(_fc().partition(br, nb, backend=b)), lambda br: reference.partition(br, nb),
-                     ("branch",), ("order", "counts", "offsets"), exact=frozenset({"order", "counts", "offsets"}))
+                     lambda b, br: tuple(_fc().partition(br, nb, backend=b)),
+                     lambda br: reference.partition(br, nb), ("branch",), ("order", "counts", "offsets"),
+                     exact=frozenset({"order", "counts", "offsets"}))
 
     def gather(tier, shape, m, dtype, idtype=torch.int64):
         def make(gen, device):
@@ -386,8 +393,8 @@ def _routing_cases(dtypes, tiers):
             return [x, torch.randperm(shape[0], generator=gen, device=device)[:m].to(idtype)]
 
         return _Case("gather_rows", tier, f"{'x'.join(map(str, shape))} M={m}", dtype, make,
-                     lambda b, x, i: _fc().gather_rows(x, i, backend=b), reference.gather_rows, ("x", "index"), ("y",),
-                     diff=(0,), exact=frozenset({"y", "grad x"}))
+                     lambda b, x, i: _fc().gather_rows(x, i, backend=b), reference.gather_rows, ("x", "index"),
+                     ("y",), diff=(0,), exact=frozenset({"y", "grad x"}))
 
     def scatter(tier, shape, rows, dtype, idtype=torch.int64):
         def make(gen, device):
@@ -405,8 +412,8 @@ def _routing_cases(dtypes, tiers):
 
         return _Case("vote", tier, f"{'x'.join(map(str, shape))} {mode}", dtype, make,
                      lambda b, x: _fc().vote(x, mode, return_probs=True, backend=b),
-                     lambda x: reference.vote(x, mode, return_probs=True), ("member_logits",), ("labels", "probs"),
-                     exact=frozenset({"labels"}))
+                     lambda x: reference.vote(x, mode, return_probs=True), ("member_logits",),
+                     ("labels", "probs"), exact=frozenset({"labels"}))
 
     if "small" in tiers:
         out.append(partition("small", 1000, 3))
@@ -423,7 +430,8 @@ def _routing_cases(dtypes, tiers):
                     vote("awkward", (5, 4097, 7), "hard", d), vote("awkward", (2, 3, 1000), "soft", d)]
     if "bench" in tiers:
         out += [partition("bench", 1 << 22, 3), gather("bench", (1 << 20, 512), 1 << 20, torch.float16),
-                scatter("bench", (1 << 20, 512), 1 << 20, torch.float16), vote("bench", (3, 1 << 18, 4), "hard", torch.float32)]
+                scatter("bench", (1 << 20, 512), 1 << 20, torch.float16),
+                vote("bench", (3, 1 << 18, 4), "hard", torch.float32)]
     return out
 
 
@@ -437,7 +445,8 @@ def _confusion_cases(tiers):
             return [pred, target]
 
         views = {0: view, 1: view} if view else {}
-        return _Case("confusion_matrix", tier, label or f"{'x'.join(map(str, shape))} C={C}", torch.int64, make,
+        label = label or f"{'x'.join(map(str, shape))} C={C}"
+        return _Case("confusion_matrix", tier, label, torch.int64, make,
                      lambda b, p, t: _fc().confusion_matrix(p, t, C, ignore, backend=b),
                      lambda p, t: reference.confusion_matrix(p, t, C, ignore), ("pred", "target"), ("cm",),
                      exact=frozenset({"cm"}), views=views)
@@ -465,8 +474,9 @@ def _cases(quick: bool, device: torch.device) -> list:
     for kind in ("pooled", "pixel"):
         cases += (_adapter_cases(kind, float_dtypes, tiers, tokens=257 if quick else 4097)
                   + _adapter_cases(kind, lowp_small, ("small",)))
-    cases += _decision_cases(float_dtypes, tiers) + _routing_cases(float_dtypes, tiers) + _confusion_cases(tiers)
-    order = {"small": 0, "awkward": 1, "bench": 2}  # every op at its small shape first: a broken kernel shows early
+    cases += _decision_cases(float_dtypes, tiers) + _routing_cases(float_dtypes, tiers)
+    cases += _confusion_cases(tiers)
+    order = {"small": 0, "awkward": 1, "bench": 2}  # every op's small shape first: a broken kernel shows early
     return sorted(cases, key=lambda c: order[c.tier])
 
 
@@ -546,7 +556,7 @@ def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _mismatches(a: torch.Tensor, b: torch.Tensor) -> int:
-    a, b = a.to(b.device), b
+    a = a.to(b.device)
     if a.is_floating_point():
         same = (a == b) | (torch.isnan(a) & torch.isnan(b))
     else:
@@ -596,8 +606,8 @@ class SelftestRow:
             return "ok"
         if self.failure and not self.agrees and self.deterministic is None:
             return "ERROR"
-        return " ".join(s for s, bad in (("DISAGREES", not self.agrees), ("NONDETERMINISTIC", self.deterministic is False))
-                        if bad) or "FAIL"
+        flags = (("DISAGREES", not self.agrees), ("NONDETERMINISTIC", self.deterministic is False))
+        return " ".join(s for s, bad in flags if bad) or "FAIL"
 
 
 @dataclasses.dataclass
@@ -615,6 +625,7 @@ class SelftestResult:
     copy_bandwidth_gbps: float | None = None
     elapsed_s: float = 0.0
     complete: bool = False
+    timing_cut: bool = False  # the timing budget ran out: some rows were not timed (correctness is complete)
 
     @property
     def ok(self) -> bool:
@@ -629,14 +640,14 @@ class SelftestResult:
         for row, r in zip(d["rows"], self.rows):
             row["ok"], row["status"] = r.ok, r.status
         d["ok"] = self.ok
-        d["tolerance_model"] = (f"float outputs: relative L2 error vs the float64 reference <= {TOLERANCE_FACTOR:g} x "
-                                f"the reference's own error in that dtype + {EPS_FLOOR} eps; integer outputs and "
-                                f"row copies: exact")
+        d["tolerance_model"] = (f"float outputs: relative L2 error vs the float64 reference <= "
+                                f"{TOLERANCE_FACTOR:g} x the reference's own error in that dtype + {EPS_FLOOR} eps; "
+                                f"integer outputs and row copies: exact")
         return d
 
     def table(self) -> str:
-        head = ["op", "backend", "shape", "dtype", "max err / tol", "det", "ms", "vs eager", "vs compile", "copy BW",
-                "status"]
+        head = ["op", "backend", "shape", "dtype", "max err / tol", "det", "ms", "vs eager", "vs compile",
+                "copy BW", "status"]
         lines = []
         for r in self.rows:
             if r.failure and r.deterministic is None:
@@ -644,10 +655,12 @@ class SelftestResult:
             elif r.exact:
                 err = "exact" if r.mismatches == 0 else f"{r.mismatches} differ"
             else:
-                err = f"{_g(r.error)} / {_g(r.tolerance)}" + (f" +{r.mismatches} differ" if r.mismatches else "")
+                err = f"{_g(r.error)} / {_g(r.tolerance)}"
+                err += f" +{r.mismatches} differ" if r.mismatches else ""
             det = {True: "yes", False: "NO", None: "-"}[r.deterministic]
-            lines.append([r.op, r.backend, r.shape, r.dtype, err, det, _fmt(r.ms, "{:.3f}"), _fmt(r.vs_eager, "{:.2f}x"),
-                          _fmt(r.vs_compile, "{:.2f}x"), _fmt(r.frac_copy_bw, "{:.0%}"), r.status])
+            lines.append([r.op, r.backend, r.shape, r.dtype, err, det, _fmt(r.ms, "{:.3f}"),
+                          _fmt(r.vs_eager, "{:.2f}x"), _fmt(r.vs_compile, "{:.2f}x"), _fmt(r.frac_copy_bw, "{:.0%}"),
+                          r.status])
         widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
         fmt = " | ".join(f"{{:<{w}}}" for w in widths)
         out = [fmt.format(*head), "-+-".join("-" * w for w in widths)] + [fmt.format(*ln) for ln in lines]
@@ -657,13 +670,16 @@ class SelftestResult:
         n_bad = len(self.failures)
         skipped = "; ".join(f"{b}: {why}" for b, why in self.skipped.items())
         s = (f"fastcascade selftest on {self.device} ({self.device_name}){' --quick' if self.quick else ''}: "
-             f"{len(self.rows)} rows, backends {', '.join(self.backends)}, {n_bad} failing, {self.elapsed_s:.1f} s")
+             f"{len(self.rows)} rows, backends {', '.join(self.backends)}, {n_bad} failing, "
+             f"{self.elapsed_s:.1f} s")
         if self.copy_bandwidth_gbps:
             s += f", copy bandwidth {self.copy_bandwidth_gbps:.0f} GB/s"
         if skipped:
             s += f"\nskipped backends: {skipped}"
         for r in self.failures:
             s += f"\nFAIL {r.op} {r.backend} {r.shape} {r.dtype}: {r.failure}"
+        if self.timing_cut:
+            s += "\nthe timing budget ran out: rows showing '-' were not timed"
         if not self.complete:
             s += "\nthe run did not complete"
         return s + ("\nPASS" if self.ok else "\nFAIL")
@@ -681,7 +697,7 @@ def _fmt(v, f: str) -> str:
 
 
 def _write_json_atomic(obj, path: pathlib.Path) -> None:
-    """Temp file in the same folder, then os.replace: a reader sees the old file or the new one, never half."""
+    """A temp file in the same folder, then os.replace: a reader sees the old file or the new one."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
@@ -709,9 +725,11 @@ def _resolve_device(device) -> torch.device:
         raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r}: no CUDA device is visible (torch.cuda.is_available() is False)")
+            raise ValueError(f"device {device!r}: no CUDA device is visible (torch.cuda.is_available() is "
+                             f"False)")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) are "
+                             f"visible")
     return dev
 
 
@@ -724,11 +742,11 @@ def _backends(device: torch.device, quick: bool) -> tuple[list, dict]:
             skipped["triton"] = "the triton package is not installed"
         else:
             if quick and not torch.cuda.is_available() and "fastcascade.kernels" not in sys.modules:
-                # Triton reads TRITON_INTERPRET when its kernels are decorated: set it before they are imported
+                # Triton reads TRITON_INTERPRET when its kernels are decorated: set before they are imported
                 os.environ["TRITON_INTERPRET"] = "1"
             if os.environ.get("TRITON_INTERPRET") != "1":
-                skipped["triton"] = ("Triton runs on CPU tensors only under the interpreter: set TRITON_INTERPRET=1 "
-                                     "before Python starts, or use --quick")
+                skipped["triton"] = ("Triton runs on CPU tensors only under the interpreter: set "
+                                     "TRITON_INTERPRET=1 before Python starts, or use --quick")
             else:
                 run.append("triton")
         skipped["cuda"] = "no CUDA device here" if not torch.cuda.is_available() else "run with --device cuda"
@@ -748,7 +766,8 @@ def _backends(device: torch.device, quick: bool) -> tuple[list, dict]:
 
 def _environment(device: torch.device) -> dict:
     env = {"fastcascade": getattr(_fc(), "__version__", "?"), "torch": torch.__version__,
-           "python": sys.version.split()[0], "cuda_compiled": _ops.CUDA_COMPILED, "has_triton": _ops.HAS_TRITON,
+           "python": sys.version.split()[0], "cuda_compiled": _ops.CUDA_COMPILED,
+           "has_triton": _ops.HAS_TRITON,
            "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1", "threads": torch.get_num_threads()}
     if _ops.HAS_TRITON:
         try:
@@ -782,7 +801,7 @@ def _check_case(case: _Case, backends: Sequence[str], device: torch.device, seed
                                    samples=samples, generator=gen)
     rows = []
     for backend in backends:
-        row = SelftestRow(case.op, backend, str(device), case.tier, case.shape, _DTYPE_NAMES.get(case.dtype, str(case.dtype)),
+        row = SelftestRow(case.op, backend, str(device), case.tier, case.shape, _DTYPE_NAMES[case.dtype],
                           exact=not case.float_outputs, agrees=False, deterministic=None)
         rows.append(row)
         try:
@@ -795,7 +814,8 @@ def _check_case(case: _Case, backends: Sequence[str], device: torch.device, seed
         problems, worst_ratio = [], -1.0
         for j, (name, out, w) in enumerate(zip(names, first, want)):
             if out.shape != w.shape or out.dtype != w.dtype:
-                problems.append(f"{name}: {tuple(out.shape)} {out.dtype}, expected {tuple(w.shape)} {w.dtype}")
+                problems.append(f"{name}: {tuple(out.shape)} {out.dtype}, expected {tuple(w.shape)} "
+                                f"{w.dtype}")
                 continue
             if name in case.exact:
                 n = _mismatches(out, w)
@@ -808,7 +828,8 @@ def _check_case(case: _Case, backends: Sequence[str], device: torch.device, seed
             if ratio > worst_ratio:
                 worst_ratio, row.error, row.tolerance, row.worst = ratio, err, tol, name
             if not err <= tol:
-                problems.append(f"{name}: error {_g(err)} > tolerance {_g(tol)} (reference error {_g(ref_err[j])})")
+                problems.append(f"{name}: error {_g(err)} > tolerance {_g(tol)} (reference error "
+                                f"{_g(ref_err[j])})")
         row.agrees = not problems
         if not row.deterministic:
             differ = [n for n, a, b in zip(names, first, second) if not _bitwise_equal(a, b)]
@@ -838,59 +859,65 @@ def _copy_bandwidth(device: torch.device) -> float:
     n = 1 << 28
     src = torch.empty(n, dtype=torch.uint8, device=device).random_()
     dst = torch.empty_like(src)
-    seconds = _cuda_seconds(lambda: dst.copy_(src), reps=20)
-    del src, dst
-    return 2 * n / seconds
+    return 2 * n / _cuda_seconds(lambda: dst.copy_(src), reps=20)
 
 
-def _time_case(case: _Case, rows: list, device: torch.device, seed: int, bw: float, with_compile: bool) -> None:
-    """Fills the timing columns of one case's rows: each backend, the eager reference, and (with_compile)
-    torch.compile of the reference, one forward + backward each."""
+def _timing_inputs(case: _Case, device: torch.device, seed: int):
     gen = torch.Generator(device=device).manual_seed(_seed(case, seed))
-    inputs = case.make(gen, device)  # the same inputs as the correctness pass (same seed)
-    up = _Upstream(_seed(case, seed) + 1)
-    reps = 20 if case.tier == "bench" else 10
+    return case.make(gen, device), _Upstream(_seed(case, seed) + 1)  # the correctness pass's inputs
 
-    def seconds(impl, compiled=None):
-        leaves, forward = _bind(case, impl, inputs, compiled)
-        return _cuda_seconds(lambda: _step(leaves, forward, up), reps)
 
-    eager = compiled_s = None
-    notes = []
+def _seconds(case: _Case, impl: str, inputs: list, up: _Upstream, compiled=None) -> float:
+    leaves, forward = _bind(case, impl, inputs, compiled)
+    return _cuda_seconds(lambda: _step(leaves, forward, up), 20 if case.tier == "bench" else 10)
+
+
+def _time_case(case: _Case, rows: list, device: torch.device, seed: int, bw: float) -> None:
+    """Fills the time columns of one case's rows: each backend and the eager reference, one forward +
+    backward each, and the fraction of the copy bandwidth (bytes: each input read once, each output and
+    gradient written once)."""
+    inputs, up = _timing_inputs(case, device, seed)
     try:
-        eager = seconds("reference")
+        eager = _seconds(case, "reference", inputs, up)
     except Exception as e:
-        notes.append(f"eager reference failed: {type(e).__name__}: {e}"[:200])
-    if with_compile:
-        try:
-            compiled_s = seconds("compile", torch.compile(case.ref, dynamic=False))
-        except Exception as e:  # the baseline failing to compile is not the backend's fault
-            notes.append(f"torch.compile of the reference failed: {type(e).__name__}: {str(e).splitlines()[0]}"[:200])
+        eager = None
+        for row in rows:
+            row.note = f"eager reference failed: {type(e).__name__}: {e}"[:200]
     out_bytes = sum(t.numel() * t.element_size() for t in _execute(case, "reference", inputs, up))
-    in_bytes = 0
-    for i, t in enumerate(inputs):
-        v = case.views[i](t) if i in case.views else t
-        in_bytes += v.numel() * v.element_size()
+    in_bytes = sum(v.numel() * v.element_size()
+                   for v in (case.views[i](t) if i in case.views else t for i, t in enumerate(inputs)))
     for row in rows:
         if row.deterministic is None:  # the backend raised: nothing to time
             continue
         try:
-            s = seconds(row.backend)
+            s = _seconds(case, row.backend, inputs, up)
         except Exception as e:
             row.note = f"timing failed: {type(e).__name__}: {e}"[:200]
             continue
         row.ms, row.bytes = s * 1e3, in_bytes + out_bytes
-        row.frac_copy_bw = row.bytes / s / bw if bw else None
+        row.frac_copy_bw = row.bytes / s / bw
         if eager:
             row.eager_ms, row.vs_eager = eager * 1e3, eager / s
-        if compiled_s:
-            row.compile_ms, row.vs_compile = compiled_s * 1e3, compiled_s / s
-        if notes:
-            row.note = "; ".join(notes)
+
+
+def _time_compiled(case: _Case, rows: list, device: torch.device, seed: int) -> None:
+    """torch.compile of the reference, against each timed row of the case."""
+    inputs, up = _timing_inputs(case, device, seed)
+    try:
+        compiled = _seconds(case, "compile", inputs, up, torch.compile(case.ref, dynamic=False))
+    except Exception as e:  # the baseline failing to compile is not the backend's fault
+        for row in rows:
+            first = str(e).splitlines()[0] if str(e) else ""
+            row.note = f"torch.compile of the reference failed: {type(e).__name__}: {first}"[:200]
+        return
+    for row in rows:
+        if row.ms is not None:
+            row.compile_ms, row.vs_compile = compiled * 1e3, compiled / (row.ms / 1e3)
 
 
 def selftest(device=None, quick: bool = False, json_path=None, *, ops: Sequence[str] | None = None,
-             progress: bool | None = None, seed: int = 0) -> SelftestResult:
+             timing_budget: float | None = None, progress: bool | None = None,
+             seed: int = 0) -> SelftestResult:
     """Check every op on every backend available on `device` against fastcascade.reference.
 
     Args:
@@ -899,6 +926,8 @@ def selftest(device=None, quick: bool = False, json_path=None, *, ops: Sequence[
             sets TRITON_INTERPRET=1 for this process so the Triton kernels run under the interpreter.
         json_path: also write the result as JSON there (atomically, after every row).
         ops: check only these ops (names as in the table, e.g. ["sigmoid_focal", "vote"]).
+        timing_budget: seconds from the start after which no further timing starts (CUDA); the correctness
+            rows always run, untimed rows show "-". For a run that must fit a time slot.
         progress: a tqdm bar on stderr (default: when stderr is a terminal).
         seed: inputs are drawn from generators seeded by (op, shape, dtype) and this.
     Returns a SelftestResult: print() it for the table; .ok, .failures, .to_dict().
@@ -913,6 +942,8 @@ def selftest(device=None, quick: bool = False, json_path=None, *, ops: Sequence[
         if not path.parent.is_dir():
             raise ValueError(f"json_path {str(path)!r}: the folder {str(path.parent)!r} does not exist")
     cases = _cases(quick, dev)
+    if timing_budget is not None and not timing_budget >= 0:
+        raise ValueError(f"timing_budget must be a number of seconds >= 0, got {timing_budget!r}")
     if ops is not None:
         ops = [ops] if isinstance(ops, str) else list(ops)
         known = sorted({c.op for c in _cases(False, torch.device("cpu"))})
@@ -934,10 +965,12 @@ def selftest(device=None, quick: bool = False, json_path=None, *, ops: Sequence[
     from tqdm.auto import tqdm
 
     timed = dev.type == "cuda"
-    bar = tqdm(total=len(cases) * (2 if timed else 1), desc="selftest", unit="case", file=sys.stderr,
-               disable=None if progress is None else not progress)
+    compiled = [c for c in cases if c.tier == "bench"] if timed else []  # compile costs seconds per shape
+    bar = tqdm(total=len(cases) * (2 if timed else 1) + len(compiled), desc="selftest", unit="case",
+               file=sys.stderr, disable=None if progress is None else not progress)
     per_case = []
-    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext(), warnings.catch_warnings():
+    on_device = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
+    with on_device, warnings.catch_warnings():
         # the interpreter evaluates inf - inf on the NaN / inf rows the routing cases hold on purpose
         warnings.filterwarnings("ignore", category=RuntimeWarning, module="triton")
         for case in cases:
@@ -952,10 +985,19 @@ def selftest(device=None, quick: bool = False, json_path=None, *, ops: Sequence[
             bar.update()
         if timed:
             result.copy_bandwidth_gbps = _copy_bandwidth(dev) / 1e9
-            for case, rows in per_case:
-                bar.set_postfix_str("time " + case.key, refresh=False)
-                _time_case(case, rows, dev, seed, result.copy_bandwidth_gbps * 1e9,
-                           with_compile=case.tier == "bench")
+            # every row's time first, then torch.compile of the reference at the benchmark shapes
+            work = [(c, rows, False) for c, rows in per_case] + [(c, rows, True) for c, rows in per_case
+                                                                  if c.tier == "bench"]
+            for case, rows, with_compile in work:
+                if timing_budget is not None and time.perf_counter() - t0 > timing_budget:
+                    result.timing_cut = True
+                    bar.update()
+                    continue
+                bar.set_postfix_str(("compile " if with_compile else "time ") + case.key, refresh=False)
+                if with_compile:
+                    _time_compiled(case, rows, dev, seed)
+                else:
+                    _time_case(case, rows, dev, seed, result.copy_bandwidth_gbps * 1e9)
                 save()
                 bar.update()
     bar.close()
@@ -966,9 +1008,10 @@ def selftest(device=None, quick: bool = False, json_path=None, *, ops: Sequence[
 
 def _cpu_name() -> str | None:
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return None
@@ -985,14 +1028,19 @@ def add_arguments(parser) -> None:
                              "without a GPU the Triton kernels run under the interpreter")
     parser.add_argument("--json", dest="json_path", metavar="PATH", default=None,
                         help="also write the results as JSON to PATH (rewritten atomically after every row)")
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when visible, else cpu)")
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda or cuda:N (default: cuda when visible, else cpu)")
+    parser.add_argument("--timing-budget", type=float, default=None, metavar="SECONDS",
+                        help="start no further timing after SECONDS from the start (the correctness rows "
+                             "always run): for a run that must fit a time slot")
 
 
 def run_cli(args) -> int:
     """Runs the selftest for parsed arguments: prints the table; 0 when every row passes, 1 when any backend
     disagrees with the reference or is nondeterministic, 2 for bad arguments."""
     try:
-        result = selftest(device=args.device, quick=args.quick, json_path=args.json_path)
+        result = selftest(device=args.device, quick=args.quick, json_path=args.json_path,
+                          timing_budget=args.timing_budget)
     except ValueError as e:
         print(f"python -m fastcascade selftest: error: {e}", file=sys.stderr)
         return 2
