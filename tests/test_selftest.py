@@ -1,4 +1,4 @@
-"""python -m fastcascade selftest / fastcascade.selftest().
+"""python -m fastcascade selftest / fastcascade.selftest(), and scripts/gpu_check.sh.
 
 The selftest is only worth running if it can fail: besides the passing --quick run, these tests break a
 backend on purpose (wrong values, a wrong gradient only, one wrong integer, nondeterminism, an exception)
@@ -246,3 +246,115 @@ def test_json_path_that_is_a_folder_and_unknown_flags(capsys, tmp_path):
 def test_unknown_op_lists_the_ops():
     with pytest.raises(ValueError, match="unknown op.*'nope'.*sigmoid_focal"):
         fc.selftest(device="cpu", ops=["nope"])
+
+
+# ---------------------------------------------------------------------------------------------
+# scripts/gpu_check.sh
+
+PHASES = {"DEVICE", "BUILD", "SELFTEST", "TESTS", "BENCH", "REPORT"}
+OUT_FILES = {"device.txt", "build.log", "selftest.json", "selftest.txt", "tests.log", "bench.json", "bench_table.md",
+             "summary.txt"}
+
+
+def _budgets():
+    text = SCRIPT.read_text()
+    budgets = {m[1]: int(m[2]) for m in re.finditer(r"^BUDGET_(\w+)=\$\{BUDGET_\1:-(\d+)\}", text, re.M)}
+    grace = int(re.search(r"^GRACE=\$\{GRACE:-(\d+)\}", text, re.M)[1])
+    return text, budgets, grace
+
+
+def test_gpu_check_syntax_and_budget():
+    subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
+    text, budgets, grace = _budgets()
+    assert set(budgets) == PHASES
+    # every phase gets at most its budget plus the grace between SIGTERM and SIGKILL
+    assert sum(budgets.values()) + grace * len(budgets) < 8 * 60, budgets
+    for name in budgets:  # each budget is used, not only declared
+        assert text.count(f'"$BUDGET_{name}"') >= 1, name
+    # no phase runs outside a budget: every timeout takes one
+    for line in text.splitlines():
+        if re.match(r"\s*timeout ", line):
+            assert re.search(r'timeout -k "\$GRACE" "\$(budget|BUDGET_\w+)"', line), line
+    # bench/README.md documents the same budgets
+    readme = (ROOT / "bench" / "README.md").read_text()
+    documented = {m[1].upper(): int(m[2]) for m in re.finditer(r"^\| (\w+) \| (\d+) s \|", readme, re.M)}
+    assert documented == budgets
+
+
+FAKE_PYTHON = r"""#!/usr/bin/env bash
+# Stands in for python3 in scripts/gpu_check.sh: fakes the build, the selftest, pytest; real Python otherwise.
+case "$*" in
+  *"-m pip install"*) echo "fake build" ;;
+  *"-m fastcascade selftest"*)  # like the real one: the JSON holds the rows done so far, then the run ends
+    while [ "$1" != --json ]; do shift; done; json=$2
+    complete=false; [ "${FAKE_SELFTEST_SLEEP:-0}" = 0 ] && complete=true
+    echo '{"rows": [{"ok": false, "status": "DISAGREES", "op": "vote", "backend": "cuda", "shape": "3x4",
+           "dtype": "fp32", "failure": "labels: 1 of 12 elements differ"}], "complete": '$complete'}' > "$json"
+    sleep "${FAKE_SELFTEST_SLEEP:-0}"
+    echo "fake selftest table" ;;
+  *"-m pytest tests"*) echo "fake tests: 3 passed" ;;
+  *"-m pytest bench"*)
+    for a in "$@"; do case $a in --benchmark-json=*) json=${a#*=} ;; bench/*) file=$a ;; esac; done
+    echo "{\"datetime\": \"2026-01-01\", \"benchmarks\": [{\"group\": \"$file\", \"name\": \"n\",
+      \"params\": {\"impl\": \"fake\"}, \"extra_info\": {\"median_ms\": 1.0, \"gbps\": 1.0, \"frac_copy_bw\": 0.5,
+      \"peak_extra_mb\": 0, \"device\": \"fake\", \"torch\": \"x\", \"copy_bw_gbps\": 2.0}}]}" > "$json" ;;
+  *"import xdist"*) exit 1 ;;
+  *) exec "$REAL_PYTHON" "$@" ;;
+esac
+"""
+
+
+def _fake_run(tmp_path, **env):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(FAKE_PYTHON)
+    (bin_dir / "nvidia-smi").write_text("#!/usr/bin/env bash\necho 'name, memory.total'; echo 'Fake GPU, 1 MiB'\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    out = tmp_path / "out"
+    # the device phase runs the real Python: a generous budget here, where other jobs share the cores
+    full_env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", OUT=str(out), REAL_PYTHON=sys.executable,
+                    BUDGET_DEVICE="60", **env)
+    proc = subprocess.run(["bash", str(SCRIPT)], env=full_env, capture_output=True, text=True, timeout=300)
+    return proc, out
+
+
+def test_gpu_check_records_an_overrun_and_goes_on(tmp_path):
+    proc, out = _fake_run(tmp_path, BUDGET_SELFTEST="1", FAKE_SELFTEST_SLEEP="20")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    files = set(os.listdir(out))
+    assert files <= OUT_FILES and len(files) <= 8, files
+    assert files == OUT_FILES
+    summary = (out / "summary.txt").read_text()
+    assert re.search(r"^selftest\s+OVERRAN its budget\s+\d+ / 1$", summary, re.M), summary
+    for phase in ("device", "build", "tests", "bench"):  # the phases after the overrun still ran
+        assert re.search(rf"^{phase}\s+ok\b", summary, re.M), summary
+    assert "fake tests: 3 passed" in (out / "tests.log").read_text()
+    assert "selftest: 1 rows, 1 failing, run cut short" in summary  # the rows written before the cut are named
+    table = (out / "bench_table.md").read_text()
+    for name in ("focal", "adapter", "dice_focal", "cascade"):  # one row per benchmark file, merged as it went
+        assert f"bench/test_bench_{name}.py" in table
+    assert summary.rstrip().endswith("gpu_check: FAIL")
+
+
+def test_gpu_check_passes_when_every_phase_does_and_reports_failing_rows(tmp_path):
+    proc, out = _fake_run(tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = (out / "summary.txt").read_text()
+    assert summary.rstrip().endswith("gpu_check: PASS") and "OVERRAN" not in summary
+    # the failing row of selftest.json is named in the summary (here the fake run exits 0 regardless)
+    assert "DISAGREES: vote cuda 3x4 fp32: labels: 1 of 12 elements differ" in summary
+    assert "Fake GPU" in (out / "device.txt").read_text()
+
+
+def test_headline_marker_selects_the_gpu_check_benchmarks():
+    proc = subprocess.run([sys.executable, "-P", "-m", "pytest", "bench", "--collect-only", "-q", "-m", "headline",
+                           "-p", "no:cacheprovider"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ids = [ln for ln in proc.stdout.splitlines() if "::" in ln]
+    for test in ("test_sigmoid_focal_fwd_bwd", "test_softmax_focal_fwd_bwd", "test_pooled_adapter_fwd_bwd",
+                 "test_token_adapter", "test_dice_focal_fwd_bwd", "test_av1_cascade_throughput"):
+        assert any(f"::{test}[" in i for i in ids), test
+    assert not any("test_stage2_training_step" in i or "test_confusion_matrix" in i or "partition_gather" in i
+                   for i in ids)
+    assert not any("test_softmax_focal_fwd_bwd[" in i and "-16]" in i for i in ids)  # C = 16 is not a headline
