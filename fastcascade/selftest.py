@@ -664,7 +664,7 @@ class SelftestResult:
         widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
         fmt = " | ".join(f"{{:<{w}}}" for w in widths)
         out = [fmt.format(*head), "-+-".join("-" * w for w in widths)] + [fmt.format(*ln) for ln in lines]
-        return "\n".join(out)
+        return "\n".join(line.rstrip() for line in out)
 
     def summary(self) -> str:
         n_bad = len(self.failures)
