@@ -788,27 +788,31 @@ def _seed(case: _Case, seed: int) -> int:
 def _check_case(case: _Case, backends: Sequence[str], device: torch.device, seed: int, samples: int) -> list:
     """The rows of one case: each backend run twice against the reference (exact outputs) and the float64
     truth under the tolerance model (float outputs)."""
-    gen = torch.Generator(device=device).manual_seed(_seed(case, seed))
-    inputs = case.make(gen, device)
-    up = _Upstream(_seed(case, seed) + 1)
+    rows = [SelftestRow(case.op, backend, str(device), case.tier, case.shape, _DTYPE_NAMES[case.dtype],
+                        exact=not case.float_outputs, agrees=False, deterministic=None) for backend in backends]
+    try:
+        gen = torch.Generator(device=device).manual_seed(_seed(case, seed))
+        inputs = case.make(gen, device)
+        up = _Upstream(_seed(case, seed) + 1)
+        want = _execute(case, "reference", inputs, up)  # the reference in the backends' dtypes
+        truth = ref_err = None
+        if case.float_outputs:
+            inputs64 = [t.to(torch.float64) if t.is_floating_point() else t for t in inputs]
+            truth = _execute(case, "reference", inputs64, up)
+            ref_err = reference_errors(lambda *a: _execute(case, "reference", list(a), up), inputs64, case.dtype,
+                                       samples=samples, generator=gen)
+    except Exception as e:  # e.g. out of memory at a benchmark size: nothing checked, so no row passes
+        for row in rows:
+            row.failure = f"the reference could not run: {type(e).__name__}: {_first_line(e)}"[:300]
+        return rows
     names = case.all_outputs
-    want = _execute(case, "reference", inputs, up)  # the reference in the backends' dtypes
-    truth = ref_err = None
-    if case.float_outputs:
-        inputs64 = [t.to(torch.float64) if t.is_floating_point() else t for t in inputs]
-        truth = _execute(case, "reference", inputs64, up)
-        ref_err = reference_errors(lambda *a: _execute(case, "reference", list(a), up), inputs64, case.dtype,
-                                   samples=samples, generator=gen)
-    rows = []
-    for backend in backends:
-        row = SelftestRow(case.op, backend, str(device), case.tier, case.shape, _DTYPE_NAMES[case.dtype],
-                          exact=not case.float_outputs, agrees=False, deterministic=None)
-        rows.append(row)
+    for row in rows:
+        backend = row.backend
         try:
             first = _execute(case, backend, inputs, up)
             second = _execute(case, backend, inputs, up)
         except Exception as e:  # a backend that raises on valid input fails its row; the run goes on
-            row.failure = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            row.failure = f"{type(e).__name__}: {_first_line(e)}"[:300]
             continue
         row.deterministic = all(_bitwise_equal(a, b) for a, b in zip(first, second))
         problems, worst_ratio = [], -1.0
@@ -836,6 +840,10 @@ def _check_case(case: _Case, backends: Sequence[str], device: torch.device, seed
             problems.append(f"two runs differ in {', '.join(differ)}")
         row.failure = "; ".join(problems) or None
     return rows
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else ""
 
 
 def _cuda_seconds(fn, reps: int, warmup: int = 3) -> float:
@@ -907,8 +915,7 @@ def _time_compiled(case: _Case, rows: list, device: torch.device, seed: int) -> 
         compiled = _seconds(case, "compile", inputs, up, torch.compile(case.ref, dynamic=False))
     except Exception as e:  # the baseline failing to compile is not the backend's fault
         for row in rows:
-            first = str(e).splitlines()[0] if str(e) else ""
-            row.note = f"torch.compile of the reference failed: {type(e).__name__}: {first}"[:200]
+            row.note = f"torch.compile of the reference failed: {type(e).__name__}: {_first_line(e)}"[:200]
         return
     for row in rows:
         if row.ms is not None:
@@ -994,10 +1001,14 @@ def selftest(device=None, quick: bool = False, json_path=None, *, ops: Sequence[
                     bar.update()
                     continue
                 bar.set_postfix_str(("compile " if with_compile else "time ") + case.key, refresh=False)
-                if with_compile:
-                    _time_compiled(case, rows, dev, seed)
-                else:
-                    _time_case(case, rows, dev, seed, result.copy_bandwidth_gbps * 1e9)
+                try:
+                    if with_compile:
+                        _time_compiled(case, rows, dev, seed)
+                    else:
+                        _time_case(case, rows, dev, seed, result.copy_bandwidth_gbps * 1e9)
+                except Exception as e:  # e.g. out of memory: the times stay "-", correctness is unaffected
+                    for row in rows:
+                        row.note = f"timing failed: {type(e).__name__}: {_first_line(e)}"[:200]
                 save()
                 bar.update()
     bar.close()

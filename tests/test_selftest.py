@@ -161,6 +161,26 @@ def test_one_wrong_integer_is_flagged(monkeypatch):
     assert "1 differ" in result.table()
 
 
+def test_a_reference_that_cannot_run_fails_its_rows_and_the_run_goes_on(monkeypatch):
+    from fastcascade import reference
+
+    original = reference.sigmoid_focal_loss
+
+    def out_of_memory(x, *args, **kw):
+        if x.dtype == torch.float64:
+            raise RuntimeError("out of memory (pretend)")
+        return original(x, *args, **kw)
+
+    monkeypatch.setattr(reference, "sigmoid_focal_loss", out_of_memory)
+    result = fc.selftest(device="cpu", quick=True, ops=["sigmoid_focal", "route_argmax"])
+    assert result.complete and not result.ok
+    for r in result.rows:
+        if r.op == "sigmoid_focal":  # nothing could be checked, so nothing passes
+            assert r.status == "ERROR" and "the reference could not run" in r.failure, r
+        else:
+            assert r.ok, r
+
+
 def test_the_command_line_exits_nonzero_on_a_broken_backend(monkeypatch, capsys, tmp_path):
     _break(monkeypatch, "softmax_focal_loss", "cpu", _wrong_value)
     # the command line runs every op; keep this test to one
