@@ -5,12 +5,19 @@ import os
 import statistics
 import time
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # never timed: the interpreter is only for tests
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def headline(value):
+    """A parameter of one of the headline cases (marker `headline`): the benchmarks scripts/gpu_check.sh
+    runs in its short GPU slot (pytest bench -m headline)."""
+    return pytest.param(value, marks=pytest.mark.headline)
 
 
 def sync():

@@ -6,15 +6,15 @@ Run: pytest bench/test_bench_adapter.py --benchmark-only
 
 import pytest
 import torch
-from bench_utils import DEVICE, record
+from bench_utils import DEVICE, headline, record
 
 import fastcascade as fc
 from fastcascade import _ops
 
 # (B, C, H, W): ResNet-18 stages on 16x16 blocks at B=4096, and a 14x14 map
-SHAPES = [(4096, 64, 4, 4), (4096, 128, 2, 2), (4096, 256, 1, 1), (4096, 512, 1, 1), (256, 256, 14, 14)]
+SHAPES = [headline((4096, 64, 4, 4)), (4096, 128, 2, 2), (4096, 256, 1, 1), (4096, 512, 1, 1), (256, 256, 14, 14)]
 if DEVICE == "cpu":
-    SHAPES = [(512, 64, 4, 4), (512, 512, 1, 1), (32, 256, 14, 14)]
+    SHAPES = [headline((512, 64, 4, 4)), (512, 512, 1, 1), (32, 256, 14, 14)]
 DTYPES = [torch.float32, torch.bfloat16] if DEVICE == "cuda" else [torch.float32]
 
 
@@ -60,6 +60,7 @@ TOKEN_DTYPES = [torch.bfloat16] if DEVICE == "cuda" else [torch.float32]
 @pytest.mark.parametrize("dtype", TOKEN_DTYPES, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("shape", TOKEN_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.headline
 def test_token_adapter(benchmark, impl, dtype, shape, mode):
     """Bytes: forward reads x and writes y; backward (recomputing the hidden layer) reads x and grad_y
     and writes grad_x."""

@@ -11,12 +11,12 @@ Run: pytest bench/test_bench_cascade.py --benchmark-only
 import pytest
 import timm
 import torch
-from bench_utils import DEVICE, median_seconds
+from bench_utils import DEVICE, headline, median_seconds
 
 import fastcascade as fc
 from fastcascade.cascade import cascade_dense
 
-BATCHES = [256, 8192] if DEVICE == "cuda" else [256]
+BATCHES = [headline(256), headline(1024), 8192] if DEVICE == "cuda" else [headline(256)]
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
 
 

@@ -49,6 +49,7 @@ def _impls():
 
 @pytest.mark.parametrize("impl", list(_impls()))
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.headline
 def test_dice_focal_fwd_bwd(benchmark, impl, dtype):
     benchmark.group = f"dice_focal fwd+bwd B={B} C={C} {H}x{W} {str(dtype)[6:]}"
     gen = torch.Generator().manual_seed(0)

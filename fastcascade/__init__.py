@@ -1,7 +1,8 @@
 """fastcascade: fused focal losses, adapter bottlenecks and early-exit cascade routing for PyTorch.
 
 The public API is the union of the submodules' ``__all__`` (each name is defined, documented and listed
-in one module): losses, routing, metrics, calibration, segmentation, adapters, cascade, train.
+in one module): losses, routing, metrics, calibration, segmentation, adapters, cascade, train, and
+selftest (the function).
 """
 
 from . import (  # noqa: F401
@@ -24,9 +25,10 @@ from .losses import *  # noqa: F403
 from .metrics import *  # noqa: F403
 from .routing import *  # noqa: F403
 from .segmentation import *  # noqa: F403
+from .selftest import selftest  # the function; the package stays reachable as fastcascade.selftest.<module>
 from .train import *  # noqa: F403
 
 __version__ = "0.1.0"
 
 __all__ = [name for module in (losses, routing, metrics, calibration, segmentation, adapters, cascade, train)
-           for name in module.__all__]
+           for name in module.__all__] + ["selftest"]

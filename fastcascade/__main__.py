@@ -1,6 +1,7 @@
 """``python -m fastcascade demo``: train and evaluate the AV1 partition cascade on the embedded dataset.
+``python -m fastcascade selftest``: check every op on every backend here against the reference.
 
-The command line only; the demo itself is fastcascade.demo.
+The command line only: the demo is fastcascade.demo, the self-test fastcascade.selftest.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ import argparse
 import sys
 
 from .demo import run_demo
+from .selftest.cli import add_arguments as add_selftest_arguments
+from .selftest.cli import run_cli as run_selftest
 
 
 def main(argv=None) -> int:
@@ -36,7 +39,11 @@ def main(argv=None) -> int:
                       help="your own dataset folder (<dir>/16x16/{train,val}.pt, see "
                            "fastcascade.data.load_block_dataset) instead of the embedded one")
     demo.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
+    add_selftest_arguments(sub.add_parser("selftest", help="check every op on every backend here against the "
+                                          "reference (exit 1 if any disagrees)"))
     args = parser.parse_args(argv)
+    if args.command == "selftest":
+        return run_selftest(args)
     try:
         run_demo(args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:

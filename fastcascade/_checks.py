@@ -60,7 +60,21 @@ def check_backend(backend) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-def few(items: Iterable, n: int = 5) -> str:
-    """The first n items as a list, and how many more: for error messages about long lists."""
+def few(items: Iterable, n: int = 5, *, as_list: bool = False) -> str:
+    """The first n items and how many more, for error messages about long lists: "a, b and 3 more", or
+    with as_list "['a', 'b'] and 3 more" (names that may hold commas or spaces)."""
     items = list(items)
-    return f"{items[:n]}" + (f" and {len(items) - n} more" if len(items) > n else "")
+    head = f"{items[:n]}" if as_list else ", ".join(str(i) for i in items[:n])
+    return head + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape, dtype and bits (NaN payloads included; torch.equal says NaN != NaN)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    a, b = a.detach().reshape(-1).contiguous(), b.detach().reshape(-1).contiguous()
+    if a.numel() == 0:
+        return True
+    if a.dtype == torch.bool:
+        return torch.equal(a, b)
+    return torch.equal(a.view(torch.uint8), b.to(a.device).view(torch.uint8))

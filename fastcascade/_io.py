@@ -38,6 +38,9 @@ def save_torch(obj, path: str | os.PathLike, verify: Callable[[pathlib.Path], No
     return atomic_write(path, lambda f: torch.save(obj, f), "wb", verify)
 
 
-def write_json(obj, path: str | os.PathLike) -> pathlib.Path:
-    """json.dump(obj, indent=1) to path atomically (see atomic_write)."""
-    return atomic_write(path, lambda f: json.dump(obj, f, indent=1), "w")
+def write_json(obj, path: str | os.PathLike, default: Callable | None = None) -> pathlib.Path:
+    """json.dump(obj, indent=1, default=default) and a final newline, to path atomically (see atomic_write)."""
+    def write(f):
+        json.dump(obj, f, indent=1, default=default)
+        f.write("\n")
+    return atomic_write(path, write, "w")

@@ -126,13 +126,13 @@ def load_adapter_state_dict(model: nn.Module, state: Mapping, strict: bool = Tru
     if bad or (strict and (unexpected or missing or absent)):
         parts = []
         if unexpected:
-            parts.append(f"checkpoint tensors this model lacks: {few(sorted(unexpected), 8)}")
+            parts.append(f"checkpoint tensors this model lacks: {few(sorted(unexpected), 8, as_list=True)}")
         if absent:
-            parts.append(f"checkpoint backbone entries this model lacks: {few(sorted(absent), 8)}")
+            parts.append(f"checkpoint backbone entries this model lacks: {few(sorted(absent), 8, as_list=True)}")
         if missing:
-            parts.append(f"model entries the checkpoint does not know: {few(sorted(missing), 8)}")
+            parts.append(f"model entries the checkpoint does not know: {few(sorted(missing), 8, as_list=True)}")
         if bad:
-            parts.append(f"different shape or dtype: {few(sorted(bad), 8)}")
+            parts.append(f"different shape or dtype: {few(sorted(bad), 8, as_list=True)}")
         raise ValueError(f"load_adapter_state_dict: the model's architecture differs from the one the "
                          f"checkpoint was saved from ({fps}; architecture {meta['architecture'][:12]} vs "
                          f"{_architecture_digest(records)[:12]}): " + "; ".join(parts)
@@ -149,7 +149,7 @@ def load_adapter_state_dict(model: nn.Module, state: Mapping, strict: bool = Tru
                         "them).")
             raise ValueError(f"load_adapter_state_dict: the backbone weights differ from the ones these adapters "
                              f"were trained on ({fps}): {len(differ)} of {len(records)} backbone tensors differ, "
-                             f"e.g. {few(sorted(differ), 5)}.{hint} Load the same backbone weights first (or pass "
+                             f"e.g. {few(sorted(differ), 5, as_list=True)}.{hint} Load the same backbone weights first (or pass "
                              f"check_backbone=False to load anyway).")
     load = {k: v for k, v in tensors.items() if k in sd}
     model.load_state_dict(load, strict=False)

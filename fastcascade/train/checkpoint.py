@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .._checks import few
+from .._checks import bitwise_equal, few
 from .._io import save_torch
 
 __all__ = ["CHECKPOINT_FORMAT", "load_checkpoint", "read_checkpoint", "save_checkpoint", "unwrap"]
@@ -29,14 +29,6 @@ def _tensor_layout(sd: Mapping[str, torch.Tensor]) -> dict[str, list]:
     return {k: [list(v.shape), str(v.dtype)] for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
 
-def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Same shape, dtype and bits (NaN payloads included; torch.equal says NaN != NaN)."""
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return False
-    if a.dtype == torch.bool:
-        return torch.equal(a, b)
-    return torch.equal(a.detach().reshape(-1).contiguous().view(torch.uint8),
-                       b.detach().reshape(-1).contiguous().view(torch.uint8))
 
 
 def _leaves(out, prefix: str = "output"):
@@ -77,7 +69,7 @@ def _verify_reload(path: pathlib.Path, model: nn.Module, probe) -> None:
     fresh.load_state_dict(state["model"])
     mine = dict(model.named_parameters()) | dict(model.named_buffers())
     theirs = dict(fresh.named_parameters()) | dict(fresh.named_buffers())
-    differ = [k for k in mine if not _bitwise_equal(mine[k], theirs[k])]
+    differ = [k for k in mine if not bitwise_equal(mine[k], theirs[k])]
     if differ:
         raise RuntimeError(f"save_checkpoint: after reloading, {len(differ)} tensor(s) differ from the "
                            f"in-memory model, e.g. {differ[:5]}: they are not in state_dict() "
@@ -98,7 +90,7 @@ def _verify_reload(path: pathlib.Path, model: nn.Module, probe) -> None:
     if ref.keys() != got.keys():
         raise RuntimeError(f"save_checkpoint: the reloaded model returns {sorted(got)} on the probe batch, "
                            f"the in-memory one {sorted(ref)}; no checkpoint was written")
-    bad = [k for k in ref if not _bitwise_equal(ref[k], got[k])]
+    bad = [k for k in ref if not bitwise_equal(ref[k], got[k])]
     if bad:
         k = bad[0]
         diff = (ref[k].double() - got[k].double()).abs().nan_to_num(float("inf")).max().item() \
