@@ -5,12 +5,17 @@ compiled into every build (CPU-only too) and exposed as fastcascade._C._launch_c
 need no GPU: threads per block a warp multiple <= 1024, grid.x <= 2^31 - 1, grid.y/z <= 65535, static +
 dynamic shared memory <= 48 KB unless the configuration opts in, then <= the device's opt-in limit
 (227 KB on H100/H200). A shape the configuration cannot launch must come back with the error the op
-raises, and that error must state the limit the sweep finds.
+raises, and that error must state the limit the sweep finds. The gpu-marked tests at the end run the
+ops at shapes that sit on those limits.
 """
 
 import importlib
 
 import pytest
+import torch
+from conftest import gpu, needs_cuda, random_logits, rel_err, seeded
+
+import fastcascade as fc
 
 _C = importlib.import_module("fastcascade._C")
 
@@ -119,3 +124,106 @@ def test_unknown_kernel_and_missing_argument_are_named():
         _C._launch_config("no_such_kernel", {"sms": 1, "smem_optin": KB48})
     with pytest.raises(KeyError, match="'B'"):
         config("partition", N=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# dice focal
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+@pytest.mark.parametrize("acc", ACC)
+def test_dice_focal_forward_every_class_count(dev, acc):
+    """Each thread keeps 2C class sums in shared memory next to block_sum's static warp sums: static +
+    dynamic must fit (the opt-in budget when 32 threads overflow 48 KB), and the refusal names the limit."""
+    acc_bytes = ACC[acc]
+    top = largest_accepted("dice_focal_forward", "C", dev, 2000, B=2, S=4097, acc_bytes=acc_bytes)
+    msg = refusal("dice_focal_forward", dev, B=2, C=top + 1, S=4097, acc_bytes=acc_bytes)
+    assert f"at most {top} classes" in msg and f"C = {top + 1}" in msg and "backend='triton'" in msg, msg
+    assert ("float64" in msg) == (acc == "fp64"), msg
+    assert top >= (96 if acc == "fp64" else 192)  # what the op has promised since its first version
+
+
+@pytest.mark.parametrize("acc", ACC)
+@pytest.mark.parametrize("C", [1, 2, 3, 10, 12, 24, 48, 96, 185, 192, 400])
+def test_dice_focal_forward_grid(acc, C):
+    acc_bytes = ACC[acc]
+    for B, S in [(1, 1), (3, 4096), (5, 4097), (65535, 1), (2, 2**33)]:
+        cfg = config("dice_focal_forward", B=B, C=C, S=S, acc_bytes=acc_bytes)
+        assert_launchable(cfg, what=f"B={B} S={S}")
+        assert cfg["grid"][:2] == (cfg["nchunk"], B) and cfg["nchunk"] == -(-S // 4096)
+    assert "65535 images" in refusal("dice_focal_forward", B=65536, C=C, S=7, acc_bytes=acc_bytes)
+
+
+def _warp_bank_conflicts(first_word, acc_bytes):
+    """Largest number of lanes of one memory transaction that hit the same 4-byte bank, for lanes whose
+    accesses start at the given 4-byte word (8-byte accesses go as two half-warps, two banks each)."""
+    words = acc_bytes // 4
+    phases = [first_word] if words == 1 else [first_word[:16], first_word[16:]]
+    worst = 0
+    for lanes in phases:
+        hits = {}
+        for w in lanes:
+            for k in range(words):
+                hits[(w + k) % 32] = hits.get((w + k) % 32, 0) + 1
+        worst = max([worst, *hits.values()])
+    return worst
+
+
+@pytest.mark.parametrize("acc", ACC)
+def test_dice_focal_class_sums_read_without_bank_conflicts(acc):
+    """The block adds its per-thread class sums one class per thread: lane j reads row j of the
+    [2C][acc_ld] array, so lanes are acc_ld apart; a multiple of 32 serialises the warp 32 ways."""
+    acc_bytes = ACC[acc]
+    for C in range(1, 1000):
+        cfg = config("dice_focal_forward", B=1, C=C, S=4097, acc_bytes=acc_bytes)
+        if cfg["error"]:
+            break
+        ld = cfg["acc_ld"]
+        assert ld >= cfg["threads"] and cfg["dynamic_smem"] == 2 * C * ld * acc_bytes, cfg
+        lanes = range(min(32, 2 * C))
+        for i in (0, 1, cfg["threads"] - 1):  # the column every lane reads in one step of the sum
+            first = [(j * ld + i) * acc_bytes // 4 for j in lanes]
+            assert _warp_bank_conflicts(first, acc_bytes) == 1, f"C={C} ld={ld} column {i}"
+
+
+def test_dice_focal_chunks_and_backward_grids():
+    for B in [1, 7, 65535]:
+        assert_launchable(config("dice_focal_chunks", B=B), what=f"chunks B={B}")
+    for B, S in [(1, 1), (4, 4097), (65535, 2**20), (2**20, 2**20)]:
+        cfg = config("dice_focal_backward", B=B, S=S)
+        assert_launchable(cfg, what=f"backward B={B} S={S}")
+        assert cfg["grid"][0] <= 132 * 8
+
+
+# ---------------------------------------------------------------------------------------------
+# on a GPU: the ops at the shapes on those limits
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize(
+    "dtype,C",
+    [
+        (torch.float32, 24),
+        (torch.float32, 48),
+        (torch.float32, 192),
+        (torch.float32, 600),
+        (torch.float64, 12),
+        (torch.float64, 96),
+        (torch.float64, 300),
+    ],
+)
+def test_dice_focal_cuda_at_the_shared_memory_edges(dtype, C):
+    """Class counts whose class sums fill 48 KB (with block_sum's warp sums on top), and ones that opt in."""
+    gen = seeded("dice-edges", C, dtype)
+    x = random_logits((2, C, 4100), generator=gen).cuda()
+    t = torch.randint(0, C, (2, 4100), generator=gen).cuda()
+    out = {}
+    for backend, dt in (("cuda", dtype), ("torch", torch.float64)):
+        xr = x.to(dt).requires_grad_(True)
+        loss = fc.dice_focal_loss(xr, t, backend=backend)
+        (loss * 1.375).backward()
+        out[backend] = (loss.detach(), xr.grad)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert rel_err(out["cuda"][0], out["torch"][0]) < tol
+    assert rel_err(out["cuda"][1], out["torch"][1]) < tol

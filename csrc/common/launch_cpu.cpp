@@ -8,6 +8,7 @@
 #include <string>
 
 #include "common/launch.h"
+#include "dice/dice_focal_launch.h"
 #include "focal/focal_launch.h"
 #include "metrics/metrics_launch.h"
 #include "routing/routing_launch.h"
@@ -41,6 +42,21 @@ using Config = py::dict (*)(const Args&, const DeviceLimits&);
 
 const std::map<std::string, Config>& configs() {
   static const std::map<std::string, Config> table = {
+      {"dice_focal_forward",
+       [](const Args& a, const DeviceLimits& dev) {
+         const DiceForwardLaunch L =
+             dice_focal_forward_launch(arg(a, "B"), arg(a, "C"), arg(a, "S"), arg(a, "acc_bytes"), dev);
+         py::dict d = as_dict(L.cfg);
+         d["nchunk"] = L.nchunk;
+         d["acc_ld"] = L.acc_ld;
+         return d;
+       }},
+      {"dice_focal_chunks",
+       [](const Args& a, const DeviceLimits&) { return as_dict(dice_focal_chunks_launch(arg(a, "B"))); }},
+      {"dice_focal_backward",
+       [](const Args& a, const DeviceLimits& dev) {
+         return as_dict(dice_focal_backward_launch(arg(a, "B"), arg(a, "S"), dev));
+       }},
       {"route_rows",
        [](const Args& a, const DeviceLimits& dev) { return as_dict(route_rows_launch(arg(a, "N"), dev)); }},
       {"partition",
