@@ -10,12 +10,18 @@ ops at shapes that sit on those limits.
 """
 
 import importlib
+import importlib.util
+import pathlib
+import re
+import shutil
+import subprocess
 
 import pytest
 import torch
 from conftest import gpu, needs_cuda, random_logits, rel_err, seeded
 
 import fastcascade as fc
+from fastcascade import reference
 
 _C = importlib.import_module("fastcascade._C")
 
@@ -196,6 +202,121 @@ def test_dice_focal_chunks_and_backward_grids():
 
 
 # ---------------------------------------------------------------------------------------------
+# pixel adapter
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+@pytest.mark.parametrize("acc", ACC)
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_pixel_adapter_every_bottleneck(dev, acc, direction):
+    """The tile's [tile][r] arrays (one forward, three backward) in dynamic shared memory next to the
+    backward's static red[] of doubles: every r up to the refusal must launch, and r is never capped
+    below the widest the device can hold at one position per block."""
+    kernel, acc_bytes = f"pixel_adapter_{direction}", ACC[acc]
+    top = largest_accepted(kernel, "r", dev, 80_000, T=4097, acc_bytes=acc_bytes)
+    arrays, static = (3, 256 * 8) if direction == "backward" else (1, 0)
+    assert top == (DEVICES[dev][1] - static) // (arrays * acc_bytes)
+    msg = refusal(kernel, dev, T=4097, r=top + 1, acc_bytes=acc_bytes)
+    assert f"r = {top + 1}" in msg and f"at most {top}" in msg and "backend='triton'" in msg, msg
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_pixel_adapter_positions(direction):
+    kernel = f"pixel_adapter_{direction}"
+    for r in [1, 64, 256, 341, 1024, 4000]:
+        for T in [1, 15, 16, 17, 4097, 2**31 - 1]:
+            cfg = config(kernel, T=T, r=r, acc_bytes=4)
+            assert_launchable(cfg, what=f"r={r} T={T}")
+            assert cfg["grid"][0] == -(-T // cfg["tile"]) and 1 <= cfg["tile"] <= 16
+        # more tiles than grid.x can count: refused, not launched with a truncated grid
+        tile = config(kernel, T=1, r=r, acc_bytes=4)["tile"]
+        assert "positions" in refusal(kernel, T=(2**31) * tile, r=r, acc_bytes=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# pooled adapter
+
+
+@pytest.mark.parametrize("acc", ACC)
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_pooled_adapter_every_width(acc, direction):
+    kernel, acc_bytes = f"pooled_adapter_{direction}", ACC[acc]
+    r_per = 2 if direction == "backward" else 1
+    top_c = largest_accepted(kernel, "C", "h200", 40_000, B=3, r=1, acc_bytes=acc_bytes)
+    assert top_c == (H200_OPTIN // acc_bytes - r_per) // 2
+    for C in [1, 64, 512, 4096, top_c // 2]:
+        top_r = largest_accepted(kernel, "r", "h200", 60_000, B=3, C=C, acc_bytes=acc_bytes)
+        assert top_r == (H200_OPTIN // acc_bytes - 2 * C) // r_per
+        msg = refusal(kernel, B=3, C=C, r=top_r + 1, acc_bytes=acc_bytes)
+        assert f"C = {C}" in msg and f"r = {top_r + 1}" in msg and "backend='triton'" in msg, msg
+    for B in [1, 2**31 - 1]:
+        assert_launchable(config(kernel, B=B, C=64, r=64, acc_bytes=acc_bytes), what=f"B={B}")
+    assert "samples" in refusal(kernel, B=2**31, C=64, r=64, acc_bytes=acc_bytes)
+
+
+# ---------------------------------------------------------------------------------------------
+# the compiled kernels: static shared memory as the configurations count it
+
+# Every kernel in the extension and the configuration it is launched with (sizes that launch;
+# acc_bytes is the kernel's own).
+LAUNCHED_WITH = {
+    "dice_focal_forward_kernel": ("dice_focal_forward", {"B": 1, "C": 4, "S": 1, "acc_bytes": 0}),
+    "dice_focal_chunks_kernel": ("dice_focal_chunks", {"B": 1}),
+    "dice_focal_backward_kernel": ("dice_focal_backward", {"B": 1, "S": 1}),
+    "pixel_adapter_fwd_kernel": ("pixel_adapter_forward", {"T": 1, "r": 1, "acc_bytes": 0}),
+    "pixel_adapter_bwd_kernel": ("pixel_adapter_backward", {"T": 1, "r": 1, "acc_bytes": 0}),
+    "pooled_adapter_fwd_kernel": ("pooled_adapter_forward", {"B": 1, "C": 1, "r": 1, "acc_bytes": 0}),
+    "pooled_adapter_bwd_kernel": ("pooled_adapter_backward", {"B": 1, "C": 1, "r": 1, "acc_bytes": 0}),
+    "sigmoid_focal_kernel": ("sigmoid_focal", {"N": 1, "acc_bytes": 0}),
+    "softmax_focal_kernel": ("softmax_focal", {"R": 1, "acc_bytes": 0}),
+    "finalize_kernel": ("focal_finalize", {}),
+    "confusion_kernel": ("confusion_matrix", {"N": 1, "C": 2}),
+    "partition_tiles_kernel": ("partition", {"N": 1, "B": 2}),
+    "copy_rows_kernel": ("copy_rows", {"M": 1, "row_bytes": 16, "src_offset": 0, "dst_offset": 0}),
+    "partition_offsets_kernel": ("route_rows", {"N": 1}),
+    "route_threshold_kernel": ("route_rows", {"N": 1}),
+    "route_argmax_kernel": ("route_rows", {"N": 1}),
+    "route_confident_kernel": ("route_rows", {"N": 1}),
+    "vote_kernel": ("route_rows", {"N": 1}),
+}
+
+
+def _cuobjdump():
+    found = shutil.which("cuobjdump")
+    spec = importlib.util.find_spec("triton")
+    if found is None and spec is not None and spec.origin:  # Triton ships one with its ptxas
+        bundled = pathlib.Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+        found = str(bundled) if bundled.is_file() else None
+    return found
+
+
+@pytest.mark.skipif(not _C.with_cuda, reason="a CPU-only build has no CUDA kernels")
+@pytest.mark.skipif(_cuobjdump() is None, reason="needs cuobjdump (CUDA toolkit or Triton's bundled one)")
+def test_compiled_static_shared_memory_matches_the_configurations():
+    """The static shared bytes the compiler gave each kernel (cuobjdump -res-usage of the built
+    extension; sm_80+ adds the 1 KB the driver reserves to any kernel using shared memory) are the
+    ones its configuration adds to the dynamic bytes; and no kernel launches without a configuration."""
+    out = subprocess.run(
+        [_cuobjdump(), "-res-usage", _C.__file__], capture_output=True, text=True, check=True
+    ).stdout
+    compiled = {}  # (kernel, accumulator bytes) -> most static shared bytes over instantiations and archs
+    for name, shared in re.findall(r"Function (\S+):\s+REG:\d+ STACK:\d+ SHARED:(\d+)", out):
+        kernel = next((k for k in LAUNCHED_WITH if k in name), None)
+        assert kernel is not None, f"kernel {name} has no launch configuration in LAUNCHED_WITH"
+        template = name.split(kernel, 1)[1]
+        acc_bytes = 8 if template.startswith("Id") else 4  # first template argument double, else 4-byte sums
+        static = max(0, int(shared) - 1024)
+        compiled[kernel, acc_bytes] = max(compiled.get((kernel, acc_bytes), 0), static)
+    assert {k for k, _ in compiled} == set(LAUNCHED_WITH)
+    for (kernel, acc_bytes), static in sorted(compiled.items()):
+        name, args = LAUNCHED_WITH[kernel]
+        cfg = config(name, **{k: acc_bytes if k == "acc_bytes" else v for k, v in args.items()})
+        assert static == cfg["static_smem"], (
+            f"{kernel} ({acc_bytes}-byte sums): compiled {static} B, config {cfg}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
 # on a GPU: the ops at the shapes on those limits
 
 
@@ -227,3 +348,30 @@ def test_dice_focal_cuda_at_the_shared_memory_edges(dtype, C):
     tol = 1e-5 if dtype == torch.float32 else 1e-12
     assert rel_err(out["cuda"][0], out["torch"][0]) < tol
     assert rel_err(out["cuda"][1], out["torch"][1]) < tol
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("r", [246, 256, 341, 512, 1024, 5000])
+def test_pixel_adapter_cuda_at_the_shared_memory_edges(r):
+    """Bottlenecks whose backward tile fills 48 KB next to the static red[] of doubles; one that opts in."""
+    gen = seeded("pixel-edges", r)
+    T, C = 37, 24
+    x, gy = (torch.randn(T, C, generator=gen, dtype=torch.float64) for _ in range(2))
+    dw, db = (
+        torch.randn(r, C, generator=gen, dtype=torch.float64) / C**0.5,
+        torch.randn(r, generator=gen, dtype=torch.float64),
+    )
+    uw, ub = (
+        torch.randn(C, r, generator=gen, dtype=torch.float64) / r**0.5,
+        torch.randn(C, generator=gen, dtype=torch.float64),
+    )
+    args = [v.float().cuda() for v in (x, dw, db, uw, ub)]
+    y = torch.ops.fastcascade.pixel_adapter(*args, None, 1, 0.0, 0)
+    grads = torch.ops.fastcascade.pixel_adapter_backward(gy.float().cuda(), *args, None, 1, 0.0, 0)
+    leaves = [v.clone().requires_grad_(True) for v in (x, dw, db, uw, ub)]
+    ref = reference.pixel_adapter(*leaves, activation="gelu")
+    ref.backward(gy)
+    assert rel_err(y, ref) < 1e-5
+    for got, leaf in zip(grads[:5], leaves):
+        assert rel_err(got, leaf.grad) < 1e-5

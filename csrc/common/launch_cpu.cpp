@@ -7,6 +7,8 @@
 #include <map>
 #include <string>
 
+#include "adapter/adapter_launch.h"
+#include "adapter/pixel_adapter_launch.h"
 #include "common/launch.h"
 #include "dice/dice_focal_launch.h"
 #include "focal/focal_launch.h"
@@ -56,6 +58,28 @@ const std::map<std::string, Config>& configs() {
       {"dice_focal_backward",
        [](const Args& a, const DeviceLimits& dev) {
          return as_dict(dice_focal_backward_launch(arg(a, "B"), arg(a, "S"), dev));
+       }},
+      {"pixel_adapter_forward",
+       [](const Args& a, const DeviceLimits& dev) {
+         const PixelLaunch L = pixel_adapter_launch(arg(a, "T"), arg(a, "r"), arg(a, "acc_bytes"), false, dev);
+         py::dict d = as_dict(L.cfg);
+         d["tile"] = L.tile;
+         return d;
+       }},
+      {"pixel_adapter_backward",
+       [](const Args& a, const DeviceLimits& dev) {
+         const PixelLaunch L = pixel_adapter_launch(arg(a, "T"), arg(a, "r"), arg(a, "acc_bytes"), true, dev);
+         py::dict d = as_dict(L.cfg);
+         d["tile"] = L.tile;
+         return d;
+       }},
+      {"pooled_adapter_forward",
+       [](const Args& a, const DeviceLimits& dev) {
+         return as_dict(pooled_adapter_launch(arg(a, "B"), arg(a, "C"), arg(a, "r"), arg(a, "acc_bytes"), false, dev));
+       }},
+      {"pooled_adapter_backward",
+       [](const Args& a, const DeviceLimits& dev) {
+         return as_dict(pooled_adapter_launch(arg(a, "B"), arg(a, "C"), arg(a, "r"), arg(a, "acc_bytes"), true, dev));
        }},
       {"route_rows",
        [](const Args& a, const DeviceLimits& dev) { return as_dict(route_rows_launch(arg(a, "N"), dev)); }},
