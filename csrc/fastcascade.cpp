@@ -77,8 +77,13 @@ TORCH_LIBRARY(fastcascade, m) {
         "int ignore_index, bool include_background, bool batch_dice) -> Tensor");
 }
 
-// Build facts the Python side checks at import.
+namespace fastcascade {
+void define_launch_config(pybind11::module_& m);  // common/launch_cpu.cpp
+}
+
+// Build facts the Python side checks at import, and the CUDA kernels' launch arithmetic (for tests).
 PYBIND11_MODULE(_C, mod) {
+  fastcascade::define_launch_config(mod);
 #ifdef FASTCASCADE_WITH_CUDA
   mod.attr("with_cuda") = true;
 #else
