@@ -334,7 +334,7 @@ def test_pixel_op_checks_for_direct_callers():
         op(x[0], *w, None, 0, 0.0, 0)
     with pytest.raises(RuntimeError, match="must be contiguous"):
         op(x[:, :, 0].transpose(0, 1).reshape(6, 6).t(), *w, None, 0, 0.0, 0)
-    bwd = torch.ops.fastcascade.pixel_adapter_backward
+    bwd = torch.ops.fastcascade._pixel_adapter_backward
     with pytest.raises(RuntimeError, match="grad_y must be laid out as x"):
         bwd(x.contiguous(memory_format=torch.channels_last), x, *w, None, 0, 0.0, 0)
     with pytest.raises(RuntimeError, match="grad_y must have x's shape"):

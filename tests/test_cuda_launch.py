@@ -370,7 +370,7 @@ def test_pixel_adapter_cuda_at_the_shared_memory_edges(r):
     )
     args = [v.float().cuda() for v in (x, dw, db, uw, ub)]
     y = torch.ops.fastcascade.pixel_adapter(*args, None, 1, 0.0, 0)
-    grads = torch.ops.fastcascade.pixel_adapter_backward(gy.float().cuda(), *args, None, 1, 0.0, 0)
+    grads = torch.ops.fastcascade._pixel_adapter_backward(gy.float().cuda(), *args, None, 1, 0.0, 0)
     leaves = [v.clone().requires_grad_(True) for v in (x, dw, db, uw, ub)]
     ref = reference.pixel_adapter(*leaves, activation="gelu")
     ref.backward(gy)

@@ -7,12 +7,12 @@
 #include <map>
 #include <string>
 
-#include "adapter/adapter_launch.h"
-#include "adapter/pixel_adapter_launch.h"
 #include "common/launch.h"
-#include "dice/dice_focal_launch.h"
+#include "dice_focal/dice_focal_launch.h"
 #include "focal/focal_launch.h"
 #include "metrics/metrics_launch.h"
+#include "pixel_adapter/pixel_adapter_launch.h"
+#include "pooled_adapter/pooled_adapter_launch.h"
 #include "routing/routing_launch.h"
 
 namespace fastcascade {

@@ -16,8 +16,8 @@
 #include "common/cuda_launch.cuh"
 #include "common/cuda_reduce.cuh"
 #include "common/checks.h"
-#include "dice/dice_focal_launch.h"
-#include "dice/dice_focal_math.h"
+#include "dice_focal/dice_focal_launch.h"
+#include "dice_focal/dice_focal_math.h"
 
 namespace fastcascade {
 namespace {
@@ -203,7 +203,7 @@ at::Tensor dice_focal_backward_cuda(const at::Tensor& grad_loss, const at::Tenso
 
 TORCH_LIBRARY_IMPL(fastcascade, CUDA, m) {
   m.impl("dice_focal", &dice_focal_cuda);
-  m.impl("dice_focal_backward", &dice_focal_backward_cuda);
+  m.impl("_dice_focal_backward", &dice_focal_backward_cuda);
 }
 
 }  // namespace fastcascade

@@ -14,9 +14,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "adapter/adapter_checks.h"
-#include "adapter/adapter_launch.h"
-#include "adapter/adapter_math.h"
+#include "common/adapter_checks.h"
+#include "pooled_adapter/pooled_adapter_launch.h"
+#include "common/adapter_math.h"
 #include "common/cuda_launch.cuh"
 
 namespace fastcascade {
@@ -239,7 +239,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 TORCH_LIBRARY_IMPL(fastcascade, CUDA, m) {
   m.impl("pooled_adapter", &pooled_adapter_cuda);
-  m.impl("pooled_adapter_backward", &pooled_adapter_backward_cuda);
+  m.impl("_pooled_adapter_backward", &pooled_adapter_backward_cuda);
 }
 
 }  // namespace fastcascade

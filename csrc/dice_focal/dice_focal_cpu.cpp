@@ -15,7 +15,7 @@
 
 #include "common/checks.h"
 #include "common/cpu.h"
-#include "dice/dice_focal_math.h"
+#include "dice_focal/dice_focal_math.h"
 
 namespace fastcascade {
 namespace {
@@ -342,7 +342,7 @@ at::Tensor dice_focal_backward_cpu(const at::Tensor& grad_loss, const at::Tensor
 
 TORCH_LIBRARY_IMPL(fastcascade, CPU, m) {
   m.impl("dice_focal", &dice_focal_cpu);
-  m.impl("dice_focal_backward", &dice_focal_backward_cpu);
+  m.impl("_dice_focal_backward", &dice_focal_backward_cpu);
 }
 
 }  // namespace fastcascade

@@ -14,9 +14,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "adapter/adapter_checks.h"
-#include "adapter/adapter_math.h"
-#include "adapter/pixel_adapter_launch.h"
+#include "common/adapter_checks.h"
+#include "common/adapter_math.h"
+#include "pixel_adapter/pixel_adapter_launch.h"
 #include "common/cuda_launch.cuh"
 
 namespace fastcascade {
@@ -216,7 +216,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 TORCH_LIBRARY_IMPL(fastcascade, CUDA, m) {
   m.impl("pixel_adapter", &pixel_adapter_cuda);
-  m.impl("pixel_adapter_backward", &pixel_adapter_backward_cuda);
+  m.impl("_pixel_adapter_backward", &pixel_adapter_backward_cuda);
 }
 
 }  // namespace fastcascade
