@@ -17,6 +17,7 @@
 #include "common/cuda_reduce.cuh"
 #include "common/checks.h"
 #include "dice_focal/dice_focal_launch.h"
+#include "dice_focal/dice_focal_checks.h"
 #include "dice_focal/dice_focal_math.h"
 
 namespace fastcascade {
@@ -100,40 +101,14 @@ dice_focal_backward_kernel(const scalar_t* __restrict__ x, const int64_t* __rest
   }
 }
 
-struct Dims {
-  int64_t B, C, S;
-};
-
-Dims check_inputs(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight) {
-  check_floating(logits, "logits");
-  check_same_device(logits, "logits", target, "target");
-  TORCH_CHECK(logits.dim() == 3, "logits must be (B, C, S), got ", logits.sizes());
-  TORCH_CHECK(target.scalar_type() == at::kLong, "target must be int64, got ", target.scalar_type());
-  const Dims d{logits.size(0), logits.size(1), logits.size(2)};
-  TORCH_CHECK(target.dim() == 2 && target.size(0) == d.B && target.size(1) == d.S,
-              "target must have shape (B, S) = (", d.B, ", ", d.S, ") matching logits ", logits.sizes(), ", got ",
-              target.sizes());
-  TORCH_CHECK(d.C >= 1, "logits must have at least one class, got ", logits.sizes());
-  if (weight.has_value()) {
-    check_same_device(logits, "logits", *weight, "weight");
-    TORCH_CHECK(weight->dim() == 1 && weight->numel() == d.C, "weight must have shape (C,) = (", d.C, ",), got ",
-                weight->sizes());
-  }
-  return d;
-}
-
-at::TensorOptions acc_options(const at::Tensor& logits) {
-  return logits.options().dtype(logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dice_focal_cuda(
     const at::Tensor& logits_in, const at::Tensor& target_in, const std::optional<at::Tensor>& weight_in,
     double gamma, double smooth, double lambda_dice, double lambda_focal, int64_t ignore_index,
     bool include_background, bool batch_dice) {
-  const Dims d = check_inputs(logits_in, target_in, weight_in);
+  const DiceFocalDims d = check_dice_focal_inputs(logits_in, target_in, weight_in);
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const at::Tensor logits = logits_in.contiguous(), target = target_in.contiguous();
-  const auto acc_opts = acc_options(logits);
+  const auto acc_opts = dice_focal_acc_options(logits);
   const int64_t acc_size = logits.scalar_type() == at::kDouble ? 8 : 4;
   const DiceForwardLaunch L = dice_focal_forward_launch(d.B, d.C, d.S, acc_size, current_device_limits());
   TORCH_CHECK(L.cfg.ok(), L.cfg.error);
@@ -171,13 +146,11 @@ at::Tensor dice_focal_backward_cuda(const at::Tensor& grad_loss, const at::Tenso
                                     const at::Tensor& inter, const at::Tensor& card, const at::Tensor& focal_stats,
                                     double gamma, double smooth, double lambda_dice, double lambda_focal,
                                     int64_t ignore_index, bool include_background, bool batch_dice) {
-  const Dims d = check_inputs(logits_in, target_in, weight_in);
-  TORCH_CHECK(inter.sizes() == card.sizes() && inter.dim() == 2 && inter.size(0) == d.B && inter.size(1) == d.C,
-              "inter and card must have shape (B, C) = (", d.B, ", ", d.C, "), got ", inter.sizes(), " and ",
-              card.sizes());
+  const DiceFocalDims d = check_dice_focal_inputs(logits_in, target_in, weight_in);
+  check_dice_focal_sums(d, inter, card);
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const at::Tensor logits = logits_in.contiguous(), target = target_in.contiguous();
-  const auto acc_opts = acc_options(logits);
+  const auto acc_opts = dice_focal_acc_options(logits);
   const at::Tensor w = dice_class_weights(weight_in, d.C, include_background, acc_opts);
   auto [coef, fs] = dice_focal_coefficients(inter.to(acc_opts), card.to(acc_opts), focal_stats.to(acc_opts), w,
                                             grad_loss, smooth, lambda_dice, lambda_focal, batch_dice);
