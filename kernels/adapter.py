@@ -40,7 +40,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+
+from ._common import launch, triton_op
 
 __all__ = ["pooled_adapter_backward_triton", "pooled_adapter_triton"]
 
@@ -424,7 +425,7 @@ def _acc_copy(t: Tensor, acc_dtype: torch.dtype) -> Tensor:
 # ----------------------------------------------------------------------------
 
 
-@triton_op("fastcascade::pooled_adapter_triton", mutates_args=())
+@triton_op("fastcascade::pooled_adapter_triton")
 def pooled_adapter_triton(
     x: Tensor,
     down_w: Tensor,
@@ -471,7 +472,7 @@ def pooled_adapter_triton(
     channels_last = sc == 1 and ss != 1
     bb, bc, br, bhw, use_dot, num_warps = _config(B, C, R, HW, x.element_size(), use_fp64, channels_last)
     grid = (triton.cdiv(B, bb),)
-    wrap_triton(_pooled_adapter_fwd_kernel)[grid](
+    launch(_pooled_adapter_fwd_kernel, grid,
         x, y, dw, db, uw, ub, s, pooled, hidden,
         B, C, R, HW, sb, sc, ss, *drop,
         ACT=int(activation), HAS_SCALE=scale is not None, HAS_DROPOUT=dropout > 0, USE_FP64=use_fp64,
@@ -481,7 +482,7 @@ def pooled_adapter_triton(
     return y, pooled, hidden
 
 
-@triton_op("fastcascade::pooled_adapter_backward_triton", mutates_args=())
+@triton_op("fastcascade::pooled_adapter_backward_triton")
 def pooled_adapter_backward_triton(
     grad_y: Tensor,
     pooled: Tensor,
@@ -532,7 +533,7 @@ def pooled_adapter_backward_triton(
         bb, bc, br, bhw, use_dot, num_warps = _config(B, C, R, HW, grad_y.element_size(), use_fp64,
                                                       channels_last)
         grid = (triton.cdiv(B, bb),)
-        wrap_triton(_pooled_adapter_bwd_kernel)[grid](
+        launch(_pooled_adapter_bwd_kernel, grid,
             grad_y, grad_x, hid, dw, uw, ub, s,
             g_u, g_h, act, gs_part if scale is not None else g_u,
             B, C, R, HW, sb, sc, ss, *drop,

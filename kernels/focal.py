@@ -27,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+
+from ._common import launch, triton_op
 
 __all__ = ["sigmoid_focal_triton", "softmax_focal_triton"]
 
@@ -405,6 +406,36 @@ def _same_layout(a: Tensor, b: Tensor) -> bool:
     return all(sa == sb for sz, sa, sb in zip(a.shape, a.stride(), b.stride()) if sz != 1)
 
 
+def _sigmoid_config(n: int):
+    """(grid, BLOCK, num_warps) of the sigmoid kernel for n elements: fixed blocks, so the partials
+    layout (and the sum's order) depends only on n."""
+    return (triton.cdiv(n, _SIG_BLOCK),), _SIG_BLOCK, _SIG_WARPS
+
+
+def _softmax_config(N: int, C: int, S: int):
+    """(kernel, grid, n_sblk, BLOCK_R, BLOCK_C, num_warps) of softmax focal over logits (N, C, S)
+    (S = 1 for (N, C)): whole rows in one register tile up to _MAX_TILE_C classes, class chunks beyond."""
+    if C <= _MAX_TILE_C:
+        kernel = _softmax_focal_tile_kernel
+        block_c = triton.next_power_of_2(C)
+    else:
+        kernel = _softmax_focal_chunk_kernel
+        block_c = _CHUNK_C
+    block_r = max(1, _TILE_ELEMS // block_c)
+    # do not make tiles taller than the row dimension they walk over
+    spatial = S > 1
+    block_r = min(block_r, triton.next_power_of_2(max(S if spatial else N * S, 1)))
+    if spatial:
+        n_sblk = triton.cdiv(S, block_r)
+        grid = (N * n_sblk,)
+    else:
+        n_sblk = 1
+        grid = (triton.cdiv(N * S, block_r),)
+    # ~8 tile elements per thread
+    num_warps = min(16, max(4, (block_r * block_c) // 256))
+    return kernel, grid, n_sblk, block_r, block_c, num_warps
+
+
 def _check_reduction(reduction: int) -> None:
     if reduction not in (_NONE, _MEAN, _SUM):
         raise RuntimeError(f"fastcascade: reduction must be 0 (none), 1 (mean) or 2 (sum), got {reduction}")
@@ -415,7 +446,7 @@ def _check_reduction(reduction: int) -> None:
 # ----------------------------------------------------------------------------
 
 
-@triton_op("fastcascade::sigmoid_focal_triton", mutates_args=())
+@triton_op("fastcascade::sigmoid_focal_triton")
 def sigmoid_focal_triton(
     logits: Tensor,
     targets: Tensor,
@@ -446,7 +477,7 @@ def sigmoid_focal_triton(
     use_fp64 = logits.dtype == torch.float64
     acc_dtype = torch.float64 if use_fp64 else torch.float32
     dev = logits.device
-    grid = (triton.cdiv(n, _SIG_BLOCK),)
+    grid, block, num_warps = _sigmoid_config(n)
 
     if reduction == _NONE:
         loss = torch.empty_like(logits)
@@ -463,12 +494,11 @@ def sigmoid_focal_triton(
     g_hi, g_lo = _split_float(gamma, use_fp64)
     e_hi, e_lo = _split_float(label_smoothing, use_fp64)
     if n > 0:
-        wrap_triton(_sigmoid_focal_kernel)[grid](
-            logits, targets, loss, grad, partials, n,
-            a_hi, a_lo, g_hi, g_lo, e_hi, e_lo,
-            REDUCE=reduction, NEED_GRAD=bool(need_grad), USE_FP64=use_fp64,
-            BLOCK=_SIG_BLOCK, num_warps=_SIG_WARPS,
-        )
+        launch(_sigmoid_focal_kernel, grid,
+               logits, targets, loss, grad, partials, n,
+               a_hi, a_lo, g_hi, g_lo, e_hi, e_lo,
+               REDUCE=reduction, NEED_GRAD=bool(need_grad), USE_FP64=use_fp64,
+               BLOCK=block, num_warps=num_warps)
 
     if reduction == _NONE:
         out = loss
@@ -484,7 +514,7 @@ def sigmoid_focal_triton(
     return out, grad, scale
 
 
-@triton_op("fastcascade::softmax_focal_triton", mutates_args=())
+@triton_op("fastcascade::softmax_focal_triton")
 def softmax_focal_triton(
     logits: Tensor,
     target: Tensor,
@@ -532,23 +562,7 @@ def softmax_focal_triton(
 
     n_rows = N * S
     spatial = S > 1
-    if C <= _MAX_TILE_C:
-        kernel = _softmax_focal_tile_kernel
-        block_c = triton.next_power_of_2(C)
-    else:
-        kernel = _softmax_focal_chunk_kernel
-        block_c = _CHUNK_C
-    block_r = max(1, _TILE_ELEMS // block_c)
-    # do not make tiles taller than the row dimension they walk over
-    block_r = min(block_r, triton.next_power_of_2(max(S if spatial else n_rows, 1)))
-    if spatial:
-        n_sblk = triton.cdiv(S, block_r)
-        grid = (N * n_sblk,)
-    else:
-        n_sblk = 1
-        grid = (triton.cdiv(n_rows, block_r),)
-    # ~8 tile elements per thread
-    num_warps = min(16, max(4, (block_r * block_c) // 256))
+    kernel, grid, n_sblk, block_r, block_c, num_warps = _softmax_config(N, C, S)
 
     if reduction == _NONE:
         loss = torch.empty(tuple(target.shape), dtype=logits.dtype, device=dev)
@@ -566,14 +580,13 @@ def softmax_focal_triton(
     g_hi, g_lo = _split_float(gamma, use_fp64)
     e_hi, e_lo = _split_float(label_smoothing, use_fp64)
     if grid[0] > 0:
-        wrap_triton(kernel)[grid](
-            x, tgt, w, loss, grad, lpart, dpart,
-            n_rows, C, S, n_sblk, int(ignore_index),
-            g_hi, g_lo, e_hi, e_lo,
-            HAS_W=has_w, REDUCE=reduction, NEED_GRAD=bool(need_grad),
-            USE_FP64=use_fp64, SPATIAL=spatial,
-            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
-        )
+        launch(kernel, grid,
+               x, tgt, w, loss, grad, lpart, dpart,
+               n_rows, C, S, n_sblk, int(ignore_index),
+               g_hi, g_lo, e_hi, e_lo,
+               HAS_W=has_w, REDUCE=reduction, NEED_GRAD=bool(need_grad),
+               USE_FP64=use_fp64, SPATIAL=spatial,
+               BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
 
     if reduction == _NONE:
         out = loss

@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
 
+from ._common import launch, triton_op
 from .adapter import _act_fwd_bwd, _check_activation, _check_param, _check_scale, _dropout_args, _dropped
 
 __all__ = ["pixel_adapter_backward_triton", "pixel_adapter_triton"]
@@ -189,7 +189,7 @@ def _weights(acc, down_w, down_b, up_w, up_b):
             up_b.detach().to(acc).contiguous())
 
 
-@triton_op("fastcascade::pixel_adapter_triton", mutates_args=())
+@triton_op("fastcascade::pixel_adapter_triton")
 def pixel_adapter_triton(x: Tensor, down_w: Tensor, down_b: Tensor, up_w: Tensor, up_b: Tensor,
                          scale: Tensor | None, activation: int, dropout: float, seed: int) -> Tensor:
     name = "pixel_adapter_triton"
@@ -202,14 +202,14 @@ def pixel_adapter_triton(x: Tensor, down_w: Tensor, down_b: Tensor, up_w: Tensor
     wdT, bd, _, _, wuT, bu = _weights(acc, down_w, down_b, up_w, up_b)
     s = scale if scale is not None else bd  # a placeholder pointer when there is no scale
     seed_lo, seed_hi, thr, keep_scale = _dropout_args(dropout, seed)
-    wrap_triton(_pixel_fwd_kernel)[(triton.cdiv(T, bt),)](
+    launch(_pixel_fwd_kernel, (triton.cdiv(T, bt),),
         x, y, wdT, bd, wuT, bu, s, T, C, R, HW, sb, sc, sp, seed_lo, seed_hi, thr, keep_scale,
         ACT=activation, HAS_SCALE=scale is not None, HAS_DROPOUT=dropout > 0, DOT=dot, PREC=prec, ACC=acc_tl,
         BLOCK_T=bt, BLOCK_C=bc, BLOCK_R=br)
     return y
 
 
-@triton_op("fastcascade::pixel_adapter_backward_triton", mutates_args=())
+@triton_op("fastcascade::pixel_adapter_backward_triton")
 def pixel_adapter_backward_triton(grad_y: Tensor, x: Tensor, down_w: Tensor, down_b: Tensor, up_w: Tensor,
                                   up_b: Tensor, scale: Tensor | None, activation: int, dropout: float,
                                   seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -229,7 +229,7 @@ def pixel_adapter_backward_triton(grad_y: Tensor, x: Tensor, down_w: Tensor, dow
     if T > 0:
         seed_lo, seed_hi, thr, keep_scale = _dropout_args(dropout, seed)
         s = scale if scale is not None else bd
-        wrap_triton(_pixel_bwd_kernel)[(n_prog,)](
+        launch(_pixel_bwd_kernel, (n_prog,),
             grad_y, x, gx, gh, a, gs_part, wdT, bd, wd, wu, s, T, C, R, HW, sb, sc, sp, seed_lo, seed_hi,
             thr, keep_scale, ACT=activation, HAS_SCALE=scale is not None, HAS_DROPOUT=dropout > 0, DOT=dot,
             PREC=prec, ACC=acc_tl, BLOCK_T=bt, BLOCK_C=bc, BLOCK_R=br)

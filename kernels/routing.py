@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+
+from ._common import launch, triton_op
 
 __all__ = [
     "gather_rows_triton",
@@ -157,7 +158,7 @@ def _route_confident_kernel(x_ptr, t_ptr, s_ptr, out_ptr, N, C, BLOCK_R: tl.cons
     tl.store(out_ptr + rows, (s <= max_sum).to(tl.int32), mask=rmask)
 
 
-@triton_op("fastcascade::route_threshold_triton", mutates_args=())
+@triton_op("fastcascade::route_threshold_triton")
 def route_threshold_triton(logits: Tensor, logit_threshold: float) -> Tensor:
     _check_float(logits, "route_threshold_triton", "logits")
     if not (logits.dim() == 1 or (logits.dim() == 2 and logits.shape[1] == 1)):
@@ -170,7 +171,7 @@ def route_threshold_triton(logits: Tensor, logit_threshold: float) -> Tensor:
                 torch.float64 if fp64 else torch.float32, logits.device)
     if n > 0:
         bf16 = x.dtype == torch.bfloat16
-        wrap_triton(_route_threshold_kernel)[(triton.cdiv(n, _BLOCK),)](
+        launch(_route_threshold_kernel, (triton.cdiv(n, _BLOCK),),
             x.view(torch.int16) if bf16 else x, c, out, n, CT=tl.float64 if fp64 else tl.float32, BF16_BITS=bf16,
             BLOCK=_BLOCK)
     return out
@@ -181,7 +182,7 @@ def _row_tile(C: int):
     return max(1, _TILE_ELEMS // block_c), block_c
 
 
-@triton_op("fastcascade::route_argmax_triton", mutates_args=())
+@triton_op("fastcascade::route_argmax_triton")
 def route_argmax_triton(logits: Tensor) -> Tensor:
     _check_2d(logits, "route_argmax_triton")
     x = logits.contiguous()
@@ -190,13 +191,13 @@ def route_argmax_triton(logits: Tensor) -> Tensor:
     block_r, block_c = _row_tile(C)
     if n > 0:
         # fp32 orders fp16/bf16/fp32 values exactly; fp64 keeps its own precision
-        wrap_triton(_route_argmax_kernel)[(triton.cdiv(n, block_r),)](
+        launch(_route_argmax_kernel, (triton.cdiv(n, block_r),),
             x, out, n, C, CT=tl.float64 if x.dtype == torch.float64 else tl.float32, BLOCK_R=block_r,
             BLOCK_C=block_c)
     return out
 
 
-@triton_op("fastcascade::route_confident_triton", mutates_args=())
+@triton_op("fastcascade::route_confident_triton")
 def route_confident_triton(logits: Tensor, temperature: float, max_sum: float) -> Tensor:
     _check_2d(logits, "route_confident_triton")
     if not temperature > 0:
@@ -208,7 +209,7 @@ def route_confident_triton(logits: Tensor, temperature: float, max_sum: float) -
     if n > 0:
         t = _scalar(temperature, torch.float64, x.device)
         s = _scalar(max_sum, torch.float64, x.device)
-        wrap_triton(_route_confident_kernel)[(triton.cdiv(n, block_r),)](
+        launch(_route_confident_kernel, (triton.cdiv(n, block_r),),
             x, t, s, out, n, C, BLOCK_R=block_r, BLOCK_C=block_c)
     return out
 
@@ -245,7 +246,14 @@ def _partition_place_kernel(branch_ptr, table_ptr, order_ptr, N, B, ntiles, BLOC
     tl.store(order_ptr + first + rank, rows, mask=valid)
 
 
-@triton_op("fastcascade::partition_triton", mutates_args=())
+def _partition_config(n: int, B: int):
+    """(BLOCK rows per tile, NB one-hot bins, tiles) of the one-hot path for n rows into B branches."""
+    nb = triton.next_power_of_2(B + 1)
+    block = max(16, min(_PARTITION_ELEMS // nb, triton.next_power_of_2(n)))
+    return block, nb, triton.cdiv(n, block)
+
+
+@triton_op("fastcascade::partition_triton")
 def partition_triton(branch: Tensor, num_branches: int) -> tuple[Tensor, Tensor, Tensor]:
     if branch.dtype not in _INDEX_DTYPES:
         raise RuntimeError(f"partition_triton: branch must be int32 or int64, got {branch.dtype}")
@@ -264,14 +272,12 @@ def partition_triton(branch: Tensor, num_branches: int) -> tuple[Tensor, Tensor,
         sorted_key, order = torch.sort(key, stable=True)
         offsets = torch.searchsorted(sorted_key, torch.arange(B + 1, device=dev))
         return order, offsets[1:] - offsets[:-1], offsets
-    nb = triton.next_power_of_2(B + 1)
-    block = max(16, min(_PARTITION_ELEMS // nb, triton.next_power_of_2(n)))
-    ntiles = triton.cdiv(n, block)
+    block, nb, ntiles = _partition_config(n, B)
     table = torch.empty((B + 1) * ntiles, dtype=torch.int64, device=dev)
-    wrap_triton(_partition_count_kernel)[(ntiles,)](b, table, n, B, ntiles, BLOCK=block, NB=nb)
+    launch(_partition_count_kernel, (ntiles,), b, table, n, B, ntiles, BLOCK=block, NB=nb)
     first = torch.cumsum(table, 0) - table  # exclusive scan in (bin, tile) order
     order = torch.empty(n, dtype=torch.int64, device=dev)
-    wrap_triton(_partition_place_kernel)[(ntiles,)](b, first, order, n, B, ntiles, BLOCK=block, NB=nb)
+    launch(_partition_place_kernel, (ntiles,), b, first, order, n, B, ntiles, BLOCK=block, NB=nb)
     offsets = first.view(B + 1, ntiles)[:, 0].contiguous()
     return order, offsets[1:] - offsets[:-1], offsets
 
@@ -318,7 +324,7 @@ def _copy_rows(src: Tensor, dst: Tensor, index: Tensor, gather: bool) -> None:
     block_d = min(triton.next_power_of_2(D), 1024)
     block_r = max(1, _COPY_ELEMS // block_d)
     grid = (triton.cdiv(M, block_r), triton.cdiv(D, block_d))
-    wrap_triton(_copy_rows_kernel)[grid](s, d, index, M, D, src_rows, dst_rows, GATHER=gather, BLOCK_R=block_r,
+    launch(_copy_rows_kernel, grid, s, d, index, M, D, src_rows, dst_rows, GATHER=gather, BLOCK_R=block_r,
                                          BLOCK_D=block_d)
 
 
@@ -331,7 +337,7 @@ def _check_rows(x: Tensor, name: str, index: Tensor, op: str) -> None:
         raise RuntimeError(f"{op}: {name} and index must be on the same device, got {x.device} and {index.device}")
 
 
-@triton_op("fastcascade::gather_rows_triton", mutates_args=())
+@triton_op("fastcascade::gather_rows_triton")
 def gather_rows_triton(x: Tensor, index: Tensor) -> Tensor:
     _check_rows(x, "x", index, "gather_rows_triton")
     src, idx = x.contiguous(), index.contiguous()
@@ -340,7 +346,7 @@ def gather_rows_triton(x: Tensor, index: Tensor) -> Tensor:
     return out
 
 
-@triton_op("fastcascade::scatter_rows_triton", mutates_args=())
+@triton_op("fastcascade::scatter_rows_triton")
 def scatter_rows_triton(src: Tensor, index: Tensor, num_rows: int) -> Tensor:
     _check_rows(src, "src", index, "scatter_rows_triton")
     if num_rows < 0:
@@ -392,7 +398,7 @@ def _vote_kernel(x_ptr, labels_ptr, probs_ptr, K, N, C, HARD: tl.constexpr, NEED
         tl.store(probs_ptr + rows[:, None] * C + cols[None, :], p / K, mask=valid)
 
 
-@triton_op("fastcascade::vote_triton", mutates_args=())
+@triton_op("fastcascade::vote_triton")
 def vote_triton(member_logits: Tensor, mode: int, need_probs: bool) -> tuple[Tensor, Tensor]:
     _check_float(member_logits, "vote_triton", "member_logits")
     if member_logits.dim() != 3 or member_logits.shape[0] < 1 or member_logits.shape[2] < 1:
@@ -411,7 +417,7 @@ def vote_triton(member_logits: Tensor, mode: int, need_probs: bool) -> tuple[Ten
     block_c = triton.next_power_of_2(C)
     block_r = max(1, min(_TILE_ELEMS // block_c, triton.next_power_of_2(max(n, 1))))
     if n > 0:
-        wrap_triton(_vote_kernel)[(triton.cdiv(n, block_r),)](
+        launch(_vote_kernel, (triton.cdiv(n, block_r),),
             x, labels, probs, K, n, C, HARD=mode == 0, NEED_PROBS=bool(need_probs),
             CT=tl.float64 if fp64 else tl.float32, BLOCK_R=block_r, BLOCK_C=block_c)
     return labels, probs
