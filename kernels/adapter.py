@@ -113,11 +113,12 @@ def _mix32(v):
 
 @triton.jit
 def _dropout_keep(index, seed_lo, seed_hi, threshold):
+    # tl.cast, not .to: compiled Triton passes an integer argument equal to 1 as a Python constant
     lo = (index & 0xFFFFFFFF).to(tl.uint32)
     hi = (index >> 32).to(tl.uint32)
-    inner = _mix32(hi + seed_hi.to(tl.uint32))
-    h = _mix32(lo ^ _mix32(seed_lo.to(tl.uint32) ^ inner))
-    return h >= threshold.to(tl.uint32)
+    inner = _mix32(hi + tl.cast(seed_hi, tl.uint32))
+    h = _mix32(lo ^ _mix32(tl.cast(seed_lo, tl.uint32) ^ inner))
+    return h >= tl.cast(threshold, tl.uint32)
 
 
 @triton.jit
