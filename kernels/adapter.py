@@ -83,9 +83,12 @@ def _act_fwd(h, ACT: tl.constexpr):
 
 
 @triton.jit
-def _act_fwd_bwd(h, ACT: tl.constexpr):
-    """(act(h), act'(h)), evaluated in fp64 as _act_fwd."""
-    hd = h.to(tl.float64)
+def _act_fwd_bwd(h, ACT: tl.constexpr, WIDE: tl.constexpr):
+    """(act(h), act'(h)), evaluated in fp64 as _act_fwd when WIDE, else in h's dtype."""
+    if WIDE:
+        hd = h.to(tl.float64)
+    else:
+        hd = h
     if ACT == 0:
         pos = hd > 0.0
         a = tl.where(pos, hd, 0.0)
@@ -275,7 +278,7 @@ def _pooled_adapter_bwd_kernel(
     br_mask = bmask[:, None] & rmask[None, :]
 
     hid = tl.load(hid_ptr + br_off, mask=br_mask, other=0)
-    a, da = _act_fwd_bwd(hid, ACT)
+    a, da = _act_fwd_bwd(hid, ACT, True)
     a = _dropped(a, br_off, seed_lo, seed_hi, threshold, keep_scale, HAS_DROPOUT)  # index b * r + j
     da = _dropped(da, br_off, seed_lo, seed_hi, threshold, keep_scale, HAS_DROPOUT)
     tl.store(a_ptr + br_off, a, mask=br_mask)
@@ -474,12 +477,11 @@ def pooled_adapter_triton(
     bb, bc, br, bhw, use_dot, num_warps = _config(B, C, R, HW, x.element_size(), use_fp64, channels_last)
     grid = (triton.cdiv(B, bb),)
     launch(_pooled_adapter_fwd_kernel, grid,
-        x, y, dw, db, uw, ub, s, pooled, hidden,
-        B, C, R, HW, sb, sc, ss, *drop,
-        ACT=int(activation), HAS_SCALE=scale is not None, HAS_DROPOUT=dropout > 0, USE_FP64=use_fp64,
-        USE_DOT=use_dot, BIG_INDEX=C * HW > _INT32_MAX,
-        BLOCK_B=bb, BLOCK_C=bc, BLOCK_R=br, BLOCK_HW=bhw, num_warps=num_warps,
-    )
+           x, y, dw, db, uw, ub, s, pooled, hidden,
+           B, C, R, HW, sb, sc, ss, *drop,
+           ACT=int(activation), HAS_SCALE=scale is not None, HAS_DROPOUT=dropout > 0, USE_FP64=use_fp64,
+           USE_DOT=use_dot, BIG_INDEX=C * HW > _INT32_MAX,
+           BLOCK_B=bb, BLOCK_C=bc, BLOCK_R=br, BLOCK_HW=bhw, num_warps=num_warps)
     return y, pooled, hidden
 
 
@@ -535,13 +537,12 @@ def pooled_adapter_backward_triton(
                                                       channels_last)
         grid = (triton.cdiv(B, bb),)
         launch(_pooled_adapter_bwd_kernel, grid,
-            grad_y, grad_x, hid, dw, uw, ub, s,
-            g_u, g_h, act, gs_part if scale is not None else g_u,
-            B, C, R, HW, sb, sc, ss, *drop,
-            ACT=int(activation), HAS_SCALE=scale is not None, HAS_DROPOUT=dropout > 0, USE_FP64=use_fp64,
-            USE_DOT=use_dot, BIG_INDEX=C * HW > _INT32_MAX,
-            BLOCK_B=bb, BLOCK_C=bc, BLOCK_R=br, BLOCK_HW=bhw, num_warps=num_warps,
-        )
+               grad_y, grad_x, hid, dw, uw, ub, s,
+               g_u, g_h, act, gs_part if scale is not None else g_u,
+               B, C, R, HW, sb, sc, ss, *drop,
+               ACT=int(activation), HAS_SCALE=scale is not None, HAS_DROPOUT=dropout > 0, USE_FP64=use_fp64,
+               USE_DOT=use_dot, BIG_INDEX=C * HW > _INT32_MAX,
+               BLOCK_B=bb, BLOCK_C=bc, BLOCK_R=br, BLOCK_HW=bhw, num_warps=num_warps)
 
     pooled_acc = pooled.to(acc_dtype)
     grad_up_w = torch.mm(g_u.t(), act).to(up_w.dtype)          # (C, r)
