@@ -172,14 +172,18 @@ def route_threshold_triton(logits: Tensor, logit_threshold: float) -> Tensor:
     if n > 0:
         bf16 = x.dtype == torch.bfloat16
         launch(_route_threshold_kernel, (triton.cdiv(n, _BLOCK),),
-            x.view(torch.int16) if bf16 else x, c, out, n, CT=tl.float64 if fp64 else tl.float32, BF16_BITS=bf16,
-            BLOCK=_BLOCK)
+               x.view(torch.int16) if bf16 else x, c, out, n, CT=tl.float64 if fp64 else tl.float32, BF16_BITS=bf16,
+               BLOCK=_BLOCK)
     return out
 
 
-def _row_tile(C: int):
+def _row_tile(C: int, elem_bits: int):
+    """(BLOCK_R, BLOCK_C, num_warps) of the per-row decision kernels, for C classes computed in
+    elem_bits-wide floats: a (rows x classes) tile of _TILE_ELEMS, 16 elements a thread (8 warps) in
+    fp32, 8 in fp64 (16 warps); at 4 warps route_confident's fp64 tiles spill and route_argmax's fp32
+    ones take 255 registers (ptxas -v, sm_90)."""
     block_c = min(triton.next_power_of_2(C), _MAX_TILE_C)
-    return max(1, _TILE_ELEMS // block_c), block_c
+    return max(1, _TILE_ELEMS // block_c), block_c, 16 if elem_bits > 32 else 8
 
 
 @triton_op("fastcascade::route_argmax_triton")
@@ -188,12 +192,13 @@ def route_argmax_triton(logits: Tensor) -> Tensor:
     x = logits.contiguous()
     n, C = x.shape
     out = torch.empty(n, dtype=torch.int32, device=x.device)
-    block_r, block_c = _row_tile(C)
+    fp64 = x.dtype == torch.float64
+    block_r, block_c, num_warps = _row_tile(C, 64 if fp64 else 32)
     if n > 0:
         # fp32 orders fp16/bf16/fp32 values exactly; fp64 keeps its own precision
         launch(_route_argmax_kernel, (triton.cdiv(n, block_r),),
-            x, out, n, C, CT=tl.float64 if x.dtype == torch.float64 else tl.float32, BLOCK_R=block_r,
-            BLOCK_C=block_c)
+               x, out, n, C, CT=tl.float64 if fp64 else tl.float32, BLOCK_R=block_r, BLOCK_C=block_c,
+               num_warps=num_warps)
     return out
 
 
@@ -205,12 +210,12 @@ def route_confident_triton(logits: Tensor, temperature: float, max_sum: float) -
     x = logits.contiguous()
     n, C = x.shape
     out = torch.empty(n, dtype=torch.int32, device=x.device)
-    block_r, block_c = _row_tile(C)
+    block_r, block_c, num_warps = _row_tile(C, 64)  # evaluated in fp64 whatever the logits' dtype
     if n > 0:
         t = _scalar(temperature, torch.float64, x.device)
         s = _scalar(max_sum, torch.float64, x.device)
         launch(_route_confident_kernel, (triton.cdiv(n, block_r),),
-            x, t, s, out, n, C, BLOCK_R=block_r, BLOCK_C=block_c)
+               x, t, s, out, n, C, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
     return out
 
 
@@ -288,10 +293,13 @@ def partition_triton(branch: Tensor, num_branches: int) -> tuple[Tensor, Tensor,
 
 
 @triton.jit
-def _copy_rows_kernel(src_ptr, dst_ptr, idx_ptr, M, D, src_rows, dst_rows, GATHER: tl.constexpr,
+def _copy_rows_kernel(src_ptr, dst_ptr, idx_ptr, M, D, src_rows, dst_rows, n_dblk, GATHER: tl.constexpr,
                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    i = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    # one grid axis (up to 2^31 - 1 programs; the others stop at 65535), n_dblk column tiles per row tile
+    pid = tl.program_id(0).to(tl.int64)
+    rt = pid // n_dblk
+    i = rt * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = (pid - rt * n_dblk) * BLOCK_D + tl.arange(0, BLOCK_D)
     imask = i < M
     idx = tl.load(idx_ptr + i, mask=imask, other=0).to(tl.int64)
     if GATHER:  # an out-of-range source row reads as zeros
@@ -321,11 +329,15 @@ def _copy_rows(src: Tensor, dst: Tensor, index: Tensor, gather: bool) -> None:
     s = src.reshape(src_rows, -1).view(torch.uint8).view(word)
     d = dst.reshape(dst_rows, -1).view(torch.uint8).view(word)
     D = d.shape[1]
+    block_r, block_d, n_dblk = _copy_config(M, D)
+    launch(_copy_rows_kernel, (triton.cdiv(M, block_r) * n_dblk,),
+           s, d, index, M, D, src_rows, dst_rows, n_dblk, GATHER=gather, BLOCK_R=block_r, BLOCK_D=block_d)
+
+
+def _copy_config(M: int, D: int):
+    """(BLOCK_R, BLOCK_D, column tiles per row tile) of the row copy of M rows of D words."""
     block_d = min(triton.next_power_of_2(D), 1024)
-    block_r = max(1, _COPY_ELEMS // block_d)
-    grid = (triton.cdiv(M, block_r), triton.cdiv(D, block_d))
-    launch(_copy_rows_kernel, grid, s, d, index, M, D, src_rows, dst_rows, GATHER=gather, BLOCK_R=block_r,
-                                         BLOCK_D=block_d)
+    return max(1, _COPY_ELEMS // block_d), block_d, triton.cdiv(D, block_d)
 
 
 def _check_rows(x: Tensor, name: str, index: Tensor, op: str) -> None:
@@ -366,6 +378,13 @@ def scatter_rows_triton(src: Tensor, index: Tensor, num_rows: int) -> Tensor:
 
 
 @triton.jit
+def _member_offsets(k, N, rows, C, cols):
+    """Offsets of member k's rows in (K, N, C) logits: int64 before k * N, which passes 2^31 once
+    K N does (k is an int32 loop counter, N an int32 argument below 2^31)."""
+    return (tl.cast(k, tl.int64) * N + rows)[:, None] * C + cols[None, :]
+
+
+@triton.jit
 def _vote_kernel(x_ptr, labels_ptr, probs_ptr, K, N, C, HARD: tl.constexpr, NEED_PROBS: tl.constexpr,
                  CT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -375,8 +394,7 @@ def _vote_kernel(x_ptr, labels_ptr, probs_ptr, K, N, C, HARD: tl.constexpr, NEED
     p = tl.zeros([BLOCK_R, BLOCK_C], CT)
     votes = tl.zeros([BLOCK_R, BLOCK_C], tl.int32)
     for k in range(K):
-        off = (k * N + rows)[:, None] * C + cols[None, :]
-        x = tl.load(x_ptr + off, mask=valid, other=0).to(CT)
+        x = tl.load(x_ptr + _member_offsets(k, N, rows, C, cols), mask=valid, other=0).to(CT)
         m = tl.max(tl.where(valid, x, float("-inf")), axis=1)
         e = tl.where(valid, tl.exp(x - m[:, None]), 0.0)
         s = tl.where(rmask, tl.sum(e, axis=1), 1.0)  # >= 1 on real rows; padding rows divide 0 by 1
@@ -398,6 +416,15 @@ def _vote_kernel(x_ptr, labels_ptr, probs_ptr, K, N, C, HARD: tl.constexpr, NEED
         tl.store(probs_ptr + rows[:, None] * C + cols[None, :], p / K, mask=valid)
 
 
+def _vote_config(n: int, C: int, fp64: bool):
+    """(BLOCK_R, BLOCK_C, num_warps) of the vote kernel: whole rows of C classes, a tile of up to
+    _TILE_ELEMS at 16 warps, so that the tile's logits, probability sums and vote counts stay in
+    registers (fp32 soft votes spill at 4 and at 8 warps; ptxas -v, sm_90)."""
+    block_c = triton.next_power_of_2(C)
+    block_r = max(1, min(_TILE_ELEMS // block_c, triton.next_power_of_2(max(n, 1))))
+    return block_r, block_c, 16
+
+
 @triton_op("fastcascade::vote_triton")
 def vote_triton(member_logits: Tensor, mode: int, need_probs: bool) -> tuple[Tensor, Tensor]:
     _check_float(member_logits, "vote_triton", "member_logits")
@@ -414,10 +441,9 @@ def vote_triton(member_logits: Tensor, mode: int, need_probs: bool) -> tuple[Ten
     acc = torch.float64 if fp64 else torch.float32
     labels = torch.empty(n, dtype=torch.int64, device=x.device)
     probs = torch.empty((n if need_probs else 0, C), dtype=acc, device=x.device)
-    block_c = triton.next_power_of_2(C)
-    block_r = max(1, min(_TILE_ELEMS // block_c, triton.next_power_of_2(max(n, 1))))
+    block_r, block_c, num_warps = _vote_config(n, C, fp64)
     if n > 0:
         launch(_vote_kernel, (triton.cdiv(n, block_r),),
-            x, labels, probs, K, n, C, HARD=mode == 0, NEED_PROBS=bool(need_probs),
-            CT=tl.float64 if fp64 else tl.float32, BLOCK_R=block_r, BLOCK_C=block_c)
+               x, labels, probs, K, n, C, HARD=mode == 0, NEED_PROBS=bool(need_probs),
+               CT=tl.float64 if fp64 else tl.float32, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
     return labels, probs
