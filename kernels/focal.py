@@ -17,6 +17,15 @@ Reductions are two-stage and deterministic: every program writes one partial
 on the input shape, then the partials buffer is summed with ``torch.sum``.
 No atomics are used.
 
+Accuracy on a GPU (fp32 compute; fp64 is IEEE throughout): compiled Triton turns fp32 ``tl.exp``
+into ``ex2.approx`` of x log2(e) (relative error ~2 ulp + |x| 2^-24) and ``/`` into ``div.full``
+(~2 ulp); ``tl.log`` is libdevice's ``logf``. The softmax of the tile kernels (_precise_softmax,
+also Dice + focal's) uses libdevice's ``expf`` (within 2 ulp) and IEEE-rounded division instead, as
+the C++ kernels do, so its probabilities match theirs to an ulp or two; the focal factor (1 - p)^gamma, the sigmoid
+kernel and the chunked (C > 4096) softmax use the fast forms, a few ulp per operation, which the
+tolerance model (2x the fp32 reference's own error) absorbs. The interpreter (TRITON_INTERPRET=1)
+runs numpy's correctly rounded functions everywhere.
+
 Fake kernels and autograd are registered elsewhere (fastcascade/_ops.py).
 """
 
@@ -27,8 +36,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.language.extra import libdevice
 
-from ._common import launch, triton_op
+from ._common import INTERPRETED, launch, triton_op
 
 __all__ = ["sigmoid_focal_triton", "softmax_focal_triton"]
 
@@ -56,13 +66,39 @@ _SIG_TARGET_DTYPES = _FLOAT_DTYPES + (torch.bool, torch.uint8)
 # ----------------------------------------------------------------------------
 
 
+_INTERPRETED = tl.constexpr(INTERPRETED)
+
+
 @triton.jit
-def _log1p_01(e):
+def _exp_rn(x):
+    """exp(x) within an ulp or two over the whole range: libdevice's expf / exp (fp32 tl.exp is
+    ex2.approx of a rounded x log2(e), off by up to ~|x| 2^-24 relative). The interpreter cannot call
+    libdevice; its numpy exp is accurate already."""
+    if _INTERPRETED:
+        return tl.exp(x)
+    else:
+        return libdevice.exp(x)
+
+
+@triton.jit
+def _div(a, b, IEEE: tl.constexpr):
+    """a / b, correctly rounded when IEEE (fp32 `/` compiles to div.full, ~2 ulp; fp64 `/` is IEEE)."""
+    if IEEE:
+        if b.dtype == tl.float32:
+            return tl.math.div_rn(a, b)
+        else:
+            return a / b
+    else:
+        return a / b
+
+
+@triton.jit
+def _log1p_01(e, IEEE: tl.constexpr = False):
     """Accurate log1p(e) for e >= 0 using only log (Goldberg/Kahan trick)."""
     u = 1.0 + e
     d = u - 1.0
     small = d == 0.0
-    return tl.where(small, e, tl.log(u) * (e / tl.where(small, 1.0, d)))
+    return tl.where(small, e, tl.log(u) * _div(e, tl.where(small, 1.0, d), IEEE))
 
 
 @triton.jit
@@ -70,14 +106,16 @@ def _precise_softmax(x, cols):
     """Softmax over the rows of x (rows, BLOCK_C; -inf in padded columns): (is_am, log p, p, 1 - p,
     1 / (1 + s)). log-sum-exp = mx + log1p(s), s summing exp(x - mx) over c != argmax: the arg-max term
     (exactly 1) stays out of the sum, so log p and 1 - p of a confident class keep their relative
-    precision; only the arg-max class can have p > 1/2, and its 1 - p is s / (1 + s)."""
+    precision; only the arg-max class can have p > 1/2, and its 1 - p is s / (1 + s). exp is
+    libdevice's expf (within 2 ulp over the whole range) and the divisions are IEEE-rounded (div.rn),
+    as in the C++ kernels."""
     mx, am = tl.max(x, axis=1, return_indices=True, return_indices_tie_break_left=True)
     is_am = cols[None, :] == am[:, None]
     xm = x - mx[:, None]
-    ex = tl.exp(xm)
+    ex = _exp_rn(xm)
     s = tl.sum(tl.where(is_am, 0.0, ex), axis=1)
-    inv = 1.0 / (1.0 + s)
-    lp = xm - _log1p_01(s)[:, None]
+    inv = _div(1.0, 1.0 + s, True)
+    lp = xm - _log1p_01(s, True)[:, None]
     p = tl.where(is_am, inv[:, None], ex * inv[:, None])
     om = tl.where(is_am, (s * inv)[:, None], 1.0 - p)
     return is_am, lp, p, om, inv

@@ -469,10 +469,10 @@ def test_no_register_spills_at_benchmark_shapes(gate, case):
             f"({row['registers']} registers)")
 
 
-def test_precise_softmax_uses_correctly_rounded_exp_and_division(gate):
+def test_precise_softmax_uses_libdevice_exp_and_ieee_division(gate):
     """The softmax the focal tile kernels share runs libdevice's expf (whose ex2 is the .ftz form on a
-    reduced argument) and div.rn, not the ex2.approx.f32 of x log2(e) and div.full that plain tl.exp
-    and `/` compile to."""
+    range-reduced argument) and div.rn, not the ex2.approx.f32 of x log2(e) and the div.full that plain
+    tl.exp and `/` compile to."""
     probe = gate["precise_softmax_probe"]
     assert "error" not in probe, probe.get("error")
     ops = probe["ptx_ops"]
