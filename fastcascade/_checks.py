@@ -7,6 +7,7 @@ import math
 import numbers
 import operator
 import os
+import pathlib
 from collections.abc import Iterable
 
 import torch
@@ -111,6 +112,16 @@ def device_arg(device, name: str = "device") -> torch.device:
         raise ValueError(f"{label()}: this machine (or this torch build) has no usable {dev.type} device; use "
                          + ("'cpu' or 'cuda'" if torch.cuda.is_available() else "'cpu'"))
     return dev
+
+
+def file_in_the_way(path: str | os.PathLike) -> pathlib.Path | None:
+    """What keeps `path` from being (or becoming) a folder: path itself or its nearest existing ancestor, when
+    that is not a folder (a file); None when path is a folder or can be created as one."""
+    p = pathlib.Path(path).expanduser()
+    for q in (p, *p.parents):
+        if q.exists():
+            return None if q.is_dir() else q
+    return None
 
 
 def check_backend(backend) -> None:

@@ -38,7 +38,8 @@ CHECKSUM_ALGORITHM = "sha256"
 # (numpy arrays and scalars, pathlib paths, defaultdict, frozenset, ...) are refused at load time
 
 
-_LEAVES = (str, bytes, bytearray, int, float, complex, bool, type(None), torch.dtype, torch.device, torch.layout)
+_LEAVES = (str, bytes, bytearray, int, float, complex, bool, type(None), torch.dtype, torch.device,
+           torch.layout)
 _MAPPINGS = (dict, OrderedDict)
 _SEQUENCES = (list, tuple, torch.Size)
 
@@ -57,7 +58,8 @@ def _refused(where: str, v) -> TypeError:
 def _user_safe(v) -> bool:
     """An instance of a class the user allowed with torch.serialization.add_safe_globals."""
     safe = torch.serialization.get_safe_globals()
-    return any(isinstance(s, type) and type(v) is s for s in (g[0] if isinstance(g, tuple) else g for g in safe))
+    classes = (g[0] if isinstance(g, tuple) else g for g in safe)
+    return any(isinstance(c, type) and type(v) is c for c in classes)
 
 
 def _feed(h, obj, where: str) -> None:
@@ -255,7 +257,8 @@ def atomic_write(path: str | os.PathLike, write: Callable, mode: str = "wb",
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
-        raise NotADirectoryError(f"{path}: cannot create its folder {path.parent}: a file is in the way") from None
+        raise NotADirectoryError(f"{path}: cannot create its folder {path.parent}: a file is in the "
+                                 f"way") from None
     remove_stale_temps(path.parent)
     while True:
         tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.{os.getpid()}@{_host()}.tmp"

@@ -91,7 +91,8 @@ def adapter_state_dict(model: nn.Module) -> dict:
     records = _records(sd, (k for k in sd if k not in keys))
     meta = {"format": FORMAT, "fingerprint": _fingerprint(records),
             "architecture": _architecture_digest(records), "backbone": records,
-            "held_eval": held_norms(model), "tensors": {k: [list(v.shape), str(v.dtype)] for k, v in out.items()}}
+            "held_eval": held_norms(model),
+            "tensors": {k: [list(v.shape), str(v.dtype)] for k, v in out.items()}}
     meta["checksum"] = checksum({**out, META_KEY: meta}, "adapter_state_dict")
     out[META_KEY] = meta
     return out
@@ -107,7 +108,8 @@ def _check_state(state: Mapping) -> None:
                          f"{FORMAT})")
     needed = {k: t for k, t in _META_ENTRIES.items() if fmt == FORMAT or k not in ("tensors", "checksum")}
     missing = [k for k in needed if k not in meta]
-    wrong = [f"{k!r} ({type(meta[k]).__name__})" for k, t in needed.items() if k in meta and not isinstance(meta[k], t)]
+    wrong = [f"{k!r} ({type(meta[k]).__name__})" for k, t in needed.items()
+             if k in meta and not isinstance(meta[k], t)]
     if missing or wrong:
         raise ValueError(f"the adapter state is damaged: its {META_KEY!r} entry "
                          + "; ".join(([f"lacks {missing}"] if missing else [])
@@ -129,7 +131,8 @@ def _check_state(state: Mapping) -> None:
     if absent or extra or not_tensors:
         parts = ([f"lacks {len(absent)} of the {len(listed)} tensors it was saved with: "
                   f"{few(sorted(absent), 8, as_list=True)}"] if absent else [])
-        parts += [f"holds entries it was not saved with: {few(sorted(extra), 8, as_list=True)}"] if extra else []
+        if extra:
+            parts.append(f"holds entries it was not saved with: {few(sorted(extra), 8, as_list=True)}")
         parts += [f"holds non-tensors: {few(sorted(not_tensors), 8, as_list=True)}"] if not_tensors else []
         raise ValueError("the adapter state is damaged or was edited: it " + "; ".join(parts))
     problem = checksum_problem({**tensors, META_KEY: {k: v for k, v in meta.items() if k != "checksum"}},

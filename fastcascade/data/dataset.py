@@ -96,7 +96,8 @@ def _cache_problem(data, params: dict) -> str | None:
     parameters, entries missing or of the wrong shape, or content that does not match its checksum."""
     if not isinstance(data, dict):
         return f"it holds a {type(data).__name__}, not the cache's dict"
-    missing = [k for k in ("blocks", "labels", "image_ids", "image_names", "params", "checksum") if k not in data]
+    entries = ("blocks", "labels", "image_ids", "image_names", "params", "checksum")
+    missing = [k for k in entries if k not in data]
     if missing:
         old = missing == ["checksum"]
         return "it has no checksum (written by an older fastcascade)" if old else f"it lacks {missing}"

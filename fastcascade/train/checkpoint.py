@@ -159,7 +159,8 @@ def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise ValueError(f"checkpoint {path}: not a readable torch.save file ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}); it may be damaged or truncated") from None
+                         f"{str(e).splitlines()[0] if str(e) else ''}); it may be damaged or "
+                         f"truncated") from None
     fmt = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
     if fmt not in (CHECKPOINT_FORMAT, *OLD_FORMATS):
         raise ValueError(f"checkpoint {path}: not a fastcascade checkpoint (format {fmt!r}, expected "
@@ -183,7 +184,8 @@ def _optimizer_problem(ckpt: Mapping, optimizer) -> str | None:
     load state of the wrong shape), or None."""
     saved_class = ckpt.get("optimizer_class")
     if saved_class is not None and saved_class != type(optimizer).__name__:
-        return f"its optimizer state was saved from {saved_class}, the optimizer given is {type(optimizer).__name__}"
+        return (f"its optimizer state was saved from {saved_class}, the optimizer given is "
+                f"{type(optimizer).__name__}")
     saved = ckpt["optimizer"]
     if not isinstance(saved, Mapping) or not isinstance(saved.get("param_groups"), list) \
             or not isinstance(saved.get("state"), Mapping):
@@ -207,7 +209,8 @@ def _optimizer_problem(ckpt: Mapping, optimizer) -> str | None:
 def _scheduler_problem(ckpt: Mapping, scheduler) -> str | None:
     saved_class = ckpt.get("scheduler_class")
     if saved_class is not None and saved_class != type(scheduler).__name__:
-        return f"its scheduler state was saved from {saved_class}, the scheduler given is {type(scheduler).__name__}"
+        return (f"its scheduler state was saved from {saved_class}, the scheduler given is "
+                f"{type(scheduler).__name__}")
     saved = ckpt["scheduler"]
     if not isinstance(saved, Mapping):
         return "its scheduler entry is not a scheduler state_dict"

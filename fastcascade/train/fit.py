@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import Dataset, DistributedSampler, RandomSampler, WeightedRandomSampler
 
 from .. import adapters
-from .._checks import device_arg, number_arg
+from .._checks import device_arg, file_in_the_way, number_arg
 from .._io import lock_folder, write_bytes, write_json
 from ..losses import class_balanced_weights
 from .batches import kept_rows, labels_of, loader, num_output_classes, targets_of
@@ -85,13 +85,11 @@ def _check_out_dir(out_dir) -> None:
     """out_dir must be a folder or creatable as one: not a file, not under a file."""
     if not isinstance(out_dir, (str, os.PathLike)):
         raise TypeError(f"out_dir must be a path (str or os.PathLike), got {type(out_dir).__name__}")
-    p = pathlib.Path(out_dir)
-    for q in (p, *p.parents):
-        if q.exists():
-            if not q.is_dir():
-                where = "is a file" if q == p else f"is under {q}, which is a file"
-                raise ValueError(f"out_dir={str(out_dir)!r} {where}; fit writes its checkpoints into a folder")
-            break
+    blocker = file_in_the_way(out_dir)
+    if blocker is not None:
+        itself = blocker == pathlib.Path(out_dir).expanduser()
+        where = "is a file" if itself else f"is under {blocker}, which is a file"
+        raise ValueError(f"out_dir={str(out_dir)!r} {where}; fit writes its checkpoints into a folder")
 
 
 def _sampler_weights(targets: torch.Tensor, sampler: str, beta: float) -> torch.Tensor:
@@ -331,11 +329,13 @@ def _output_width(model: nn.Module, probe: torch.Tensor) -> int:
 def _resume(run: _Run, resume, model, optimizer, scheduler, epochs: int, gen: torch.Generator, augment,
             out_dir: pathlib.Path | None, probe, checkpoint_every) -> None:
     """Restores model, optimizer, scheduler, the RNG states and run from a checkpoint written by fit, and
-    makes out_dir/best.pt hold the run's best epoch (and out_dir/epoch-NNNN.pt the checkpoint's epoch, when
-    checkpoint_every asks for it: a kill may have come before it was written). The best weights come from the checkpoint itself
-    (its own weights when its epoch is the best one, else the copy it carries); only the checkpoints of
-    older fastcascade versions send us to a best.pt, looked up next to the checkpoint (never through a
-    stored path: the folder may have moved, and a relative path would resolve against another cwd)."""
+    makes out_dir/best.pt hold the run's best epoch (and out_dir/epoch-NNNN.pt the checkpoint's epoch,
+    when checkpoint_every asks for it: a kill may have come before it was written).
+
+    The best weights come from the checkpoint itself (its own weights when its epoch is the best one,
+    else the copy it carries); only checkpoints of older fastcascade versions send us to a best.pt,
+    looked up next to the checkpoint, never through a stored path: the folder may have moved, and a
+    relative path would resolve against another cwd."""
     path = pathlib.Path(resume)
     ckpt = read_checkpoint(path)
     state = ckpt["extra"].get("fit")
@@ -345,8 +345,8 @@ def _resume(run: _Run, resume, model, optimizer, scheduler, epochs: int, gen: to
               "sampler_generator", "augment")
     missing = [k for k in needed if k not in state]
     if missing:
-        what = ("holds the best weights only (written after a resume); resume from last.pt or an epoch-NNNN.pt"
-                if state.get("weights_only") else f"lacks the training state entries {missing}")
+        what = (f"lacks the training state entries {missing}" if not state.get("weights_only") else
+                "holds the best weights only (written after a resume); resume from last.pt or an epoch-NNNN.pt")
         raise ValueError(f"resume={str(resume)!r}: the checkpoint {what}")
     if ckpt["epoch"] >= epochs:
         raise ValueError(f"resume={str(resume)!r} is at epoch {ckpt['epoch']}: nothing left of epochs={epochs}")
@@ -407,7 +407,8 @@ def _holds(path: pathlib.Path, run_id: str, epoch: int) -> bool:
     return ckpt["epoch"] == epoch and isinstance(fit_state, Mapping) and fit_state.get("run_id") == run_id
 
 
-def _restore_best_file(run: _Run, out_dir: pathlib.Path, source: pathlib.Path, epoch: int, model, probe) -> None:
+def _restore_best_file(run: _Run, out_dir: pathlib.Path, source: pathlib.Path, epoch: int, model,
+                       probe) -> None:
     """Make out_dir/best.pt hold the run's best epoch. It may not: the run was killed between last.pt and
     best.pt, or resumes into another folder, or from an older checkpoint after best.pt moved on. A file that
     holds that epoch (the resumed checkpoint itself, or best.pt / epoch-NNNN.pt next to it) is copied as it
@@ -415,8 +416,8 @@ def _restore_best_file(run: _Run, out_dir: pathlib.Path, source: pathlib.Path, e
     target = out_dir / "best.pt"
     if _holds(target, run.run_id, run.best_epoch):
         return
-    candidates = ([source] if epoch == run.best_epoch else []) + [source.parent / "best.pt",
-                                                                  source.parent / f"epoch-{run.best_epoch:04d}.pt"]
+    candidates = [source] if epoch == run.best_epoch else []
+    candidates += [source.parent / "best.pt", source.parent / f"epoch-{run.best_epoch:04d}.pt"]
     for c in candidates:
         if c != target and _holds(c, run.run_id, run.best_epoch):
             write_bytes(c.read_bytes(), target)
@@ -492,7 +493,8 @@ def _save_epoch(run: _Run, out_dir: pathlib.Path, epoch: int, improved: bool, ra
              "trainable_at_start": sorted(run.trainable_at_start), "rng": rng_state(),
              "sampler_generator": gen.get_state(), "augment": augment_state(augment), "monitor": monitor}
     if rank == 0:
-        last = save_checkpoint(out_dir / "last.pt", model, optimizer, scheduler, epoch, {"fit": state}, probe=probe)
+        last = save_checkpoint(out_dir / "last.pt", model, optimizer, scheduler, epoch, {"fit": state},
+                               probe=probe)
         copies = [out_dir / "best.pt"] if improved else []
         if checkpoint_every is not None and epoch % checkpoint_every == 0:
             copies.append(out_dir / f"epoch-{epoch:04d}.pt")
