@@ -328,8 +328,10 @@ def lock_folder(folder: str | os.PathLike, purpose: str) -> Iterator[pathlib.Pat
 
     The lock is flock(2) on that file: the kernel releases it when its holder exits in any way (SIGKILL
     included), so a lock file left by a dead process never blocks. Without fcntl (not POSIX) nothing is
-    locked."""
+    locked. A folder the lock created is removed again if it is empty at the end (a run that failed
+    before writing anything leaves nothing behind)."""
     folder = pathlib.Path(folder)
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
     if fcntl is None:
@@ -367,3 +369,6 @@ def lock_folder(folder: str | os.PathLike, purpose: str) -> Iterator[pathlib.Pat
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):  # not empty: the run wrote its files
+                folder.rmdir()

@@ -239,6 +239,10 @@ def test_a_second_fit_on_a_locked_folder_refuses(tmp_path):
         with pytest.raises(RuntimeError, match=r"in use by another run \(pid \d+ on .*a test"):
             run(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written, the lock file removed
+    with pytest.raises(ValueError, match="no rows"):  # fails before writing: no folder left behind either
+        T.fit(run_model(), nn.functional.cross_entropy, *_ns["task"](), 1, out_dir=tmp_path / "new",
+              target_fn=lambda y: torch.full_like(y, -100), progress=False)
+    assert not (tmp_path / "new").exists()
 
 
 @posix_only
