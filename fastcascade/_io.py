@@ -215,7 +215,7 @@ class _Sink:
 
 
 def _write_error(path: pathlib.Path, e: OSError) -> OSError:
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+    if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
         what = "no space left on the device (disk or quota full)"
     elif e.errno == errno.EFBIG:
         what = "the file is larger than this process may write (ulimit -f) or the file system allows"
@@ -264,7 +264,8 @@ def atomic_write(path: str | os.PathLike, write: Callable, mode: str = "wb",
         tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.{os.getpid()}@{_host()}.tmp"
         try:
             # 0o666 under the umask, as open() would give a new file (mkstemp would give 0600)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+            fd = os.open(tmp, flags, 0o666)
             break
         except FileExistsError:
             continue
