@@ -8,7 +8,7 @@ import numbers
 import operator
 import os
 import pathlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -135,6 +135,12 @@ def few(items: Iterable, n: int = 5, *, as_list: bool = False) -> str:
     items = list(items)
     head = f"{items[:n]}" if as_list else ", ".join(str(i) for i in items[:n])
     return head + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def listed(groups: Iterable[tuple[str, Sequence]], n: int = 8, *, as_list: bool = False) -> str:
+    """The non-empty groups of an error message, "label: a, b and 3 more; label2: c" (see few): e.g. the
+    entries a model and a checkpoint disagree on."""
+    return "; ".join(f"{label}: {few(items, n, as_list=as_list)}" for label, items in groups if items)
 
 
 def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:

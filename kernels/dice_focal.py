@@ -3,7 +3,7 @@
 Two custom ops are defined with ``torch.library.triton_op`` in the ``fastcascade`` namespace:
 
 * ``fastcascade::dice_focal_triton`` -> (loss, inter, card, focal_stats)
-* ``fastcascade::dice_focal_backward_triton`` -> grad_logits
+* ``fastcascade::_dice_focal_backward_triton`` -> grad_logits
 
 Same schema and semantics as the C++ ops (csrc/fastcascade.cpp). logits (B, C, S), target (B, S).
 Each program owns a tile of BLOCK_R pixels of one image with all their classes in registers, and
@@ -203,7 +203,7 @@ def dice_focal_triton(
     return loss.to(logits.dtype), inter, card, focal_stats
 
 
-@triton_op("fastcascade::dice_focal_backward_triton")
+@triton_op("fastcascade::_dice_focal_backward_triton")
 def dice_focal_backward_triton(
     grad_loss: Tensor,
     logits: Tensor,
@@ -220,9 +220,9 @@ def dice_focal_backward_triton(
     include_background: bool,
     batch_dice: bool,
 ) -> Tensor:
-    B, C, S = _check(logits, target, weight, "dice_focal_backward_triton")
+    B, C, S = _check(logits, target, weight, "_dice_focal_backward_triton")
     if tuple(inter.shape) != (B, C) or tuple(card.shape) != (B, C):
-        raise RuntimeError(f"dice_focal_backward_triton: inter and card must have shape ({B}, {C})")
+        raise RuntimeError(f"_dice_focal_backward_triton: inter and card must have shape ({B}, {C})")
     use_fp64 = logits.dtype == torch.float64
     acc = torch.float64 if use_fp64 else torch.float32
     dev = logits.device

@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.module import _IncompatibleKeys
 
-from .._checks import few
+from .._checks import few, listed
 from .._io import checksum, checksum_problem
 from .surgery import held_norms, hold_eval, release_eval
 
@@ -124,17 +124,15 @@ def _check_state(state: Mapping) -> None:
                       "again with adapter_state_dict to add one", stacklevel=3)
         return
     tensors = {k: v for k, v in state.items() if k != META_KEY}
-    listed = meta["tensors"]
-    absent = [k for k in listed if k not in tensors]
-    extra = [k for k in tensors if k not in listed]
+    saved_names = meta["tensors"]
+    absent = [k for k in saved_names if k not in tensors]
+    extra = [k for k in tensors if k not in saved_names]
     not_tensors = [k for k, v in tensors.items() if not isinstance(v, torch.Tensor)]
     if absent or extra or not_tensors:
-        parts = ([f"lacks {len(absent)} of the {len(listed)} tensors it was saved with: "
-                  f"{few(sorted(absent), 8, as_list=True)}"] if absent else [])
-        if extra:
-            parts.append(f"holds entries it was not saved with: {few(sorted(extra), 8, as_list=True)}")
-        parts += [f"holds non-tensors: {few(sorted(not_tensors), 8, as_list=True)}"] if not_tensors else []
-        raise ValueError("the adapter state is damaged or was edited: it " + "; ".join(parts))
+        raise ValueError("the adapter state is damaged or was edited: it " + listed((
+            (f"lacks {len(absent)} of the {len(saved_names)} tensors it was saved with", sorted(absent)),
+            ("holds entries it was not saved with", sorted(extra)),
+            ("holds non-tensors", sorted(not_tensors))), as_list=True))
     problem = checksum_problem({**tensors, META_KEY: {k: v for k, v in meta.items() if k != "checksum"}},
                                meta["checksum"])
     if problem:
@@ -178,18 +176,13 @@ def load_adapter_state_dict(model: nn.Module, state: Mapping, strict: bool = Tru
     fps = f"fingerprint {fp_saved[:12]} (checkpoint) vs {fp_now[:12]} (this model)"
     bad += [k for k in backbone_keys if k in saved_backbone and saved_backbone[k][:2] != records[k][:2]]
     if bad or (strict and (unexpected or missing or absent)):
-        parts = []
-        if unexpected:
-            parts.append(f"checkpoint tensors this model lacks: {few(sorted(unexpected), 8, as_list=True)}")
-        if absent:
-            parts.append(f"checkpoint backbone entries this model lacks: {few(sorted(absent), 8, as_list=True)}")
-        if missing:
-            parts.append(f"model entries the checkpoint does not know: {few(sorted(missing), 8, as_list=True)}")
-        if bad:
-            parts.append(f"different shape or dtype: {few(sorted(bad), 8, as_list=True)}")
+        parts = listed((("checkpoint tensors this model lacks", sorted(unexpected)),
+                        ("checkpoint backbone entries this model lacks", sorted(absent)),
+                        ("model entries the checkpoint does not know", sorted(missing)),
+                        ("different shape or dtype", sorted(bad))), as_list=True)
         raise ValueError(f"load_adapter_state_dict: the model's architecture differs from the one the "
                          f"checkpoint was saved from ({fps}; architecture {meta['architecture'][:12]} vs "
-                         f"{_architecture_digest(records)[:12]}): " + "; ".join(parts)
+                         f"{_architecture_digest(records)[:12]}): " + parts
                          + ". Build the model exactly as before (same backbone, same add_adapters call) "
                            "before loading.")
     if check_backbone:

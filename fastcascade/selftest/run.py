@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
-import statistics
 import sys
 import time
 import warnings
@@ -20,6 +19,7 @@ from .._io import write_json
 from .cases import DTYPE_NAMES, Case, all_cases, public_api
 from .execute import Upstream, bind, execute, mismatches, step
 from .report import SelftestResult, SelftestRow, fmt_sci
+from .timing import copy_bandwidth, median_seconds
 from .tolerance import reference_errors, rel_err, tolerance
 
 # ---------------------------------------------------------------------------------------------
@@ -158,30 +158,6 @@ def _first_line(e: BaseException) -> str:
     return str(e).splitlines()[0] if str(e) else ""
 
 
-def _cuda_seconds(fn, reps: int, warmup: int = 3) -> float:
-    """Median seconds of fn() over reps calls, each between two CUDA events."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
-
-
-def _copy_bandwidth(device: torch.device) -> float:
-    """Device copy bandwidth in bytes/s (bytes read plus written) of a 256 MiB copy, measured in this run."""
-    n = 1 << 28
-    src = torch.empty(n, dtype=torch.uint8, device=device).random_()
-    dst = torch.empty_like(src)
-    return 2 * n / _cuda_seconds(lambda: dst.copy_(src), reps=20)
-
-
 def _timing_inputs(case: Case, device: torch.device, seed: int):
     gen = torch.Generator(device=device).manual_seed(_seed(case, seed))
     return case.make(gen, device), Upstream(_seed(case, seed) + 1)  # the correctness pass's inputs
@@ -189,7 +165,8 @@ def _timing_inputs(case: Case, device: torch.device, seed: int):
 
 def _seconds(case: Case, impl: str, inputs: list, up: Upstream, compiled=None) -> float:
     leaves, forward = bind(case, impl, inputs, compiled)
-    return _cuda_seconds(lambda: step(leaves, forward, up), 20 if case.tier == "bench" else 10)
+    device = next(t.device for t in inputs if isinstance(t, torch.Tensor))
+    return median_seconds(lambda: step(leaves, forward, up), 20 if case.tier == "bench" else 10, device=device)
 
 
 def _time_case(case: Case, rows: list, device: torch.device, seed: int, bw: float) -> None:
@@ -303,7 +280,7 @@ def selftest(device=None, quick: bool = False, json_path=None, *, ops: Sequence[
             save()
             bar.update()
         if timed:
-            result.copy_bandwidth_gbps = _copy_bandwidth(dev) / 1e9
+            result.copy_bandwidth_gbps = copy_bandwidth(dev) / 1e9
             # every row's time first, then torch.compile of the reference at the benchmark shapes
             work = [(c, rows, False) for c, rows in per_case] + [(c, rows, True) for c, rows in per_case
                                                                   if c.tier == "bench"]

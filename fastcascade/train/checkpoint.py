@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .._checks import bitwise_equal, few
+from .._checks import bitwise_equal, few, listed
 from .._io import check_loadable, checksum, checksum_problem, save_torch
 
 __all__ = ["CHECKPOINT_FORMAT", "apply_checkpoint", "load_checkpoint", "read_checkpoint", "save_checkpoint",
@@ -248,17 +248,12 @@ def apply_checkpoint(ckpt: Mapping, path, model: nn.Module, optimizer=None, sche
     unexpected = [k for k in saved if k not in mine]
     shapes = [f"{k} {saved[k][0]} vs {mine[k][0]}" for k in mine if k in saved and saved[k] != mine[k]]
     if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} entries of the model are not in the checkpoint ({few(missing)})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} checkpoint entries are not in the model ({few(unexpected)})")
-        if shapes:
-            parts.append(f"{len(shapes)} entries differ in shape or dtype, checkpoint vs model "
-                         f"({few(shapes)})")
+        parts = listed(((f"{len(missing)} entries of the model are not in the checkpoint", missing),
+                        (f"{len(unexpected)} checkpoint entries are not in the model", unexpected),
+                        (f"{len(shapes)} entries differ in shape or dtype, checkpoint vs model", shapes)), 5)
         raise ValueError(f"checkpoint {path} was saved from another architecture ({ckpt.get('model_class')}, "
                          f"{len(saved)} entries) than this {type(model).__name__} ({len(mine)} entries): "
-                         + "; ".join(parts))
+                         + parts)
     for name, obj, check in (("optimizer", optimizer, _optimizer_problem),
                              ("scheduler", scheduler, _scheduler_problem)):
         if obj is None:
