@@ -3,7 +3,7 @@
 Two custom ops are defined with ``torch.library.triton_op`` in the ``fastcascade`` namespace:
 
 * ``fastcascade::dice_focal_triton`` -> (loss, inter, card, focal_stats)
-* ``fastcascade::dice_focal_backward_triton`` -> grad_logits
+* ``fastcascade::_dice_focal_backward_triton`` -> grad_logits
 
 Same schema and semantics as the C++ ops (csrc/fastcascade.cpp). logits (B, C, S), target (B, S).
 Each program owns a tile of BLOCK_R pixels of one image with all their classes in registers, and
@@ -203,7 +203,7 @@ def dice_focal_triton(
     return loss.to(logits.dtype), inter, card, focal_stats
 
 
-@triton_op("fastcascade::dice_focal_backward_triton")
+@triton_op("fastcascade::_dice_focal_backward_triton")
 def dice_focal_backward_triton(
     grad_loss: Tensor,
     logits: Tensor,

@@ -5,7 +5,7 @@ Two custom ops are defined with ``torch.library.triton_op`` in the
 
 * ``fastcascade::pooled_adapter_triton``
     (x, down_w, down_b, up_w, up_b, scale, activation, dropout, seed) -> (y, pooled, hidden)
-* ``fastcascade::pooled_adapter_backward_triton``
+* ``fastcascade::_pooled_adapter_backward_triton``
     (grad_y, pooled, hidden, down_w, up_w, up_b, scale, activation, dropout, seed)
     -> (grad_x, grad_down_w, grad_down_b, grad_up_w, grad_up_b, grad_scale)
 
@@ -485,7 +485,7 @@ def pooled_adapter_triton(
     return y, pooled, hidden
 
 
-@triton_op("fastcascade::pooled_adapter_backward_triton")
+@triton_op("fastcascade::_pooled_adapter_backward_triton")
 def pooled_adapter_backward_triton(
     grad_y: Tensor,
     pooled: Tensor,
