@@ -415,3 +415,16 @@ def test_trunk_cascade_static_mode_never_syncs_and_captures():
         run = c.capture(256, x)
         x2 = random_input(256, seed + 50).cuda()
         assert torch.equal(run(x), dense) and torch.equal(run(x2), cascade_dense(c, x2))
+
+
+def test_stage_targets_prefer_the_leaf_when_two_branches_lead_to_a_label():
+    """A gate (NONE exits, the flat model behind it also predicts NONE) and a confident exit: the target
+    of a NONE row is the exit branch, the rest go on."""
+    gen = torch.Generator().manual_seed(0)
+    flat = Stage(_head(3, gen), Argmax(), [0, 1, 2], name="flat")
+    c = Cascade(Stage(_head(1, gen), Threshold(0.5), [0, flat], name="gate"))
+    assert c.stage_targets(torch.tensor([0, 1, 2]))["gate"].tolist() == [0, 1, 1]
+    exits = Cascade(Stage(_head(3, gen), Confident(0.8), [0, 1, 2, Stage(_head(3, gen), Argmax(), [2, 1, 0],
+                                                                        name="late")], name="early"))
+    t = exits.stage_targets(torch.tensor([0, 1, 2]))
+    assert t["early"].tolist() == [0, 1, 2] and t["late"].tolist() == [2, 1, 0]

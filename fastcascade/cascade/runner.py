@@ -327,7 +327,8 @@ class Cascade(nn.Module):
 
     def stage_targets(self, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per stage, the branch (class, for an ensemble) that leads to each row's true final label,
-        -1 where that label is not under the stage."""
+        -1 where that label is not under the stage. Where several branches lead to it (a gate's NONE leaf and
+        the flat model behind it; a confident exit and the stage after it) the branch of its leaf counts."""
         labels = labels.to(torch.int64)
         targets = {}
         for node in self.nodes:
@@ -335,10 +336,11 @@ class Cascade(nn.Module):
             if isinstance(node, Ensemble):
                 for c, lab in enumerate(node.label_table.tolist()):
                     t[labels == lab] = c
-            else:
-                for b, child in enumerate(node.kids):
+            else:  # a label reachable on several branches: its leaf's branch, else the first subtree holding it
+                kids = sorted(enumerate(node.kids), key=lambda bc: not isinstance(bc[1], Leaf))
+                for b, child in kids:
                     for lab in self._labels_under(child):
-                        t[labels == lab] = b
+                        t[(labels == lab) & (t < 0)] = b
             targets[node.name] = t
         return targets
 
