@@ -19,7 +19,8 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train and evaluate the AV1 partition cascade on the embedded dataset")
     demo.add_argument("--device", default=None,
-                      help="cpu, cuda or cuda:N (default: cuda when visible, else cpu)")
+                      help="cpu, cuda or cuda:N (default: cuda when visible, else cpu); a device this machine "
+                           "lacks exits with status 2")
     demo.add_argument("--out", default=None,
                       help="run folder (default: ./runs/demo-<timestamp>); must not exist or be empty")
     demo.add_argument("--epochs", type=_positive, default=None,
@@ -46,9 +47,13 @@ def main(argv=None) -> int:
         return run_selftest(args)
     try:
         run_demo(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError) as e:
+        # bad input or a missing dependency: one line, no traceback
         print(f"python -m fastcascade demo: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, permissions: the message names the path
+        print(f"python -m fastcascade demo: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

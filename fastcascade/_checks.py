@@ -3,8 +3,11 @@ same mistake the same way."""
 
 from __future__ import annotations
 
+import math
+import numbers
 import operator
 import os
+import pathlib
 from collections.abc import Iterable
 
 import torch
@@ -53,6 +56,72 @@ def positive_int(value, name: str) -> int:
     if v < 1:
         raise ValueError(f"{name} must be >= 1, got {v}")
     return v
+
+
+def number_arg(value, name: str, low: float | None = None, *, low_inclusive: bool = True) -> float:
+    """A finite real number (numpy and 0-dim tensors too) >= low (> low with low_inclusive=False), as a
+    float; TypeError for other types (bool included), ValueError for NaN, infinity or a value below low."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+    if low is not None and (v < low if low_inclusive else v <= low):
+        raise ValueError(f"{name} must be {'>=' if low_inclusive else '>'} {low}, got {v}")
+    return v
+
+
+def device_arg(device, name: str = "device") -> torch.device:
+    """The torch.device of `device` (str, int or torch.device), checked to exist here. ValueError naming the
+    argument for a string torch does not know ("tpu"), "meta" (no data to compute on), or a device this
+    machine lacks: "cuda" with no GPU visible, "cuda:3" with two, "mps" or "xpu" where unavailable."""
+    label = (lambda: f"{name} {device}") if name.startswith("--") else (lambda: f"{name}={device!r}")
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise TypeError(f"{name} must be a device string such as 'cpu' or 'cuda:0', or a torch.device, got "
+                        f"{type(device).__name__}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"{label()}: not a device torch knows; expected 'cpu', 'cuda' or 'cuda:N' (or "
+                         f"another type torch.device accepts that this machine has)") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "meta":
+        raise ValueError(f"{label()}: meta tensors have shapes but no data, so nothing can be computed on "
+                         f"them; use 'cpu' or 'cuda'")
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ValueError(f"{label()}: no CUDA device is visible here (torch.cuda.is_available() is "
+                             f"False); use 'cpu'")
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"{label()}: only {n} CUDA device(s) are visible (cuda:0 to cuda:{n - 1})")
+        return dev
+    try:
+        if dev.type == "mps":
+            usable = torch.backends.mps.is_available()
+        else:
+            usable = getattr(getattr(torch, dev.type, None), "is_available", lambda: True)()
+        if usable:
+            torch.empty(1, device=dev)
+    except Exception:  # e.g. no torch.<type> module, or no kernels registered for that backend
+        usable = False
+    if not usable:
+        raise ValueError(f"{label()}: this machine (or this torch build) has no usable {dev.type} device; use "
+                         + ("'cpu' or 'cuda'" if torch.cuda.is_available() else "'cpu'"))
+    return dev
+
+
+def file_in_the_way(path: str | os.PathLike) -> pathlib.Path | None:
+    """What keeps `path` from being (or becoming) a folder: path itself or its nearest existing ancestor, when
+    that is not a folder (a file); None when path is a folder or can be created as one."""
+    p = pathlib.Path(path).expanduser()
+    for q in (p, *p.parents):
+        if q.exists():
+            return None if q.is_dir() else q
+    return None
 
 
 def check_backend(backend) -> None:

@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
 
+from ._common import launch, triton_op
 from .focal import _FLOAT_DTYPES, _precise_softmax, _softmax_terms, _split_float
 
 __all__ = ["dice_focal_triton", "dice_focal_backward_triton"]
@@ -139,6 +139,7 @@ def _check(logits: Tensor, target: Tensor, weight: Optional[Tensor], name: str):
 
 
 def _tiles(B: int, C: int, S: int):
+    """(BLOCK_R, BLOCK_C, programs per image, num_warps) of both kernels: whole pixels in a register tile."""
     block_c = triton.next_power_of_2(C)
     block_r = min(max(1, _TILE_ELEMS // block_c), triton.next_power_of_2(max(S, 1)))
     n_sblk = triton.cdiv(S, block_r)
@@ -161,7 +162,7 @@ def _groups(inter: Tensor, card: Tensor, batch_dice: bool):
     return (inter.sum(0, keepdim=True), card.sum(0, keepdim=True)) if batch_dice else (inter, card)
 
 
-@triton_op("fastcascade::dice_focal_triton", mutates_args=())
+@triton_op("fastcascade::dice_focal_triton")
 def dice_focal_triton(
     logits: Tensor,
     target: Tensor,
@@ -185,10 +186,9 @@ def dice_focal_triton(
     parts = torch.zeros((B, n_sblk, P), dtype=acc, device=dev)
     g_hi, g_lo = _split_float(gamma, use_fp64)
     if B * n_sblk > 0:
-        wrap_triton(_dice_focal_fwd_kernel)[(B * n_sblk,)](
-            x, tgt, w if w is not None else parts, parts, C, S, n_sblk, int(ignore_index), g_hi, g_lo,
-            HAS_W=w is not None, USE_FP64=use_fp64, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
-        )
+        launch(_dice_focal_fwd_kernel, (B * n_sblk,),
+               x, tgt, w if w is not None else parts, parts, C, S, n_sblk, int(ignore_index), g_hi, g_lo,
+               HAS_W=w is not None, USE_FP64=use_fp64, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
     sums = parts.sum(1)  # (B, P): chunks of each image, a fixed reduction
     inter, card = sums[:, 2:2 + C].clone(), sums[:, 2 + C:].clone()  # outputs alias nothing
     focal_stats = sums[:, :2].sum(0)
@@ -203,7 +203,7 @@ def dice_focal_triton(
     return loss.to(logits.dtype), inter, card, focal_stats
 
 
-@triton_op("fastcascade::dice_focal_backward_triton", mutates_args=())
+@triton_op("fastcascade::dice_focal_backward_triton")
 def dice_focal_backward_triton(
     grad_loss: Tensor,
     logits: Tensor,
@@ -247,8 +247,7 @@ def dice_focal_backward_triton(
     block_r, block_c, n_sblk, num_warps = _tiles(B, C, S)
     g_hi, g_lo = _split_float(gamma, use_fp64)
     if B * n_sblk > 0:
-        wrap_triton(_dice_focal_bwd_kernel)[(B * n_sblk,)](
-            x, tgt, w if w is not None else coef, coef, fs, grad, C, S, n_sblk, int(ignore_index), g_hi, g_lo,
-            HAS_W=w is not None, USE_FP64=use_fp64, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
-        )
+        launch(_dice_focal_bwd_kernel, (B * n_sblk,),
+               x, tgt, w if w is not None else coef, coef, fs, grad, C, S, n_sblk, int(ignore_index), g_hi, g_lo,
+               HAS_W=w is not None, USE_FP64=use_fp64, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
     return grad

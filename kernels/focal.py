@@ -17,6 +17,15 @@ Reductions are two-stage and deterministic: every program writes one partial
 on the input shape, then the partials buffer is summed with ``torch.sum``.
 No atomics are used.
 
+Accuracy on a GPU (fp32 compute; fp64 is IEEE throughout): compiled Triton turns fp32 ``tl.exp``
+into ``ex2.approx`` of x log2(e) (relative error ~2 ulp + |x| 2^-24) and ``/`` into ``div.full``
+(~2 ulp); ``tl.log`` is libdevice's ``logf``. The softmax of the tile kernels (_precise_softmax,
+also Dice + focal's) uses libdevice's ``expf`` (within 2 ulp) and IEEE-rounded division instead, as
+the C++ kernels do, so its probabilities match theirs to an ulp or two; the focal factor (1 - p)^gamma, the sigmoid
+kernel and the chunked (C > 4096) softmax use the fast forms, a few ulp per operation, which the
+tolerance model (2x the fp32 reference's own error) absorbs. The interpreter (TRITON_INTERPRET=1)
+runs numpy's correctly rounded functions everywhere.
+
 Fake kernels and autograd are registered elsewhere (fastcascade/_ops.py).
 """
 
@@ -27,7 +36,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from triton.language.extra import libdevice
+
+from ._common import INTERPRETED, launch, triton_op
 
 __all__ = ["sigmoid_focal_triton", "softmax_focal_triton"]
 
@@ -55,13 +66,39 @@ _SIG_TARGET_DTYPES = _FLOAT_DTYPES + (torch.bool, torch.uint8)
 # ----------------------------------------------------------------------------
 
 
+_INTERPRETED = tl.constexpr(INTERPRETED)
+
+
 @triton.jit
-def _log1p_01(e):
+def _exp_rn(x):
+    """exp(x) within an ulp or two over the whole range: libdevice's expf / exp (fp32 tl.exp is
+    ex2.approx of a rounded x log2(e), off by up to ~|x| 2^-24 relative). The interpreter cannot call
+    libdevice; its numpy exp is accurate already."""
+    if _INTERPRETED:
+        return tl.exp(x)
+    else:
+        return libdevice.exp(x)
+
+
+@triton.jit
+def _div(a, b, IEEE: tl.constexpr):
+    """a / b, correctly rounded when IEEE (fp32 `/` compiles to div.full, ~2 ulp; fp64 `/` is IEEE)."""
+    if IEEE:
+        if b.dtype == tl.float32:
+            return tl.math.div_rn(a, b)
+        else:
+            return a / b
+    else:
+        return a / b
+
+
+@triton.jit
+def _log1p_01(e, IEEE: tl.constexpr = False):
     """Accurate log1p(e) for e >= 0 using only log (Goldberg/Kahan trick)."""
     u = 1.0 + e
     d = u - 1.0
     small = d == 0.0
-    return tl.where(small, e, tl.log(u) * (e / tl.where(small, 1.0, d)))
+    return tl.where(small, e, tl.log(u) * _div(e, tl.where(small, 1.0, d), IEEE))
 
 
 @triton.jit
@@ -69,14 +106,16 @@ def _precise_softmax(x, cols):
     """Softmax over the rows of x (rows, BLOCK_C; -inf in padded columns): (is_am, log p, p, 1 - p,
     1 / (1 + s)). log-sum-exp = mx + log1p(s), s summing exp(x - mx) over c != argmax: the arg-max term
     (exactly 1) stays out of the sum, so log p and 1 - p of a confident class keep their relative
-    precision; only the arg-max class can have p > 1/2, and its 1 - p is s / (1 + s)."""
+    precision; only the arg-max class can have p > 1/2, and its 1 - p is s / (1 + s). exp is
+    libdevice's expf (within 2 ulp over the whole range) and the divisions are IEEE-rounded (div.rn),
+    as in the C++ kernels."""
     mx, am = tl.max(x, axis=1, return_indices=True, return_indices_tie_break_left=True)
     is_am = cols[None, :] == am[:, None]
     xm = x - mx[:, None]
-    ex = tl.exp(xm)
+    ex = _exp_rn(xm)
     s = tl.sum(tl.where(is_am, 0.0, ex), axis=1)
-    inv = 1.0 / (1.0 + s)
-    lp = xm - _log1p_01(s)[:, None]
+    inv = _div(1.0, 1.0 + s, True)
+    lp = xm - _log1p_01(s, True)[:, None]
     p = tl.where(is_am, inv[:, None], ex * inv[:, None])
     om = tl.where(is_am, (s * inv)[:, None], 1.0 - p)
     return is_am, lp, p, om, inv
@@ -405,6 +444,36 @@ def _same_layout(a: Tensor, b: Tensor) -> bool:
     return all(sa == sb for sz, sa, sb in zip(a.shape, a.stride(), b.stride()) if sz != 1)
 
 
+def _sigmoid_config(n: int):
+    """(grid, BLOCK, num_warps) of the sigmoid kernel for n elements: fixed blocks, so the partials
+    layout (and the sum's order) depends only on n."""
+    return (triton.cdiv(n, _SIG_BLOCK),), _SIG_BLOCK, _SIG_WARPS
+
+
+def _softmax_config(N: int, C: int, S: int):
+    """(kernel, grid, n_sblk, BLOCK_R, BLOCK_C, num_warps) of softmax focal over logits (N, C, S)
+    (S = 1 for (N, C)): whole rows in one register tile up to _MAX_TILE_C classes, class chunks beyond."""
+    if C <= _MAX_TILE_C:
+        kernel = _softmax_focal_tile_kernel
+        block_c = triton.next_power_of_2(C)
+    else:
+        kernel = _softmax_focal_chunk_kernel
+        block_c = _CHUNK_C
+    block_r = max(1, _TILE_ELEMS // block_c)
+    # do not make tiles taller than the row dimension they walk over
+    spatial = S > 1
+    block_r = min(block_r, triton.next_power_of_2(max(S if spatial else N * S, 1)))
+    if spatial:
+        n_sblk = triton.cdiv(S, block_r)
+        grid = (N * n_sblk,)
+    else:
+        n_sblk = 1
+        grid = (triton.cdiv(N * S, block_r),)
+    # ~8 tile elements per thread
+    num_warps = min(16, max(4, (block_r * block_c) // 256))
+    return kernel, grid, n_sblk, block_r, block_c, num_warps
+
+
 def _check_reduction(reduction: int) -> None:
     if reduction not in (_NONE, _MEAN, _SUM):
         raise RuntimeError(f"fastcascade: reduction must be 0 (none), 1 (mean) or 2 (sum), got {reduction}")
@@ -415,7 +484,7 @@ def _check_reduction(reduction: int) -> None:
 # ----------------------------------------------------------------------------
 
 
-@triton_op("fastcascade::sigmoid_focal_triton", mutates_args=())
+@triton_op("fastcascade::sigmoid_focal_triton")
 def sigmoid_focal_triton(
     logits: Tensor,
     targets: Tensor,
@@ -446,7 +515,7 @@ def sigmoid_focal_triton(
     use_fp64 = logits.dtype == torch.float64
     acc_dtype = torch.float64 if use_fp64 else torch.float32
     dev = logits.device
-    grid = (triton.cdiv(n, _SIG_BLOCK),)
+    grid, block, num_warps = _sigmoid_config(n)
 
     if reduction == _NONE:
         loss = torch.empty_like(logits)
@@ -463,12 +532,11 @@ def sigmoid_focal_triton(
     g_hi, g_lo = _split_float(gamma, use_fp64)
     e_hi, e_lo = _split_float(label_smoothing, use_fp64)
     if n > 0:
-        wrap_triton(_sigmoid_focal_kernel)[grid](
-            logits, targets, loss, grad, partials, n,
-            a_hi, a_lo, g_hi, g_lo, e_hi, e_lo,
-            REDUCE=reduction, NEED_GRAD=bool(need_grad), USE_FP64=use_fp64,
-            BLOCK=_SIG_BLOCK, num_warps=_SIG_WARPS,
-        )
+        launch(_sigmoid_focal_kernel, grid,
+               logits, targets, loss, grad, partials, n,
+               a_hi, a_lo, g_hi, g_lo, e_hi, e_lo,
+               REDUCE=reduction, NEED_GRAD=bool(need_grad), USE_FP64=use_fp64,
+               BLOCK=block, num_warps=num_warps)
 
     if reduction == _NONE:
         out = loss
@@ -484,7 +552,7 @@ def sigmoid_focal_triton(
     return out, grad, scale
 
 
-@triton_op("fastcascade::softmax_focal_triton", mutates_args=())
+@triton_op("fastcascade::softmax_focal_triton")
 def softmax_focal_triton(
     logits: Tensor,
     target: Tensor,
@@ -532,23 +600,7 @@ def softmax_focal_triton(
 
     n_rows = N * S
     spatial = S > 1
-    if C <= _MAX_TILE_C:
-        kernel = _softmax_focal_tile_kernel
-        block_c = triton.next_power_of_2(C)
-    else:
-        kernel = _softmax_focal_chunk_kernel
-        block_c = _CHUNK_C
-    block_r = max(1, _TILE_ELEMS // block_c)
-    # do not make tiles taller than the row dimension they walk over
-    block_r = min(block_r, triton.next_power_of_2(max(S if spatial else n_rows, 1)))
-    if spatial:
-        n_sblk = triton.cdiv(S, block_r)
-        grid = (N * n_sblk,)
-    else:
-        n_sblk = 1
-        grid = (triton.cdiv(n_rows, block_r),)
-    # ~8 tile elements per thread
-    num_warps = min(16, max(4, (block_r * block_c) // 256))
+    kernel, grid, n_sblk, block_r, block_c, num_warps = _softmax_config(N, C, S)
 
     if reduction == _NONE:
         loss = torch.empty(tuple(target.shape), dtype=logits.dtype, device=dev)
@@ -566,14 +618,13 @@ def softmax_focal_triton(
     g_hi, g_lo = _split_float(gamma, use_fp64)
     e_hi, e_lo = _split_float(label_smoothing, use_fp64)
     if grid[0] > 0:
-        wrap_triton(kernel)[grid](
-            x, tgt, w, loss, grad, lpart, dpart,
-            n_rows, C, S, n_sblk, int(ignore_index),
-            g_hi, g_lo, e_hi, e_lo,
-            HAS_W=has_w, REDUCE=reduction, NEED_GRAD=bool(need_grad),
-            USE_FP64=use_fp64, SPATIAL=spatial,
-            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
-        )
+        launch(kernel, grid,
+               x, tgt, w, loss, grad, lpart, dpart,
+               n_rows, C, S, n_sblk, int(ignore_index),
+               g_hi, g_lo, e_hi, e_lo,
+               HAS_W=has_w, REDUCE=reduction, NEED_GRAD=bool(need_grad),
+               USE_FP64=use_fp64, SPATIAL=spatial,
+               BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
 
     if reduction == _NONE:
         out = loss

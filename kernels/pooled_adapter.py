@@ -40,7 +40,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+
+from ._common import launch, triton_op
 
 __all__ = ["pooled_adapter_backward_triton", "pooled_adapter_triton"]
 
@@ -82,9 +83,12 @@ def _act_fwd(h, ACT: tl.constexpr):
 
 
 @triton.jit
-def _act_fwd_bwd(h, ACT: tl.constexpr):
-    """(act(h), act'(h)), evaluated in fp64 as _act_fwd."""
-    hd = h.to(tl.float64)
+def _act_fwd_bwd(h, ACT: tl.constexpr, WIDE: tl.constexpr):
+    """(act(h), act'(h)), evaluated in fp64 as _act_fwd when WIDE, else in h's dtype."""
+    if WIDE:
+        hd = h.to(tl.float64)
+    else:
+        hd = h
     if ACT == 0:
         pos = hd > 0.0
         a = tl.where(pos, hd, 0.0)
@@ -112,11 +116,12 @@ def _mix32(v):
 
 @triton.jit
 def _dropout_keep(index, seed_lo, seed_hi, threshold):
+    # tl.cast, not .to: compiled Triton passes an integer argument equal to 1 as a Python constant
     lo = (index & 0xFFFFFFFF).to(tl.uint32)
     hi = (index >> 32).to(tl.uint32)
-    inner = _mix32(hi + seed_hi.to(tl.uint32))
-    h = _mix32(lo ^ _mix32(seed_lo.to(tl.uint32) ^ inner))
-    return h >= threshold.to(tl.uint32)
+    inner = _mix32(hi + tl.cast(seed_hi, tl.uint32))
+    h = _mix32(lo ^ _mix32(tl.cast(seed_lo, tl.uint32) ^ inner))
+    return h >= tl.cast(threshold, tl.uint32)
 
 
 @triton.jit
@@ -273,7 +278,7 @@ def _pooled_adapter_bwd_kernel(
     br_mask = bmask[:, None] & rmask[None, :]
 
     hid = tl.load(hid_ptr + br_off, mask=br_mask, other=0)
-    a, da = _act_fwd_bwd(hid, ACT)
+    a, da = _act_fwd_bwd(hid, ACT, True)
     a = _dropped(a, br_off, seed_lo, seed_hi, threshold, keep_scale, HAS_DROPOUT)  # index b * r + j
     da = _dropped(da, br_off, seed_lo, seed_hi, threshold, keep_scale, HAS_DROPOUT)
     tl.store(a_ptr + br_off, a, mask=br_mask)
@@ -424,7 +429,7 @@ def _acc_copy(t: Tensor, acc_dtype: torch.dtype) -> Tensor:
 # ----------------------------------------------------------------------------
 
 
-@triton_op("fastcascade::pooled_adapter_triton", mutates_args=())
+@triton_op("fastcascade::pooled_adapter_triton")
 def pooled_adapter_triton(
     x: Tensor,
     down_w: Tensor,
@@ -471,17 +476,16 @@ def pooled_adapter_triton(
     channels_last = sc == 1 and ss != 1
     bb, bc, br, bhw, use_dot, num_warps = _config(B, C, R, HW, x.element_size(), use_fp64, channels_last)
     grid = (triton.cdiv(B, bb),)
-    wrap_triton(_pooled_adapter_fwd_kernel)[grid](
-        x, y, dw, db, uw, ub, s, pooled, hidden,
-        B, C, R, HW, sb, sc, ss, *drop,
-        ACT=int(activation), HAS_SCALE=scale is not None, HAS_DROPOUT=dropout > 0, USE_FP64=use_fp64,
-        USE_DOT=use_dot, BIG_INDEX=C * HW > _INT32_MAX,
-        BLOCK_B=bb, BLOCK_C=bc, BLOCK_R=br, BLOCK_HW=bhw, num_warps=num_warps,
-    )
+    launch(_pooled_adapter_fwd_kernel, grid,
+           x, y, dw, db, uw, ub, s, pooled, hidden,
+           B, C, R, HW, sb, sc, ss, *drop,
+           ACT=int(activation), HAS_SCALE=scale is not None, HAS_DROPOUT=dropout > 0, USE_FP64=use_fp64,
+           USE_DOT=use_dot, BIG_INDEX=C * HW > _INT32_MAX,
+           BLOCK_B=bb, BLOCK_C=bc, BLOCK_R=br, BLOCK_HW=bhw, num_warps=num_warps)
     return y, pooled, hidden
 
 
-@triton_op("fastcascade::pooled_adapter_backward_triton", mutates_args=())
+@triton_op("fastcascade::pooled_adapter_backward_triton")
 def pooled_adapter_backward_triton(
     grad_y: Tensor,
     pooled: Tensor,
@@ -532,14 +536,13 @@ def pooled_adapter_backward_triton(
         bb, bc, br, bhw, use_dot, num_warps = _config(B, C, R, HW, grad_y.element_size(), use_fp64,
                                                       channels_last)
         grid = (triton.cdiv(B, bb),)
-        wrap_triton(_pooled_adapter_bwd_kernel)[grid](
-            grad_y, grad_x, hid, dw, uw, ub, s,
-            g_u, g_h, act, gs_part if scale is not None else g_u,
-            B, C, R, HW, sb, sc, ss, *drop,
-            ACT=int(activation), HAS_SCALE=scale is not None, HAS_DROPOUT=dropout > 0, USE_FP64=use_fp64,
-            USE_DOT=use_dot, BIG_INDEX=C * HW > _INT32_MAX,
-            BLOCK_B=bb, BLOCK_C=bc, BLOCK_R=br, BLOCK_HW=bhw, num_warps=num_warps,
-        )
+        launch(_pooled_adapter_bwd_kernel, grid,
+               grad_y, grad_x, hid, dw, uw, ub, s,
+               g_u, g_h, act, gs_part if scale is not None else g_u,
+               B, C, R, HW, sb, sc, ss, *drop,
+               ACT=int(activation), HAS_SCALE=scale is not None, HAS_DROPOUT=dropout > 0, USE_FP64=use_fp64,
+               USE_DOT=use_dot, BIG_INDEX=C * HW > _INT32_MAX,
+               BLOCK_B=bb, BLOCK_C=bc, BLOCK_R=br, BLOCK_HW=bhw, num_warps=num_warps)
 
     pooled_acc = pooled.to(acc_dtype)
     grad_up_w = torch.mm(g_u.t(), act).to(up_w.dtype)          # (C, r)

@@ -334,8 +334,106 @@ def test_pixel_op_checks_for_direct_callers():
         op(x[0], *w, None, 0, 0.0, 0)
     with pytest.raises(RuntimeError, match="must be contiguous"):
         op(x[:, :, 0].transpose(0, 1).reshape(6, 6).t(), *w, None, 0, 0.0, 0)
-    bwd = torch.ops.fastcascade.pixel_adapter_backward
+    bwd = torch.ops.fastcascade._pixel_adapter_backward
     with pytest.raises(RuntimeError, match="grad_y must be laid out as x"):
         bwd(x.contiguous(memory_format=torch.channels_last), x, *w, None, 0, 0.0, 0)
     with pytest.raises(RuntimeError, match="grad_y must have x's shape"):
         bwd(x[:1], x, *w, None, 0, 0.0, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton pixel adapter: wide r in column chunks, int64 channel offsets, launches on the tensors' device
+
+TRITON_INTERP = [p for p in ADAPTER_BACKENDS if p.values[0] == "triton" and p.values[1] == "cpu"]
+
+
+def test_pixel_triton_config_splits_wide_r_and_widens_big_samples():
+    """The host picks chunked r past the register tile and int64 channel offsets once C times the
+    channel stride passes 2^31 (the layouts from meta tensors: no memory)."""
+    if not _ops.HAS_TRITON:
+        pytest.skip("needs triton")
+    from fastcascade.kernels import pixel_adapter as pa
+
+    def cfg(shape, r, dtype=torch.bfloat16, cl=False):
+        x = torch.empty(shape, dtype=dtype, device="meta")
+        x = x.contiguous(memory_format=torch.channels_last) if cl else x
+        T, C, HW, sb, sc, sp = pa._layout(x)
+        return pa._config(x.dtype, C, r, sc)
+
+    f32 = torch.float32
+    assert not cfg((4, 64, 7, 7), pa._MAX_BLOCK_R, f32).SPLIT_R and cfg((4, 64, 7, 7), pa._MAX_BLOCK_R + 1, f32).SPLIT_R
+    assert not cfg((4, 64, 7, 7), pa._MAX_BLOCK_R_HALF).SPLIT_R and cfg((9, 64), pa._MAX_BLOCK_R_HALF + 1).SPLIT_R
+    assert cfg((4, 64, 7, 7), 1000, f32).BLOCK_R == pa._MAX_BLOCK_R and cfg((4, 64, 7, 7), 1).BLOCK_R == 16
+    big = (1, 1 << 15, 256, 257)  # 2^31 + 2^23 elements in one NCHW sample
+    assert cfg(big, 16).BIG_INDEX and not cfg((1, 1 << 15, 256, 255), 16).BIG_INDEX
+    assert not cfg(big, 16, cl=True).BIG_INDEX  # channels_last: channel stride 1, positions are int64
+    assert not cfg((1 << 26, 64), 16).BIG_INDEX  # tokens likewise
+
+
+if _ops.HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from fastcascade.kernels.pixel_adapter import _cols
+
+    @triton.jit
+    def _channel_offsets_kernel(out_ptr, c0, C, stride_c, BLOCK_C: tl.constexpr):
+        cc, cmask = _cols(c0, C, True, BLOCK_C)
+        tl.store(out_ptr + tl.arange(0, BLOCK_C), cc * stride_c, mask=cmask)
+
+
+@pytest.mark.parametrize("backend,device", TRITON_INTERP)
+def test_pixel_triton_channel_offsets_are_int64_when_asked(backend, device):
+    """The BIG_INDEX branch of the channel index: c * stride_c past 2^31 stays exact (int32 wraps, in
+    the interpreter as on the GPU)."""
+    C, stride = 4096, (1 << 20) + 7
+    out = torch.zeros(64, dtype=torch.int64)
+    _channel_offsets_kernel[(1,)](out, C - 64, C, stride, BLOCK_C=64)
+    assert torch.equal(out, torch.arange(C - 64, C, dtype=torch.int64) * stride)
+
+
+@pytest.mark.parametrize("backend,device", TRITON_INTERP)
+@pytest.mark.parametrize("shape,fmt", [((2, 12, 3, 5), torch.contiguous_format), ((37, 12), None)], ids=str)
+def test_pixel_triton_wide_r_in_chunks_matches_reference(backend, device, shape, fmt, monkeypatch):
+    """r = 40 over column chunks of 16 (the chunked path of r > _MAX_BLOCK_R, at a size the interpreter
+    runs): forward, all gradients, dropout and scale as the reference."""
+    from fastcascade.kernels import pixel_adapter as pa
+
+    monkeypatch.setattr(pa, "_MAX_BLOCK_R", 16)
+    r = 40
+    C = shape[1] if fmt is not None else shape[-1]
+    assert pa._config(torch.float32, C, r, 1).SPLIT_R
+    gen = seeded("wide-r", shape)
+    cdim = 1 if fmt is not None else -1
+    for act, with_scale, p in [("gelu", True, 0.0), ("silu", False, 0.3)]:
+        w = _weights(C, r, gen=gen)
+        s = [torch.tensor(0.7, dtype=torch.float64)] if with_scale else []
+        x = _pixel_x(shape, fmt, gen=gen)
+        ref = _pixel_ref(act, with_scale, p, 5, cdim)
+        inputs64 = [x.float().double()] + [q.float().double() for q in w + s]
+        y64, *g64 = _flat_ref(ref, *inputs64)
+        y_err, *g_err = reference_errors(lambda *a: _flat_ref(ref, *a), inputs64, torch.float32, generator=gen)
+        y, g = _fwd_bwd(_pixel_fused(backend, act, with_scale, p, 5), x.float(), [q.float() for q in w + s])
+        what = f"{shape} r={r} {act} scale={with_scale} dropout={p}"
+        assert_within_model(y, y64, y_err, "y " + what)
+        for i, (a, b, c) in enumerate(zip(g, g64, g_err)):
+            assert_within_model(a, b, c, f"grad {i} " + what)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("kind", ["pooled", "pixel"])
+def test_gpu_triton_adapters_run_on_the_tensors_device(kind):
+    """Triton launches on the current device: an adapter on cuda:1 while cuda:0 is current must still
+    run on cuda:1 (the op guards the launch with the tensors' device)."""
+    torch.manual_seed(0)
+    m = fc.ResidualAdapter(16, 8, kind, "gelu", init_std=0.3, backend="triton")
+    ref = fc.ResidualAdapter(16, 8, kind, "gelu", init_std=0.3, backend="torch")
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(4, 16, 5, 5)
+    m = m.to("cuda:1")
+    with torch.cuda.device(0):
+        y = m(x.to("cuda:1").requires_grad_(True))
+        y.sum().backward()
+        torch.cuda.synchronize(1)
+    torch.testing.assert_close(y.detach().cpu(), ref(x).detach(), rtol=1e-4, atol=1e-5)

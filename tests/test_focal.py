@@ -683,3 +683,25 @@ def test_gpu_out_of_range_targets_give_nan_rows(backend, monkeypatch):
     monkeypatch.setenv("FASTCASCADE_CHECK", "1")
     with pytest.raises(ValueError, match="outside"):
         fc.softmax_focal_loss(x, t, backend=backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_gpu_triton_losses_run_on_the_tensors_device():
+    """Triton launches on the current device: a loss of tensors on cuda:1 while cuda:0 is current must
+    still be computed on cuda:1 (the op guards the launch with the tensors' device)."""
+    x = random_logits((5000,))
+    t = (torch.rand(5000, generator=torch.Generator().manual_seed(2)) < 0.3).float()
+    xs = random_logits((3000, 10))
+    ts = torch.randint(0, 10, (3000,), generator=torch.Generator().manual_seed(3))
+    with torch.cuda.device(0):
+        out, grad = _fwd_bwd(fc.sigmoid_focal_loss, x.to("cuda:1"), t.to("cuda:1"), backend="triton")
+        out_s, grad_s = _fwd_bwd(fc.softmax_focal_loss, xs.to("cuda:1"), ts.to("cuda:1"), 2.0, backend="triton")
+        torch.cuda.synchronize(1)
+    ref, ref_grad = _fwd_bwd(fc.sigmoid_focal_loss, x, t, backend="torch")
+    ref_s, ref_grad_s = _fwd_bwd(fc.softmax_focal_loss, xs, ts, 2.0, backend="torch")
+    assert grad.device == torch.device("cuda:1")
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad.cpu(), ref_grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(out_s.cpu(), ref_s, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad_s.cpu(), ref_grad_s, rtol=1e-5, atol=1e-7)

@@ -585,3 +585,47 @@ def test_every_routing_op_runs_on_meta_tensors():
         assert ops("scatter_rows")(g, torch.empty(4, dtype=torch.long, **meta), 9).shape == (9, 2, 5)
         labels, probs = ops("vote")(torch.empty(3, 7, 4, dtype=torch.bfloat16, **meta), 0, True)
         assert labels.dtype == torch.int64 and probs.shape == (7, 4) and probs.dtype == torch.float32
+
+
+if _ops.HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from fastcascade.kernels.routing import _member_offsets
+
+    @triton.jit
+    def _member_offsets_kernel(out_ptr, k, N, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        rows = tl.arange(0, BLOCK_R).to(tl.int64) + N - BLOCK_R  # the last rows of member k
+        cols = tl.arange(0, BLOCK_C)
+        off = _member_offsets(k, N, rows, C, cols)
+        tl.store(out_ptr + tl.arange(0, BLOCK_R)[:, None] * BLOCK_C + cols[None, :], off)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs the offset helper under the interpreter")
+def test_vote_member_offsets_are_int64_past_2_31():
+    """vote reads member k's rows at (k N + row) C + c; with K N >= 2^31 an int32 k * N wraps (the
+    interpreter's int32 arithmetic wraps as the GPU's does). The offsets alone, no 2^31-element tensor."""
+    K, N, C = 3, 2**30 + 3, 4  # member 2 starts at 2 N C > 2^33
+    out = torch.empty(4, C, dtype=torch.int64)
+    _member_offsets_kernel[(1,)](out, K - 1, N, C, BLOCK_R=4, BLOCK_C=C)
+    rows = torch.arange(N - 4, N, dtype=torch.int64)
+    want = ((K - 1) * N + rows)[:, None] * C + torch.arange(C)[None, :]
+    assert torch.equal(out, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_gpu_triton_routing_runs_on_the_tensors_device():
+    """Triton launches on the current device: tensors on cuda:1 while cuda:0 is current must still be
+    read on cuda:1 (the op guards the launch with the tensors' device)."""
+    gen = seeded("second-device")
+    logits = torch.randn(3, 999, 4, generator=gen)
+    branch = torch.randint(0, 3, (5000,), generator=gen)
+    with torch.cuda.device(0):
+        labels, probs = fc.vote(logits.to("cuda:1"), "soft", return_probs=True, backend="triton")
+        got = fc.partition(branch.to("cuda:1"), 3, backend="triton")
+        torch.cuda.synchronize(1)
+    want_labels, want_probs = reference.vote(logits, "soft", True)
+    assert labels.device == torch.device("cuda:1") and torch.equal(labels.cpu(), want_labels)
+    torch.testing.assert_close(probs.cpu(), want_probs)
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(got, reference.partition(branch, 3)))

@@ -48,7 +48,6 @@ FC_CPU_CLONES void sigmoid_focal_span_f32(const float* x, const float* t, int64_
 // softmax focal, float32: kLanes rows at a time, classes outer and rows inner, so every inner loop
 // is a vector loop over rows. Same formulas as softmax_focal_row (focal_math.h).
 
-constexpr int kLanes = 16;
 constexpr int64_t kMaxLaneClasses = 64;  // wider rows take the per-row path
 
 // xb, gb, pb, ab: [C][kLanes]; pb holds exp(x - max), then p; gb holds 1 - p until the gradient
@@ -60,25 +59,7 @@ FC_HD void softmax_focal_lanes(const float* xb, const int32_t* t, int64_t C, con
   constexpr int L = kLanes;
   float mx[L], s[L], log_s[L], inv[L], a_am[L], rest[L];
   int32_t am[L];
-#pragma omp simd
-  for (int l = 0; l < L; ++l) mx[l] = xb[l], am[l] = 0;
-  for (int64_t c = 1; c < C; ++c)
-#pragma omp simd
-    for (int l = 0; l < L; ++l) {
-      const float v = xb[c * L + l];
-      const bool gt = v > mx[l];
-      am[l] = gt ? int32_t(c) : am[l];
-      mx[l] = gt ? v : mx[l];
-    }
-#pragma omp simd
-  for (int l = 0; l < L; ++l) s[l] = 0.f;
-  for (int64_t c = 0; c < C; ++c)
-#pragma omp simd
-    for (int l = 0; l < L; ++l) {
-      const float e = fc_exp(xb[c * L + l] - mx[l]);
-      pb[c * L + l] = e;
-      s[l] += c == am[l] ? 0.f : e;
-    }
+  lanes_softmax_terms(xb, C, mx, am, pb, s);
 #pragma omp simd
   for (int l = 0; l < L; ++l) {
     log_s[l] = fc_log1p(s[l]);

@@ -23,7 +23,7 @@ def _backward_fake(grad_loss, logits, target, weight, inter, card, focal_stats, 
 
 
 def _autograd(op):
-    backward_op = op("dice_focal_backward")
+    backward_op = op("_dice_focal_backward")
 
     def setup_context(ctx, inputs, output):
         logits, target, weight = inputs[:3]
@@ -39,5 +39,5 @@ def _autograd(op):
     return backward, setup_context
 
 
-FAKES = {"dice_focal": _forward_fake, "dice_focal_backward": _backward_fake}
+FAKES = {"dice_focal": _forward_fake, "_dice_focal_backward": _backward_fake}
 AUTOGRAD = {"dice_focal": _autograd}

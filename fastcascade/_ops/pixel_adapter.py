@@ -21,7 +21,7 @@ def _backward_fake(grad_y, x, down_w, down_b, up_w, up_b, scale, activation, dro
 
 
 def _autograd(op):
-    backward_op = op("pixel_adapter_backward")
+    backward_op = op("_pixel_adapter_backward")
 
     def setup_context(ctx, inputs, output):
         x, down_w, down_b, up_w, up_b, scale, activation, dropout, seed = inputs
@@ -41,5 +41,5 @@ def _autograd(op):
     return backward, setup_context
 
 
-FAKES = {"pixel_adapter": _forward_fake, "pixel_adapter_backward": _backward_fake}
+FAKES = {"pixel_adapter": _forward_fake, "_pixel_adapter_backward": _backward_fake}
 AUTOGRAD = {"pixel_adapter": _autograd}

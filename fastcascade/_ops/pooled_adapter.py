@@ -23,7 +23,7 @@ def _backward_fake(grad_y, pooled, hidden, down_w, up_w, up_b, scale, activation
 
 
 def _autograd(op):
-    backward_op = op("pooled_adapter_backward")
+    backward_op = op("_pooled_adapter_backward")
 
     def setup_context(ctx, inputs, output):
         x, down_w, down_b, up_w, up_b, scale, activation, dropout, seed = inputs
@@ -43,5 +43,5 @@ def _autograd(op):
     return backward, setup_context
 
 
-FAKES = {"pooled_adapter": _forward_fake, "pooled_adapter_backward": _backward_fake}
+FAKES = {"pooled_adapter": _forward_fake, "_pooled_adapter_backward": _backward_fake}
 AUTOGRAD = {"pooled_adapter": _autograd}

@@ -4,6 +4,7 @@ and load it back only into the same backbone (adapter_state_dict, load_adapter_s
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -12,12 +13,17 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.module import _IncompatibleKeys
 
 from .._checks import few
+from .._io import checksum, checksum_problem
 from .surgery import held_norms, hold_eval, release_eval
 
 __all__ = ["adapter_state_dict", "load_adapter_state_dict"]
 
 META_KEY = "__fastcascade__"
-FORMAT = 1
+#: 2 adds "tensors" (the saved tensors' names, shapes, dtypes) and "checksum"; format 1 still loads, with a
+#: warning (its integrity cannot be checked)
+FORMAT = 2
+_META_ENTRIES = {"format": int, "fingerprint": str, "architecture": str, "backbone": Mapping,
+                 "held_eval": (list, tuple), "tensors": Mapping, "checksum": str}
 
 
 def _trainable_keys(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> set[str]:
@@ -64,7 +70,10 @@ def adapter_state_dict(model: nn.Module) -> dict:
 
     Holds every parameter with requires_grad=True and the buffers of the modules that own one
     (cloned, so later training steps cannot change a kept checkpoint), plus, under the reserved key
-    "__fastcascade__", {"format": 1, "fingerprint", "architecture", "backbone", "held_eval"}:
+    "__fastcascade__", {"format": 2, "fingerprint", "architecture", "backbone", "held_eval", "tensors",
+    "checksum"}: "tensors" maps the saved tensors to [shape, dtype]; "checksum" is
+    fastcascade._io.checksum of the saved tensors and the other entries (a flipped bit anywhere is
+    refused at load);
     "backbone" maps every other state_dict entry (frozen parameters AND buffers such as frozen
     BatchNorm running statistics) to [shape, dtype, sha256 of name, shape, dtype and raw bytes];
     "fingerprint" is the sha256 of those records (exact: any changed bit changes it),
@@ -80,10 +89,56 @@ def adapter_state_dict(model: nn.Module) -> dict:
         raise ValueError("adapter_state_dict: model has no trainable parameters (all requires_grad=False)")
     out = {k: sd[k].detach().clone() for k in sorted(keys)}
     records = _records(sd, (k for k in sd if k not in keys))
-    out[META_KEY] = {"format": FORMAT, "fingerprint": _fingerprint(records),
-                     "architecture": _architecture_digest(records), "backbone": records,
-                     "held_eval": held_norms(model)}
+    meta = {"format": FORMAT, "fingerprint": _fingerprint(records),
+            "architecture": _architecture_digest(records), "backbone": records,
+            "held_eval": held_norms(model),
+            "tensors": {k: [list(v.shape), str(v.dtype)] for k, v in out.items()}}
+    meta["checksum"] = checksum({**out, META_KEY: meta}, "adapter_state_dict")
+    out[META_KEY] = meta
     return out
+
+
+def _check_state(state: Mapping) -> None:
+    """ValueError naming what is missing or wrong in a damaged adapter state, or that it does not match its
+    checksum; a warning for format 1 (no checksum)."""
+    meta = state[META_KEY]
+    fmt = meta.get("format") if isinstance(meta, Mapping) else meta
+    if not isinstance(meta, Mapping) or fmt not in (1, FORMAT):
+        raise ValueError(f"unsupported adapter_state_dict format {fmt!r} (this fastcascade reads formats 1 and "
+                         f"{FORMAT})")
+    needed = {k: t for k, t in _META_ENTRIES.items() if fmt == FORMAT or k not in ("tensors", "checksum")}
+    missing = [k for k in needed if k not in meta]
+    wrong = [f"{k!r} ({type(meta[k]).__name__})" for k, t in needed.items()
+             if k in meta and not isinstance(meta[k], t)]
+    if missing or wrong:
+        raise ValueError(f"the adapter state is damaged: its {META_KEY!r} entry "
+                         + "; ".join(([f"lacks {missing}"] if missing else [])
+                                     + ([f"has entries of the wrong type: {', '.join(wrong)}"] if wrong else []))
+                         + "; save it again with adapter_state_dict")
+    bad = [k for k, r in meta["backbone"].items() if not (isinstance(r, (list, tuple)) and len(r) == 3)]
+    if bad:
+        raise ValueError(f"the adapter state is damaged: backbone records {few(sorted(bad), 8, as_list=True)} are "
+                         f"not [shape, dtype, digest]")
+    if fmt == 1:
+        warnings.warn("adapter_state_dict format 1 has no checksum, so damage to it cannot be detected; save it "
+                      "again with adapter_state_dict to add one", stacklevel=3)
+        return
+    tensors = {k: v for k, v in state.items() if k != META_KEY}
+    listed = meta["tensors"]
+    absent = [k for k in listed if k not in tensors]
+    extra = [k for k in tensors if k not in listed]
+    not_tensors = [k for k, v in tensors.items() if not isinstance(v, torch.Tensor)]
+    if absent or extra or not_tensors:
+        parts = ([f"lacks {len(absent)} of the {len(listed)} tensors it was saved with: "
+                  f"{few(sorted(absent), 8, as_list=True)}"] if absent else [])
+        if extra:
+            parts.append(f"holds entries it was not saved with: {few(sorted(extra), 8, as_list=True)}")
+        parts += [f"holds non-tensors: {few(sorted(not_tensors), 8, as_list=True)}"] if not_tensors else []
+        raise ValueError("the adapter state is damaged or was edited: it " + "; ".join(parts))
+    problem = checksum_problem({**tensors, META_KEY: {k: v for k, v in meta.items() if k != "checksum"}},
+                               meta["checksum"])
+    if problem:
+        raise ValueError(f"the adapter state is damaged: {problem}; nothing was loaded")
 
 
 def load_adapter_state_dict(model: nn.Module, state: Mapping, strict: bool = True, *,
@@ -93,6 +148,8 @@ def load_adapter_state_dict(model: nn.Module, state: Mapping, strict: bool = Tru
 
     Raises ValueError, before changing anything, when
       - state is not an adapter_state_dict, or of an unknown format;
+      - state is damaged: entries missing (named), tensors missing or added since it was saved (named),
+        or content that does not match its checksum (format 1, without a checksum, loads with a warning);
       - (strict) the architecture differs: checkpoint keys missing from model, model entries unknown to
         the checkpoint, or different shapes / dtypes (all listed);
       - (check_backbone) a backbone tensor differs in value (frozen weights or BatchNorm statistics),
@@ -106,11 +163,8 @@ def load_adapter_state_dict(model: nn.Module, state: Mapping, strict: bool = Tru
     if not isinstance(state, Mapping) or META_KEY not in state:
         raise ValueError(f"state is not an adapter_state_dict (no {META_KEY!r} entry); to load a full "
                          f"state_dict use model.load_state_dict")
+    _check_state(state)
     meta = state[META_KEY]
-    if not isinstance(meta, Mapping) or meta.get("format") != FORMAT:
-        fmt = meta.get("format") if isinstance(meta, Mapping) else meta
-        raise ValueError(f"unsupported adapter_state_dict format {fmt!r} (this fastcascade reads format "
-                         f"{FORMAT})")
     tensors = {k: v for k, v in state.items() if k != META_KEY}
     saved_backbone = meta["backbone"]
     sd = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}

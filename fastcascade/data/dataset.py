@@ -14,12 +14,13 @@ import hashlib
 import json
 import os
 import pathlib
+import warnings
 from importlib import metadata
 
 import numpy as np
 import torch
 
-from .._io import save_torch
+from .._io import checksum, checksum_problem, save_torch
 from .labels import BLOCK_SIZE, LABEL_NAMES, NUM_CLASSES, NUM_MAIN_CLASSES
 from .partition import DEFAULT_QP, label_blocks, labeller_params
 
@@ -92,18 +93,56 @@ def _cache_file(cache_dir: pathlib.Path, params: dict) -> pathlib.Path:
     return cache_dir / f"partition16-{key}.pt"
 
 
+def _cache_problem(data, params: dict) -> str | None:
+    """Why a loaded cache file cannot be used (a sentence), or None: not written by this version with these
+    parameters, entries missing or of the wrong shape, or content that does not match its checksum."""
+    if not isinstance(data, dict):
+        return f"it holds a {type(data).__name__}, not the cache's dict"
+    entries = ("blocks", "labels", "image_ids", "image_names", "params", "checksum")
+    missing = [k for k in entries if k not in data]
+    if missing:
+        old = missing == ["checksum"]
+        return "it has no checksum (written by an older fastcascade)" if old else f"it lacks {missing}"
+    if data["params"] != params:
+        return "its parameters are not the ones its name stands for"
+    problem = checksum_problem({k: v for k, v in data.items() if k != "checksum"}, data["checksum"])
+    if problem:
+        return problem
+    blocks, labels, ids = data["blocks"], data["labels"], data["image_ids"]
+    if not all(isinstance(t, torch.Tensor) for t in (blocks, labels, ids)):
+        return "its blocks, labels or image_ids are not tensors"
+    n = labels.shape[0] if labels.dim() == 1 else -1
+    if (blocks.dtype != torch.uint8 or tuple(blocks.shape[1:]) != (1, BLOCK_SIZE, BLOCK_SIZE)
+            or blocks.shape[0] != n or labels.dtype != torch.int64 or ids.dtype != torch.int64
+            or tuple(ids.shape) != (n,)):
+        return "its tensors have the wrong shapes or dtypes"
+    if data["image_names"] != list(IMAGES):
+        return "its image list is not this version's"
+    if n and (int(ids.min()) < 0 or int(ids.max()) >= len(IMAGES) or int(labels.min()) < 0
+              or int(labels.max()) >= NUM_CLASSES):
+        return "its labels or image ids are out of range"
+    return None
+
+
 def _load_or_build(qp: float, include_4way: bool, cache_dir, verbose: bool) -> dict:
+    """The cached dataset for these settings, or a fresh build written to the cache. A cache file that
+    cannot be used (unreadable, truncated, damaged, incomplete, without a checksum) is rebuilt with a
+    warning that says why; it is never trusted."""
     params = _params(qp, include_4way)
     cache_dir = pathlib.Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     path = _cache_file(cache_dir, params)
     if path.exists():
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
-            if data.get("params") == params:
-                return data
-        except Exception:  # unreadable (e.g. truncated by a crash outside our atomic write): rebuild
-            pass
+            problem = _cache_problem(data, params)
+        except Exception as e:  # unreadable (e.g. truncated outside our atomic write, or a flipped byte)
+            problem = f"it cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        if problem is None:
+            return data
+        warnings.warn(f"fastcascade.data: the dataset cache {path} cannot be used ({problem}); rebuilding it",
+                      RuntimeWarning, stacklevel=3)
     data = build_partition_dataset(qp, include_4way)
+    data["checksum"] = checksum(data)
     save_torch(data, path)
     if verbose:
         print(f"fastcascade.data: built {len(data['labels'])} blocks from {len(IMAGES)} images "

@@ -11,15 +11,20 @@ frontier.png and the other PNGs, checkpoints); the folder appears only once the 
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import pathlib
 import shutil
+import signal
+import sys
 import tempfile
+import threading
 import time
 
 import torch
 from torch.utils.data import Subset
 
 from .. import data as fd
+from .._checks import device_arg, file_in_the_way
 from .._io import write_json
 from ..cascade import split_backbone
 from ..metrics import classification_report
@@ -39,6 +44,9 @@ SEGMENT_ENDS = {"small-cnn": ["layer1", "layer2"], "resnet18": ["layer1", "layer
 
 def _load_data(args) -> tuple[fd.PartitionDataset, fd.PartitionDataset, fd.PartitionDataset]:
     if args.data is not None:
+        if pathlib.Path(args.data).expanduser().is_file():
+            raise ValueError(f"--data {args.data}: a file; pass the dataset folder, which holds "
+                             f"16x16/train.pt and 16x16/val.pt (one file would serve as both splits)")
         train = fd.load_block_dataset(args.data, "train", num_classes=NUM_LABELS)
         val = fd.load_block_dataset(args.data, "val", num_classes=NUM_LABELS)
         try:
@@ -66,10 +74,16 @@ def _subset(ds, n: int, seed: int):
 
 def run_demo(args) -> dict:
     t_start = time.perf_counter()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is visible")
+    device = (device_arg(args.device, "--device") if args.device
+              else torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     backbone = args.backbone or ("resnet18" if device.type == "cuda" else "small-cnn")
+    # what the run needs at its end, checked before it starts
+    needed = {"matplotlib": "the plots"}
+    if backbone == "resnet18":
+        needed["timm"] = "the resnet18 backbone"
+    for module, why in needed.items():
+        if importlib.util.find_spec(module) is None:
+            raise ImportError(f"{module} is not installed, and the demo needs it for {why}: pip install {module}")
     quick = args.quick
     epochs = args.epochs or (2 if quick else 8)
     args.batch_size = args.batch_size or (64 if quick else 128)
@@ -77,6 +91,10 @@ def run_demo(args) -> dict:
         torch.set_num_threads(args.threads or 1)
     amp = torch.bfloat16 if device.type == "cuda" else None
     out = pathlib.Path(args.out or f"runs/demo-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    blocker = file_in_the_way(out)
+    if blocker is not None:
+        raise ValueError(f"--out {out}: " + ("is a file" if blocker == out else f"{blocker} is a file")
+                         + "; the run folder must be a new or empty folder")
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"--out {out}: the folder exists and is not empty; pick another")
 
@@ -89,6 +107,9 @@ def run_demo(args) -> dict:
     print(fd.format_distribution(y_train, NUM_LABELS))
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    # SIGTERM (`kill`) raises SystemExit(143) as Ctrl-C raises KeyboardInterrupt, so the cleanup below runs
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum)) if in_main else None
     work = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         result = _train_and_report(args, train, val, test, device, backbone, epochs, amp, quick, work)
@@ -100,6 +121,9 @@ def run_demo(args) -> dict:
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
     print(f"\nrun folder: {out} (metrics.json, frontier.png, confusion_*.png, learning_curves.png, checkpoints/)")
     print(f"total time: {result['timing']['total_s']:.1f} s")
     return result

@@ -1,6 +1,6 @@
-"""Checkpoints: save_checkpoint writes model (optimizer, scheduler) state atomically and verifies it by
-reloading it into a fresh copy of the model; load_checkpoint checks the architecture before it changes
-anything."""
+"""Checkpoints: save_checkpoint writes model (optimizer, scheduler) state atomically with a checksum and
+verifies it by reloading it into a fresh copy of the model; read_checkpoint checks the checksum;
+load_checkpoint checks the architecture, the optimizer and the scheduler before it changes anything."""
 
 from __future__ import annotations
 
@@ -8,17 +8,22 @@ import copy
 import dataclasses
 import os
 import pathlib
+import warnings
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from .._checks import bitwise_equal, few
-from .._io import save_torch
+from .._io import check_loadable, checksum, checksum_problem, save_torch
 
-__all__ = ["CHECKPOINT_FORMAT", "load_checkpoint", "read_checkpoint", "save_checkpoint", "unwrap"]
+__all__ = ["CHECKPOINT_FORMAT", "apply_checkpoint", "load_checkpoint", "read_checkpoint", "save_checkpoint",
+           "unwrap"]
 
-CHECKPOINT_FORMAT = "fastcascade.checkpoint/1"
+#: /2 adds "checksum" (of every other entry), "optimizer_class" and "scheduler_class"; /1 files still load
+#: (with a warning: their integrity cannot be checked).
+CHECKPOINT_FORMAT = "fastcascade.checkpoint/2"
+OLD_FORMATS = ("fastcascade.checkpoint/1",)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -29,6 +34,8 @@ def _tensor_layout(sd: Mapping[str, torch.Tensor]) -> dict[str, list]:
     return {k: [list(v.shape), str(v.dtype)] for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
 
+def _without_checksum(ckpt: Mapping) -> dict:
+    return {k: v for k, v in ckpt.items() if k != "checksum"}
 
 
 def _leaves(out, prefix: str = "output"):
@@ -65,6 +72,10 @@ def _verify_reload(path: pathlib.Path, model: nn.Module, probe) -> None:
     """Reload `path` into a fresh copy of model; raise unless its tensors and its outputs on `probe` (eval
     mode, no grad) are bitwise the in-memory model's."""
     state = torch.load(path, map_location="cpu", weights_only=True)
+    problem = checksum_problem(_without_checksum(state), state.get("checksum"))
+    if problem:
+        raise RuntimeError(f"save_checkpoint: the file read back differs from what was written ({problem}); "
+                           f"no checkpoint was written")
     fresh = _poisoned_copy(model)
     fresh.load_state_dict(state["model"])
     mine = dict(model.named_parameters()) | dict(model.named_buffers())
@@ -103,31 +114,44 @@ def _verify_reload(path: pathlib.Path, model: nn.Module, probe) -> None:
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                     scheduler=None, epoch: int | None = None, extra: Mapping | None = None, *,
                     probe: torch.Tensor | tuple | None = None, verify: bool = True) -> pathlib.Path:
-    """Write model (and optimizer, scheduler) state atomically, verified.
+    """Write model (and optimizer, scheduler) state atomically, with a checksum, verified.
 
-    The file is ``torch.save({"format", "model", "architecture", "model_class", "optimizer", "scheduler",
-    "epoch", "extra"})``, readable with ``torch.load(weights_only=True)`` (so `extra` may hold tensors,
-    numbers, strings, lists and dicts). It is written to a temporary file in the same folder and, with
+    The file is ``torch.save({"format", "model", "architecture", "model_class", "optimizer",
+    "optimizer_class", "scheduler", "scheduler_class", "epoch", "extra", "checksum"})``, readable with
+    ``torch.load(weights_only=True)``: `extra` may hold tensors, numbers, strings, bytes, lists, tuples,
+    sets and dicts of them; anything else (a numpy array or scalar, a path) raises TypeError naming the
+    entry before anything is written. "checksum" is fastcascade._io.checksum of every other entry
+    (sha256 over keys, types, values and raw tensor bytes): read_checkpoint and load_checkpoint refuse a
+    file that does not match it. The file is written to a temporary file in the same folder and, with
     verify=True, reloaded into a fresh copy of model (a deep copy whose parameters and buffers are all
-    overwritten first): every parameter and buffer, and the outputs on `probe` (the model's input, or a
-    tuple of inputs, in eval mode) when given, must equal the in-memory model's bitwise. Only then is it
-    renamed to `path`; otherwise RuntimeError, and no file is left behind. Returns the path.
+    overwritten first): the checksum, every parameter and buffer, and the outputs on `probe` (the model's
+    input, or a tuple of inputs, in eval mode) when given, must equal the in-memory model's bitwise. Only
+    then is it renamed to `path`; otherwise RuntimeError, and no file is left behind. A write that fails
+    (disk full) raises OSError naming `path`. Returns the path.
     """
     path = pathlib.Path(path)
     model = unwrap(model)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    extra = dict(extra) if extra is not None else {}
+    check_loadable(extra, "extra")
     sd = model.state_dict()
     obj = {"format": CHECKPOINT_FORMAT, "model": sd, "architecture": _tensor_layout(sd),
            "model_class": type(model).__name__,
            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+           "optimizer_class": type(optimizer).__name__ if optimizer is not None else None,
            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-           "epoch": epoch, "extra": dict(extra) if extra is not None else {}}
+           "scheduler_class": type(scheduler).__name__ if scheduler is not None else None,
+           "epoch": epoch, "extra": extra}
+    obj["checksum"] = checksum(obj, "checkpoint")
     save_torch(obj, path, (lambda tmp: _verify_reload(tmp, model, probe)) if verify else None)
     return path
 
 
 def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """The checkpoint dict of a save_checkpoint file, its checksum checked. FileNotFoundError for a missing
+    file; ValueError for a file that is not a fastcascade checkpoint or does not match its checksum
+    (damaged). Files of the older format without a checksum load with a warning."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path}: no such file")
@@ -135,13 +159,69 @@ def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise ValueError(f"checkpoint {path}: not a readable torch.save file ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        fmt = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+                         f"{str(e).splitlines()[0] if str(e) else ''}); it may be damaged or "
+                         f"truncated") from None
+    fmt = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+    if fmt not in (CHECKPOINT_FORMAT, *OLD_FORMATS):
         raise ValueError(f"checkpoint {path}: not a fastcascade checkpoint (format {fmt!r}, expected "
                          f"{CHECKPOINT_FORMAT!r}; save_checkpoint writes one); for a plain state_dict use "
                          f"model.load_state_dict(torch.load(...))")
+    if fmt in OLD_FORMATS:
+        warnings.warn(f"checkpoint {path}: format {fmt!r} has no checksum, so damage to it cannot be detected; "
+                      f"save it again with save_checkpoint to add one", stacklevel=2)
+    else:
+        problem = checksum_problem(_without_checksum(ckpt), ckpt.get("checksum"))
+        if problem:
+            raise ValueError(f"checkpoint {path} is damaged: {problem}. Use another copy; nothing was loaded")
+    missing = [k for k in ("model", "architecture", "epoch", "extra") if k not in ckpt]
+    if missing:
+        raise ValueError(f"checkpoint {path} is damaged: it lacks the entries {missing}")
     return ckpt
+
+
+def _optimizer_problem(ckpt: Mapping, optimizer) -> str | None:
+    """Why the checkpoint's optimizer state does not fit optimizer (torch's load_state_dict would raise, or
+    load state of the wrong shape), or None."""
+    saved_class = ckpt.get("optimizer_class")
+    if saved_class is not None and saved_class != type(optimizer).__name__:
+        return (f"its optimizer state was saved from {saved_class}, the optimizer given is "
+                f"{type(optimizer).__name__}")
+    saved = ckpt["optimizer"]
+    if not isinstance(saved, Mapping) or not isinstance(saved.get("param_groups"), list) \
+            or not isinstance(saved.get("state"), Mapping):
+        return "its optimizer entry is not an optimizer state_dict"
+    groups, mine = saved["param_groups"], optimizer.param_groups
+    if len(groups) != len(mine):
+        return f"its optimizer has {len(groups)} parameter group(s), the optimizer given {len(mine)}"
+    sizes, my_sizes = [len(g.get("params", ())) for g in groups], [len(g["params"]) for g in mine]
+    if sizes != my_sizes:
+        return f"its optimizer's groups hold {sizes} parameters, those of the optimizer given {my_sizes}"
+    ids = [i for g in groups for i in g["params"]]
+    params = [p for g in mine for p in g["params"]]
+    for pos, (i, p) in enumerate(zip(ids, params)):
+        for k, v in (saved["state"].get(i) or {}).items():
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape != p.shape:
+                return (f"its optimizer state {k!r} of parameter {pos} has shape {list(v.shape)}, that "
+                        f"parameter of the optimizer given {list(p.shape)}")
+    return None
+
+
+def _scheduler_problem(ckpt: Mapping, scheduler) -> str | None:
+    saved_class = ckpt.get("scheduler_class")
+    if saved_class is not None and saved_class != type(scheduler).__name__:
+        return (f"its scheduler state was saved from {saved_class}, the scheduler given is "
+                f"{type(scheduler).__name__}")
+    saved = ckpt["scheduler"]
+    if not isinstance(saved, Mapping):
+        return "its scheduler entry is not a scheduler state_dict"
+    mine = scheduler.state_dict()
+    missing = sorted(set(mine) - set(saved))
+    if missing:
+        return f"its scheduler state lacks {few(missing, as_list=True)}"
+    lrs, my_lrs = saved.get("base_lrs"), mine.get("base_lrs")
+    if isinstance(lrs, list) and isinstance(my_lrs, list) and len(lrs) != len(my_lrs):
+        return f"its scheduler drives {len(lrs)} parameter group(s), the scheduler given {len(my_lrs)}"
+    return None
 
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
@@ -150,11 +230,17 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     (its "epoch" and "extra" entries included).
 
     Raises FileNotFoundError for a missing file and ValueError, before changing anything, for a file
-    that is not a fastcascade checkpoint or one saved from another architecture (the first missing,
-    unexpected and differently shaped entries are named), or when an optimizer / scheduler is passed but
-    the checkpoint has none.
+    that is not a fastcascade checkpoint, does not match its checksum (damaged), was saved from another
+    architecture (the first missing, unexpected and differently shaped entries are named), or whose
+    optimizer / scheduler state does not fit the one passed (none saved, another class, other parameter
+    groups or shapes).
     """
-    ckpt = read_checkpoint(path, map_location)
+    return apply_checkpoint(read_checkpoint(path, map_location), path, model, optimizer, scheduler)
+
+
+def apply_checkpoint(ckpt: Mapping, path, model: nn.Module, optimizer=None, scheduler=None) -> Mapping:
+    """Load a dict from read_checkpoint (read from `path`, for messages) into model, optimizer, scheduler:
+    everything is checked first, so a ValueError leaves all three as they were."""
     model = unwrap(model)
     mine = _tensor_layout(model.state_dict())
     saved = ckpt["architecture"]
@@ -173,12 +259,30 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
         raise ValueError(f"checkpoint {path} was saved from another architecture ({ckpt.get('model_class')}, "
                          f"{len(saved)} entries) than this {type(model).__name__} ({len(mine)} entries): "
                          + "; ".join(parts))
-    for name, obj in (("optimizer", optimizer), ("scheduler", scheduler)):
-        if obj is not None and ckpt.get(name) is None:
+    for name, obj, check in (("optimizer", optimizer, _optimizer_problem),
+                             ("scheduler", scheduler, _scheduler_problem)):
+        if obj is None:
+            continue
+        if ckpt.get(name) is None:
             raise ValueError(f"checkpoint {path} holds no {name} state, but {name}= was given")
-    model.load_state_dict(ckpt["model"])
-    if optimizer is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-    if scheduler is not None:
-        scheduler.load_state_dict(ckpt["scheduler"])
+        problem = check(ckpt, obj)
+        if problem:
+            raise ValueError(f"checkpoint {path} does not fit the {name} given: {problem}; nothing was loaded")
+    # the model last: optimizer and scheduler can be put back from their own state_dicts if a later step
+    # fails, the model's parameters are overwritten in place
+    undo = []
+    try:
+        if optimizer is not None:
+            before = optimizer.state_dict()
+            optimizer.load_state_dict(ckpt["optimizer"])
+            undo.append(lambda: optimizer.load_state_dict(before))
+        if scheduler is not None:
+            before_s = copy.deepcopy(scheduler.state_dict())
+            scheduler.load_state_dict(ckpt["scheduler"])
+            undo.append(lambda: scheduler.load_state_dict(before_s))
+        model.load_state_dict(ckpt["model"])
+    except BaseException:
+        for step in reversed(undo):
+            step()
+        raise
     return ckpt

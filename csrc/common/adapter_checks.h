@@ -4,7 +4,7 @@
 
 #include <optional>
 
-#include "adapter/adapter_math.h"
+#include "common/adapter_math.h"
 #include "common/checks.h"
 
 namespace fastcascade {

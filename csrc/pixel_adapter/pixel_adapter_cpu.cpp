@@ -13,8 +13,8 @@
 
 #include <vector>
 
-#include "adapter/adapter_checks.h"
-#include "adapter/adapter_math.h"
+#include "common/adapter_checks.h"
+#include "common/adapter_math.h"
 
 namespace fastcascade {
 namespace {
@@ -230,7 +230,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 TORCH_LIBRARY_IMPL(fastcascade, CPU, m) {
   m.impl("pixel_adapter", &pixel_adapter_cpu);
-  m.impl("pixel_adapter_backward", &pixel_adapter_backward_cpu);
+  m.impl("_pixel_adapter_backward", &pixel_adapter_backward_cpu);
 }
 
 }  // namespace fastcascade

@@ -3,21 +3,24 @@
 // One block per sample does the whole per-sample chain in shared memory: pool x, the two small
 // matrix-vector products and the activation, then the broadcast add (forward); or the sum of
 // grad_y, the chain back to the pooled vector and grad_x (backward). The weight gradients are sums
-// over samples in sample order, one thread per output element: no atomics, so results are
-// bitwise reproducible. A first version for correctness; bench/adapter_notes.md tracks the tuning.
+// over samples of outer products: two (C x B) x (B x r) GEMMs (cuBLAS, through at::mm: a fixed
+// algorithm for a shape on a device, so bitwise reproducible, and no atomics; fp32 follows
+// torch.backends.cuda.matmul.allow_tf32 as torch's own matmuls do). Threads and shared
+// bytes come from adapter/adapter_launch.h. A first version for correctness; bench/adapter_notes.md
+// tracks the tuning.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "adapter/adapter_checks.h"
-#include "adapter/adapter_math.h"
+#include "common/adapter_checks.h"
+#include "pooled_adapter/pooled_adapter_launch.h"
+#include "common/adapter_math.h"
+#include "common/cuda_launch.cuh"
 
 namespace fastcascade {
 namespace {
-
-constexpr int kThreads = 256;
 
 // Index of channel c, position i of a sample, in its [C][HW] or [HW][C] memory.
 __device__ __forceinline__ int64_t at_ci(int64_t c, int64_t i, int64_t C, int64_t HW, bool cl) {
@@ -35,7 +38,7 @@ __device__ void channel_sums(const scalar_t* __restrict__ xb, int64_t C, int64_t
 }
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kPooledThreads)
 pooled_adapter_fwd_kernel(const scalar_t* __restrict__ x, const at::opmath_type<scalar_t>* __restrict__ wd,
                           const at::opmath_type<scalar_t>* __restrict__ bd,
                           const at::opmath_type<scalar_t>* __restrict__ wu,
@@ -82,7 +85,7 @@ pooled_adapter_fwd_kernel(const scalar_t* __restrict__ x, const at::opmath_type<
 // Per sample: gsum = sum_hw grad_y, g_u = s gsum, g_h = (g_u W_u) * act'(h), grad_x = grad_y + (g_h W_d) / HW;
 // stores g_u, g_h, a = act(h) and (with a scale) the sample's share of d/ds, sum_c u_c gsum_c.
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kPooledThreads)
 pooled_adapter_bwd_kernel(const scalar_t* __restrict__ gy, const at::opmath_type<scalar_t>* __restrict__ hidden,
                           const at::opmath_type<scalar_t>* __restrict__ wd,
                           const at::opmath_type<scalar_t>* __restrict__ wu,
@@ -137,24 +140,6 @@ pooled_adapter_bwd_kernel(const scalar_t* __restrict__ gy, const at::opmath_type
   }
 }
 
-// out[i][j] = sum_b p[b][i] q[b][j] (b in order), out_bias[i] = sum_b p[b][i]; one thread per (i, j).
-template <typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-outer_sum_kernel(const acc_t* __restrict__ p, const acc_t* __restrict__ q, int64_t B, int64_t I, int64_t J,
-                 acc_t* __restrict__ out, acc_t* __restrict__ out_bias) {
-  const int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (k >= I * J) return;
-  const int64_t i = k / J, j = k % J;
-  acc_t s = 0, sb = 0;
-  for (int64_t b = 0; b < B; ++b) {
-    const acc_t pi = p[b * I + i];
-    s += pi * q[b * J + j];
-    sb += pi;
-  }
-  out[k] = s;
-  if (j == 0) out_bias[i] = sb;
-}
-
 template <typename T>
 at::Tensor acc_copy(const at::Tensor& t) {
   return t.to(c10::CppTypeToScalarType<T>::value).contiguous();
@@ -178,16 +163,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pooled_adapter_cuda(const at::Ten
   at::Tensor pooled = at::empty({D.B, D.C}, x.options().dtype(acc));
   at::Tensor hidden = at::empty({D.B, D.r}, x.options().dtype(acc));
   if (D.B == 0) return {y, pooled, hidden};
+  const LaunchConfig cfg = pooled_adapter_launch(D.B, D.C, D.r, acc == at::kDouble ? 8 : 4, false,
+                                                 current_device_limits());
+  TORCH_CHECK(cfg.ok(), cfg.error);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pooled_adapter_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const at::Tensor Wd = acc_copy<acc_t>(down_w), bd = acc_copy<acc_t>(down_b);
     const at::Tensor Wu = acc_copy<acc_t>(up_w), bu = acc_copy<acc_t>(up_b);
     const at::Tensor s = scale.has_value() ? acc_copy<acc_t>(*scale) : at::Tensor();
-    const size_t smem = size_t(2 * D.C + D.r) * sizeof(acc_t);
-    TORCH_CHECK(smem <= 48 * 1024, "pooled_adapter (CUDA): C = ", D.C, " and r = ", D.r,
-                " need more than 48 KB of shared memory; use backend='triton'");
-    pooled_adapter_fwd_kernel<scalar_t><<<D.B, kThreads, smem, stream>>>(
+    prepare_launch(pooled_adapter_fwd_kernel<scalar_t>, cfg);
+    pooled_adapter_fwd_kernel<scalar_t><<<grid_of(cfg), block_of(cfg), dynamic_smem_of(cfg), stream>>>(
         x.const_data_ptr<scalar_t>(), Wd.const_data_ptr<acc_t>(), bd.const_data_ptr<acc_t>(),
         Wu.const_data_ptr<acc_t>(), bu.const_data_ptr<acc_t>(), s.defined() ? s.const_data_ptr<acc_t>() : nullptr,
         D.C, D.HW, D.r, D.channels_last, activation, drop, y.mutable_data_ptr<scalar_t>(),
@@ -215,20 +201,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto opts = grad_y.options().dtype(acc);
   at::Tensor gx = at::empty_like(grad_y);
   at::Tensor gu = at::empty({D.B, D.C}, opts), gh = at::empty({D.B, D.r}, opts), a = at::empty({D.B, D.r}, opts);
-  at::Tensor g_up_w = at::empty({D.C, D.r}, opts), g_up_b = at::empty({D.C}, opts);
-  at::Tensor g_down_w = at::empty({D.r, D.C}, opts), g_down_b = at::empty({D.r}, opts);
   at::Tensor gs_part = at::empty({scale.has_value() ? D.B : 0}, grad_y.options().dtype(at::kDouble));
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (D.B > 0) {
+    const LaunchConfig cfg = pooled_adapter_launch(D.B, D.C, D.r, acc == at::kDouble ? 8 : 4, true,
+                                                   current_device_limits());
+    TORCH_CHECK(cfg.ok(), cfg.error);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_y.scalar_type(), "pooled_adapter_bwd_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const at::Tensor Wd = acc_copy<acc_t>(down_w), Wu = acc_copy<acc_t>(up_w), bu = acc_copy<acc_t>(up_b);
       const at::Tensor Hd = acc_copy<acc_t>(hidden);
       const at::Tensor s = scale.has_value() ? acc_copy<acc_t>(*scale) : at::Tensor();
-      const size_t smem = size_t(2 * D.C + 2 * D.r) * sizeof(acc_t);
-      TORCH_CHECK(smem <= 48 * 1024, "pooled_adapter_backward (CUDA): C = ", D.C, " and r = ", D.r,
-                  " need more than 48 KB of shared memory; use backend='triton'");
-      pooled_adapter_bwd_kernel<scalar_t><<<D.B, kThreads, smem, stream>>>(
+      prepare_launch(pooled_adapter_bwd_kernel<scalar_t>, cfg);
+      pooled_adapter_bwd_kernel<scalar_t><<<grid_of(cfg), block_of(cfg), dynamic_smem_of(cfg), stream>>>(
           grad_y.const_data_ptr<scalar_t>(), Hd.const_data_ptr<acc_t>(), Wd.const_data_ptr<acc_t>(),
           Wu.const_data_ptr<acc_t>(), bu.const_data_ptr<acc_t>(), s.defined() ? s.const_data_ptr<acc_t>() : nullptr,
           D.C, D.HW, D.r, D.channels_last, activation, drop, gx.mutable_data_ptr<scalar_t>(),
@@ -238,18 +223,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
+  // Weight gradients, sums over samples: g_up_w = gu^T a, g_down_w = gh^T pooled (B = 0: zeros).
   const at::Tensor M = pooled.to(acc).contiguous();
-  AT_DISPATCH_FLOATING_TYPES(acc, "pooled_adapter_weight_grads_cuda", [&] {
-    const int64_t n_up = D.C * D.r;
-    outer_sum_kernel<scalar_t><<<(n_up + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
-        gu.const_data_ptr<scalar_t>(), a.const_data_ptr<scalar_t>(), D.B, D.C, D.r,
-        g_up_w.mutable_data_ptr<scalar_t>(), g_up_b.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    outer_sum_kernel<scalar_t><<<(n_up + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
-        gh.const_data_ptr<scalar_t>(), M.const_data_ptr<scalar_t>(), D.B, D.r, D.C,
-        g_down_w.mutable_data_ptr<scalar_t>(), g_down_b.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  const at::Tensor g_up_w = at::mm(gu.t(), a), g_up_b = gu.sum(0);
+  const at::Tensor g_down_w = at::mm(gh.t(), M), g_down_b = gh.sum(0);
   // d/ds: the per-sample shares summed by torch's reduction, deterministic for a fixed length on one
   // device (a tree, not sample order: its bits can differ from the CPU's).
   at::Tensor g_scale =
@@ -262,7 +239,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 TORCH_LIBRARY_IMPL(fastcascade, CUDA, m) {
   m.impl("pooled_adapter", &pooled_adapter_cuda);
-  m.impl("pooled_adapter_backward", &pooled_adapter_backward_cuda);
+  m.impl("_pooled_adapter_backward", &pooled_adapter_backward_cuda);
 }
 
 }  // namespace fastcascade

@@ -15,38 +15,21 @@
 
 #include "common/checks.h"
 #include "common/cpu.h"
-#include "dice/dice_focal_math.h"
+#include "dice_focal/dice_focal_checks.h"
+#include "dice_focal/dice_focal_math.h"
 
 namespace fastcascade {
 namespace {
 
 constexpr int64_t kChunk = 1024;         // pixels per partial
-constexpr int kLanes = 16;
 constexpr int64_t kMaxLaneClasses = 64;  // wider pixels take the per-pixel path
-
 
 // Softmax of kLanes pixels, xb [C][kLanes]: pb gets p, ob gets 1 - p, lb gets log p, am the arg-max
 // (dice_focal_math.h's PixelSoftmax, lane by lane).
 FC_HD void lanes_softmax(const float* xb, int64_t C, float* pb, float* ob, float* lb, int32_t* am) {
   constexpr int L = kLanes;
   float mx[L], s[L], log_s[L], inv[L];
-#pragma omp simd
-  for (int l = 0; l < L; ++l) mx[l] = xb[l], am[l] = 0, s[l] = 0.f;
-  for (int64_t c = 1; c < C; ++c)
-#pragma omp simd
-    for (int l = 0; l < L; ++l) {
-      const float v = xb[c * L + l];
-      const bool gt = v > mx[l];
-      am[l] = gt ? int32_t(c) : am[l];
-      mx[l] = gt ? v : mx[l];
-    }
-  for (int64_t c = 0; c < C; ++c)
-#pragma omp simd
-    for (int l = 0; l < L; ++l) {
-      const float e = fc_exp(xb[c * L + l] - mx[l]);
-      pb[c * L + l] = e;
-      s[l] += c == am[l] ? 0.f : e;
-    }
+  lanes_softmax_terms(xb, C, mx, am, pb, s);
 #pragma omp simd
   for (int l = 0; l < L; ++l) log_s[l] = fc_log1p(s[l]), inv[l] = 1.f / (1.f + s[l]);
   for (int64_t c = 0; c < C; ++c)
@@ -229,37 +212,13 @@ void backward_chunk(const scalar_t* x, const int64_t* t, int64_t C, int64_t S, i
   }
 }
 
-struct Dims {
-  int64_t B, C, S;
-};
-
-Dims check_dice_focal_inputs(const at::Tensor& logits, const at::Tensor& target,
-                             const std::optional<at::Tensor>& weight) {
-  check_floating(logits, "logits");
-  TORCH_CHECK(logits.dim() == 3, "logits must be (B, C, S), got ", logits.sizes());
-  TORCH_CHECK(target.scalar_type() == at::kLong, "target must be int64, got ", target.scalar_type());
-  const Dims d{logits.size(0), logits.size(1), logits.size(2)};
-  TORCH_CHECK(target.dim() == 2 && target.size(0) == d.B && target.size(1) == d.S,
-              "target must have shape (B, S) = (", d.B, ", ", d.S, ") matching logits ", logits.sizes(), ", got ",
-              target.sizes());
-  TORCH_CHECK(d.C >= 1, "logits must have at least one class, got ", logits.sizes());
-  if (weight.has_value())
-    TORCH_CHECK(weight->dim() == 1 && weight->numel() == d.C, "weight must have shape (C,) = (", d.C, ",), got ",
-                weight->sizes());
-  return d;
-}
-
-at::TensorOptions acc_options(const at::Tensor& logits) {
-  return logits.options().dtype(logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dice_focal_cpu(
     const at::Tensor& logits_in, const at::Tensor& target_in, const std::optional<at::Tensor>& weight_in,
     double gamma, double smooth, double lambda_dice, double lambda_focal, int64_t ignore_index,
     bool include_background, bool batch_dice) {
-  const Dims d = check_dice_focal_inputs(logits_in, target_in, weight_in);
+  const DiceFocalDims d = check_dice_focal_inputs(logits_in, target_in, weight_in);
   const at::Tensor logits = logits_in.contiguous(), target = target_in.contiguous();
-  const auto acc_opts = acc_options(logits);
+  const auto acc_opts = dice_focal_acc_options(logits);
   const int64_t nchunk = (d.S + kChunk - 1) / kChunk, nblocks = d.B * nchunk, P = 2 * d.C + 2;
   // partial sums per block (b, chunk): [focal sum, normaliser, inter (C), card (C)], added in double
   std::vector<double> part(nblocks * P, 0.0);
@@ -307,12 +266,10 @@ at::Tensor dice_focal_backward_cpu(const at::Tensor& grad_loss, const at::Tensor
                                    const at::Tensor& inter, const at::Tensor& card, const at::Tensor& focal_stats,
                                    double gamma, double smooth, double lambda_dice, double lambda_focal,
                                    int64_t ignore_index, bool include_background, bool batch_dice) {
-  const Dims d = check_dice_focal_inputs(logits_in, target_in, weight_in);
-  TORCH_CHECK(inter.sizes() == card.sizes() && inter.dim() == 2 && inter.size(0) == d.B && inter.size(1) == d.C,
-              "inter and card must have shape (B, C) = (", d.B, ", ", d.C, "), got ", inter.sizes(), " and ",
-              card.sizes());
+  const DiceFocalDims d = check_dice_focal_inputs(logits_in, target_in, weight_in);
+  check_dice_focal_sums(d, inter, card);
   const at::Tensor logits = logits_in.contiguous(), target = target_in.contiguous();
-  const auto acc_opts = acc_options(logits);
+  const auto acc_opts = dice_focal_acc_options(logits);
   const at::Tensor w = dice_class_weights(weight_in, d.C, include_background, acc_opts);
   auto [coef, fs_t] = dice_focal_coefficients(inter.to(acc_opts), card.to(acc_opts), focal_stats.to(acc_opts), w,
                                               grad_loss, smooth, lambda_dice, lambda_focal, batch_dice);
@@ -342,7 +299,7 @@ at::Tensor dice_focal_backward_cpu(const at::Tensor& grad_loss, const at::Tensor
 
 TORCH_LIBRARY_IMPL(fastcascade, CPU, m) {
   m.impl("dice_focal", &dice_focal_cpu);
-  m.impl("dice_focal_backward", &dice_focal_backward_cpu);
+  m.impl("_dice_focal_backward", &dice_focal_backward_cpu);
 }
 
 }  // namespace fastcascade

@@ -11,8 +11,8 @@
 
 #include <vector>
 
-#include "adapter/adapter_checks.h"
-#include "adapter/adapter_math.h"
+#include "common/adapter_checks.h"
+#include "common/adapter_math.h"
 #include "common/cpu.h"
 
 namespace fastcascade {
@@ -272,7 +272,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 TORCH_LIBRARY_IMPL(fastcascade, CPU, m) {
   m.impl("pooled_adapter", &pooled_adapter_cpu);
-  m.impl("pooled_adapter_backward", &pooled_adapter_backward_cpu);
+  m.impl("_pooled_adapter_backward", &pooled_adapter_backward_cpu);
 }
 
 }  // namespace fastcascade

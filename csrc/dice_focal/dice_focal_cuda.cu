@@ -4,7 +4,8 @@
 // per pixel at a time (a pixel's C logits sit at stride S, so a warp's loads are coalesced). Every
 // thread accumulates its own per-class sums in shared memory; the block then adds them in a fixed
 // order and writes one partial per (image, chunk); a second kernel adds the chunks of each image in
-// order. No atomics, no host sync: the same inputs give the same bits on the same device.
+// order. No atomics, no host sync: the same inputs give the same bits on the same device. Threads,
+// shared bytes and grids come from dice/dice_focal_launch.h.
 // Backward: one thread per pixel recomputes the softmax and writes the gradient.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -12,46 +13,46 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "common/cuda_launch.cuh"
 #include "common/cuda_reduce.cuh"
 #include "common/checks.h"
-#include "dice/dice_focal_math.h"
+#include "dice_focal/dice_focal_launch.h"
+#include "dice_focal/dice_focal_checks.h"
+#include "dice_focal/dice_focal_math.h"
 
 namespace fastcascade {
 namespace {
 
-constexpr int kMaxThreads = 256;
-constexpr int64_t kChunk = 4096;               // pixels per partial: fixed, so partials depend on the shape only
-constexpr int64_t kSharedBytes = 48 * 1024;    // per-thread class sums, without an opt-in carve-out
-
-
 // partials[(b * nchunk + chunk) * P + j], P = 2C + 2: [focal sum, normaliser, inter (C), card (C)].
+// The per-thread class sums are rows dice_acc_ld(blockDim.x) apart (dice_focal_launch.h: no bank conflicts).
 template <typename scalar_t>
-__global__ void __launch_bounds__(kMaxThreads)
+__global__ void __launch_bounds__(kDiceMaxThreads)
 dice_focal_forward_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ target,
                           const at::opmath_type<scalar_t>* __restrict__ weight, int64_t C, int64_t S, int64_t nchunk,
                           at::opmath_type<scalar_t> gamma, int two_gamma, int64_t ignore_index,
                           at::opmath_type<scalar_t>* __restrict__ partials) {
   using acc_t = at::opmath_type<scalar_t>;
   extern __shared__ unsigned char smem_raw[];
-  acc_t* acc = reinterpret_cast<acc_t*>(smem_raw);  // [2C][blockDim.x]: thread i owns column i
+  acc_t* acc = reinterpret_cast<acc_t*>(smem_raw);  // [2C][ld]: thread i owns column i
   const int T = blockDim.x, tid = threadIdx.x;
+  const int ld = static_cast<int>(dice_acc_ld(T));
   const int64_t b = blockIdx.y, chunk = blockIdx.x;
-  for (int64_t j = 0; j < 2 * C; ++j) acc[j * T + tid] = acc_t(0);
+  for (int64_t j = 0; j < 2 * C; ++j) acc[j * ld + tid] = acc_t(0);
   acc_t* inter = acc + tid;
-  acc_t* card = acc + C * T + tid;
+  acc_t* card = acc + C * ld + tid;
   const scalar_t* xb = x + b * C * S;
   const int64_t* tb = target + b * S;
-  const int64_t s1 = min(S, (chunk + 1) * kChunk);
+  const int64_t s1 = min(S, (chunk + 1) * kDiceChunk);
   acc_t lsum = 0, csum = 0;
-  for (int64_t s = chunk * kChunk + tid; s < s1; s += T) {
+  for (int64_t s = chunk * kDiceChunk + tid; s < s1; s += T) {
     const int64_t t = tb[s];
     if (t == ignore_index) continue;
     if (t < 0 || t >= C) {  // NaN everywhere, never an out-of-range index
       lsum += acc_t(NAN), csum += acc_t(NAN);
-      for (int64_t c = 0; c < C; ++c) inter[c * T] += acc_t(NAN), card[c * T] += acc_t(NAN);
+      for (int64_t c = 0; c < C; ++c) inter[c * ld] += acc_t(NAN), card[c * ld] += acc_t(NAN);
       continue;
     }
-    lsum += dice_focal_pixel_forward<acc_t>(xb + s, S, C, t, weight, gamma, two_gamma, inter, card, T);
+    lsum += dice_focal_pixel_forward<acc_t>(xb + s, S, C, t, weight, gamma, two_gamma, inter, card, ld);
     csum += weight ? weight[t] : acc_t(1);
   }
   lsum = block_sum(lsum);  // (its barriers also publish every thread's acc column)
@@ -60,7 +61,7 @@ dice_focal_forward_kernel(const scalar_t* __restrict__ x, const int64_t* __restr
   if (tid == 0) out[0] = lsum, out[1] = csum;
   for (int64_t j = tid; j < 2 * C; j += T) {
     acc_t v = 0;
-    for (int i = 0; i < T; ++i) v += acc[j * T + i];
+    for (int i = 0; i < T; ++i) v += acc[j * ld + i];
     out[2 + j] = v;
   }
 }
@@ -78,7 +79,7 @@ __global__ void dice_focal_chunks_kernel(const acc_t* __restrict__ partials, int
 }
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kMaxThreads)
+__global__ void __launch_bounds__(kDiceBackwardThreads)
 dice_focal_backward_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ target,
                            const at::opmath_type<scalar_t>* __restrict__ weight,
                            const at::opmath_type<scalar_t>* __restrict__ coef,
@@ -100,49 +101,19 @@ dice_focal_backward_kernel(const scalar_t* __restrict__ x, const int64_t* __rest
   }
 }
 
-struct Dims {
-  int64_t B, C, S;
-};
-
-Dims check_inputs(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight) {
-  check_floating(logits, "logits");
-  check_same_device(logits, "logits", target, "target");
-  TORCH_CHECK(logits.dim() == 3, "logits must be (B, C, S), got ", logits.sizes());
-  TORCH_CHECK(target.scalar_type() == at::kLong, "target must be int64, got ", target.scalar_type());
-  const Dims d{logits.size(0), logits.size(1), logits.size(2)};
-  TORCH_CHECK(target.dim() == 2 && target.size(0) == d.B && target.size(1) == d.S,
-              "target must have shape (B, S) = (", d.B, ", ", d.S, ") matching logits ", logits.sizes(), ", got ",
-              target.sizes());
-  TORCH_CHECK(d.C >= 1, "logits must have at least one class, got ", logits.sizes());
-  if (weight.has_value()) {
-    check_same_device(logits, "logits", *weight, "weight");
-    TORCH_CHECK(weight->dim() == 1 && weight->numel() == d.C, "weight must have shape (C,) = (", d.C, ",), got ",
-                weight->sizes());
-  }
-  return d;
-}
-
-at::TensorOptions acc_options(const at::Tensor& logits) {
-  return logits.options().dtype(logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dice_focal_cuda(
     const at::Tensor& logits_in, const at::Tensor& target_in, const std::optional<at::Tensor>& weight_in,
     double gamma, double smooth, double lambda_dice, double lambda_focal, int64_t ignore_index,
     bool include_background, bool batch_dice) {
-  const Dims d = check_inputs(logits_in, target_in, weight_in);
+  const DiceFocalDims d = check_dice_focal_inputs(logits_in, target_in, weight_in);
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const at::Tensor logits = logits_in.contiguous(), target = target_in.contiguous();
-  const auto acc_opts = acc_options(logits);
+  const auto acc_opts = dice_focal_acc_options(logits);
   const int64_t acc_size = logits.scalar_type() == at::kDouble ? 8 : 4;
-  // per-thread class sums in shared memory: the most threads (a multiple of a warp) that fit
-  int threads = kMaxThreads;
-  while (threads > 32 && 2 * d.C * threads * acc_size > kSharedBytes) threads /= 2;
-  TORCH_CHECK(2 * d.C * threads * acc_size <= kSharedBytes, "dice_focal (CUDA): at most ",
-              kSharedBytes / (64 * acc_size), " classes for ", logits.scalar_type(), " logits, got C = ", d.C,
-              "; use backend='triton'");
-  const int64_t nchunk = (d.S + kChunk - 1) / kChunk, P = 2 * d.C + 2;
-  TORCH_CHECK(d.B <= 65535, "dice_focal (CUDA): at most 65535 images per call, got B = ", d.B);
+  const DiceForwardLaunch L = dice_focal_forward_launch(d.B, d.C, d.S, acc_size, current_device_limits());
+  TORCH_CHECK(L.cfg.ok(), L.cfg.error);
+  const LaunchConfig chunks = dice_focal_chunks_launch(d.B);
+  const int64_t nchunk = L.nchunk, P = 2 * d.C + 2;
   at::Tensor sums = at::zeros({d.B, P}, acc_opts);
   const at::Tensor w_acc = weight_in.has_value() ? weight_in->to(acc_opts).contiguous() : at::Tensor();
   if (nchunk > 0 && d.B > 0) {
@@ -151,12 +122,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dice_focal_cuda(
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "dice_focal_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const acc_t* w = w_acc.defined() ? w_acc.const_data_ptr<acc_t>() : nullptr;
-      const dim3 grid(static_cast<unsigned>(nchunk), static_cast<unsigned>(d.B));
-      dice_focal_forward_kernel<scalar_t><<<grid, threads, 2 * d.C * threads * acc_size, stream>>>(
-          logits.const_data_ptr<scalar_t>(), target.const_data_ptr<int64_t>(), w, d.C, d.S, nchunk, acc_t(gamma),
-          two_gamma_code(gamma), ignore_index, partials.mutable_data_ptr<acc_t>());
+      prepare_launch(dice_focal_forward_kernel<scalar_t>, L.cfg);
+      dice_focal_forward_kernel<scalar_t><<<grid_of(L.cfg), block_of(L.cfg), dynamic_smem_of(L.cfg), stream>>>(
+          logits.const_data_ptr<scalar_t>(), target.const_data_ptr<int64_t>(), w, d.C, d.S, nchunk,
+          acc_t(gamma), two_gamma_code(gamma), ignore_index, partials.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      dice_focal_chunks_kernel<acc_t><<<static_cast<unsigned>(d.B), 128, 0, stream>>>(
+      dice_focal_chunks_kernel<acc_t><<<grid_of(chunks), block_of(chunks), 0, stream>>>(
           partials.const_data_ptr<acc_t>(), nchunk, P, sums.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -175,13 +146,11 @@ at::Tensor dice_focal_backward_cuda(const at::Tensor& grad_loss, const at::Tenso
                                     const at::Tensor& inter, const at::Tensor& card, const at::Tensor& focal_stats,
                                     double gamma, double smooth, double lambda_dice, double lambda_focal,
                                     int64_t ignore_index, bool include_background, bool batch_dice) {
-  const Dims d = check_inputs(logits_in, target_in, weight_in);
-  TORCH_CHECK(inter.sizes() == card.sizes() && inter.dim() == 2 && inter.size(0) == d.B && inter.size(1) == d.C,
-              "inter and card must have shape (B, C) = (", d.B, ", ", d.C, "), got ", inter.sizes(), " and ",
-              card.sizes());
+  const DiceFocalDims d = check_dice_focal_inputs(logits_in, target_in, weight_in);
+  check_dice_focal_sums(d, inter, card);
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const at::Tensor logits = logits_in.contiguous(), target = target_in.contiguous();
-  const auto acc_opts = acc_options(logits);
+  const auto acc_opts = dice_focal_acc_options(logits);
   const at::Tensor w = dice_class_weights(weight_in, d.C, include_background, acc_opts);
   auto [coef, fs] = dice_focal_coefficients(inter.to(acc_opts), card.to(acc_opts), focal_stats.to(acc_opts), w,
                                             grad_loss, smooth, lambda_dice, lambda_focal, batch_dice);
@@ -190,12 +159,11 @@ at::Tensor dice_focal_backward_cuda(const at::Tensor& grad_loss, const at::Tenso
   if (R == 0) return grad;
   const at::Tensor w_acc = weight_in.has_value() ? weight_in->to(acc_opts).contiguous() : at::Tensor();
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int grid = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((R + 255) / 256, int64_t(sms) * 8)));
+  const LaunchConfig cfg = dice_focal_backward_launch(d.B, d.S, current_device_limits());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "dice_focal_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t* wp = w_acc.defined() ? w_acc.const_data_ptr<acc_t>() : nullptr;
-    dice_focal_backward_kernel<scalar_t><<<grid, 256, 0, stream>>>(
+    dice_focal_backward_kernel<scalar_t><<<grid_of(cfg), block_of(cfg), 0, stream>>>(
         logits.const_data_ptr<scalar_t>(), target.const_data_ptr<int64_t>(), wp, coef.const_data_ptr<acc_t>(),
         fs.const_data_ptr<acc_t>(), R, d.C, d.S, acc_t(gamma), two_gamma_code(gamma), ignore_index,
         grad.mutable_data_ptr<scalar_t>());
@@ -208,7 +176,7 @@ at::Tensor dice_focal_backward_cuda(const at::Tensor& grad_loss, const at::Tenso
 
 TORCH_LIBRARY_IMPL(fastcascade, CUDA, m) {
   m.impl("dice_focal", &dice_focal_cuda);
-  m.impl("dice_focal_backward", &dice_focal_backward_cuda);
+  m.impl("_dice_focal_backward", &dice_focal_backward_cuda);
 }
 
 }  // namespace fastcascade

@@ -6,22 +6,21 @@
 // memory. Backward recomputes h, writes grad_x and the (positions, r) factors g_h and a of the
 // weight gradients, which are then two matrix products over all positions; d/ds sums per-block
 // partials in block order. No atomics: bitwise reproducible. CUDA-core arithmetic, a first version
-// for correctness: the tensor-core path is the Triton twin (bench/adapter_notes.md).
+// for correctness: the tensor-core path is the Triton twin (bench/adapter_notes.md). Tiles, threads
+// and shared bytes come from adapter/pixel_adapter_launch.h.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "adapter/adapter_checks.h"
-#include "adapter/adapter_math.h"
+#include "common/adapter_checks.h"
+#include "common/adapter_math.h"
+#include "pixel_adapter/pixel_adapter_launch.h"
+#include "common/cuda_launch.cuh"
 
 namespace fastcascade {
 namespace {
-
-constexpr int kThreads = 256;
-constexpr int64_t kMaxTile = 16;
-constexpr size_t kSmemBytes = 48 * 1024;
 
 // Where positions and channels are: position t = (sample b, offset p), address b*sb + c*sc + p*sp.
 struct PixelLayout {
@@ -53,7 +52,7 @@ __device__ void tile_hidden(const scalar_t* __restrict__ x, const acc_t* __restr
 }
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kPixelThreads)
 pixel_adapter_fwd_kernel(const scalar_t* __restrict__ x, const at::opmath_type<scalar_t>* __restrict__ wdT,
                          const at::opmath_type<scalar_t>* __restrict__ bd,
                          const at::opmath_type<scalar_t>* __restrict__ wuT,
@@ -77,7 +76,7 @@ pixel_adapter_fwd_kernel(const scalar_t* __restrict__ x, const at::opmath_type<s
 }
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kPixelThreads)
 pixel_adapter_bwd_kernel(const scalar_t* __restrict__ gy, const scalar_t* __restrict__ x,
                          const at::opmath_type<scalar_t>* __restrict__ wdT,
                          const at::opmath_type<scalar_t>* __restrict__ bd,
@@ -91,7 +90,7 @@ pixel_adapter_bwd_kernel(const scalar_t* __restrict__ gy, const scalar_t* __rest
   acc_t* A = reinterpret_cast<acc_t*>(smem_raw);  // [tile][r] each
   acc_t* D = A + tile * L.r;
   acc_t* GH = D + tile * L.r;
-  __shared__ double red[kThreads];
+  __shared__ double red[kPixelThreads];  // counted as static bytes by pixel_adapter_launch
   const int64_t t0 = blockIdx.x * tile, tt = min(tile, L.T - t0);
   tile_hidden(x, wdT, bd, L, t0, tt, act, drop, A, D);
   __syncthreads();
@@ -119,7 +118,7 @@ pixel_adapter_bwd_kernel(const scalar_t* __restrict__ gy, const scalar_t* __rest
   if (gs_part == nullptr) return;
   red[threadIdx.x] = gs;  // fixed-shape tree: the same order every run
   __syncthreads();
-  for (int w = kThreads / 2; w > 0; w /= 2) {
+  for (int w = kPixelThreads / 2; w > 0; w /= 2) {
     if (threadIdx.x < w) red[threadIdx.x] += red[threadIdx.x + w];
     __syncthreads();
   }
@@ -129,14 +128,6 @@ pixel_adapter_bwd_kernel(const scalar_t* __restrict__ gy, const scalar_t* __rest
 template <typename T>
 at::Tensor acc_copy(const at::Tensor& t) {
   return t.detach().to(c10::CppTypeToScalarType<T>::value).contiguous();
-}
-
-// Positions per block: as many as fit `arrays` [tile][r] arrays in shared memory, at most kMaxTile.
-int64_t tile_for(int64_t r, int64_t arrays, size_t elem) {
-  const int64_t fit = static_cast<int64_t>(kSmemBytes / (size_t(arrays * r) * elem));
-  TORCH_CHECK(fit >= 1, "pixel_adapter (CUDA): bottleneck r = ", r, " is too wide for its shared memory; use "
-              "backend='triton'");
-  return std::min(kMaxTile, fit);
 }
 
 at::Tensor pixel_adapter_cuda(const at::Tensor& x, const at::Tensor& down_w, const at::Tensor& down_b,
@@ -152,18 +143,20 @@ at::Tensor pixel_adapter_cuda(const at::Tensor& x, const at::Tensor& down_w, con
   at::Tensor y = at::empty_like(x);
   const PixelLayout L = pixel_layout(S);
   if (L.T == 0) return y;
+  const PixelLaunch P = pixel_adapter_launch(L.T, L.r, x.scalar_type() == at::kDouble ? 8 : 4, false,
+                                             current_device_limits());
+  TORCH_CHECK(P.cfg.ok(), P.cfg.error);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pixel_adapter_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const at::Tensor WdT = acc_copy<acc_t>(down_w.t()), bd = acc_copy<acc_t>(down_b);
     const at::Tensor WuT = acc_copy<acc_t>(up_w.t()), bu = acc_copy<acc_t>(up_b);
     const at::Tensor s = scale.has_value() ? acc_copy<acc_t>(*scale) : at::Tensor();
-    const int64_t tile = tile_for(L.r, 1, sizeof(acc_t));
-    const int64_t blocks = (L.T + tile - 1) / tile;
-    pixel_adapter_fwd_kernel<scalar_t><<<blocks, kThreads, size_t(tile * L.r) * sizeof(acc_t), stream>>>(
+    prepare_launch(pixel_adapter_fwd_kernel<scalar_t>, P.cfg);
+    pixel_adapter_fwd_kernel<scalar_t><<<grid_of(P.cfg), block_of(P.cfg), dynamic_smem_of(P.cfg), stream>>>(
         x.const_data_ptr<scalar_t>(), WdT.const_data_ptr<acc_t>(), bd.const_data_ptr<acc_t>(),
         WuT.const_data_ptr<acc_t>(), bu.const_data_ptr<acc_t>(), s.defined() ? s.const_data_ptr<acc_t>() : nullptr,
-        L, tile, activation, adapter_dropout(dropout, seed), y.mutable_data_ptr<scalar_t>());
+        L, P.tile, activation, adapter_dropout(dropout, seed), y.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return y;
@@ -182,6 +175,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const PixelLayout L = pixel_layout(S);
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto opts = x.options().dtype(acc);
+  const PixelLaunch P = pixel_adapter_launch(L.T, L.r, acc == at::kDouble ? 8 : 4, true, current_device_limits());
+  TORCH_CHECK(P.cfg.ok(), P.cfg.error);
   at::Tensor gx = at::empty_like(x);
   at::Tensor gh = at::empty({L.T, L.r}, opts), a = at::empty({L.T, L.r}, opts);
   at::Tensor gs_part;
@@ -191,15 +186,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor Wd = acc_copy<acc_t>(down_w), WdT = acc_copy<acc_t>(down_w.t()), bd = acc_copy<acc_t>(down_b);
     const at::Tensor Wu = acc_copy<acc_t>(up_w);
     const at::Tensor s = scale.has_value() ? acc_copy<acc_t>(*scale) : at::Tensor();
-    const int64_t tile = tile_for(L.r, 3, sizeof(acc_t));
-    const int64_t blocks = (L.T + tile - 1) / tile;
-    gs_part = at::zeros({scale.has_value() ? blocks : 0}, x.options().dtype(at::kDouble));
+    prepare_launch(pixel_adapter_bwd_kernel<scalar_t>, P.cfg);
+    gs_part = at::zeros({scale.has_value() ? P.cfg.grid_x : 0}, x.options().dtype(at::kDouble));
     if (L.T == 0) return;
-    pixel_adapter_bwd_kernel<scalar_t><<<blocks, kThreads, size_t(3 * tile * L.r) * sizeof(acc_t), stream>>>(
+    pixel_adapter_bwd_kernel<scalar_t><<<grid_of(P.cfg), block_of(P.cfg), dynamic_smem_of(P.cfg), stream>>>(
         grad_y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), WdT.const_data_ptr<acc_t>(),
         bd.const_data_ptr<acc_t>(), Wd.const_data_ptr<acc_t>(), Wu.const_data_ptr<acc_t>(),
         s.defined() ? s.const_data_ptr<acc_t>() : nullptr,
-        L, tile, activation, adapter_dropout(dropout, seed), gx.mutable_data_ptr<scalar_t>(), gh.mutable_data_ptr<acc_t>(), a.mutable_data_ptr<acc_t>(),
+        L, P.tile, activation, adapter_dropout(dropout, seed), gx.mutable_data_ptr<scalar_t>(), gh.mutable_data_ptr<acc_t>(), a.mutable_data_ptr<acc_t>(),
         scale.has_value() ? gs_part.mutable_data_ptr<double>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -222,7 +216,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 TORCH_LIBRARY_IMPL(fastcascade, CUDA, m) {
   m.impl("pixel_adapter", &pixel_adapter_cuda);
-  m.impl("pixel_adapter_backward", &pixel_adapter_backward_cuda);
+  m.impl("_pixel_adapter_backward", &pixel_adapter_backward_cuda);
 }
 
 }  // namespace fastcascade
