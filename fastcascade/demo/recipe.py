@@ -200,8 +200,8 @@ def _print_results(results: dict, always_none: dict, check: dict, n_test: int) -
     for name, r in results.items():
         print(f"\n-- {name}: {r['description']} --")
         if "setting" in r:
-            print(f"  val: macro F1 {r['val']['macro_f1']:.4f} at {r['val']['flops_per_block']:,.0f} FLOPs per block "
-                  f"(best val point: {r['val_best']['macro_f1']:.4f} at {r['val_best']['flops_per_block']:,.0f})")
+            print(f"  val (tuning split): macro F1 {r['val']['macro_f1']:.4f} at {r['val']['flops_per_block']:,.0f} FLOPs "
+                  f"per block, the best of a frontier of {len(r['frontier_val'])} points")
             print(format_stages(r))
     same = all(r.get("routing_matches_dense", True) for r in results.values())
     print(f"\ndynamic and static labels equal the dense oracle for every design: {same}")
