@@ -377,7 +377,7 @@ class Cascade(nn.Module):
         dense = dense_outputs(self, x)  # decisions are per row: one dense pass serves both views of each stage
         for node in self.nodes:
             reached = out.reached(self, node.name)
-            report["reached"][node.name] = reached.float().mean().item() if labels.numel() else float("nan")
+            report["reached"][node.name] = int(reached.sum()) / labels.numel() if labels.numel() else float("nan")
             t = targets[node.name]
             under = t >= 0
             if isinstance(node, Ensemble):
