@@ -216,7 +216,7 @@ def test_dataset_is_deterministic_and_pinned(full, capsys):
 
 def test_every_main_class_holds_at_least_one_percent(full, cache_dir):
     print("\n" + full.distribution())
-    for split in ("all", "train", "val"):
+    for split in ("all", "train", "val", "test"):
         ds = full if split == "all" else fd.load_partition_dataset(split, cache_dir=cache_dir)
         share = ds.class_counts().float() / len(ds)
         assert share.shape == (NUM_MAIN_CLASSES,)
@@ -227,15 +227,19 @@ def test_every_main_class_holds_at_least_one_percent(full, cache_dir):
 def test_split_is_by_image(full, cache_dir):
     train = fd.load_partition_dataset("train", cache_dir=cache_dir)
     val = fd.load_partition_dataset("val", cache_dir=cache_dir)
-    train_ids, val_ids = set(train.image_ids.tolist()), set(val.image_ids.tolist())
-    assert not train_ids & val_ids
+    test = fd.load_partition_dataset("test", cache_dir=cache_dir)
+    train_ids, val_ids, test_ids = (set(d.image_ids.tolist()) for d in (train, val, test))
+    assert not train_ids & val_ids and not train_ids & test_ids and not val_ids & test_ids
     assert {full.image_names[i] for i in val_ids} == set(fd.VAL_IMAGES)
-    assert train_ids | val_ids == set(full.image_ids.tolist()) == set(range(len(fd.IMAGES)))
-    assert len(train) + len(val) == len(full)
-    # the val blocks are exactly the blocks of the val images, in order
-    keep = torch.isin(full.image_ids, torch.tensor(sorted(val_ids)))
-    assert torch.equal(val.blocks, full.blocks[keep]) and torch.equal(val.labels, full.labels[keep])
-    assert 0.1 < len(val) / len(full) < 0.3
+    assert {full.image_names[i] for i in test_ids} == set(fd.TEST_IMAGES)
+    assert train_ids | val_ids | test_ids == set(full.image_ids.tolist()) == set(range(len(fd.IMAGES)))
+    assert len(train) + len(val) + len(test) == len(full)
+    # the val and test blocks are exactly the blocks of their images, in order
+    for ds, ids in ((val, val_ids), (test, test_ids)):
+        keep = torch.isin(full.image_ids, torch.tensor(sorted(ids)))
+        assert torch.equal(ds.blocks, full.blocks[keep]) and torch.equal(ds.labels, full.labels[keep])
+        assert 0.05 < len(ds) / len(full) < 0.2
+    assert test.meta["split"] == "test"
 
 
 def test_cache_is_reused_keyed_and_rebuilt_when_broken(full, cache_dir, tmp_path, monkeypatch):
@@ -272,7 +276,7 @@ def test_dataset_items(full):
 
 def test_bad_split(cache_dir):
     with pytest.raises(ValueError, match="split"):
-        fd.load_partition_dataset("test", cache_dir=cache_dir)
+        fd.load_partition_dataset("holdout", cache_dir=cache_dir)
 
 
 # -------------------------------------------------------------------------------------- augmentation

@@ -511,27 +511,40 @@ def test_demo_quick_end_to_end(tmp_path):
     out = tmp_path / "run"
     r = _demo(["demo", "--quick", "--out", str(out), "--no-progress"], tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    for text in ("== cascade, end to end", "fraction of val blocks reaching each stage", "blocks/s",
-                 "== flat 8-class model", "equal the dense oracle: True"):
+    for text in ("== designs on the 2000 test blocks, at operating points tuned on val", "blocks/s", "always NONE",
+                 "equal the dense oracle for every design: True", "target (flat's macro F1"):
         assert text in r.stdout
     m = json.loads((out / "metrics.json").read_text())
     assert m["config"]["quick"] and m["config"]["train_blocks"] == 4000 and m["config"]["val_blocks"] == 2000
-    final = m["cascade"]["final"]
-    assert final["class_names"] == list(fd.LABEL_NAMES[:8]) and sum(map(sum, final["confusion"])) == 2000
-    assert m["cascade"]["reached"]["stage1"] == 1.0
-    assert 0 < m["cascade"]["reached"]["stage2"] <= 1
-    reached = m["cascade"]["reached"]
-    assert reached["rect"] + reached["ab"] <= reached["stage2"]
-    assert 0 <= m["summary"]["cascade_macro_f1"] <= 1 and 0 <= m["summary"]["flat_macro_f1"] <= 1
+    assert m["config"]["test_blocks"] == 2000
+    designs = m["designs"]
+    assert set(designs) == {"flat", "v6-trunk", "v6-own", "gate", "exits"}
+    for name, d in designs.items():
+        final = d["test"]["final"]
+        assert final["class_names"] == list(fd.LABEL_NAMES[:8]) and sum(map(sum, final["confusion"])) == 2000
+        assert 0 <= d["macro_f1"] <= 1 and d["flops_per_block"] > 0 and d["blocks_per_s"] > 0, name
+        if name == "flat":
+            continue
+        assert d["routing_matches_dense"] is True and d["setting"] and d["frontier_val_timed"]
+        costs = [p["flops_per_block"] for p in d["frontier_val"]]
+        assert costs == sorted(costs) and d["val"]["flops_per_block"] in costs
+        assert max(d["test"]["reached"].values()) == 1.0  # the root
+    own = designs["v6-own"]["test"]["reached"]
+    assert own["stage1"] == 1.0 and 0 <= own["rect"] + own["ab"] <= own["stage2"] <= 1
+    gate = designs["gate"]["test"]
+    assert gate["parts_reached"]["layer1"] == 1.0 and gate["parts_reached"]["layer3"] == gate["reached"]["flat"]
+    assert designs["gate"]["flops_per_block"] < designs["flat"]["flops_per_block"] or gate["reached"]["flat"] == 1.0
+    assert 0.5 < m["always_none"]["accuracy"] < 0.8 and set(m["target"]["ratios"]) == set(designs) - {"flat"}
     assert m["summary"]["flat_training_rows"] >= 0.5 * m["summary"]["cascade_training_rows"]
-    assert set(m["throughput_blocks_per_s"]) == {"dynamic", "static", "dense", "flat"}
+    assert set(m["throughput_blocks_per_s"]) == set(designs)
     assert m["routing_matches_dense"] is True
-    assert 0 < m["stage1"]["threshold"] < 1 and m["stage1"]["temperature"] > 0
-    assert set(m["history"]) == {"stage1", "stage2", "rect", "ab1", "ab2", "ab3", "flat"}
-    for png in ("confusion_cascade.png", "confusion_flat.png", "learning_curves.png",
-                "confusion_stage_stage2.png"):
+    own_models = {"stage1", "stage2", "rect", "ab1", "ab2", "ab3", "flat"}
+    heads = {f"trunk_{k}" for k in ("stage1", "stage2", "rect", "ab1", "ab2", "ab3", "exit1", "exit2")}
+    assert set(m["history"]) == own_models | heads
+    for png in ("frontier.png", "confusion_flat.png", "confusion_v6-own.png", "confusion_gate.png",
+                "learning_curves.png", "confusion_v6-trunk_stage_stage2.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for stage in ("stage1", "stage2", "rect", "ab1", "ab2", "ab3", "flat"):
+    for stage in own_models | heads:
         assert (out / "checkpoints" / stage / "best.pt").is_file()
     assert _files(tmp_path) == ["run"]  # no partial folder left next to it
 

@@ -24,7 +24,8 @@ select per row) for any input. Decisions use fastcascade.routing's ops, so they 
 in every mode.
 """
 
-from .dense import cascade_dense  # noqa: F401  (the oracle, for tests and benchmarks)
+from .cost import CascadeCost, cascade_cost, flops_per_row
+from .dense import cascade_dense, dense_outputs  # noqa: F401  (the oracle, for tests and benchmarks)
 from .runner import Cascade, CascadeOutput
 from .tree import (
     AV1_PARTITION_NAMES,  # noqa: F401  (libaom's partition names, label order)
@@ -35,5 +36,8 @@ from .tree import (
     Stage,
     Threshold,
 )
+from .trunk import split_backbone
+from .tuning import TuneResult, tune_cascade
 
-__all__ = ["Argmax", "Cascade", "CascadeOutput", "Confident", "Ensemble", "Leaf", "Stage", "Threshold"]
+__all__ = ["Argmax", "Cascade", "CascadeCost", "CascadeOutput", "Confident", "Ensemble", "Leaf", "Stage", "Threshold",
+           "TuneResult", "cascade_cost", "flops_per_row", "split_backbone", "tune_cascade"]

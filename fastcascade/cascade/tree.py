@@ -96,20 +96,22 @@ class Leaf:
 
 class Ensemble(nn.Module):
     """K member modules with C outputs each; their vote (fastcascade.routing.vote: "hard" majority with
-    the mean probability breaking ties, or "soft") picks class c, whose final id is labels[c]."""
+    the mean probability breaking ties, or "soft") picks class c, whose final id is labels[c]. The
+    members read the cascade's input, or with tap="<segment>" the output of that trunk segment."""
 
-    def __init__(self, members: Sequence[nn.Module], labels: Sequence[int], mode: str = "hard", name: str = "ensemble"):
+    def __init__(self, members: Sequence[nn.Module], labels: Sequence[int], mode: str = "hard", name: str = "ensemble",
+                 tap: str | None = None):
         super().__init__()
         if len(members) < 1:
             raise ValueError(f"ensemble {name!r} needs at least one member")
         if mode not in ("hard", "soft"):
             raise ValueError(f"ensemble {name!r}: mode must be 'hard' or 'soft', got {mode!r}")
         self.members = nn.ModuleList(members)
-        self.name, self.mode = name, mode
+        self.name, self.mode, self.tap = name, mode, _tap(tap, f"ensemble {name!r}")
         self.register_buffer("label_table", _label_table(labels, name), persistent=False)
 
     def member_logits(self, x: torch.Tensor) -> torch.Tensor:
-        outs = [m(x) for m in self.members]
+        outs = [_call(m, x, f"ensemble {self.name!r} member {k}", self.tap) for k, m in enumerate(self.members)]
         for k, o in enumerate(outs):
             if o.dim() != 2 or o.shape[1] != len(self.label_table):
                 raise ValueError(f"ensemble {self.name!r}: member {k} must output (N, {len(self.label_table)}) "
@@ -122,6 +124,23 @@ class Ensemble(nn.Module):
         return self.label_table[cls], probs
 
 
+def _tap(tap, owner: str) -> str | None:
+    if tap is not None and not (isinstance(tap, str) and tap):
+        raise TypeError(f"{owner}: tap must be the name of a trunk segment (a non-empty str) or None, got {tap!r}")
+    return tap
+
+
+def _call(module: nn.Module, x: torch.Tensor, owner: str, tap: str | None) -> torch.Tensor:
+    """module(x), a failure named after the stage that ran it (a head fed the wrong tap fails deep in torch)."""
+    try:
+        return module(x)
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as e:
+        where = "the cascade's input" if tap is None else f"trunk segment {tap!r}"
+        raise RuntimeError(f"{owner} failed on {where}, shape {tuple(x.shape)}: {e}") from e
+
+
 def _label_table(labels: Sequence[int], name: str) -> torch.Tensor:
     labels = [int(v) for v in labels]
     if not labels or min(labels) < 0:
@@ -130,10 +149,15 @@ def _label_table(labels: Sequence[int], name: str) -> torch.Tensor:
 
 
 class Stage(nn.Module):
-    """A module, its decision rule and one child per branch (Stage, Ensemble, Leaf or an int label)."""
+    """A module, its decision rule and one child per branch (Stage, Ensemble, Leaf or an int label).
+
+    The module reads the cascade's input (tap=None) or the output of the trunk segment named by tap
+    (see fastcascade.Cascade's trunk). A whole model with an Argmax over its classes and the leaves
+    0..C-1 is the flat fallback: Stage(model, Argmax(), range(C)).
+    """
 
     def __init__(self, module: nn.Module, rule: Threshold | Argmax | Confident,
-                 children: Sequence[Stage | Ensemble | Leaf | int], name: str = "stage"):
+                 children: Sequence[Stage | Ensemble | Leaf | int], name: str = "stage", tap: str | None = None):
         super().__init__()
         if not isinstance(rule, (Threshold, Argmax, Confident)):
             raise TypeError(f"stage {name!r}: rule must be Threshold, Argmax or Confident, got {type(rule).__name__}")
@@ -151,12 +175,14 @@ class Stage(nn.Module):
             kids.append(c)
         if isinstance(rule, Threshold) and len(kids) != 2:
             raise ValueError(f"stage {name!r}: a Threshold rule has 2 branches, got {len(kids)} children")
-        self.module, self.rule, self.name = module, rule, name
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"stage {name!r}: module must be an nn.Module, got {type(module).__name__}")
+        self.module, self.rule, self.name, self.tap = module, rule, name, _tap(tap, f"stage {name!r}")
         self.kids = kids  # Leaf entries are plain data; Stage/Ensemble children are registered below
         self.child_modules = nn.ModuleList([c for c in kids if isinstance(c, nn.Module)])
 
     def outputs(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.module(x)
+        out = _call(self.module, x, f"stage {self.name!r}", self.tap)
         width = 1 if out.dim() == 1 else out.shape[1]
         if out.dim() not in (1, 2) or out.shape[0] != x.shape[0]:
             raise ValueError(f"stage {self.name!r}: the module must return (N,) or (N, C) logits for N = "

@@ -1,4 +1,4 @@
-"""The demo's plots (matplotlib, imported when a plot is drawn): confusion matrices and learning curves."""
+"""The demo's plots (matplotlib, imported when a plot is drawn): confusion matrices, learning curves, frontiers."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pathlib
 
 import torch
 
-__all__ = ["plot_confusion", "plot_curves"]
+__all__ = ["plot_confusion", "plot_curves", "plot_frontier"]
 
 
 def plot_confusion(cm: torch.Tensor, names, title: str, path: pathlib.Path) -> None:
@@ -48,4 +48,34 @@ def plot_curves(histories: dict[str, list[dict]], path: pathlib.Path) -> None:
     b.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_frontier(designs: dict[str, dict], path: pathlib.Path) -> None:
+    """Macro F1 against FLOPs per block and against blocks/s: each cascade's frontier on val (its tuned
+    operating points), its chosen point on test, the flat model as a point."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    flat = designs["flat"]
+    for name, d in designs.items():
+        if name == "flat":
+            continue
+        for ax, key, front in ((axes[0], "flops_per_block", d["frontier_val"]),
+                               (axes[1], "blocks_per_s", d["frontier_val_timed"])):
+            line = ax.plot([p[key] for p in front], [p["macro_f1"] for p in front], "-", lw=1, alpha=0.7,
+                           drawstyle="steps-post" if key == "flops_per_block" else "default",
+                           marker="." if key == "blocks_per_s" else None, label=f"{name} (val frontier)")[0]
+            ax.plot(d[key], d["macro_f1"], "o", ms=8, color=line.get_color(), mec="black",
+                    label=f"{name} (test, chosen)")
+    for ax, key in ((axes[0], "flops_per_block"), (axes[1], "blocks_per_s")):
+        ax.plot(flat[key], flat["macro_f1"], "*", ms=14, color="black", label="flat (test)")
+        ax.set_xscale("log")
+        ax.set_ylabel("macro F1")
+        ax.grid(alpha=0.3)
+    axes[0].set_xlabel("FLOPs per block (torch.utils.flop_counter)")
+    axes[1].set_xlabel("blocks/s (dynamic mode, measured)")
+    axes[0].legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -1,18 +1,17 @@
-"""The demo recipe (``python -m fastcascade demo``): train and evaluate the AV1 partition cascade on the embedded dataset.
+"""The demo recipe (``python -m fastcascade demo``): train the AV1 partition cascades on the embedded dataset and
+compare them with the flat model.
 
-Stage 1 (NONE vs PARTITION, sigmoid focal, gamma 2.5, temperature and threshold fitted on val), Stage 2
-(SPLIT | RECT | AB, class-balanced softmax focal with label smoothing 0.1, pooled adapters on the frozen
-Stage-1 backbone), the RECT specialist (HORZ | VERT), a 3-member AB ensemble (different seeds and
-augmentations, hard vote), then the early-exit cascade end to end against a flat 8-class model trained on
-as many rows. Prints the tables and writes the run folder (metrics.json, PNGs, checkpoints); the folder
-appears only once the run is complete.
+Trains the seed's v6 hierarchy with its own backbones (fastcascade.demo.hierarchy), a flat 8-class model on as
+many rows, and heads on the flat model's frozen backbone used as a shared trunk (fastcascade.demo.heads); then
+compares five designs (fastcascade.demo.designs) on the test split at operating points tuned on val: macro F1,
+accuracy, FLOPs per block and measured blocks/s. Prints the tables and writes the run folder (metrics.json,
+frontier.png and the other PNGs, checkpoints); the folder appears only once the run is complete.
 """
 
 from __future__ import annotations
 
 import datetime
 import importlib.util
-import math
 import pathlib
 import shutil
 import signal
@@ -22,62 +21,48 @@ import threading
 import time
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 from torch.utils.data import Subset
 
 from .. import data as fd
 from .._checks import device_arg, file_in_the_way
 from .._io import write_json
-from ..adapters import add_adapters, freeze_backbone
-from ..calibration import fit_temperature, tune_threshold
-from ..cascade import Cascade, cascade_dense
-from ..losses import ClassBalancedFocalLoss, SoftmaxFocalLoss, sigmoid_focal_loss
-from ..train import evaluate, fit
-from .models import make_backbone, with_new_head
-from .plots import plot_confusion, plot_curves
+from ..cascade import split_backbone
+from ..metrics import classification_report
+from ..train import evaluate
+from .context import LABEL_NAMES, NUM_LABELS, STAGE_NAMES, Run, labels_of, stage_target
+from .designs import build_designs, measure
+from .heads import train_trunk_heads
+from .hierarchy import train_flat, train_own_hierarchy
+from .plots import plot_confusion, plot_curves, plot_frontier
+from .report import format_stages, format_table, target_check
 
 __all__ = ["run_demo"]
 
-NUM_LABELS = fd.NUM_MAIN_CLASSES
-LABEL_NAMES = list(fd.LABEL_NAMES[:NUM_LABELS])
-# the demo's data has no 4-way partitions: RECT is HORZ | VERT
-STAGE_NAMES = {k: list(v[:2] if k == "rect" else v) for k, v in fd.STAGE_CLASS_NAMES.items()}
+# where the flat model's backbone is cut into the shared trunk's segments
+SEGMENT_ENDS = {"small-cnn": ["layer1", "layer2"], "resnet18": ["layer1", "layer2"]}
 
 
-class DihedralMixup:
-    """RandomDihedral then mixup of the AB targets: returns soft (N, 4) targets (for a soft-target loss)."""
-
-    def __init__(self, alpha: float, seed: int):
-        self.alpha = alpha
-        self.dihedral = fd.RandomDihedral(seed=seed)
-        self.generator = self.dihedral.generator
-
-    def __call__(self, blocks: torch.Tensor, labels: torch.Tensor):
-        blocks, labels = self.dihedral(blocks, labels)
-        return fd.mixup(blocks, fd.stage_targets(labels)["ab"], self.alpha, self.generator, num_classes=4)
-
-
-def _stage(name: str):
-    return lambda labels: fd.stage_targets(labels)[name]
-
-
-def _load_data(args) -> tuple[fd.PartitionDataset, fd.PartitionDataset]:
+def _load_data(args) -> tuple[fd.PartitionDataset, fd.PartitionDataset, fd.PartitionDataset]:
     if args.data is not None:
         if pathlib.Path(args.data).expanduser().is_file():
             raise ValueError(f"--data {args.data}: a file; pass the dataset folder, which holds "
                              f"16x16/train.pt and 16x16/val.pt (one file would serve as both splits)")
         train = fd.load_block_dataset(args.data, "train", num_classes=NUM_LABELS)
         val = fd.load_block_dataset(args.data, "val", num_classes=NUM_LABELS)
+        try:
+            test = fd.load_block_dataset(args.data, "test", num_classes=NUM_LABELS)
+        except FileNotFoundError:
+            print("no test.pt: the numbers are reported on val, which also chose the operating points")
+            test = val
     else:
-        train, val = fd.load_partition_dataset("train"), fd.load_partition_dataset("val")
-    for name, ds in (("train", train), ("val", val)):
+        train, val, test = (fd.load_partition_dataset(s) for s in ("train", "val", "test"))
+    for name, ds in (("train", train), ("val", val), ("test", test)):
         if len(ds) == 0:
             raise ValueError(f"the {name} split is empty")
         if int(ds.labels.max()) >= NUM_LABELS:
             raise ValueError(f"the {name} split holds labels >= {NUM_LABELS} (HORZ_4 / VERT_4): the demo "
                              f"cascade predicts the 8 main partition types only")
-    return train, val
+    return train, val, test
 
 
 def _subset(ds, n: int, seed: int):
@@ -85,31 +70,6 @@ def _subset(ds, n: int, seed: int):
         return ds
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].sort().values
     return Subset(ds, idx.tolist())
-
-
-def _labels(ds) -> torch.Tensor:
-    return ds.dataset.labels[torch.as_tensor(ds.indices)] if isinstance(ds, Subset) else ds.labels
-
-
-def _blocks(ds) -> torch.Tensor:
-    b = ds.dataset.blocks[torch.as_tensor(ds.indices)] if isinstance(ds, Subset) else ds.blocks
-    return b.float() / 255 if b.dtype == torch.uint8 else b.float()
-
-
-@torch.no_grad()
-def _throughput(fn, x: torch.Tensor, device: torch.device, repeats: int) -> float:
-    """Blocks per second of fn(x): one warm-up call, then the best of `repeats` timed calls."""
-    fn(x)
-    best = math.inf
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return x.shape[0] / best
 
 
 def run_demo(args) -> dict:
@@ -138,11 +98,11 @@ def run_demo(args) -> dict:
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"--out {out}: the folder exists and is not empty; pick another")
 
-    train, val = _load_data(args)  # data errors come before anything is written
+    train, val, test = _load_data(args)  # data errors come before anything is written
     if quick:
-        train, val = _subset(train, 4000, args.seed), _subset(val, 2000, args.seed + 1)
-    y_train = _labels(train)
-    print(f"fastcascade demo: {len(train)} train / {len(val)} val blocks, backbone {backbone}, device "
+        train, val, test = _subset(train, 4000, args.seed), _subset(val, 2000, args.seed + 1), _subset(test, 2000, args.seed + 2)
+    y_train = labels_of(train)
+    print(f"fastcascade demo: {len(train)} train / {len(val)} val / {len(test)} test blocks, backbone {backbone}, device "
           f"{device}, {epochs} epochs per model{' (quick)' if quick else ''}")
     print(fd.format_distribution(y_train, NUM_LABELS))
 
@@ -152,7 +112,7 @@ def run_demo(args) -> dict:
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum)) if in_main else None
     work = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        result = _train_and_report(args, train, val, y_train, device, backbone, epochs, amp, quick, work)
+        result = _train_and_report(args, train, val, test, device, backbone, epochs, amp, quick, work)
         result["timing"]["total_s"] = time.perf_counter() - t_start
         write_json(result, work / "metrics.json")
         if out.exists():
@@ -164,166 +124,93 @@ def run_demo(args) -> dict:
     finally:
         if in_main:
             signal.signal(signal.SIGTERM, previous)
-    print(f"\nrun folder: {out} (metrics.json, confusion_*.png, learning_curves.png, checkpoints/)")
+    print(f"\nrun folder: {out} (metrics.json, frontier.png, confusion_*.png, learning_curves.png, checkpoints/)")
     print(f"total time: {result['timing']['total_s']:.1f} s")
     return result
 
 
-def _train_and_report(args, train, val, y_train, device, backbone, epochs, amp, quick,
-                      work: pathlib.Path) -> dict:
-    ckpt = work / "checkpoints"
-    common = dict(device=device, amp_dtype=amp, progress=args.progress, batch_size=args.batch_size)
-    stage_counts = {k: torch.bincount(v[v != fd.IGNORE_INDEX], minlength=len(fd.STAGE_CLASS_NAMES[k]))
-                    for k, v in fd.stage_targets(y_train).items()}
-    histories, timing, rows_seen = {}, {}, 0
-
-    def train_one(key, model, loss_fn, target, seed, **kw):
-        nonlocal rows_seen
-        t = time.perf_counter()
-        names = STAGE_NAMES[target] if target else LABEL_NAMES
-        hist, best = fit(model, loss_fn, train, val, kw.pop("epochs", epochs), seed=seed,
-                         target_fn=_stage(target) if target else None, class_names=names,
-                         out_dir=ckpt / key, name=key, **common, **kw)
-        timing[f"train_{key}_s"] = time.perf_counter() - t
-        histories[key] = hist
-        n = int((_stage(target)(y_train) != fd.IGNORE_INDEX).sum()) if target else len(train)
-        rows_seen += n * len(hist)
-        best_epoch = max(range(len(hist)), key=lambda i: hist[i]["val"]["macro_f1"])
-        print(f"  {key}: {len(hist)} epochs in {timing[f'train_{key}_s']:.1f} s, best epoch {best_epoch + 1} "
-              f"(val macro F1 {hist[best_epoch]['val']['macro_f1']:.4f}) -> {best.relative_to(work)}")
-        return model
-
+def _train_and_report(args, train, val, test, device, backbone, epochs, amp, quick, work: pathlib.Path) -> dict:
+    run = Run(args, train, val, test, device, backbone, epochs, amp, quick, work)
     print("\n== training ==")
-    t_cascade = time.perf_counter()
-    # Stage 1: NONE vs PARTITION, one logit
-    s1 = make_backbone(backbone, 1, args.seed, args.width)
-    def stage1_loss(out, t):
-        return sigmoid_focal_loss(out.reshape(-1), t.float(), alpha=None, gamma=2.5)
+    t = time.perf_counter()
+    own = train_own_hierarchy(run)
+    run.timing["train_cascade_s"] = time.perf_counter() - t
+    cascade_rows = sum(run.rows.values())
+    # the flat 8-class model with the same budget: as many training rows as the own-backbone hierarchy
+    t = time.perf_counter()
+    flat = train_flat(run, cascade_rows)
+    run.timing["train_flat_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    trunk, flat_head = split_backbone(flat, at=SEGMENT_ENDS[backbone])
+    heads = train_trunk_heads(run, trunk)
+    run.timing["train_trunk_heads_s"] = time.perf_counter() - t
 
-    s1 = train_one("stage1", s1, stage1_loss, "stage1", args.seed, lr=3e-3,
-                   augment=fd.RandomDihedral(seed=args.seed))
-    s1_logits, s1_t = _stage_logits(s1, val, "stage1", device)
-    temperature = fit_temperature(s1_logits, s1_t)
-    threshold, thr_metrics = tune_threshold(torch.sigmoid(s1_logits / temperature), s1_t, objective="f1")
-
-    # Stage 2: adapters on the frozen Stage-1 backbone, class-balanced focal with label smoothing
-    s2 = with_new_head(s1, 3, args.seed + 1)
-    add_adapters(s2, bottleneck=16, kind="pooled", example_input=torch.zeros(1, 1, 16, 16, device=device))
-    trainable = freeze_backbone(s2)
-    cb = ClassBalancedFocalLoss(stage_counts["stage2"], beta=0.9999, gamma=2.0, label_smoothing=0.1)
-    cb = cb.to(device)
-    s2 = train_one("stage2", s2, cb, "stage2", args.seed + 1, param_groups={"adapter": 3e-3, "head": 3e-3},
-                   sampler=None)
-
-    # RECT specialist: fine-tunes a copy of the Stage-1 backbone, head first (one frozen epoch)
-    rect = with_new_head(s1, 2, args.seed + 2)
-    rect = train_one("rect", rect, SoftmaxFocalLoss(gamma=2.0), "rect", args.seed + 2,
-                     param_groups={"head": 3e-3, "backbone": 1e-3}, freeze_epochs=1,
-                     augment=fd.RandomDihedral(seed=args.seed + 2))
-
-    # AB ensemble: three members, different seeds and augmentations (dihedral; flips only; dihedral + mixup)
-    augments = [fd.RandomDihedral(seed=args.seed + 31),
-                fd.RandomDihedral(p_transpose=0.0, seed=args.seed + 32),
-                DihedralMixup(alpha=0.4, seed=args.seed + 33)]
-    # the mixup member learns from soft targets: cross-entropy takes class probabilities
-    losses = [SoftmaxFocalLoss(gamma=2.0), SoftmaxFocalLoss(gamma=2.0), F.cross_entropy]
-    ab = []
-    for k in range(3):
-        m = with_new_head(s1, 4, args.seed + 3 + k)
-        ab.append(train_one(f"ab{k + 1}", m, losses[k], "ab", args.seed + 3 + k, lr=2e-3, augment=augments[k],
-                            sampler="class_balanced" if k == 1 else None))
-    timing["train_cascade_s"] = time.perf_counter() - t_cascade
-    cascade_rows = rows_seen
-
-    # flat 8-class model with the same budget: as many training rows as all cascade models together
-    flat_epochs = max(1, round(cascade_rows / len(train)))
-    t_flat = time.perf_counter()
-    flat = make_backbone(backbone, NUM_LABELS, args.seed + 9, args.width)
-    flat_loss = ClassBalancedFocalLoss(torch.bincount(y_train, minlength=NUM_LABELS), beta=0.9999, gamma=2.0,
-                                       label_smoothing=0.1).to(device)
-    flat = train_one("flat", flat, flat_loss, None, args.seed + 9, lr=2e-3, epochs=flat_epochs,
-                     augment=fd.RandomDihedral(seed=args.seed + 9))
-    timing["train_flat_s"] = time.perf_counter() - t_flat
-
-    # the cascade, end to end
-    cascade = Cascade.av1_partition(s1, s2, rect, ab, threshold=threshold, temperature=temperature)
-    cascade = cascade.to(device).eval()
-    crep = evaluate(cascade, val, class_names=LABEL_NAMES, device=device)
-    frep = evaluate(flat, val, class_names=LABEL_NAMES, device=device).final
-    models = {"stage1": s1, "stage2": s2, "rect": rect, **{f"ab{k + 1}": m for k, m in enumerate(ab)}}
+    print("\n== per-stage models of the own-backbone hierarchy, standalone on the test rows of each stage ==")
     standalone = {}
-    for k, m in models.items():
+    for k, m in own.models().items():
         stage = "ab" if k.startswith("ab") else k
-        rep = evaluate(m, val, target_fn=_stage(stage), class_names=STAGE_NAMES[stage], device=device)
-        standalone[k] = rep.final
+        standalone[k] = evaluate(m, test, target_fn=stage_target(stage), class_names=STAGE_NAMES[stage],
+                                 device=device).final
+        print(f"  {k:<7} macro F1 {standalone[k].macro_f1:.4f}, accuracy {standalone[k].accuracy:.4f}")
 
-    print("\n== per-stage, standalone on the val rows that belong to each stage ==")
-    for name, rep in standalone.items():
-        print(f"\n-- {name} --\n{rep}")
-    print(f"\nStage 1 threshold (tuned on val for F1, after temperature {temperature:.3f}): {threshold:.4f} "
-          f"(precision {thr_metrics['precision']:.4f}, recall {thr_metrics['recall']:.4f}, "
-          f"F1 {thr_metrics['f1']:.4f})")
-    print(f"\n== cascade, end to end (early exit) ==\n{crep}")
-    print("\nfraction of val blocks reaching each stage: "
-          + ", ".join(f"{k} {100 * v:.1f}%" for k, v in crep.reached.items()))
-    print(f"\n== flat 8-class model ({flat_epochs} epochs: the cascade's budget of {cascade_rows} training "
-          f"rows) ==\n{frep}")
+    t = time.perf_counter()
+    designs = build_designs(run, own, flat, trunk, flat_head, heads)
+    results = measure(run, designs)
+    run.timing["compare_s"] = time.perf_counter() - t
+    y_test = labels_of(test)
+    none = classification_report(torch.zeros_like(y_test), y_test, NUM_LABELS)
+    always_none = {"macro_f1": none.macro_f1, "accuracy": none.accuracy}
+    check = target_check(results)
+    _print_results(results, always_none, check, len(test))
 
-    # throughput on the val blocks
-    x = _blocks(val).to(device)
-    repeats = 2 if quick else 3
-    with torch.no_grad():
-        tput = {"dynamic": _throughput(lambda v: cascade.predict(v, mode="dynamic"), x, device, repeats),
-                "static": _throughput(lambda v: cascade.predict(v, mode="static"), x, device, repeats),
-                "dense": _throughput(lambda v: cascade_dense(cascade, v), x, device, repeats),
-                "flat": _throughput(lambda v: flat(v).argmax(1), x, device, repeats)}
-        same = bool(torch.equal(cascade.predict(x, mode="dynamic"), cascade_dense(cascade, x))
-                    and torch.equal(cascade.predict(x, mode="static"), cascade_dense(cascade, x)))
-    print(f"\n== throughput on {x.shape[0]} val blocks ({device}, batch = all) ==")
-    for k, v in tput.items():
-        print(f"  {k:<8} {v:12,.0f} blocks/s")
-    print(f"  dynamic and static labels equal the dense oracle: {same}")
-
-    c, f = crep.final, frep
-    print(f"\n== summary ==\n  cascade: accuracy {c.accuracy:.4f}, macro F1 {c.macro_f1:.4f}, weighted F1 "
-          f"{c.weighted_f1:.4f}\n  flat:    accuracy {f.accuracy:.4f}, macro F1 {f.macro_f1:.4f}, weighted "
-          f"F1 {f.weighted_f1:.4f}")
-
-    plot_confusion(c.confusion, LABEL_NAMES, "cascade (val)", work / "confusion_cascade.png")
-    plot_confusion(f.confusion, LABEL_NAMES, f"flat 8-class (val, {flat_epochs} epochs)",
-                    work / "confusion_flat.png")
-    for name, rep in crep.stages.items():
-        plot_confusion(rep.confusion, list(rep.class_names), f"cascade stage {name} (in cascade)",
-                        work / f"confusion_stage_{name}.png")
-    plot_curves(histories, work / "learning_curves.png")
+    plot_frontier(results, work / "frontier.png")
+    for d in designs:
+        rep = results[d.name]["test"]["final"]
+        cm = torch.tensor(rep["confusion"])
+        plot_confusion(cm, LABEL_NAMES, f"{d.name} (test)", work / f"confusion_{d.name}.png")
+    for name, rep in results["v6-trunk"]["test"]["stages"].items():
+        plot_confusion(torch.tensor(rep["confusion"]), rep["class_names"], f"v6-trunk stage {name} (test, in cascade)",
+                       work / f"confusion_v6-trunk_stage_{name}.png")
+    plot_curves(run.histories, work / "learning_curves.png")
 
     return {
-        "config": {"epochs": epochs, "flat_epochs": flat_epochs, "backbone": backbone, "device": str(device),
-                   "seed": args.seed, "quick": quick, "batch_size": args.batch_size, "width": args.width,
-                   "threads": torch.get_num_threads(),
+        "config": {"epochs": epochs, "flat_epochs": len(run.histories["flat"]), "backbone": backbone,
+                   "device": str(device), "seed": args.seed, "quick": quick, "batch_size": args.batch_size,
+                   "width": args.width, "threads": torch.get_num_threads(),
                    "data": "embedded" if args.data is None else "own", "train_blocks": len(train),
-                   "val_blocks": len(val), "adapter_trainable_params": trainable.trainable},
-        "stage1": {"temperature": temperature, "threshold": threshold, "threshold_metrics": thr_metrics},
+                   "val_blocks": len(val), "test_blocks": len(test), "segments": list(trunk),
+                   "adapter_trainable_params": own.adapter_params},
+        "designs": results,
+        "always_none": always_none,
+        "target": check,
         "standalone": {k: v.to_dict() for k, v in standalone.items()},
-        "cascade": crep.to_dict(),
-        "flat": frep.to_dict(),
-        "summary": {"cascade_accuracy": c.accuracy, "cascade_macro_f1": c.macro_f1,
-                    "flat_accuracy": f.accuracy, "flat_macro_f1": f.macro_f1,
-                    "cascade_training_rows": cascade_rows,
-                    "flat_training_rows": flat_epochs * len(train)},
-        "throughput_blocks_per_s": tput,
-        "routing_matches_dense": same,
-        "history": histories,
-        "timing": timing,
+        "summary": {"flat_macro_f1": results["flat"]["macro_f1"], "flat_accuracy": results["flat"]["accuracy"],
+                    "cascade_training_rows": cascade_rows, "flat_training_rows": run.rows["flat"],
+                    **{f"{k}_macro_f1": v["macro_f1"] for k, v in results.items() if k != "flat"}},
+        "throughput_blocks_per_s": {k: v["blocks_per_s"] for k, v in results.items()},
+        "routing_matches_dense": all(v.get("routing_matches_dense", True) for v in results.values()),
+        "history": run.histories,
+        "timing": run.timing,
     }
 
 
-@torch.no_grad()
-def _stage_logits(model: nn.Module, val, stage: str, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stage-1 logits (N,) and 0/1 targets on the val rows."""
-    model.eval()
-    t = _stage(stage)(_labels(val))
-    x = _blocks(val)
-    chunks = [model(x[i:i + 2048].to(device)).float().reshape(-1).cpu() for i in range(0, len(x), 2048)]
-    logits = torch.cat(chunks)
-    return logits, t
+def _print_results(results: dict, always_none: dict, check: dict, n_test: int) -> None:
+    print(f"\n== designs on the {n_test} test blocks, at operating points tuned on val (dynamic mode, batch = all) ==")
+    print(format_table(results, always_none))
+    for name, r in results.items():
+        print(f"\n-- {name}: {r['description']} --")
+        if "setting" in r:
+            print(f"  val (tuning split): macro F1 {r['val']['macro_f1']:.4f} at {r['val']['flops_per_block']:,.0f} FLOPs "
+                  f"per block, the best of a frontier of {len(r['frontier_val'])} points")
+            print(format_stages(r))
+    same = all(r.get("routing_matches_dense", True) for r in results.values())
+    print(f"\ndynamic and static labels equal the dense oracle for every design: {same}")
+    flat = results["flat"]
+    print(f"\n== summary (test) ==\n  flat: macro F1 {flat['macro_f1']:.4f}, accuracy {flat['accuracy']:.4f}; "
+          f"always NONE: macro F1 {always_none['macro_f1']:.4f}, accuracy {always_none['accuracy']:.4f}")
+    for name, ratio in check["ratios"].items():
+        print(f"  {name:<9} macro F1 {results[name]['macro_f1']:.4f} ({ratio['macro_f1_delta']:+.4f} vs flat), "
+              f"{ratio['flops_ratio']:.2f}x its FLOPs, {ratio['throughput_ratio']:.2f}x its blocks/s")
+    t = check["target"]
+    print(f"  target (flat's macro F1 at <= {t['flops_ratio']}x FLOPs and >= {t['throughput_ratio']}x blocks/s): "
+          + (f"met by {', '.join(check['designs_meeting'])}" if check["met"] else "not met"))

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..cascade import Cascade
+from ..cascade import Cascade, flops_per_row
 from ..data.labels import STAGE_CLASS_NAMES
 from ..metrics import ClassificationReport, EvaluationReport, confusion_matrix
 from .batches import kept_rows, loader, num_output_classes, predicted_labels, targets_of
@@ -73,7 +73,8 @@ def evaluate(model_or_cascade: nn.Module, data, *, batch_size: int = 1024, devic
     the report adds, per stage, the report of the decisions it made on the rows that reached it (its
     branches named as in fastcascade.data.STAGE_CLASS_NAMES for the AV1 stages), the fraction of rows
     reaching it and its standalone vs in-cascade accuracy (Cascade.predict(mode=mode) and
-    Cascade.evaluate). Returns a fastcascade.metrics.EvaluationReport (accuracy, macro_f1,
+    Cascade.evaluate), with the mean FLOPs per row as routed and per part the fraction of rows that ran
+    it; a model's report holds its FLOPs per row, to put next to a cascade's. Returns a fastcascade.metrics.EvaluationReport (accuracy, macro_f1,
     weighted_f1, confusion; .final is the ClassificationReport). Runs in eval mode (restored after),
     on `device` (default: the model's).
     """
@@ -104,7 +105,9 @@ def evaluate(model_or_cascade: nn.Module, data, *, batch_size: int = 1024, devic
         if num_classes is None:
             num_classes = num_output_classes(model(x[:1].to(device)))
         cm = confusion_matrix(pred.cpu(), t.cpu(), num_classes)
-        return EvaluationReport(final=ClassificationReport.from_confusion(cm, class_names))
+        flops = float(flops_per_row(model, x[:1].to(device))) if x.shape[0] else None
+        return EvaluationReport(final=ClassificationReport.from_confusion(cm, class_names), flops_per_row=flops,
+                                dense_flops_per_row=flops)
     finally:
         for m, m_mode in modes.items():
             m.training = m_mode
@@ -123,4 +126,5 @@ def _evaluate_cascade(cascade: Cascade, x, labels, batch_size, class_names, mode
         names = STAGE_CLASS_NAMES.get(node.name)
         stages[node.name] = ClassificationReport.from_confusion(cm, list(names[:k]) if names else None)
     return EvaluationReport(final=final, stages=stages, reached=dict(ev["reached"]),
-                            cascade_error=dict(ev["cascade_error"]))
+                            cascade_error=dict(ev["cascade_error"]), flops_per_row=ev["flops_per_row"],
+                            dense_flops_per_row=ev["dense_flops_per_row"], parts_reached=dict(ev["parts_reached"]))
