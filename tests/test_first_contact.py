@@ -122,3 +122,21 @@ def test_monai_refuses_negative_class_weights():
     with pytest.raises(ValueError):
         MonaiFocal(to_onehot_y=True, use_softmax=True, weight=w)(x, t[:, None])
 
+
+@pytest.mark.parametrize("hw,expected", [((1, 1), "torch"), ((4, 4), "torch"), ((6, 6), "cpu"), ((14, 14), "cpu")])
+def test_auto_pooled_adapter_on_cpu_takes_the_faster_backend(hw, expected, monkeypatch):
+    """On the CPU the fused pooled kernel loses to the reference's GEMMs when few pixels share the
+    products (1x1 maps: ~2.8x slower); "auto" then runs the reference. Explicit backends are kept."""
+    monkeypatch.delenv("FASTCASCADE_BACKEND", raising=False)
+    x = torch.randn((4, 32) + hw, generator=torch.Generator().manual_seed(12))
+    m = fc.ResidualAdapter(32, 64, "pooled", init_std=0.02)
+    assert m._backend_for(x) == expected
+    assert fc.ResidualAdapter(32, 64, "pooled", backend="cpu")._backend_for(x) == "cpu"
+    monkeypatch.setenv("FASTCASCADE_BACKEND", "cpu")
+    assert m._backend_for(x) == "cpu"
+    monkeypatch.delenv("FASTCASCADE_BACKEND")
+    ref = fc.ResidualAdapter(32, 64, "pooled", init_std=0.02, backend="torch")
+    ref.load_state_dict(m.state_dict())
+    torch.testing.assert_close(m(x), ref(x))
+    pixel = fc.ResidualAdapter(32, 64, "pixel")
+    assert pixel._backend_for(x) == "cpu"
