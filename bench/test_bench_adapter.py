@@ -27,6 +27,7 @@ def _backends():
 def _impls():
     impls = {"module-eager": "torch", "module-compile": "compile"}
     impls.update({f"fastcascade-{b}": b for b in _backends()})
+    impls["fastcascade-auto"] = "auto"
     return impls
 
 

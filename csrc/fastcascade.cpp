@@ -1,6 +1,7 @@
 // Every fastcascade op schema, in one place. Backends live in csrc/<area>/<area>_{cpu.cpp,cuda.cu};
 // fake kernels and autograd are registered in fastcascade/_ops.py.
-#include <torch/extension.h>
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
 
 TORCH_LIBRARY(fastcascade, m) {
   // Fused focal losses. One pass writes the loss and (need_grad) d loss_i / d logits, unscaled;

@@ -203,7 +203,8 @@ def softmax_focal_loss(
     Args:
         logits: (N, C), (N, C, d1, ...) or unbatched (C,); float16/bfloat16/float32/float64.
         target: int64 class indices, (N,), (N, d1, ...) or () for unbatched logits.
-        weight: optional (C,) per-class weights.
+        weight: optional (C,) per-class weights; negative ones are accepted, as F.cross_entropy does
+            (dice_focal_loss refuses them).
         reduction: "none" (target's shape) | "mean" | "sum".
     On CPU a target outside [0, C) (other than ignore_index) raises; on CUDA its row gives NaN
     (never a memory fault), and FASTCASCADE_CHECK=1 raises instead.
@@ -375,24 +376,34 @@ def dice_focal_loss(
         logits: (B, C, *spatial), e.g. (B, C, H, W); float16/bfloat16/float32/float64. Channels-last and
             other non-contiguous layouts are copied to contiguous first.
         target: int64 (B, *spatial) class indices in [0, C), or ignore_index.
-        weight: optional (C,) class weights, shared by both terms (constants: no gradient).
+        weight: optional (C,) class weights >= 0, shared by both terms (constants: no gradient).
         reduction: only "mean" (the loss is a scalar; see below).
     On CPU a target outside [0, C) (other than ignore_index) raises; on CUDA it makes the loss and the
     gradient NaN (never a memory fault), and FASTCASCADE_CHECK=1 raises instead.
 
     Differences from MONAI's DiceFocalLoss(softmax=True, to_onehot_y=True) (checked in
-    tests/test_dice_focal.py against monai 1.6):
+    tests/test_dice_focal.py and tests/test_first_contact.py against monai 1.6):
       - MONAI's focal term is the sigmoid (per-channel binary) focal loss whatever `softmax` says; here it
-        is the softmax focal loss. MONAI's FocalLoss(use_softmax=True) averages over B*C*pixels elements,
-        so without weights this focal term is C times it; with weights, this one divides by sum_i w_{t_i}
-        (F.cross_entropy's rule) where MONAI divides by the element count.
+        is the softmax focal loss. MONAI's FocalLoss(use_softmax=True, reduction="mean") sums over
+        B*C*pixels elements and divides by their number, so without ignore_index and weights this focal
+        term is C times it. With ignore_index, MONAI divides by the number of valid pixels (its mask has
+        one channel), so the factor becomes 1: this term equals MONAI's. With weights, this one divides by
+        sum_i w_{t_i} over the valid pixels (F.cross_entropy's rule) where MONAI divides by the count.
       - The Dice term equals MONAI's DiceLoss / DiceFocalLoss(lambda_focal=0) with
         smooth_nr = smooth_dr = smooth and batch = batch_dice (MONAI's defaults: 1e-5 and batch=False; here
         smooth=1 and batch_dice=True). MONAI weights as mean_c(w_c dice_c); here sum_c w_c dice_c /
-        sum_c w_c: the same when the weights of the included classes sum to their number.
+        sum_c w_c: the same when the weights of the included classes sum to their number. When one class
+        remains (C = 2 with include_background=False), MONAI's DiceLoss skips the weight (any value, even
+        a negative one or of the wrong length) and its FocalLoss / DiceFocalLoss raise on a per-class
+        weight; here w_1 dice_1 / w_1 = dice_1, the unweighted Dice, for any weight w_1 > 0.
+      - Negative or non-finite weights are refused (MONAI refuses negative ones too): the Dice term is a
+        weighted mean over classes. On the CPU this raises ValueError; on CUDA the weights are not read
+        back to the host, and the loss is NaN instead (FASTCASCADE_CHECK=1 raises). softmax_focal_loss
+        alone follows F.cross_entropy, which accepts negative weights.
       - include_background=False leaves class 0 out of the Dice term only (after the softmax over all C,
         as MONAI's Dice); MONAI also drops it from its focal term.
-      - ignore_index: MONAI's DiceFocalLoss has none; MONAI's DiceLoss(ignore_index=...) masks like here.
+      - ignore_index: MONAI's DiceFocalLoss has none; MONAI's DiceLoss(ignore_index=...) masks like here,
+        and its FocalLoss(ignore_index=...) as above.
       - lambda defaults are 0.5 / 0.5 (MONAI: 1.0 / 1.0); reduction="none" / "sum" (MONAI: per-element
         or per-(image, class) terms) are not offered: the fused op produces the scalar only.
       - gamma is the same; MONAI's alpha has no counterpart (use weight).
@@ -419,6 +430,16 @@ def dice_focal_loss(
     if ignore_index is not None and not isinstance(ignore_index, int):
         raise ValueError(f"ignore_index must be an int or None, got {ignore_index!r}")
     backend = _class_weight_backend(weight, C, logits, backend)
+    # Dice's sum_c w_c dice_c / sum_c w_c is a weighted mean only for weights >= 0 (MONAI refuses
+    # negative ones too); softmax_focal_loss alone keeps F.cross_entropy's rule and accepts them.
+    weight_bad = None
+    if weight is not None:
+        weight_bad = ~(torch.isfinite(weight) & (weight >= 0)).all()
+        if value_checks_on(weight):
+            if bool(weight_bad):
+                raise ValueError(f"weight must be finite and >= 0 for dice_focal_loss (the Dice term is a "
+                                 f"weighted mean over classes), got {weight.tolist()}")
+            weight_bad = None
     if value_checks_on(target):
         bad = (target < 0) | (target >= C)
         if ignore_index is not None:
@@ -428,14 +449,17 @@ def dice_focal_loss(
                              f"{target[bad].unique()[:8].tolist()}")
 
     if backend == "torch":
-        return reference.dice_focal_loss(logits, target, weight, gamma, lambda_dice, lambda_focal, smooth,
+        loss = reference.dice_focal_loss(logits, target, weight, gamma, lambda_dice, lambda_focal, smooth,
                                          include_background, ignore_index, batch_dice)
-    # The op takes (B, C, S) planes; reshape copies only what is not contiguous already.
-    x, t = logits.reshape(B, C, -1), target.reshape(B, -1)
-    op = _ops.op("dice_focal", backend)
-    loss, _, _, _ = op(x, t, weight, float(gamma), float(smooth), float(lambda_dice), float(lambda_focal),
-                       _ops.NO_IGNORE_INDEX if ignore_index is None else int(ignore_index), bool(include_background),
-                       bool(batch_dice))
+    else:
+        # The op takes (B, C, S) planes; reshape copies only what is not contiguous already.
+        x, t = logits.reshape(B, C, -1), target.reshape(B, -1)
+        op = _ops.op("dice_focal", backend)
+        loss, _, _, _ = op(x, t, weight, float(gamma), float(smooth), float(lambda_dice), float(lambda_focal),
+                           _ops.NO_IGNORE_INDEX if ignore_index is None else int(ignore_index),
+                           bool(include_background), bool(batch_dice))
+    if weight_bad is not None:  # weights not read back to the host (CUDA, compile): a bad one gives NaN
+        loss = torch.where(weight_bad, torch.full_like(loss, float("nan")), loss)
     return loss
 
 
@@ -451,6 +475,9 @@ class DiceFocalLoss(nn.Module):
         self.include_background, self.ignore_index, self.batch_dice = include_background, ignore_index, batch_dice
         self.reduction, self.backend = reduction, backend
         self.register_buffer("weight", None if weight is None else torch.as_tensor(weight, dtype=torch.float32))
+        if self.weight is not None and not bool((torch.isfinite(self.weight) & (self.weight >= 0)).all()):
+            raise ValueError(f"weight must be finite and >= 0 for DiceFocalLoss (the Dice term is a weighted mean "
+                             f"over classes), got {self.weight.tolist()}")
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return dice_focal_loss(logits, target, self.weight, self.gamma, self.lambda_dice, self.lambda_focal,

@@ -1,6 +1,6 @@
 // Input checks of the pooled-adapter ops, shared by the CPU and CUDA backends.
 #pragma once
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <optional>
 

@@ -4,10 +4,14 @@
 // are loaded class by class, and every inner loop is a vector loop over pixels. Work is cut into fixed
 // chunks of one image's pixels; each chunk writes its own partial sums and the partials are added in
 // chunk order, so the results do not depend on the number of threads.
+// at::Tensor methods and the per-operator headers below only (enforced where torch has per-operator headers)
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/from_blob.h>
 
 #include <algorithm>
 #include <type_traits>

@@ -7,6 +7,7 @@
 // order. No atomics, no host sync: the same inputs give the same bits on the same device. Threads,
 // shared bytes and grids come from dice/dice_focal_launch.h.
 // Backward: one thread per pixel recomputes the softmax and writes the gradient.
+#include <ATen/ATen.h>  // CUDA files keep all of ATen: the common headers now include only what the C++ files need
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>

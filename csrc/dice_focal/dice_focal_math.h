@@ -6,7 +6,13 @@
 // and its gradient, once those sums are known, is linear in p and y per class:
 //   d dice / d p_c(pixel) = alpha[b, c] + beta[b, c] [t == c]       (dice_focal_coefficients below).
 #pragma once
-#include <ATen/ATen.h>
+#include <ATen/TensorOperators.h>  // t * u, 1.0 - t (all of ATen/Functions.h unless per-operator headers)
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/stack.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 
 #include "focal/focal_math.h"
 

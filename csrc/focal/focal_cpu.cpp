@@ -4,10 +4,15 @@
 // in block order, so results do not depend on the number of threads. float32 math runs through
 // branch-free functions (common/math.h) in loops that the compiler vectorises; on x86-64 an AVX2+FMA
 // clone (x86-64-v3) is picked at load time when the CPU has it.
+// at::Tensor methods and the per-operator headers below only (enforced where torch has per-operator headers)
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/full.h>
 
 #include <algorithm>
 #include <type_traits>

@@ -3,6 +3,7 @@
 // One pass over the inputs writes the loss and the gradient. Sums are two-stage: each block of a
 // grid whose size depends only on the problem and the device writes one partial (fixed-order
 // warp-shuffle tree), then one block adds the partials in a fixed order. No atomics, no host sync.
+#include <ATen/ATen.h>  // CUDA files keep all of ATen: the common headers now include only what the C++ files need
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>

@@ -5,6 +5,7 @@
 // few classes), then adds each non-zero cell to the output once. Larger C: atomics on the int64
 // output directly. Elements whose ids lie outside [0, C) are skipped (no memory fault, no sync); the
 // Python API raises for them under FASTCASCADE_CHECK=1.
+#include <ATen/ATen.h>  // CUDA files keep all of ATen: the common headers now include only what the C++ files need
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>

@@ -8,6 +8,7 @@
 // partials in block order. No atomics: bitwise reproducible. CUDA-core arithmetic, a first version
 // for correctness: the tensor-core path is the Triton twin (bench/adapter_notes.md). Tiles, threads
 // and shared bytes come from adapter/pixel_adapter_launch.h.
+#include <ATen/ATen.h>  // CUDA files keep all of ATen: the common headers now include only what the C++ files need
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>

@@ -4,10 +4,15 @@
 // products and the activation, then the broadcast add (forward), or the sum of grad_y, the chain
 // back to the pooled vector, and grad_x (backward). The weight gradients sum over samples in sample
 // order, parallel over output rows, so nothing depends on the thread count.
+// at::Tensor methods and the per-operator headers below only (enforced where torch has per-operator headers)
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/full.h>
 
 #include <vector>
 

@@ -8,6 +8,7 @@
 // torch.backends.cuda.matmul.allow_tf32 as torch's own matmuls do). Threads and shared
 // bytes come from adapter/adapter_launch.h. A first version for correctness; bench/adapter_notes.md
 // tracks the tuning.
+#include <ATen/ATen.h>  // CUDA files keep all of ATen: the common headers now include only what the C++ files need
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>

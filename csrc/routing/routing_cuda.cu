@@ -9,6 +9,7 @@
 // gather_rows and scatter_rows are one row-copy kernel parameterised by which side is indexed, with
 // the widest vector (up to 16 bytes) that the row length and the pointers allow. Grids, blocks and
 // shared bytes come from routing/routing_launch.h.
+#include <ATen/ATen.h>  // CUDA files keep all of ATen: the common headers now include only what the C++ files need
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>

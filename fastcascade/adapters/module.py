@@ -3,6 +3,8 @@ AdaptedBlock (a block followed by its adapter)."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -12,6 +14,18 @@ from .._checks import check_backend, positive_int
 __all__ = ["AdaptedBlock", "ResidualAdapter"]
 
 ADAPTER_KINDS = ("pooled", "pixel")
+
+# Pixels per sample, per unit of bottleneck r, from which backend "auto" runs the fused CPU pooled
+# adapter: its products (B C r multiply-adds each, in plain loops) lose to the reference's GEMMs when
+# few pixels share them, its single pass over x wins when many do. Measured crossover (one thread,
+# 512 samples, C = 64..512, r = 16..128; bench/README.md "Pooled adapter, CPU"): between r/4 and r/2
+# pixels; r/2 so that "auto" is never slower than the reference.
+CPU_POOLED_PIXELS_PER_R = 1 / 2
+
+
+def cpu_pooled_is_faster(hw: int, r: int) -> bool:
+    """Whether backend "auto" runs the fused CPU pooled adapter (else the reference, whose GEMMs win)."""
+    return hw >= CPU_POOLED_PIXELS_PER_R * r
 
 
 class ResidualAdapter(nn.Module):
@@ -37,7 +51,8 @@ class ResidualAdapter(nn.Module):
         backend: "auto" | "cpu" | "cuda" | "triton" | "torch" (as for the losses). Both kinds run fused
             ops, which draw the dropout mask inside the kernel from a seed taken from torch's CPU
             generator (so torch.manual_seed reproduces a training step); "torch" runs the reference,
-            whose dropout is F.dropout's.
+            whose dropout is F.dropout's. On the CPU, "auto" runs the pooled kind's reference when a
+            sample has fewer than r / 2 pixels (H W < r / 2: there the reference's GEMMs are faster).
     """
 
     def __init__(self, channels: int, bottleneck: int = 64, kind: str = "pooled", activation: str = "relu",
@@ -126,7 +141,12 @@ class ResidualAdapter(nn.Module):
 
     def _backend_for(self, x: torch.Tensor) -> str:
         check_backend(self.backend)
-        return _ops.resolve_backend(self.backend, x.device)
+        backend = _ops.resolve_backend(self.backend, x.device)
+        auto = self.backend == "auto" and (os.environ.get("FASTCASCADE_BACKEND") or "auto") == "auto"
+        if auto and backend == "cpu" and self.kind == "pooled" and x.dim() == 4 and not cpu_pooled_is_faster(
+                x.shape[2] * x.shape[3], self.bottleneck):
+            return "torch"
+        return backend
 
     def extra_repr(self) -> str:
         s = (f"channels={self.channels}, bottleneck={self.bottleneck}, kind={self.kind!r}, "
