@@ -9,7 +9,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # never timed: the interpreter is only for tests
 
-from fastcascade.selftest import timing  # noqa: E402  (after TRITON_INTERPRET: it imports fastcascade)
+from fastcascade.selftest import timing  # after TRITON_INTERPRET: this imports fastcascade
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -18,6 +18,25 @@ def headline(value):
     """A parameter of one of the headline cases (marker `headline`): the benchmarks scripts/gpu_check.sh
     runs in its short GPU slot (pytest bench -m headline)."""
     return pytest.param(value, marks=pytest.mark.headline)
+
+
+def fused_backends() -> list[str]:
+    """The fastcascade backends to time on DEVICE: the C++ kernels on the CPU (Triton there is only its
+    interpreter); on a GPU the CUDA C++ kernels when compiled and Triton when installed."""
+    if DEVICE == "cpu":
+        return ["cpu"]
+    from fastcascade import _ops
+
+    return (["cuda"] if _ops.CUDA_COMPILED else []) + (["triton"] if _ops.HAS_TRITON else [])
+
+
+def module_backends() -> dict[str, str]:
+    """Implementations of a module benchmark by name: the eager module (its reference backend),
+    torch.compile of it, each fastcascade backend, and "auto" (what a user gets by default)."""
+    impls = {"module-eager": "torch", "module-compile": "compile"}
+    impls.update({f"fastcascade-{b}": b for b in fused_backends()})
+    impls["fastcascade-auto"] = "auto"
+    return impls
 
 
 def sync():

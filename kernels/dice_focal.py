@@ -1,4 +1,4 @@
-"""Triton kernels of the fused Dice + softmax focal loss (twin of csrc/dice/).
+"""Triton kernels of the fused Dice + softmax focal loss (twin of csrc/dice_focal/).
 
 Two custom ops are defined with ``torch.library.triton_op`` in the ``fastcascade`` namespace:
 
@@ -116,7 +116,7 @@ def _dice_focal_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------
-# host side: checks, tiles, and the (B, C)-sized arithmetic (twin of csrc/dice/dice_focal_math.h)
+# host side: checks, tiles, and the (B, C)-sized arithmetic (twin of csrc/dice_focal/dice_focal_math.h)
 
 
 def _check(logits: Tensor, target: Tensor, weight: Optional[Tensor], name: str):

@@ -1,4 +1,4 @@
-"""Triton kernels for the pixel (token) residual adapter (fastcascade.reference._pixel_adapter).
+"""Triton kernels for the pixel (token) residual adapter (fastcascade.reference.pixel_adapter).
 
 Two custom ops, defined with ``torch.library.triton_op`` (fake kernels and autograd are registered
 in fastcascade/_ops.py, shared with the C++ twins):

@@ -12,7 +12,7 @@ Two custom ops are defined with ``torch.library.triton_op`` in the
 Dropout (p = dropout) acts on act(h), its mask hashed from (seed, b * r + j) by _dropout_keep, the
 same function as the C++ kernels' adapter_dropout_keep (and reference.adapter_dropout_keep).
 
-Semantics (fastcascade.reference._pooled_adapter)::
+Semantics (fastcascade.reference.pooled_adapter)::
 
     m = mean_hw(x)                       (B, C)   "pooled"
     h = m down_w^T + down_b              (B, r)   "hidden" (pre-activation)
@@ -106,7 +106,7 @@ def _act_fwd_bwd(h, ACT: tl.constexpr, WIDE: tl.constexpr):
 
 @triton.jit
 def _mix32(v):
-    # lowbias32, as fc_mix32 in csrc/adapter/adapter_math.h (uint32 arithmetic wraps mod 2^32)
+    # lowbias32, as fc_mix32 in csrc/common/adapter_math.h (uint32 arithmetic wraps mod 2^32)
     v = v ^ (v >> 16)
     v = v * 0x7FEB352D
     v = v ^ (v >> 15)

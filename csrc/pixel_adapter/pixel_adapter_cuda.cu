@@ -6,7 +6,7 @@
 // memory. Backward recomputes h, writes grad_x and the (positions, r) factors g_h and a of the
 // weight gradients, which are then two matrix products over all positions; d/ds sums per-block
 // partials in block order. No atomics: bitwise reproducible. CUDA-core arithmetic, a first version
-// for correctness: the tensor-core path is the Triton twin (bench/adapter_notes.md). Tiles, threads
+// for correctness: the tensor-core path is the Triton twin (bench/pixel_adapter_notes.md). Tiles, threads
 // and shared bytes come from adapter/pixel_adapter_launch.h.
 #include <ATen/ATen.h>  // CUDA files keep all of ATen: the common headers now include only what the C++ files need
 #include <ATen/Dispatch.h>

@@ -1,4 +1,4 @@
-// CPU kernels of the pooled residual adapter (fastcascade/reference.py: _pooled_adapter).
+// CPU kernels of the pooled residual adapter (fastcascade/reference.py: pooled_adapter).
 //
 // One parallel pass over the samples does everything per sample: pool x, the two small matrix-vector
 // products and the activation, then the broadcast add (forward), or the sum of grad_y, the chain

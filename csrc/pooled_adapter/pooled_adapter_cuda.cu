@@ -1,4 +1,4 @@
-// CUDA kernels of the pooled residual adapter (fastcascade/reference.py: _pooled_adapter).
+// CUDA kernels of the pooled residual adapter (fastcascade/reference.py: pooled_adapter).
 //
 // One block per sample does the whole per-sample chain in shared memory: pool x, the two small
 // matrix-vector products and the activation, then the broadcast add (forward); or the sum of
@@ -6,7 +6,7 @@
 // over samples of outer products: two (C x B) x (B x r) GEMMs (cuBLAS, through at::mm: a fixed
 // algorithm for a shape on a device, so bitwise reproducible, and no atomics; fp32 follows
 // torch.backends.cuda.matmul.allow_tf32 as torch's own matmuls do). Threads and shared
-// bytes come from adapter/adapter_launch.h. A first version for correctness; bench/adapter_notes.md
+// bytes come from pooled_adapter/pooled_adapter_launch.h. A first version for correctness; bench/pooled_adapter_notes.md
 // tracks the tuning.
 #include <ATen/ATen.h>  // CUDA files keep all of ATen: the common headers now include only what the C++ files need
 #include <ATen/Dispatch.h>

@@ -1,15 +1,15 @@
 """Pooled residual adapter, forward + backward: fastcascade backends vs the eager module and
-torch.compile of it, same run. Bytes counted: read x, write y, read grad_y, write grad_x.
+torch.compile of it, same run. Bytes counted: read x, write y, read grad_y, write grad_x. Also a
+Stage-2 training step (frozen ResNet-18 + pooled adapters), fused vs eager adapters.
 
-Run: pytest bench/test_bench_adapter.py --benchmark-only
+Run: pytest bench/test_bench_pooled_adapter.py --benchmark-only
 """
 
 import pytest
 import torch
-from bench_utils import DEVICE, headline, record
+from bench_utils import DEVICE, headline, module_backends, record
 
 import fastcascade as fc
-from fastcascade import _ops
 
 # (B, C, H, W): ResNet-18 stages on 16x16 blocks at B=4096, and a 14x14 map
 SHAPES = [headline((4096, 64, 4, 4)), (4096, 128, 2, 2), (4096, 256, 1, 1), (4096, 512, 1, 1), (256, 256, 14, 14)]
@@ -18,26 +18,14 @@ if DEVICE == "cpu":
 DTYPES = [torch.float32, torch.bfloat16] if DEVICE == "cuda" else [torch.float32]
 
 
-def _backends():
-    if DEVICE == "cpu":
-        return ["cpu"]
-    return (["cuda"] if _ops.CUDA_COMPILED else []) + (["triton"] if _ops.HAS_TRITON else [])
 
-
-def _impls():
-    impls = {"module-eager": "torch", "module-compile": "compile"}
-    impls.update({f"fastcascade-{b}": b for b in _backends()})
-    impls["fastcascade-auto"] = "auto"
-    return impls
-
-
-@pytest.mark.parametrize("impl", list(_impls()))
+@pytest.mark.parametrize("impl", list(module_backends()))
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_pooled_adapter_fwd_bwd(benchmark, impl, dtype, shape):
     B, C, H, W = shape
     benchmark.group = f"pooled_adapter fwd+bwd {B}x{C}x{H}x{W} {str(dtype)[6:]} r=64"
-    backend = _impls()[impl]
+    backend = module_backends()[impl]
     m = fc.ResidualAdapter(C, 64, "pooled", init_std=0.02, backend="torch" if backend == "compile" else backend)
     m = m.to(DEVICE)
     fn = torch.compile(m) if backend == "compile" else m
@@ -50,40 +38,6 @@ def test_pooled_adapter_fwd_bwd(benchmark, impl, dtype, shape):
         fn(x).sum().backward()
 
     record(benchmark, step, 4 * x.numel() * x.element_size())
-
-
-# pixel (token) adapter: tokens (T, C) with r = 64; the issue's shape is T=1M, C=768 in bf16
-TOKEN_SHAPES = [(1 << 20, 768)] if DEVICE == "cuda" else [(1 << 14, 768)]
-TOKEN_DTYPES = [torch.bfloat16] if DEVICE == "cuda" else [torch.float32]
-
-
-@pytest.mark.parametrize("impl", list(_impls()))
-@pytest.mark.parametrize("dtype", TOKEN_DTYPES, ids=lambda d: str(d)[6:])
-@pytest.mark.parametrize("shape", TOKEN_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.headline
-def test_token_adapter(benchmark, impl, dtype, shape, mode):
-    """Bytes: forward reads x and writes y; backward (recomputing the hidden layer) reads x and grad_y
-    and writes grad_x."""
-    T, C = shape
-    benchmark.group = f"token_adapter {mode} T={T} C={C} {str(dtype)[6:]} r=64"
-    backend = _impls()[impl]
-    m = fc.ResidualAdapter(C, 64, "pixel", init_std=0.02, backend="torch" if backend == "compile" else backend)
-    m = m.to(DEVICE)
-    fn = torch.compile(m) if backend == "compile" else m
-    x = torch.randn(shape, device=DEVICE, dtype=dtype).requires_grad_(mode != "fwd")
-    g = torch.randn_like(x)
-
-    def step():
-        if mode == "fwd":
-            with torch.no_grad():
-                return fn(x)
-        x.grad = None
-        for p in m.parameters():
-            p.grad = None
-        fn(x).backward(g)
-
-    record(benchmark, step, (2 if mode == "fwd" else 5) * x.numel() * x.element_size())
 
 
 # A Stage-2 training step: frozen timm ResNet-18 (one input channel) + pooled adapters after its four
