@@ -3,7 +3,7 @@
 Two custom ops are defined with ``torch.library.triton_op`` in the ``fastcascade`` namespace:
 
 * ``fastcascade::dice_focal_triton`` -> (loss, inter, card, focal_stats)
-* ``fastcascade::dice_focal_backward_triton`` -> grad_logits
+* ``fastcascade::_dice_focal_backward_triton`` -> grad_logits
 
 Same schema and semantics as the C++ ops (csrc/fastcascade.cpp). logits (B, C, S), target (B, S).
 Each program owns a tile of BLOCK_R pixels of one image with all their classes in registers, and
@@ -49,7 +49,7 @@ def _pixel_tile(x_ptr, t_ptr, w_ptr, pid, C, S, n_sblk, ignore_index, gamma,
 
     x = tl.load(x_ptr + offs, mask=mask2, other=0).to(CT)
     x = tl.where(cmask[None, :], x, float("-inf"))
-    is_am, lp, p, om, inv = _precise_softmax(x, cols)  # focal.py's: log p and 1 - p stay precise
+    is_am, lp, p, om, inv = _precise_softmax(x, cols, cmask)  # focal.py's: log p and 1 - p stay precise
     if HAS_W:
         w = tl.load(w_ptr + cols, mask=cmask, other=0).to(CT)
         wt = tl.load(w_ptr + tl.where(valid, t, 0), mask=rmask & valid, other=0).to(CT)
@@ -203,7 +203,7 @@ def dice_focal_triton(
     return loss.to(logits.dtype), inter, card, focal_stats
 
 
-@triton_op("fastcascade::dice_focal_backward_triton")
+@triton_op("fastcascade::_dice_focal_backward_triton")
 def dice_focal_backward_triton(
     grad_loss: Tensor,
     logits: Tensor,

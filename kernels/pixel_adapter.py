@@ -5,7 +5,7 @@ in fastcascade/_ops.py, shared with the C++ twins):
 
 * ``fastcascade::pixel_adapter_triton``
     (x, down_w, down_b, up_w, up_b, scale, activation, dropout, seed) -> y
-* ``fastcascade::pixel_adapter_backward_triton``
+* ``fastcascade::_pixel_adapter_backward_triton``
     (grad_y, x, down_w, down_b, up_w, up_b, scale, activation, dropout, seed)
     -> (grad_x, grad_down_w, grad_down_b, grad_up_w, grad_up_b, grad_scale)
 
@@ -341,7 +341,7 @@ def pixel_adapter_triton(x: Tensor, down_w: Tensor, down_b: Tensor, up_w: Tensor
     return y
 
 
-@triton_op("fastcascade::pixel_adapter_backward_triton")
+@triton_op("fastcascade::_pixel_adapter_backward_triton")
 def pixel_adapter_backward_triton(grad_y: Tensor, x: Tensor, down_w: Tensor, down_b: Tensor, up_w: Tensor,
                                   up_b: Tensor, scale: Tensor | None, activation: int, dropout: float,
                                   seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:

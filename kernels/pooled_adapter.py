@@ -5,7 +5,7 @@ Two custom ops are defined with ``torch.library.triton_op`` in the
 
 * ``fastcascade::pooled_adapter_triton``
     (x, down_w, down_b, up_w, up_b, scale, activation, dropout, seed) -> (y, pooled, hidden)
-* ``fastcascade::pooled_adapter_backward_triton``
+* ``fastcascade::_pooled_adapter_backward_triton``
     (grad_y, pooled, hidden, down_w, up_w, up_b, scale, activation, dropout, seed)
     -> (grad_x, grad_down_w, grad_down_b, grad_up_w, grad_up_b, grad_scale)
 
@@ -74,7 +74,7 @@ def _act_fwd(h, ACT: tl.constexpr):
     1 + erf(h / sqrt 2) keeps its relative precision for negative h in fp32 mode."""
     hd = h.to(tl.float64)
     if ACT == 0:
-        a = tl.maximum(hd, 0.0)
+        a = tl.where(hd <= 0.0, 0.0, hd)  # relu as torch.relu: NaN stays NaN
     elif ACT == 1:
         a = 0.5 * hd * (1.0 + tl.math.erf(hd * 0.7071067811865476))
     else:
@@ -90,9 +90,9 @@ def _act_fwd_bwd(h, ACT: tl.constexpr, WIDE: tl.constexpr):
     else:
         hd = h
     if ACT == 0:
-        pos = hd > 0.0
-        a = tl.where(pos, hd, 0.0)
-        d = tl.where(pos, 1.0, 0.0).to(tl.float64)
+        nonpos = hd <= 0.0  # False for NaN: torch.relu keeps NaN and its backward passes the gradient
+        a = tl.where(nonpos, 0.0, hd)
+        d = tl.where(nonpos, 0.0, 1.0).to(tl.float64)
     elif ACT == 1:
         cdf = 0.5 * (1.0 + tl.math.erf(hd * 0.7071067811865476))
         a = hd * cdf
@@ -485,7 +485,7 @@ def pooled_adapter_triton(
     return y, pooled, hidden
 
 
-@triton_op("fastcascade::pooled_adapter_backward_triton")
+@triton_op("fastcascade::_pooled_adapter_backward_triton")
 def pooled_adapter_backward_triton(
     grad_y: Tensor,
     pooled: Tensor,

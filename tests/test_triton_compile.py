@@ -130,13 +130,13 @@ CASES = [
     # ---- Dice + focal ----
     Case("dice-16x16x384^2-fp32", "dice_focal_triton", _dice(16, 16, 384 * 384), bench=True),
     Case("dice-16x16x384^2-bf16", "dice_focal_triton", _dice(16, 16, 384 * 384, bf16), bench=True),
-    Case("dice-bwd-16x16x384^2-fp32", "dice_focal_backward_triton", _dice_bwd(16, 16, 384 * 384), bench=True),
-    Case("dice-bwd-16x16x384^2-bf16", "dice_focal_backward_triton", _dice_bwd(16, 16, 384 * 384, bf16),
+    Case("dice-bwd-16x16x384^2-fp32", "_dice_focal_backward_triton", _dice_bwd(16, 16, 384 * 384), bench=True),
+    Case("dice-bwd-16x16x384^2-bf16", "_dice_focal_backward_triton", _dice_bwd(16, 16, 384 * 384, bf16),
          bench=True),
     Case("dice-B1-C1-S1-ignore1", "dice_focal_triton", _dice(1, 1, 1, ignore=1)),
-    Case("dice-bwd-B1-C1-S1-ignore1", "dice_focal_backward_triton", _dice_bwd(1, 1, 1, ignore=1)),
+    Case("dice-bwd-B1-C1-S1-ignore1", "_dice_focal_backward_triton", _dice_bwd(1, 1, 1, ignore=1)),
     Case("dice-C4096-fp64-weight", "dice_focal_triton", _dice(2, 4096, 33, f64, weight=True)),
-    Case("dice-bwd-C4096-fp16-weight", "dice_focal_backward_triton", _dice_bwd(2, 4096, 33, f16, weight=True)),
+    Case("dice-bwd-C4096-fp16-weight", "_dice_focal_backward_triton", _dice_bwd(2, 4096, 33, f16, weight=True)),
     # ---- pooled adapter ----
     Case("pooled-4096x64x4x4-fp32", "pooled_adapter_triton", _pooled(4096, 64, 4, 4, 64), bench=True),
     Case("pooled-4096x64x4x4-bf16", "pooled_adapter_triton", _pooled(4096, 64, 4, 4, 64, bf16), bench=True),
