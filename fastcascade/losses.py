@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import _ops, reference
-from ._checks import checks_forced, value_checks_on
+from ._checks import checks_forced, number_arg, value_checks_on
 
 __all__ = [
     "sigmoid_focal_loss",
@@ -35,8 +35,7 @@ def _check_common(logits, gamma: float, label_smoothing: float, reduction: str) 
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     if not logits.is_floating_point():
         raise ValueError(f"logits must be a floating-point tensor, got dtype {logits.dtype}")
-    if not gamma >= 0:
-        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    number_arg(gamma, "gamma", 0)
     if not 0 <= label_smoothing < 1:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     if reduction not in _ops.REDUCTION_CODES:
@@ -118,6 +117,8 @@ def sigmoid_focal_loss(
         raise ValueError(f"alpha must be <= 1 (None or < 0 disables it), got {alpha}")
     if num_positives is not None and reduction != "mean":
         raise ValueError(f"num_positives replaces the 'mean' normaliser: use reduction='mean', got {reduction!r}")
+    if num_positives is not None:
+        num_positives = _check_num_positives(num_positives, logits)
     if hard_negative_ratio is not None and not hard_negative_ratio >= 0:
         raise ValueError(f"hard_negative_ratio must be >= 0, got {hard_negative_ratio}")
     backend = _ops.resolve_backend(backend, logits.device)
@@ -143,6 +144,19 @@ def sigmoid_focal_loss(
     if num_positives is not None:
         loss = loss / num_positives
     return loss
+
+
+def _check_num_positives(num_positives, logits: torch.Tensor):
+    """A number > 0, or a one-element real tensor on the logits' device (its value is not read: no host
+    sync), as a 0-dim tensor so that the loss stays 0-dim."""
+    if not isinstance(num_positives, torch.Tensor):
+        return number_arg(num_positives, "num_positives", 0, low_inclusive=False)
+    if num_positives.numel() != 1 or num_positives.dtype.is_complex or num_positives.dtype == torch.bool:
+        raise ValueError(f"num_positives must be a scalar (a one-element real tensor or a number), got a "
+                         f"{num_positives.dtype} tensor of shape {tuple(num_positives.shape)}")
+    if num_positives.device != logits.device:
+        raise ValueError(f"num_positives must be on the logits' device {logits.device}, got {num_positives.device}")
+    return num_positives.reshape(())
 
 
 def _hard_negative_reduce(loss: torch.Tensor, targets: torch.Tensor, ratio: float, reduction: str) -> torch.Tensor:
@@ -258,7 +272,11 @@ def _counts_tensor(counts) -> torch.Tensor:
     c = torch.as_tensor(counts)
     if c.dim() != 1 or c.numel() == 0:
         raise ValueError(f"counts must be a non-empty 1-D sequence of per-class counts, got shape {tuple(c.shape)}")
-    if c.is_complex() or bool((c < 0).any()) or not bool((c > 0).any()):
+    if c.is_complex() or c.dtype == torch.bool:
+        raise ValueError(f"counts must be real per-class counts, got dtype {c.dtype}")
+    if c.is_floating_point() and not bool(torch.isfinite(c).all()):
+        raise ValueError(f"counts must be finite, got {c.tolist() if c.numel() <= 8 else 'NaN or inf values'}")
+    if bool((c < 0).any()) or not bool((c > 0).any()):
         raise ValueError("counts must be >= 0 with at least one class present")
     return c.to(torch.float64)
 
@@ -279,8 +297,7 @@ def class_balanced_weights(counts: torch.Tensor | Sequence[float], beta: float =
 def inverse_frequency_weights(counts: torch.Tensor | Sequence[float], power: float = 0.5) -> torch.Tensor:
     """w_c = n_c ** -power normalised to sum to the number of classes (power 0.5 is the "inverse sqrt"
     weighting of segmentation practice, 1.0 plain inverse frequency). Zero-count classes get 0."""
-    if not power >= 0:
-        raise ValueError(f"power must be >= 0, got {power}")
+    power = number_arg(power, "power", 0)
     n = _counts_tensor(counts)
     raw = torch.where(n > 0, n.clamp(min=1) ** -power, torch.zeros_like(n))
     return (raw * (n.numel() / raw.sum())).to(torch.float32)
@@ -451,6 +468,8 @@ def dice_focal_loss(
     if backend == "torch":
         loss = reference.dice_focal_loss(logits, target, weight, gamma, lambda_dice, lambda_focal, smooth,
                                          include_background, ignore_index, batch_dice)
+    elif B == 0:  # torch's "mean" over nothing (F.cross_entropy on an empty batch): NaN, an empty gradient
+        loss = logits.sum() * float("nan")
     else:
         # The op takes (B, C, S) planes; reshape copies only what is not contiguous already.
         x, t = logits.reshape(B, C, -1), target.reshape(B, -1)

@@ -20,6 +20,35 @@ def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
     return loss
 
 
+def _xmul(c: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """c * v with 0 * anything = 0 in value and gradient (v may be infinite where c is 0)."""
+    return c * torch.where(c == 0, torch.zeros_like(v), v)
+
+
+class _LogSoftmax(torch.autograd.Function):
+    """log_softmax over dim 1, also for infinite logits: x - max is taken as 0 where x is the max, so
+    [inf, 0] gives [0, -inf] and [inf, inf, 0] gives [-log 2, -log 2, -inf] (the limits of large finite
+    logits; torch.log_softmax gives NaN, from inf - inf). The gradient is log_softmax's,
+    g - softmax * sum(g), which stays the limit's there too."""
+
+    @staticmethod
+    def forward(ctx, x):
+        mx = x.amax(1, keepdim=True)
+        d = torch.where(x == mx, torch.zeros_like(x), x - mx)
+        logp = d - torch.logsumexp(d, 1, keepdim=True)
+        ctx.save_for_backward(logp)
+        return logp
+
+    @staticmethod
+    def backward(ctx, g):
+        (logp,) = ctx.saved_tensors
+        return g - logp.exp() * g.sum(1, keepdim=True)
+
+
+def _log_softmax(x: torch.Tensor) -> torch.Tensor:
+    return _LogSoftmax.apply(x)
+
+
 def sigmoid_focal_loss(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -33,13 +62,23 @@ def sigmoid_focal_loss(
     p = sigmoid(x), ce = BCE-with-logits(x, t), p_t = p t + (1 - p)(1 - t),
     loss = alpha_t * ce * (1 - p_t)^gamma, alpha_t = alpha t + (1 - alpha)(1 - t)
     (no alpha term when alpha is None or negative).
+
+    Numerics as the fused kernels': no NaN from saturated or infinite logits for any gamma >= 0. At an
+    infinite logit ce is (1 - t) softplus(x) + t softplus(-x) with a zero coefficient giving 0 (BCE
+    with logits is NaN there), so a right-side infinite logit gives 0 and a wrong-side one inf; 1 - p_t
+    is clamped to the smallest normal number before the power, which keeps its gradient finite where
+    p_t rounds to 1 (it changes the loss only by terms below that number).
     """
     t = targets.to(logits.dtype)
     t = t * (1 - label_smoothing) + 0.5 * label_smoothing
     p = torch.sigmoid(logits)
     ce = F.binary_cross_entropy_with_logits(logits, t, reduction="none")
+    ce_inf = _xmul(1 - t, F.softplus(logits)) + _xmul(t, F.softplus(-logits))
+    ce = torch.where(torch.isinf(logits), ce_inf, ce)
     p_t = p * t + (1 - p) * (1 - t)
-    loss = ce * (1 - p_t) ** gamma
+    focal = (1 - p_t).clamp(min=torch.finfo(p_t.dtype).tiny) ** gamma
+    # at an infinite logit the focal factor's derivative is exactly 0: keep inf * 0 out of the gradient
+    loss = ce * torch.where(torch.isinf(logits), focal.detach(), focal)
     if alpha is not None and alpha >= 0:
         loss = (alpha * t + (1 - alpha) * (1 - t)) * loss
     return _reduce(loss, reduction)
@@ -60,10 +99,15 @@ def softmax_focal_loss(
     q_ic = (1 - eps)[c == t_i] + eps / C. Rows with t_i == ignore_index give 0 and are dropped from
     the normaliser; "mean" divides the sum by sum_i w_{t_i} over kept rows (F.cross_entropy's rule).
     gamma = 0 is F.cross_entropy(logits, target, weight, ignore_index=..., label_smoothing=eps).
+
+    Numerics as the fused kernels': the logits of ignored rows never reach the loss or the gradient
+    (both exactly 0 there, however extreme the logits); an infinite logit has log p = 0 ([inf, 0] is
+    p = [1, 0], not NaN); a term whose coefficient q_ic w_c (1 - p_ic)^gamma is 0 adds 0 even where
+    log p_ic = -inf.
     """
     C = logits.shape[1]
-    logp = torch.log_softmax(logits, dim=1)
     keep = target != ignore_index
+    logp = _log_softmax(torch.where(keep.unsqueeze(1), logits, torch.zeros_like(logits)))
     safe_t = torch.where(keep, target, torch.zeros_like(target))
     onehot = F.one_hot(safe_t, C).movedim(-1, 1).to(logp.dtype)
     q = (1 - label_smoothing) * onehot + label_smoothing / C
@@ -71,7 +115,9 @@ def softmax_focal_loss(
     w_b = w.view(1, C, *([1] * (logits.dim() - 2)))
     # 1 - p as -expm1(log p); the clamp keeps (1 - p)^gamma's gradient finite where p rounds to 1
     focal = (-torch.expm1(logp)).clamp(min=torch.finfo(logp.dtype).tiny) ** gamma
-    loss = -(q * w_b * focal * logp).sum(1)
+    # where log p = -inf the focal factor's derivative is exactly 0: keep inf * 0 out of the gradient
+    focal = torch.where(torch.isinf(logp), focal.detach(), focal)
+    loss = -_xmul(q * w_b * focal, logp).sum(1)
     loss = torch.where(keep, loss, torch.zeros_like(loss))
     if reduction == "mean":
         denom = torch.where(keep, w[safe_t], torch.zeros_like(loss)).sum()
@@ -354,12 +400,16 @@ def dice_focal_loss(
     when batch_dice, else per image:
         I_c = sum p_c y_c,  S_c = sum p_c + sum y_c,  dice_c = 1 - (2 I_c + smooth) / (S_c + smooth)
     dice = sum_c w_c dice_c / sum_c w_c (w = weight, or ones), then the mean over images when not batch_dice.
-    A term whose lambda is 0 is left out (so it cannot turn the loss into NaN).
+    A term whose lambda is 0 is left out (so it cannot turn the loss into NaN). An empty batch (B = 0)
+    gives NaN, as torch's "mean" over nothing. Ignored pixels' logits reach neither the loss nor the
+    gradient; softmax is that of softmax_focal_loss (finite for infinite logits).
     """
     B, C = logits.shape[:2]
+    if B == 0:
+        return logits.sum() * float("nan")
     keep = torch.ones_like(target, dtype=torch.bool) if ignore_index is None else target != ignore_index
     safe_t = torch.where(keep, target, torch.zeros_like(target))
-    p = torch.softmax(logits, dim=1).reshape(B, C, -1)
+    p = _log_softmax(torch.where(keep.unsqueeze(1), logits, torch.zeros_like(logits))).exp().reshape(B, C, -1)
     y = F.one_hot(safe_t, C).movedim(-1, 1).reshape(B, C, -1).to(p.dtype)
     k = keep.reshape(B, 1, -1).to(p.dtype)
     inter = (p * y * k).sum(2)  # (B, C)

@@ -49,7 +49,7 @@ def _pixel_tile(x_ptr, t_ptr, w_ptr, pid, C, S, n_sblk, ignore_index, gamma,
 
     x = tl.load(x_ptr + offs, mask=mask2, other=0).to(CT)
     x = tl.where(cmask[None, :], x, float("-inf"))
-    is_am, lp, p, om, inv = _precise_softmax(x, cols)  # focal.py's: log p and 1 - p stay precise
+    is_am, lp, p, om, inv = _precise_softmax(x, cols, cmask)  # focal.py's: log p and 1 - p stay precise
     if HAS_W:
         w = tl.load(w_ptr + cols, mask=cmask, other=0).to(CT)
         wt = tl.load(w_ptr + tl.where(valid, t, 0), mask=rmask & valid, other=0).to(CT)

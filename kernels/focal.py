@@ -8,7 +8,8 @@ Two custom ops are defined with ``torch.library.triton_op`` in the
 
 Both return ``(loss, grad_logits, grad_scale)`` where ``grad_logits`` is
 d(sum of per-element/per-row losses)/d(logits) (empty when ``need_grad`` is
-False) and ``grad_scale`` is the 0-dim float32 factor that turns it into the
+False) and ``grad_scale`` is the 0-dim factor (float64 for float64 logits, else
+float32) that turns it into the
 gradient of the reduced loss (1/numel or 1/sum-of-weights for "mean", 1
 otherwise).
 
@@ -102,7 +103,7 @@ def _log1p_01(e, IEEE: tl.constexpr = False):
 
 
 @triton.jit
-def _precise_softmax(x, cols):
+def _precise_softmax(x, cols, cmask):
     """Softmax over the rows of x (rows, BLOCK_C; -inf in padded columns): (is_am, log p, p, 1 - p,
     1 / (1 + s)). log-sum-exp = mx + log1p(s), s summing exp(x - mx) over c != argmax: the arg-max term
     (exactly 1) stays out of the sum, so log p and 1 - p of a confident class keep their relative
@@ -111,7 +112,8 @@ def _precise_softmax(x, cols):
     as in the C++ kernels."""
     mx, am = tl.max(x, axis=1, return_indices=True, return_indices_tie_break_left=True)
     is_am = cols[None, :] == am[:, None]
-    xm = x - mx[:, None]
+    # x - mx is 0 where x == mx, also for x = mx = +-inf (inf - inf is NaN); padded columns stay -inf
+    xm = tl.where(cmask[None, :], tl.where(x == mx[:, None], 0.0, x - mx[:, None]), float("-inf"))
     ex = _exp_rn(xm)
     s = tl.sum(tl.where(is_am, 0.0, ex), axis=1)
     inv = _div(1.0, 1.0 + s, True)
@@ -283,7 +285,7 @@ def _softmax_focal_tile_kernel(
 
     x = tl.load(x_ptr + offs, mask=mask2, other=0).to(CT)
     x = tl.where(cmask[None, :], x, float("-inf"))
-    is_am, lp, p, om, inv = _precise_softmax(x, cols)
+    is_am, lp, p, om, inv = _precise_softmax(x, cols, cmask)
 
     if HAS_W:
         w = tl.load(w_ptr + cols, mask=cmask, other=0).to(CT)
@@ -346,7 +348,8 @@ def _softmax_focal_chunk_kernel(
         x = tl.where(cmask[None, :], x, float("-inf"))
         m_new = tl.maximum(m_run, tl.max(x, axis=1))
         scale = tl.where(m_run == m_new, 1.0, tl.exp(m_run - m_new))
-        ex = tl.where(x == float("-inf"), 0.0, tl.exp(x - m_new[:, None]))
+        # x == max gives exp(0) = 1 also when both are +inf (inf - inf would be NaN)
+        ex = tl.where(x == float("-inf"), 0.0, tl.where(x == m_new[:, None], 1.0, tl.exp(x - m_new[:, None])))
         s_run = s_run * scale + tl.sum(ex, axis=1)
         m_run = m_new
     lse = tl.log(s_run)
@@ -363,7 +366,7 @@ def _softmax_focal_chunk_kernel(
             offs = base[:, None] + cols[None, :]
         x = tl.load(x_ptr + offs, mask=rmask[:, None] & cmask[None, :], other=0).to(CT)
         x = tl.where(cmask[None, :], x, float("-inf"))
-        lp = (x - m_run[:, None]) - lse[:, None]
+        lp = tl.where(x == m_run[:, None], 0.0, x - m_run[:, None]) - lse[:, None]
         if HAS_W:
             w = tl.load(w_ptr + cols, mask=cmask, other=0).to(CT)
         else:
@@ -390,7 +393,7 @@ def _softmax_focal_chunk_kernel(
             mask2 = rmask[:, None] & cmask[None, :]
             x = tl.load(x_ptr + offs, mask=mask2, other=0).to(CT)
             x = tl.where(cmask[None, :], x, float("-inf"))
-            lp = (x - m_run[:, None]) - lse[:, None]
+            lp = tl.where(x == m_run[:, None], 0.0, x - m_run[:, None]) - lse[:, None]
             if HAS_W:
                 w = tl.load(w_ptr + cols, mask=cmask, other=0).to(CT)
             else:
@@ -540,15 +543,15 @@ def sigmoid_focal_triton(
 
     if reduction == _NONE:
         out = loss
-        scale = torch.ones((), dtype=torch.float32, device=dev)
+        scale = torch.ones((), dtype=acc_dtype, device=dev)
     else:
         total = torch.sum(partials)
         if reduction == _MEAN:
             out = (total / n).to(logits.dtype)
-            scale = torch.full((), (1.0 / n) if n > 0 else float("nan"), dtype=torch.float32, device=dev)
+            scale = torch.full((), (1.0 / n) if n > 0 else float("nan"), dtype=acc_dtype, device=dev)
         else:
             out = total.to(logits.dtype)
-            scale = torch.ones((), dtype=torch.float32, device=dev)
+            scale = torch.ones((), dtype=acc_dtype, device=dev)
     return out, grad, scale
 
 
@@ -628,14 +631,14 @@ def softmax_focal_triton(
 
     if reduction == _NONE:
         out = loss
-        scale = torch.ones((), dtype=torch.float32, device=dev)
+        scale = torch.ones((), dtype=acc_dtype, device=dev)
     elif reduction == _SUM:
         out = torch.sum(lpart).to(logits.dtype)
-        scale = torch.ones((), dtype=torch.float32, device=dev)
+        scale = torch.ones((), dtype=acc_dtype, device=dev)
     else:
         total = torch.sum(lpart)
         den = torch.sum(dpart)
         out = (total / den).to(logits.dtype)
         # as torch: "mean" over only ignored rows is NaN with a zero gradient
-        scale = torch.where(den != 0, 1.0 / den, torch.zeros_like(den)).to(torch.float32)
+        scale = torch.where(den != 0, 1.0 / den, torch.zeros_like(den))  # acc_dtype already
     return out, grad, scale

@@ -74,7 +74,7 @@ def _act_fwd(h, ACT: tl.constexpr):
     1 + erf(h / sqrt 2) keeps its relative precision for negative h in fp32 mode."""
     hd = h.to(tl.float64)
     if ACT == 0:
-        a = tl.maximum(hd, 0.0)
+        a = tl.where(hd <= 0.0, 0.0, hd)  # relu as torch.relu: NaN stays NaN
     elif ACT == 1:
         a = 0.5 * hd * (1.0 + tl.math.erf(hd * 0.7071067811865476))
     else:
@@ -90,9 +90,9 @@ def _act_fwd_bwd(h, ACT: tl.constexpr, WIDE: tl.constexpr):
     else:
         hd = h
     if ACT == 0:
-        pos = hd > 0.0
-        a = tl.where(pos, hd, 0.0)
-        d = tl.where(pos, 1.0, 0.0).to(tl.float64)
+        nonpos = hd <= 0.0  # False for NaN: torch.relu keeps NaN and its backward passes the gradient
+        a = tl.where(nonpos, 0.0, hd)
+        d = tl.where(nonpos, 0.0, 1.0).to(tl.float64)
     elif ACT == 1:
         cdf = 0.5 * (1.0 + tl.math.erf(hd * 0.7071067811865476))
         a = hd * cdf

@@ -11,14 +11,16 @@ enum AdapterActivation : int64_t { kRelu = 0, kGelu = 1, kSilu = 2 };
 
 template <typename T>
 FC_HD T adapter_act(T h, int64_t act) {
-  if (act == kRelu) return h > T(0) ? h : T(0);
+  // relu as torch.relu: NaN stays NaN (h <= 0 is false for NaN)
+  if (act == kRelu) return h <= T(0) ? T(0) : h;
   if (act == kGelu) return T(0.5) * h * (T(1) + fc_erf(h * T(0.70710678118654752440)));
   return h / (T(1) + fc_exp(-h));
 }
 
 template <typename T>
 FC_HD T adapter_act_grad(T h, int64_t act) {
-  if (act == kRelu) return h > T(0) ? T(1) : T(0);
+  // torch's relu backward passes the gradient wherever h <= 0 is false, NaN included
+  if (act == kRelu) return h <= T(0) ? T(0) : T(1);
   if (act == kGelu) {
     const T cdf = T(0.5) * (T(1) + fc_erf(h * T(0.70710678118654752440)));
     const T pdf = fc_exp(T(-0.5) * h * h) * T(0.39894228040143267794);

@@ -47,7 +47,8 @@ inline __attribute__((always_inline)) void lanes_softmax_terms(const float* xb, 
   for (int64_t c = 0; c < C; ++c)
 #pragma omp simd
     for (int l = 0; l < L; ++l) {
-      const float v = fc_exp(xb[c * L + l] - mx[l]);
+      const float xv = xb[c * L + l];
+      const float v = fc_exp(xv == mx[l] ? 0.f : xv - mx[l]);  // 1 where x == mx, infinite ones too
       e[c * L + l] = v;
       s[l] += c == am[l] ? 0.f : v;
     }

@@ -41,7 +41,7 @@ FC_HD void lanes_softmax(const float* xb, int64_t C, float* pb, float* ob, float
     for (int l = 0; l < L; ++l) {
       const bool is_am = c == am[l];
       const float p = (is_am ? 1.f : pb[c * L + l]) * inv[l];
-      lb[c * L + l] = (xb[c * L + l] - mx[l]) - log_s[l];
+      lb[c * L + l] = fc_shifted(xb[c * L + l], mx[l]) - log_s[l];
       ob[c * L + l] = is_am ? s[l] * inv[l] : 1.f - p;
       pb[c * L + l] = p;
     }

@@ -37,11 +37,11 @@ struct PixelSoftmax {
       if (v > mx) mx = v, am = c;
     }
     s = T(0);
-    for (int64_t c = 0; c < C; ++c) s += c == am ? T(0) : fc_exp(T(x[c * stride]) - mx);
+    for (int64_t c = 0; c < C; ++c) s += c == am ? T(0) : fc_exp(fc_shifted(T(x[c * stride]), mx));
     log_s = fc_log1p(s);
     inv = T(1) / (T(1) + s);
   }
-  // d = x_c - mx; returns p_c, sets *om = 1 - p_c and *lp = log p_c.
+  // d = fc_shifted(x_c, mx) (x_c - mx, 0 where x_c == mx); returns p_c, sets *om = 1 - p_c and *lp = log p_c.
   FC_HD T p(int64_t c, T d, T* om, T* lp) const {
     *lp = d - log_s;
     const T pc = c == am ? inv : fc_exp(d) * inv;
@@ -59,7 +59,7 @@ FC_HD T dice_focal_pixel_forward(const X* x, int64_t stride, int64_t C, int64_t 
   T loss = T(0);
   for (int64_t c = 0; c < C; ++c) {
     T om, lp;
-    const T p = sm.p(c, T(x[c * stride]) - sm.mx, &om, &lp);
+    const T p = sm.p(c, fc_shifted(T(x[c * stride]), sm.mx), &om, &lp);
     card[c * acc_stride] += c == t ? p + T(1) : p;
     if (c == t) {
       inter[c * acc_stride] += p;
@@ -84,7 +84,7 @@ FC_HD void dice_focal_pixel_backward(const X* x, int64_t stride, int64_t C, int6
   for (int64_t pass = 0; pass < 2; ++pass) {
     for (int64_t c = 0; c < C; ++c) {
       T om, lp;
-      const T p = sm.p(c, T(x[c * stride]) - sm.mx, &om, &lp);
+      const T p = sm.p(c, fc_shifted(T(x[c * stride]), sm.mx), &om, &lp);
       T a = T(0);
       if (c == t) {
         const T f = (weight ? T(weight[c]) : T(1)) * focal_pow<T, kGammaRuntime>(om, gamma, two_gamma);

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "focal/focal_checks.h"
 #include "common/cpu.h"
 #include "focal/focal_math.h"
 
@@ -77,7 +78,7 @@ FC_HD void softmax_focal_lanes(const float* xb, const int32_t* t, int64_t C, con
 #pragma omp simd
     for (int l = 0; l < L; ++l) {
       const bool is_am = c == am[l];
-      const float lp = (xb[c * L + l] - mx[l]) - log_s[l];
+      const float lp = fc_shifted(xb[c * L + l], mx[l]) - log_s[l];
       const float p = (is_am ? 1.f : pb[c * L + l]) * inv[l];
       const float om = is_am ? s[l] * inv[l] : 1.f - p;
       const float f = wc * (c == t[l] ? q_on : q_off) * focal_pow<float, TWO_GAMMA>(om, gamma);
@@ -227,7 +228,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sigmoid_focal_cpu(const at::Tenso
     const double s = ordered_sum(partials);
     loss.fill_(reduction == 1 ? s / double(N) : s);
   }
-  at::Tensor grad_scale = at::full({}, reduction == 1 ? 1.0 / double(N) : 1.0, logits.options().dtype(at::kFloat));
+  at::Tensor grad_scale = at::full({}, reduction == 1 ? 1.0 / double(N) : 1.0, focal_scale_options(logits));
   return {loss, grad, grad_scale};
 }
 
@@ -332,7 +333,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_focal_cpu(const at::Tenso
     loss.fill_(s / denom);
   }
   // As torch: when nothing counts ("mean" over only ignored rows) the loss is NaN and the gradient 0.
-  at::Tensor grad_scale = at::full({}, denom != 0.0 ? 1.0 / denom : 0.0, logits.options().dtype(at::kFloat));
+  at::Tensor grad_scale = at::full({}, denom != 0.0 ? 1.0 / denom : 0.0, focal_scale_options(logits));
   return {loss, grad, grad_scale};
 }
 

@@ -13,6 +13,7 @@
 #include "common/cuda_launch.cuh"
 #include "common/cuda_reduce.cuh"
 #include "common/checks.h"
+#include "focal/focal_checks.h"
 #include "focal/focal_launch.h"
 #include "focal/focal_math.h"
 
@@ -93,7 +94,7 @@ sigmoid_focal_kernel(const scalar_t* __restrict__ x, const target_t* __restrict_
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kFocalFinalThreads)
 finalize_kernel(const acc_t* __restrict__ partials, const acc_t* __restrict__ count_partials, int n,
-                double host_denominator, scalar_t* __restrict__ loss, float* __restrict__ grad_scale) {
+                double host_denominator, scalar_t* __restrict__ loss, acc_t* __restrict__ grad_scale) {
   double s = 0, c = 0;
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
     s += double(partials[i]);
@@ -104,7 +105,7 @@ finalize_kernel(const acc_t* __restrict__ partials, const acc_t* __restrict__ co
   if (threadIdx.x == 0) {
     const double denom = count_partials ? c : host_denominator;
     *loss = scalar_t(s / denom);
-    *grad_scale = denom != 0.0 ? float(1.0 / denom) : 0.f;
+    *grad_scale = denom != 0.0 ? acc_t(1.0 / denom) : acc_t(0);
   }
 }
 
@@ -137,7 +138,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sigmoid_focal_cuda(const at::Tens
   const int64_t N = logits.numel();
   at::Tensor loss = loss_output(logits, reduction, logits.options());
   at::Tensor grad = need_grad ? at::empty_like(logits) : at::empty({0}, logits.options());
-  at::Tensor grad_scale = at::empty({}, logits.options().dtype(at::kFloat));
+  at::Tensor grad_scale = at::empty({}, focal_scale_options(logits));
   if (N == 0) {  // torch's convention: sum 0, mean NaN
     if (reduction != 0) loss.fill_(reduction == 1 ? NAN : 0.0);
     grad_scale.fill_(reduction == 1 ? INFINITY : 1.0);
@@ -165,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sigmoid_focal_cuda(const at::Tens
     if (reduction != 0) {
       finalize_kernel<logit_t, acc_t><<<1, kFocalFinalThreads, 0, stream>>>(
           pp, nullptr, grid, reduction == 1 ? double(N) : 1.0, loss.mutable_data_ptr<logit_t>(),
-          grad_scale.mutable_data_ptr<float>());
+          grad_scale.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
@@ -234,7 +235,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_focal_cuda(const at::Tens
   const int64_t R = N * S;
   at::Tensor loss = loss_output(target, reduction, logits.options());
   at::Tensor grad = need_grad ? at::empty_like(logits) : at::empty({0}, logits.options());
-  at::Tensor grad_scale = at::empty({}, logits.options().dtype(at::kFloat));
+  at::Tensor grad_scale = at::empty({}, focal_scale_options(logits));
   if (R == 0) {  // (C == 0 runs the kernel: every counted row is then out of range, so NaN)
     if (reduction != 0) loss.fill_(reduction == 1 ? NAN : 0.0);
     grad_scale.fill_(reduction == 1 ? 0.0 : 1.0);
@@ -272,7 +273,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_focal_cuda(const at::Tens
       // "sum" divides by 1: counts are still summed but ignored (count_partials = nullptr).
       finalize_kernel<scalar_t, acc_t><<<1, kFocalFinalThreads, 0, stream>>>(
           lp, reduction == 1 ? cp : nullptr, grid, 1.0, loss.mutable_data_ptr<scalar_t>(),
-          grad_scale.mutable_data_ptr<float>());
+          grad_scale.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });

@@ -21,12 +21,12 @@ def _grad_output(logits: torch.Tensor, need_grad: bool) -> torch.Tensor:
 
 def _sigmoid_focal_fake(logits, targets, alpha, gamma, label_smoothing, reduction, need_grad):
     loss = torch.empty_like(logits) if reduction == 0 else logits.new_empty(())
-    return loss, _grad_output(logits, need_grad), logits.new_empty((), dtype=torch.float32)
+    return loss, _grad_output(logits, need_grad), logits.new_empty((), dtype=acc_dtype(logits))
 
 
 def _softmax_focal_fake(logits, target, weight, gamma, label_smoothing, ignore_index, reduction, need_grad):
     loss = logits.new_empty(target.shape) if reduction == 0 else logits.new_empty(())
-    return loss, _grad_output(logits, need_grad), logits.new_empty((), dtype=torch.float32)
+    return loss, _grad_output(logits, need_grad), logits.new_empty((), dtype=acc_dtype(logits))
 
 
 def _sigmoid_reference(logits, targets, alpha, gamma, label_smoothing, reduction, _need_grad):
