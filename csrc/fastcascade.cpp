@@ -5,7 +5,7 @@
 
 TORCH_LIBRARY(fastcascade, m) {
   // Fused focal losses. One pass writes the loss and (need_grad) d loss_i / d logits, unscaled;
-  // grad_scale is a 0-dim fp32 device tensor (1/normaliser for "mean", else 1), so that
+  // grad_scale is a 0-dim device tensor, fp32 (fp64 for fp64 logits): 1/normaliser for "mean", else 1, so that
   // backward(g) = grad_logits * g * grad_scale. reduction: 0 none, 1 mean, 2 sum.
   m.def("sigmoid_focal(Tensor logits, Tensor targets, float alpha, float gamma, float label_smoothing, "
         "int reduction, bool need_grad) -> (Tensor loss, Tensor grad_logits, Tensor grad_scale)");

@@ -21,8 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import launch, triton_op
-from .focal import _FLOAT_DTYPES, _precise_softmax, _softmax_terms, _split_float
+from ._common import FLOAT_DTYPES, launch, precise_softmax, softmax_terms, split_float, triton_op
 
 __all__ = ["dice_focal_triton", "dice_focal_backward_triton"]
 
@@ -49,7 +48,7 @@ def _pixel_tile(x_ptr, t_ptr, w_ptr, pid, C, S, n_sblk, ignore_index, gamma,
 
     x = tl.load(x_ptr + offs, mask=mask2, other=0).to(CT)
     x = tl.where(cmask[None, :], x, float("-inf"))
-    is_am, lp, p, om, inv = _precise_softmax(x, cols, cmask)  # focal.py's: log p and 1 - p stay precise
+    is_am, lp, p, om, inv = precise_softmax(x, cols, cmask)  # focal.py's: log p and 1 - p stay precise
     if HAS_W:
         w = tl.load(w_ptr + cols, mask=cmask, other=0).to(CT)
         wt = tl.load(w_ptr + tl.where(valid, t, 0), mask=rmask & valid, other=0).to(CT)
@@ -70,7 +69,7 @@ def _dice_focal_fwd_kernel(
     gamma = tl.cast(gamma_hi, CT) + tl.cast(gamma_lo, CT)
     b64, cols, cmask, offs, mask2, rmask, ign, valid, is_am, is_t, lp, p, om, inv, w, wt = _pixel_tile(
         x_ptr, t_ptr, w_ptr, pid, C, S, n_sblk, ignore_index, gamma, HAS_W, CT, BLOCK_R, BLOCK_C)
-    loss_c, _a = _softmax_terms(lp, p, om, is_t, w[None, :], 0.0, 1.0, gamma, False)
+    loss_c, _a = softmax_terms(lp, p, om, is_t, w[None, :], 0.0, 1.0, gamma, False)
     loss_r = tl.where(ign, 0.0, tl.where(valid, tl.sum(loss_c, axis=1), float("nan")))
     den_r = tl.where(ign, 0.0, tl.where(valid, wt, float("nan")))
     # kept pixels count 1, pixels with a target outside [0, C) NaN, ignored ones and padding nothing
@@ -97,7 +96,7 @@ def _dice_focal_bwd_kernel(
     gamma = tl.cast(gamma_hi, CT) + tl.cast(gamma_lo, CT)
     b64, cols, cmask, offs, mask2, rmask, ign, valid, is_am, is_t, lp, p, om, inv, w, wt = _pixel_tile(
         x_ptr, t_ptr, w_ptr, pid, C, S, n_sblk, ignore_index, gamma, HAS_W, CT, BLOCK_R, BLOCK_C)
-    _loss_c, a = _softmax_terms(lp, p, om, is_t, w[None, :], 0.0, 1.0, gamma, True)
+    _loss_c, a = softmax_terms(lp, p, om, is_t, w[None, :], 0.0, 1.0, gamma, True)
     fs = tl.load(fs_ptr).to(CT)
     a = a * fs
     alpha = tl.load(coef_ptr + b64 * 2 * C + cols, mask=cmask, other=0).to(CT)
@@ -120,7 +119,7 @@ def _dice_focal_bwd_kernel(
 
 
 def _check(logits: Tensor, target: Tensor, weight: Optional[Tensor], name: str):
-    if logits.dtype not in _FLOAT_DTYPES:
+    if logits.dtype not in FLOAT_DTYPES:
         raise RuntimeError(f"{name}: logits must be float16/bfloat16/float32/float64, got {logits.dtype}")
     if logits.dim() != 3:
         raise RuntimeError(f"{name}: logits must be (B, C, S), got shape {tuple(logits.shape)}")
@@ -184,7 +183,7 @@ def dice_focal_triton(
     block_r, block_c, n_sblk, num_warps = _tiles(B, C, S)
     P = 2 * C + 2
     parts = torch.zeros((B, n_sblk, P), dtype=acc, device=dev)
-    g_hi, g_lo = _split_float(gamma, use_fp64)
+    g_hi, g_lo = split_float(gamma, use_fp64)
     if B * n_sblk > 0:
         launch(_dice_focal_fwd_kernel, (B * n_sblk,),
                x, tgt, w if w is not None else parts, parts, C, S, n_sblk, int(ignore_index), g_hi, g_lo,
@@ -245,7 +244,7 @@ def dice_focal_backward_triton(
     grad = torch.empty((B, C, S), dtype=logits.dtype, device=dev)
     w = _weights(weight, C, acc, dev)
     block_r, block_c, n_sblk, num_warps = _tiles(B, C, S)
-    g_hi, g_lo = _split_float(gamma, use_fp64)
+    g_hi, g_lo = split_float(gamma, use_fp64)
     if B * n_sblk > 0:
         launch(_dice_focal_bwd_kernel, (B * n_sblk,),
                x, tgt, w if w is not None else coef, coef, fs, grad, C, S, n_sblk, int(ignore_index), g_hi, g_lo,

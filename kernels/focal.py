@@ -20,7 +20,7 @@ No atomics are used.
 
 Accuracy on a GPU (fp32 compute; fp64 is IEEE throughout): compiled Triton turns fp32 ``tl.exp``
 into ``ex2.approx`` of x log2(e) (relative error ~2 ulp + |x| 2^-24) and ``/`` into ``div.full``
-(~2 ulp); ``tl.log`` is libdevice's ``logf``. The softmax of the tile kernels (_precise_softmax,
+(~2 ulp); ``tl.log`` is libdevice's ``logf``. The softmax of the tile kernels (precise_softmax,
 also Dice + focal's) uses libdevice's ``expf`` (within 2 ulp) and IEEE-rounded division instead, as
 the C++ kernels do, so its probabilities match theirs to an ulp or two; the focal factor (1 - p)^gamma, the sigmoid
 kernel and the chunked (C > 4096) softmax use the fast forms, a few ulp per operation, which the
@@ -30,16 +30,14 @@ runs numpy's correctly rounded functions everywhere.
 Fake kernels and autograd are registered elsewhere (fastcascade/_ops.py).
 """
 
-import struct
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton.language.extra import libdevice
 
-from ._common import INTERPRETED, launch, triton_op
+from ._common import FLOAT_DTYPES, launch, log1p_01, precise_softmax, softmax_terms, split_float, triton_op
 
 __all__ = ["sigmoid_focal_triton", "softmax_focal_triton"]
 
@@ -58,69 +56,12 @@ _TILE_ELEMS = 2048
 _MAX_TILE_C = 4096
 _CHUNK_C = 1024
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_SIG_TARGET_DTYPES = _FLOAT_DTYPES + (torch.bool, torch.uint8)
+_SIG_TARGET_DTYPES = FLOAT_DTYPES + (torch.bool, torch.uint8)
 
 
 # ----------------------------------------------------------------------------
 # device helpers
 # ----------------------------------------------------------------------------
-
-
-_INTERPRETED = tl.constexpr(INTERPRETED)
-
-
-@triton.jit
-def _exp_rn(x):
-    """exp(x) within an ulp or two over the whole range: libdevice's expf / exp (fp32 tl.exp is
-    ex2.approx of a rounded x log2(e), off by up to ~|x| 2^-24 relative). The interpreter cannot call
-    libdevice; its numpy exp is accurate already."""
-    if _INTERPRETED:
-        return tl.exp(x)
-    else:
-        return libdevice.exp(x)
-
-
-@triton.jit
-def _div(a, b, IEEE: tl.constexpr):
-    """a / b, correctly rounded when IEEE (fp32 `/` compiles to div.full, ~2 ulp; fp64 `/` is IEEE)."""
-    if IEEE:
-        if b.dtype == tl.float32:
-            return tl.math.div_rn(a, b)
-        else:
-            return a / b
-    else:
-        return a / b
-
-
-@triton.jit
-def _log1p_01(e, IEEE: tl.constexpr = False):
-    """Accurate log1p(e) for e >= 0 using only log (Goldberg/Kahan trick)."""
-    u = 1.0 + e
-    d = u - 1.0
-    small = d == 0.0
-    return tl.where(small, e, tl.log(u) * _div(e, tl.where(small, 1.0, d), IEEE))
-
-
-@triton.jit
-def _precise_softmax(x, cols, cmask):
-    """Softmax over the rows of x (rows, BLOCK_C; -inf in padded columns): (is_am, log p, p, 1 - p,
-    1 / (1 + s)). log-sum-exp = mx + log1p(s), s summing exp(x - mx) over c != argmax: the arg-max term
-    (exactly 1) stays out of the sum, so log p and 1 - p of a confident class keep their relative
-    precision; only the arg-max class can have p > 1/2, and its 1 - p is s / (1 + s). exp is
-    libdevice's expf (within 2 ulp over the whole range) and the divisions are IEEE-rounded (div.rn),
-    as in the C++ kernels."""
-    mx, am = tl.max(x, axis=1, return_indices=True, return_indices_tie_break_left=True)
-    is_am = cols[None, :] == am[:, None]
-    # x - mx is 0 where x == mx, also for x = mx = +-inf (inf - inf is NaN); padded columns stay -inf
-    xm = tl.where(cmask[None, :], tl.where(x == mx[:, None], 0.0, x - mx[:, None]), float("-inf"))
-    ex = _exp_rn(xm)
-    s = tl.sum(tl.where(is_am, 0.0, ex), axis=1)
-    inv = _div(1.0, 1.0 + s, True)
-    lp = xm - _log1p_01(s, True)[:, None]
-    p = tl.where(is_am, inv[:, None], ex * inv[:, None])
-    om = tl.where(is_am, (s * inv)[:, None], 1.0 - p)
-    return is_am, lp, p, om, inv
 
 
 @triton.jit
@@ -133,27 +74,6 @@ def _neg_expm1(lp):
     safe_u = tl.where(is_one | is_zero, 0.5, u)
     om = tl.where(is_one, -lp, tl.where(is_zero, 1.0, -d * (lp / tl.log(safe_u))))
     return u, om
-
-
-@triton.jit
-def _softmax_terms(lp, p, om, is_t, w, eps_c, one_m_eps, gamma, NEED_GRAD: tl.constexpr):
-    """Per (row, class) terms of the softmax focal loss, given log p, p and 1 - p.
-
-    Returns (loss contribution, a_c); grad_c = a_c - p_c * sum_c a_c.
-    """
-    om_pos = om > 0.0
-    omg = tl.where(om_pos, tl.exp(gamma * tl.log(tl.where(om_pos, om, 1.0))),
-                   tl.where(gamma == 0.0, 1.0, 0.0))
-    q = eps_c + tl.where(is_t, one_m_eps, 0.0)
-    coef = w * q * omg
-    # products whose (non-negative) coefficient is 0 are 0 even where lp == -inf
-    loss_c = coef * tl.where(coef == 0.0, 0.0, -lp)
-    if NEED_GRAD:
-        u = tl.where(om_pos, p * tl.where(p == 0.0, 0.0, lp) / tl.where(om_pos, om, 1.0), -1.0)
-        a = coef * (gamma * u - 1.0)
-    else:
-        a = loss_c
-    return loss_c, a
 
 
 # ----------------------------------------------------------------------------
@@ -188,7 +108,7 @@ def _sigmoid_focal_kernel(
     pos = x >= 0.0
     p = tl.where(pos, r1, r0)
     q = tl.where(pos, r0, r1)
-    l1pe = _log1p_01(e)
+    l1pe = log1p_01(e)
     sp_pos = tl.maximum(x, 0.0) + l1pe  # softplus(x)  = -log(q)
     sp_neg = tl.maximum(-x, 0.0) + l1pe  # softplus(-x) = -log(p)
     # a product whose coefficient is 0 is 0 even where the softplus is +inf
@@ -285,7 +205,7 @@ def _softmax_focal_tile_kernel(
 
     x = tl.load(x_ptr + offs, mask=mask2, other=0).to(CT)
     x = tl.where(cmask[None, :], x, float("-inf"))
-    is_am, lp, p, om, inv = _precise_softmax(x, cols, cmask)
+    is_am, lp, p, om, inv = precise_softmax(x, cols, cmask)
 
     if HAS_W:
         w = tl.load(w_ptr + cols, mask=cmask, other=0).to(CT)
@@ -295,7 +215,7 @@ def _softmax_focal_tile_kernel(
         wt = tl.full([BLOCK_R], 1.0, CT)
     is_t = cols[None, :] == t[:, None]
 
-    loss_c, a = _softmax_terms(lp, p, om, is_t, w[None, :], eps_c, one_m_eps, gamma, NEED_GRAD)
+    loss_c, a = softmax_terms(lp, p, om, is_t, w[None, :], eps_c, one_m_eps, gamma, NEED_GRAD)
     loss_row = tl.sum(loss_c, axis=1)
     _softmax_finish_rows(pid, rows, rmask, valid, ign, loss_row, wt, loss_ptr,
                          lpart_ptr, dpart_ptr, REDUCE)
@@ -373,7 +293,7 @@ def _softmax_focal_chunk_kernel(
             w = tl.where(cmask, 1.0, 0.0).to(CT)
         is_t = cols[None, :] == t[:, None]
         p, om = _neg_expm1(lp)
-        loss_c, a = _softmax_terms(lp, p, om, is_t, w[None, :], eps_c, one_m_eps, gamma, NEED_GRAD)
+        loss_c, a = softmax_terms(lp, p, om, is_t, w[None, :], eps_c, one_m_eps, gamma, NEED_GRAD)
         loss_row += tl.sum(loss_c, axis=1)
         if NEED_GRAD:
             A += tl.sum(a, axis=1)
@@ -400,7 +320,7 @@ def _softmax_focal_chunk_kernel(
                 w = tl.where(cmask, 1.0, 0.0).to(CT)
             is_t = cols[None, :] == t[:, None]
             p, om = _neg_expm1(lp)
-            loss_c, a = _softmax_terms(lp, p, om, is_t, w[None, :], eps_c, one_m_eps, gamma, NEED_GRAD)
+            loss_c, a = softmax_terms(lp, p, om, is_t, w[None, :], eps_c, one_m_eps, gamma, NEED_GRAD)
             g = a - p * A[:, None]
             g = tl.where(ign[:, None], 0.0, tl.where(valid[:, None], g, float("nan")))
             tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=mask2)
@@ -409,23 +329,6 @@ def _softmax_focal_chunk_kernel(
 # ----------------------------------------------------------------------------
 # host helpers
 # ----------------------------------------------------------------------------
-
-
-def _split_float(v: float, use_fp64: bool):
-    """Split a Python float into an fp32 (hi, lo) pair so that hi + lo (computed in
-    fp64 in the kernel) recovers ~48 mantissa bits; Triton passes float scalars as
-    fp32. For fp32 compute the value is passed unchanged."""
-    v = float(v)
-    if not use_fp64:
-        return v, 0.0
-    try:
-        hi = struct.unpack("f", struct.pack("f", v))[0]
-    except OverflowError:
-        return v, 0.0
-    lo = v - hi
-    if lo != lo or lo in (float("inf"), float("-inf")):
-        lo = 0.0
-    return hi, lo
 
 
 def _is_dense(t: Tensor) -> bool:
@@ -498,7 +401,7 @@ def sigmoid_focal_triton(
     need_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     _check_reduction(reduction)
-    if logits.dtype not in _FLOAT_DTYPES:
+    if logits.dtype not in FLOAT_DTYPES:
         raise RuntimeError(f"sigmoid_focal_triton: logits must be float16/bfloat16/float32/float64, got {logits.dtype}")
     if targets.dtype not in _SIG_TARGET_DTYPES:
         raise RuntimeError(
@@ -531,9 +434,9 @@ def sigmoid_focal_triton(
     else:
         grad = torch.empty(0, dtype=logits.dtype, device=dev)
 
-    a_hi, a_lo = _split_float(alpha, use_fp64)
-    g_hi, g_lo = _split_float(gamma, use_fp64)
-    e_hi, e_lo = _split_float(label_smoothing, use_fp64)
+    a_hi, a_lo = split_float(alpha, use_fp64)
+    g_hi, g_lo = split_float(gamma, use_fp64)
+    e_hi, e_lo = split_float(label_smoothing, use_fp64)
     if n > 0:
         launch(_sigmoid_focal_kernel, grid,
                logits, targets, loss, grad, partials, n,
@@ -567,7 +470,7 @@ def softmax_focal_triton(
     need_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     _check_reduction(reduction)
-    if logits.dtype not in _FLOAT_DTYPES:
+    if logits.dtype not in FLOAT_DTYPES:
         raise RuntimeError(f"softmax_focal_triton: logits must be float16/bfloat16/float32/float64, got {logits.dtype}")
     if logits.dim() not in (2, 3):
         raise RuntimeError(f"softmax_focal_triton: logits must be (N, C) or (N, C, S), got shape {tuple(logits.shape)}")
@@ -618,8 +521,8 @@ def softmax_focal_triton(
     else:
         grad = torch.empty(0, dtype=logits.dtype, device=dev)
 
-    g_hi, g_lo = _split_float(gamma, use_fp64)
-    e_hi, e_lo = _split_float(label_smoothing, use_fp64)
+    g_hi, g_lo = split_float(gamma, use_fp64)
+    e_hi, e_lo = split_float(label_smoothing, use_fp64)
     if grid[0] > 0:
         launch(kernel, grid,
                x, tgt, w, loss, grad, lpart, dpart,

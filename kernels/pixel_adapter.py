@@ -34,8 +34,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import INTERPRETED, launch, triton_op
-from .pooled_adapter import _act_fwd_bwd, _check_activation, _check_param, _check_scale, _dropout_args, _dropped
+from ._common import (
+    INTERPRETED,
+    act_fwd_bwd,
+    check_activation,
+    check_param,
+    check_scale,
+    dropout_args,
+    dropped,
+    launch,
+    triton_op,
+)
 
 __all__ = ["pixel_adapter_backward_triton", "pixel_adapter_triton"]
 
@@ -85,10 +94,10 @@ def _activation(x_ptr, wdT_ptr, bd_ptr, base, t, tmask, C, R, j0, stride_c, seed
     affords on its (samples, r) ones."""
     h = _hidden(x_ptr, wdT_ptr, bd_ptr, base, tmask, C, R, j0, stride_c, DOT, PREC, BIG_INDEX, BLOCK_T, BLOCK_C,
                 BLOCK_R, ACC)
-    a, da = _act_fwd_bwd(h, ACT, False)
+    a, da = act_fwd_bwd(h, ACT, False)
     index = t[:, None] * R + (j0 + tl.arange(0, BLOCK_R))[None, :]  # dropout index: position * r + j
-    a = _dropped(a, index, seed_lo, seed_hi, threshold, keep_scale, HAS_DROPOUT)
-    da = _dropped(da, index, seed_lo, seed_hi, threshold, keep_scale, HAS_DROPOUT)
+    a = dropped(a, index, seed_lo, seed_hi, threshold, keep_scale, HAS_DROPOUT)
+    da = dropped(da, index, seed_lo, seed_hi, threshold, keep_scale, HAS_DROPOUT)
     return a, da
 
 
@@ -295,7 +304,7 @@ def _meta(cfg: _Config, activation: int, scale, dropout: float) -> dict:
 def _checks(name, x, down_w, down_b, up_w, up_b, scale, activation, dropout):
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise RuntimeError(f"{name}: x must be a floating-point tensor, got {x.dtype}")
-    _check_activation(name, activation)
+    check_activation(name, activation)
     if not 0 <= dropout < 1:
         raise RuntimeError(f"{name}: dropout must be in [0, 1), got {dropout}")
     C = x.shape[1] if x.dim() == 4 else x.shape[-1]
@@ -305,11 +314,11 @@ def _checks(name, x, down_w, down_b, up_w, up_b, scale, activation, dropout):
     if C * R > _INT32_MAX:
         raise RuntimeError(f"{name}: down_w (r, C) must have fewer than 2^31 elements, got r = {R}, C = {C}")
     dev = x.device
-    _check_param(name, "down_w", down_w, (R, C), dev)
-    _check_param(name, "down_b", down_b, (R,), dev)
-    _check_param(name, "up_w", up_w, (C, R), dev)
-    _check_param(name, "up_b", up_b, (C,), dev)
-    _check_scale(name, scale, dev)
+    check_param(name, "down_w", down_w, (R, C), dev)
+    check_param(name, "down_b", down_b, (R,), dev)
+    check_param(name, "up_w", up_w, (C, R), dev)
+    check_param(name, "up_b", up_b, (C,), dev)
+    check_scale(name, scale, dev)
     return R
 
 
@@ -334,7 +343,7 @@ def pixel_adapter_triton(x: Tensor, down_w: Tensor, down_b: Tensor, up_w: Tensor
     s = scale if scale is not None else bd  # a placeholder pointer when there is no scale
     # the hidden activations when they are formed in chunks (read back by the same program)
     a = torch.empty((T, R) if cfg.SPLIT_R else (1,), device=x.device, dtype=cfg.dot_dtype)
-    seed_lo, seed_hi, thr, keep_scale = _dropout_args(dropout, seed)
+    seed_lo, seed_hi, thr, keep_scale = dropout_args(dropout, seed)
     launch(_pixel_fwd_kernel, (triton.cdiv(T, cfg.BLOCK_T),),
            x, y, wdT, bd, wuT, bu, s, a, T, C, R, HW, sb, sc, sp, seed_lo, seed_hi, thr, keep_scale,
            **_meta(cfg, activation, scale, dropout))
@@ -360,7 +369,7 @@ def pixel_adapter_backward_triton(grad_y: Tensor, x: Tensor, down_w: Tensor, dow
     n_prog = triton.cdiv(T, cfg.BLOCK_T)
     gs_part = torch.zeros((n_prog if scale is not None else 0,), device=x.device, dtype=acc)
     if T > 0:
-        seed_lo, seed_hi, thr, keep_scale = _dropout_args(dropout, seed)
+        seed_lo, seed_hi, thr, keep_scale = dropout_args(dropout, seed)
         s = scale if scale is not None else bd
         launch(_pixel_bwd_kernel, (n_prog,),
                grad_y, x, gx, gh, a, gs_part, wdT, bd, wd, wu, s, T, C, R, HW, sb, sc, sp, seed_lo, seed_hi,

@@ -41,12 +41,19 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import launch, triton_op
+from ._common import (
+    FLOAT_DTYPES,
+    act_fwd_bwd,
+    check_activation,
+    check_param,
+    check_scale,
+    dropout_args,
+    dropped,
+    launch,
+    triton_op,
+)
 
 __all__ = ["pooled_adapter_backward_triton", "pooled_adapter_triton"]
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_RELU, _GELU, _SILU = 0, 1, 2
 
 # elements of the (BLOCK_B x BLOCK_C x BLOCK_HW) tile of x loaded per loop step
 _TILE_ELEMS = 4096
@@ -60,7 +67,6 @@ _MIN_PROGRAMS = 256
 _FORCE_BLOCK_B: int | None = None
 
 _INT32_MAX = 2**31 - 1
-_M32 = 0xFFFFFFFF
 
 
 # ----------------------------------------------------------------------------
@@ -80,56 +86,6 @@ def _act_fwd(h, ACT: tl.constexpr):
     else:
         a = hd / (1.0 + tl.exp(-hd))
     return a.to(h.dtype)
-
-
-@triton.jit
-def _act_fwd_bwd(h, ACT: tl.constexpr, WIDE: tl.constexpr):
-    """(act(h), act'(h)), evaluated in fp64 as _act_fwd when WIDE, else in h's dtype."""
-    if WIDE:
-        hd = h.to(tl.float64)
-    else:
-        hd = h
-    if ACT == 0:
-        nonpos = hd <= 0.0  # False for NaN: torch.relu keeps NaN and its backward passes the gradient
-        a = tl.where(nonpos, 0.0, hd)
-        d = tl.where(nonpos, 0.0, 1.0).to(tl.float64)
-    elif ACT == 1:
-        cdf = 0.5 * (1.0 + tl.math.erf(hd * 0.7071067811865476))
-        a = hd * cdf
-        d = cdf + hd * (0.3989422804014327 * tl.exp(-0.5 * hd * hd))
-    else:
-        sig = 1.0 / (1.0 + tl.exp(-hd))
-        a = hd * sig
-        d = sig * (1.0 + hd * (1.0 - sig))
-    return a.to(h.dtype), d.to(h.dtype)
-
-
-@triton.jit
-def _mix32(v):
-    # lowbias32, as fc_mix32 in csrc/common/adapter_math.h (uint32 arithmetic wraps mod 2^32)
-    v = v ^ (v >> 16)
-    v = v * 0x7FEB352D
-    v = v ^ (v >> 15)
-    v = v * tl.full((), 0x846CA68B, tl.uint32)
-    return v ^ (v >> 16)
-
-
-@triton.jit
-def _dropout_keep(index, seed_lo, seed_hi, threshold):
-    # tl.cast, not .to: compiled Triton passes an integer argument equal to 1 as a Python constant
-    lo = (index & 0xFFFFFFFF).to(tl.uint32)
-    hi = (index >> 32).to(tl.uint32)
-    inner = _mix32(hi + tl.cast(seed_hi, tl.uint32))
-    h = _mix32(lo ^ _mix32(tl.cast(seed_lo, tl.uint32) ^ inner))
-    return h >= tl.cast(threshold, tl.uint32)
-
-
-@triton.jit
-def _dropped(v, index, seed_lo, seed_hi, threshold, keep_scale, HAS_DROPOUT: tl.constexpr):
-    """Dropout of the hidden activations v at element indices `index` (int64): v / (1 - p) where kept."""
-    if HAS_DROPOUT:
-        v = tl.where(_dropout_keep(index, seed_lo, seed_hi, threshold), v * keep_scale, 0.0)
-    return v
 
 
 @triton.jit
@@ -228,7 +184,7 @@ def _pooled_adapter_fwd_kernel(
     tl.store(hidden_ptr + rows[:, None].to(tl.int64) * R + rr[None, :], h,
              mask=bmask[:, None] & rmask[None, :])
     a = _act_fwd(h, ACT)  # act(0) = 0 in the padded slots
-    a = _dropped(a, rows[:, None].to(tl.int64) * R + rr[None, :], seed_lo, seed_hi, threshold, keep_scale,
+    a = dropped(a, rows[:, None].to(tl.int64) * R + rr[None, :], seed_lo, seed_hi, threshold, keep_scale,
                  HAS_DROPOUT)
     if HAS_SCALE:
         s = tl.load(s_ptr)
@@ -278,9 +234,9 @@ def _pooled_adapter_bwd_kernel(
     br_mask = bmask[:, None] & rmask[None, :]
 
     hid = tl.load(hid_ptr + br_off, mask=br_mask, other=0)
-    a, da = _act_fwd_bwd(hid, ACT, True)
-    a = _dropped(a, br_off, seed_lo, seed_hi, threshold, keep_scale, HAS_DROPOUT)  # index b * r + j
-    da = _dropped(da, br_off, seed_lo, seed_hi, threshold, keep_scale, HAS_DROPOUT)
+    a, da = act_fwd_bwd(hid, ACT, True)
+    a = dropped(a, br_off, seed_lo, seed_hi, threshold, keep_scale, HAS_DROPOUT)  # index b * r + j
+    da = dropped(da, br_off, seed_lo, seed_hi, threshold, keep_scale, HAS_DROPOUT)
     tl.store(a_ptr + br_off, a, mask=br_mask)
     if HAS_SCALE:
         s = tl.load(s_ptr)
@@ -340,18 +296,6 @@ def _pooled_adapter_bwd_kernel(
 # ----------------------------------------------------------------------------
 
 
-def _dropout_args(dropout: float, seed: int):
-    if not 0 <= seed < 2**63:
-        raise RuntimeError(f"seed must be in [0, 2**63), got {seed}")
-    threshold = min(int(dropout * 4294967296.0), _M32)
-    return seed & _M32, seed >> 32, threshold, 1.0 / (1.0 - dropout)
-
-
-def _check_activation(name: str, activation: int) -> None:
-    if activation not in (_RELU, _GELU, _SILU):
-        raise RuntimeError(f"{name}: activation must be 0 (relu), 1 (gelu) or 2 (silu), got {activation}")
-
-
 def _nchw_strides(name: str, what: str, t: Tensor):
     """(stride_b, stride_c, stride_hw) of a 4-D tensor that is contiguous (NCHW) or channels_last
     (NHWC), flattening H and W into one index; anything else is refused."""
@@ -365,27 +309,6 @@ def _nchw_strides(name: str, what: str, t: Tensor):
     raise RuntimeError(
         f"{name}: {what} must be contiguous (NCHW) or channels_last (NHWC), got strides {tuple(t.stride())} "
         f"for shape {tuple(t.shape)}; make it contiguous first")
-
-
-def _check_param(name: str, what: str, t: Tensor, shape, dev) -> None:
-    if not t.dtype.is_floating_point:
-        raise RuntimeError(f"{name}: {what} must be a float tensor, got {t.dtype}")
-    if tuple(t.shape) != tuple(shape):
-        raise RuntimeError(f"{name}: {what} must have shape {tuple(shape)}, got {tuple(t.shape)}")
-    if t.device != dev:
-        raise RuntimeError(f"{name}: {what} is on {t.device}, expected {dev}")
-
-
-def _check_scale(name: str, scale: Tensor | None, dev) -> None:
-    if scale is None:
-        return
-    if not scale.dtype.is_floating_point:
-        raise RuntimeError(f"{name}: scale must be a float tensor, got {scale.dtype}")
-    if scale.numel() != 1:
-        raise RuntimeError(
-            f"{name}: scale must be a 0-dim (one element) tensor, got shape {tuple(scale.shape)}")
-    if scale.device != dev:
-        raise RuntimeError(f"{name}: scale is on {scale.device}, expected {dev}")
 
 
 def _config(B: int, C: int, R: int, HW: int, elem_size: int, use_fp64: bool, channels_last: bool):
@@ -442,9 +365,9 @@ def pooled_adapter_triton(
     seed: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     name = "pooled_adapter_triton"
-    _check_activation(name, activation)
-    drop = _dropout_args(dropout, seed)
-    if x.dtype not in _FLOAT_DTYPES:
+    check_activation(name, activation)
+    drop = dropout_args(dropout, seed)
+    if x.dtype not in FLOAT_DTYPES:
         raise RuntimeError(f"{name}: x must be float16/bfloat16/float32/float64, got {x.dtype}")
     sb, sc, ss = _nchw_strides(name, "x", x)
     B, C, H, W = x.shape
@@ -453,11 +376,11 @@ def pooled_adapter_triton(
         raise RuntimeError(f"{name}: down_w must be 2-D (r, C), got shape {tuple(down_w.shape)}")
     R = down_w.shape[0]
     dev = x.device
-    _check_param(name, "down_w", down_w, (R, C), dev)
-    _check_param(name, "down_b", down_b, (R,), dev)
-    _check_param(name, "up_w", up_w, (C, R), dev)
-    _check_param(name, "up_b", up_b, (C,), dev)
-    _check_scale(name, scale, dev)
+    check_param(name, "down_w", down_w, (R, C), dev)
+    check_param(name, "down_b", down_b, (R,), dev)
+    check_param(name, "up_w", up_w, (C, R), dev)
+    check_param(name, "up_b", up_b, (C,), dev)
+    check_scale(name, scale, dev)
 
     use_fp64 = x.dtype == torch.float64
     acc_dtype = torch.float64 if use_fp64 else torch.float32
@@ -499,9 +422,9 @@ def pooled_adapter_backward_triton(
     seed: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     name = "_pooled_adapter_backward_triton"
-    _check_activation(name, activation)
-    drop = _dropout_args(dropout, seed)
-    if grad_y.dtype not in _FLOAT_DTYPES:
+    check_activation(name, activation)
+    drop = dropout_args(dropout, seed)
+    if grad_y.dtype not in FLOAT_DTYPES:
         raise RuntimeError(f"{name}: grad_y must be float16/bfloat16/float32/float64, got {grad_y.dtype}")
     sb, sc, ss = _nchw_strides(name, "grad_y", grad_y)
     B, C, H, W = grad_y.shape
@@ -510,12 +433,12 @@ def pooled_adapter_backward_triton(
         raise RuntimeError(f"{name}: hidden must be ({B}, r), got shape {tuple(hidden.shape)}")
     R = hidden.shape[1]
     dev = grad_y.device
-    _check_param(name, "pooled", pooled, (B, C), dev)
-    _check_param(name, "hidden", hidden, (B, R), dev)
-    _check_param(name, "down_w", down_w, (R, C), dev)
-    _check_param(name, "up_w", up_w, (C, R), dev)
-    _check_param(name, "up_b", up_b, (C,), dev)
-    _check_scale(name, scale, dev)
+    check_param(name, "pooled", pooled, (B, C), dev)
+    check_param(name, "hidden", hidden, (B, R), dev)
+    check_param(name, "down_w", down_w, (R, C), dev)
+    check_param(name, "up_w", up_w, (C, R), dev)
+    check_param(name, "up_b", up_b, (C,), dev)
+    check_scale(name, scale, dev)
 
     use_fp64 = grad_y.dtype == torch.float64
     acc_dtype = torch.float64 if use_fp64 else torch.float32

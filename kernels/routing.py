@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import launch, triton_op
+from ._common import FLOAT_DTYPES, launch, triton_op
 
 __all__ = [
     "gather_rows_triton",
@@ -41,7 +41,6 @@ __all__ = [
     "vote_triton",
 ]
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 _BLOCK = 1024            # rows per program of route_threshold
 _TILE_ELEMS = 4096       # elements of a (rows x classes) tile
@@ -52,7 +51,7 @@ _COPY_ELEMS = 4096       # elements of a row-copy tile
 
 
 def _check_float(t: Tensor, op: str, name: str) -> None:
-    if t.dtype not in _FLOAT_DTYPES:
+    if t.dtype not in FLOAT_DTYPES:
         raise RuntimeError(f"{op}: {name} must be float16/bfloat16/float32/float64, got {t.dtype}")
 
 

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from .tree import Ensemble
 
@@ -49,6 +48,10 @@ def _one_row(example, what: str) -> torch.Tensor:
 
 
 def _counted(fn, *args) -> tuple[int, object]:
+    # imported here: torch.utils.flop_counter imports Triton (about a second, and before a caller can set
+    # TRITON_INTERPRET), which `import fastcascade` must not do off a GPU
+    from torch.utils.flop_counter import FlopCounterMode
+
     counter = FlopCounterMode(display=False)
     with counter:
         out = fn(*args)
