@@ -1,9 +1,12 @@
-"""Build fastcascade._C: C++ CPU kernels always, CUDA kernels when possible (or forced).
+"""Build fastcascade._C: C++ CPU kernels always; CUDA kernels when a GPU is visible (or forced).
+
+Compiling the CUDA kernels about doubles a build, so a machine that cannot run them skips them.
 
 Environment:
-  FASTCASCADE_FORCE_CUDA=1   build the CUDA kernels or fail (CI uses this so a broken .cu fails);
-                             =0 builds CPU kernels only.
-  TORCH_CUDA_ARCH_LIST       target archs; default "9.0" when no GPU is visible.
+  FASTCASCADE_FORCE_CUDA=1   build the CUDA kernels or fail, GPU or not (CI uses this so a broken
+                             .cu fails); =0 builds CPU kernels only. Unset: CUDA kernels when torch
+                             is a CUDA build, a toolkit is found and torch sees a GPU.
+  TORCH_CUDA_ARCH_LIST       target archs; default "9.0" when no GPU is visible (a forced build).
   MAX_JOBS                   parallel compile jobs (read by torch's ninja build).
   CUDA_HOME                  CUDA toolkit; found from nvcc on PATH when unset.
 """
@@ -15,7 +18,7 @@ import re
 import shutil
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -75,7 +78,8 @@ if force == "1" and not can_cuda:
         f"torch {torch.__version__} (CUDA {torch.version.cuda}), CUDA_HOME={_cuda_home}. "
         "Install a CUDA build of torch and a CUDA toolkit (nvcc), or set CUDA_HOME."
     )
-with_cuda = can_cuda if force is None else force == "1"
+gpu_visible = torch.version.cuda is not None and torch.cuda.is_available()
+with_cuda = (can_cuda and gpu_visible) if force is None else force == "1"
 
 if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
     os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
@@ -111,17 +115,27 @@ with open(os.path.join(ROOT, "fastcascade", "_build_info.py"), "w") as f:
         f"CUDA_ARCH_LIST = {os.environ.get('TORCH_CUDA_ARCH_LIST', '') if with_cuda else ''!r}\n"
     )
 
+def _why_cuda() -> str:
+    if force is not None:
+        return f"FASTCASCADE_FORCE_CUDA={force}"
+    if not can_cuda:
+        return f"no CUDA build of torch or no toolkit: torch CUDA {torch.version.cuda}, CUDA_HOME={_cuda_home}"
+    if not gpu_visible:
+        return "no GPU visible; FASTCASCADE_FORCE_CUDA=1 builds them anyway"
+    return f"GPU visible, CUDA_HOME={_cuda_home}"
+
+
 print(
     "fastcascade build configuration:\n"
     f"  torch {torch.__version__} (CUDA {torch.version.cuda}), python {sys.version.split()[0]}\n"
-    f"  CUDA kernels: {'yes' if with_cuda else 'no'} (FASTCASCADE_FORCE_CUDA={force}, CUDA_HOME={_cuda_home})\n"
+    f"  CUDA kernels: {'yes' if with_cuda else 'no'} ({_why_cuda()})\n"
     f"  TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '')} MAX_JOBS={os.environ.get('MAX_JOBS', '')}\n"
     f"  sources: {' '.join(cpu_sources + (cuda_sources if with_cuda else []))}",
     flush=True,
 )
 
 setup(
-    packages=["fastcascade", "fastcascade.data", "fastcascade.kernels"],
+    packages=find_packages(include=["fastcascade", "fastcascade.*"]) + ["fastcascade.kernels"],
     package_dir={"fastcascade": "fastcascade", "fastcascade.kernels": "kernels"},
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -2,15 +2,41 @@
 
 import functools
 import os
-import statistics
-import time
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # never timed: the interpreter is only for tests
 
+from fastcascade.selftest import timing  # after TRITON_INTERPRET: this imports fastcascade
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def headline(value):
+    """A parameter of one of the headline cases (marker `headline`): the benchmarks scripts/gpu_check.sh
+    runs in its short GPU slot (pytest bench -m headline)."""
+    return pytest.param(value, marks=pytest.mark.headline)
+
+
+def fused_backends() -> list[str]:
+    """The fastcascade backends to time on DEVICE: the C++ kernels on the CPU (Triton there is only its
+    interpreter); on a GPU the CUDA C++ kernels when compiled and Triton when installed."""
+    if DEVICE == "cpu":
+        return ["cpu"]
+    from fastcascade import _ops
+
+    return (["cuda"] if _ops.CUDA_COMPILED else []) + (["triton"] if _ops.HAS_TRITON else [])
+
+
+def module_backends() -> dict[str, str]:
+    """Implementations of a module benchmark by name: the eager module (its reference backend),
+    torch.compile of it, each fastcascade backend, and "auto" (what a user gets by default)."""
+    impls = {"module-eager": "torch", "module-compile": "compile"}
+    impls.update({f"fastcascade-{b}": b for b in fused_backends()})
+    impls["fastcascade-auto"] = "auto"
+    return impls
 
 
 def sync():
@@ -21,32 +47,12 @@ def sync():
 @functools.lru_cache(maxsize=None)
 def copy_bandwidth() -> float:
     """Measured device-to-device copy bandwidth in bytes/s, counting bytes read plus written."""
-    n = (1 << 28) if DEVICE == "cuda" else (1 << 24)
-    src = torch.empty(n, dtype=torch.uint8, device=DEVICE).random_()
-    dst = torch.empty_like(src)
-    seconds = median_seconds(lambda: dst.copy_(src), reps=20)
-    return 2 * n / seconds
+    return timing.copy_bandwidth(DEVICE, (1 << 28) if DEVICE == "cuda" else (1 << 24))
 
 
 def median_seconds(fn, reps: int = 50, warmup: int = 5) -> float:
-    """Median time of fn(): CUDA events on the GPU, perf_counter on the CPU."""
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(reps):
-        if DEVICE == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median seconds of fn() on DEVICE (CUDA events on a GPU, the wall clock on the CPU)."""
+    return timing.median_seconds(fn, reps, warmup, DEVICE)
 
 
 def peak_extra_bytes(fn) -> int:

@@ -8,20 +8,15 @@ backward reads them again and writes the gradient: 3·B·C·HW·s + 2·B·HW·8.
 
 import pytest
 import torch
-from bench_utils import DEVICE, record
+from bench_utils import DEVICE, fused_backends, record
 
 import fastcascade as fc
-from fastcascade import _ops, reference
+from fastcascade import reference
 
 # the size on a GPU; on the CPU a quarter of the batch and a quarter of the pixels
 B, C, H, W = (16, 16, 384, 384) if DEVICE == "cuda" else (4, 16, 192, 192)
 DTYPES = [torch.float32, torch.bfloat16]
 
-
-def _fused_backends():
-    if DEVICE == "cpu":
-        return ["cpu"]
-    return (["cuda"] if _ops.CUDA_COMPILED else []) + (["triton"] if _ops.HAS_TRITON else [])
 
 
 _compiled_reference = torch.compile(reference.dice_focal_loss)
@@ -42,13 +37,14 @@ def _impls():
         impls["monai-eager"] = lambda x, t: monai_loss(x, t[:, None])
     except ImportError:
         pass
-    for b in _fused_backends():
+    for b in fused_backends():
         impls[f"fastcascade-{b}"] = lambda x, t, b=b: fc.dice_focal_loss(x, t, backend=b)
     return impls
 
 
 @pytest.mark.parametrize("impl", list(_impls()))
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.headline
 def test_dice_focal_fwd_bwd(benchmark, impl, dtype):
     benchmark.group = f"dice_focal fwd+bwd B={B} C={C} {H}x{W} {str(dtype)[6:]}"
     gen = torch.Generator().manual_seed(0)

@@ -9,20 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from bench_utils import DEVICE, record
+from bench_utils import DEVICE, fused_backends, headline, record
 
 import fastcascade as fc
-from fastcascade import _ops, reference
+from fastcascade import reference
 
-SIGMOID_SIZES = [1 << 16, 1 << 20, 1 << 24, 1 << 26] if DEVICE == "cuda" else [1 << 16, 1 << 20]
+SIGMOID_SIZES = [1 << 16, 1 << 20, headline(1 << 24), 1 << 26] if DEVICE == "cuda" else [1 << 16, headline(1 << 20)]
 SOFTMAX_ROWS = (1 << 22) if DEVICE == "cuda" else (1 << 18)
 DTYPES = [torch.float32, torch.bfloat16]
 
-
-def _fused_backends():
-    if DEVICE == "cpu":
-        return ["cpu"]
-    return (["cuda"] if _ops.CUDA_COMPILED else []) + (["triton"] if _ops.HAS_TRITON else [])
 
 
 _compiled_sigmoid = torch.compile(reference.sigmoid_focal_loss)
@@ -34,7 +29,7 @@ def _sigmoid_impls():
         "torchvision-eager": lambda x, t: torchvision.ops.sigmoid_focal_loss(x, t, 0.25, 2.0, "mean"),
         "reference-compile": lambda x, t: _compiled_sigmoid(x, t, 0.25, 2.0, "mean"),
     }
-    for b in _fused_backends():
+    for b in fused_backends():
         impls[f"fastcascade-{b}"] = lambda x, t, b=b: fc.sigmoid_focal_loss(x, t, 0.25, 2.0, "mean", backend=b)
     return impls
 
@@ -45,7 +40,7 @@ def _softmax_impls():
         "reference-compile": lambda x, t: _compiled_softmax(x, t, 2.0),
         "cross_entropy-eager (gamma=0 yardstick)": lambda x, t: F.cross_entropy(x, t),
     }
-    for b in _fused_backends():
+    for b in fused_backends():
         impls[f"fastcascade-{b}"] = lambda x, t, b=b: fc.softmax_focal_loss(x, t, 2.0, backend=b)
     return impls
 
@@ -69,7 +64,7 @@ def test_sigmoid_focal_fwd_bwd(benchmark, impl, dtype, n):
 
 
 @pytest.mark.parametrize("impl", list(_softmax_impls()))
-@pytest.mark.parametrize("C", [3, 10, 16])
+@pytest.mark.parametrize("C", [headline(3), headline(10), 16])
 def test_softmax_focal_fwd_bwd(benchmark, impl, C):
     n = SOFTMAX_ROWS
     benchmark.group = f"softmax_focal fwd+bwd N={n} C={C} fp32"

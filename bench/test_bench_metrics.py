@@ -1,4 +1,4 @@
-"""Metrics (issue 5): confusion matrix of N predictions against N targets, C = 8 and C = 16.
+"""Metrics: confusion matrix of N predictions against N targets, C = 8 and C = 16.
 
 fastcascade confusion_matrix (one pass over pred and target, per-block histograms, no host sync)
 against torch.bincount(target * C + pred, minlength=C * C) (an index kernel, then a bincount that
@@ -10,19 +10,13 @@ Run: pytest bench/test_bench_metrics.py --benchmark-only  (bench/metrics_notes.m
 
 import pytest
 import torch
-from bench_utils import DEVICE, record
+from bench_utils import DEVICE, fused_backends, record
 
 import fastcascade as fc
-from fastcascade import _ops
 
 N = (1 << 24) if DEVICE == "cuda" else (1 << 22)  # 16M on a GPU; 4M on the 2-core CPU
 CLASSES = [8, 16]
 
-
-def _backends():
-    if DEVICE == "cpu":
-        return ["cpu"]
-    return (["cuda"] if _ops.CUDA_COMPILED else []) + (["triton"] if _ops.HAS_TRITON else [])
 
 
 def _bincount(pred, target, C):
@@ -31,12 +25,12 @@ def _bincount(pred, target, C):
 
 _compiled_bincount = torch.compile(_bincount)
 _compiled_fc = {b: torch.compile(lambda p, t, C, b=b: fc.confusion_matrix(p, t, C, backend=b), fullgraph=True)
-                for b in _backends()}
+                for b in fused_backends()}
 
 
 def _impls():
     impls = {"bincount-eager": _bincount, "bincount-compile": _compiled_bincount}
-    for b in _backends():
+    for b in fused_backends():
         impls[f"fastcascade-{b}"] = lambda p, t, C, b=b: fc.confusion_matrix(p, t, C, backend=b)
         impls[f"fastcascade-{b}-compile"] = _compiled_fc[b]
     return impls

@@ -1,4 +1,4 @@
-"""Routing (issue 4, benchmark a): split N rows x 512 fp16 into 3 branches by a per-row branch id.
+"""Routing: split N rows x 512 fp16 into 3 branches by a per-row branch id.
 
 fastcascade: partition (stable counting sort, no host sync) + gather_rows into branch-contiguous
 order, then one transfer of the 4 offsets so each branch is a view; against boolean-mask indexing
@@ -11,20 +11,14 @@ Run: pytest bench/test_bench_routing.py --benchmark-only  (bench/routing_notes.m
 
 import pytest
 import torch
-from bench_utils import DEVICE, record
+from bench_utils import DEVICE, fused_backends, record
 
 import fastcascade as fc
-from fastcascade import _ops
 
 ROWS = [1 << 16, 1 << 20] if DEVICE == "cuda" else [1 << 14, 1 << 16]  # 1M x 1 KiB = 1 GiB on a GPU
 D = 512
 BRANCHES = 3
 
-
-def _backends():
-    if DEVICE == "cpu":
-        return ["cpu"]
-    return (["cuda"] if _ops.CUDA_COMPILED else []) + (["triton"] if _ops.HAS_TRITON else [])
 
 
 def _mask_split(x, branch):
@@ -48,7 +42,7 @@ def _views(x_sorted, offsets):
 
 _compiled_mask = torch.compile(_mask_split)
 _compiled_argsort = torch.compile(_argsort_sorted)
-_compiled_fc = {b: torch.compile(lambda x, br, b=b: _fc_sorted(x, br, b), fullgraph=True) for b in _backends()}
+_compiled_fc = {b: torch.compile(lambda x, br, b=b: _fc_sorted(x, br, b), fullgraph=True) for b in fused_backends()}
 
 
 def _impls():
@@ -58,7 +52,7 @@ def _impls():
         "argsort-eager": lambda x, br: _views(*_argsort_sorted_offsets(x, br, _argsort_sorted)),
         "argsort-compile": lambda x, br: _views(*_argsort_sorted_offsets(x, br, _compiled_argsort)),
     }
-    for b in _backends():
+    for b in fused_backends():
         impls[f"fastcascade-{b}"] = lambda x, br, b=b: _views(*_fc_sorted(x, br, b))
         impls[f"fastcascade-{b}-compile"] = lambda x, br, b=b: _views(*_compiled_fc[b](x, br))
     return impls

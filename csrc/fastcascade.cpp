@@ -1,10 +1,11 @@
 // Every fastcascade op schema, in one place. Backends live in csrc/<area>/<area>_{cpu.cpp,cuda.cu};
 // fake kernels and autograd are registered in fastcascade/_ops.py.
-#include <torch/extension.h>
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
 
 TORCH_LIBRARY(fastcascade, m) {
   // Fused focal losses. One pass writes the loss and (need_grad) d loss_i / d logits, unscaled;
-  // grad_scale is a 0-dim fp32 device tensor (1/normaliser for "mean", else 1), so that
+  // grad_scale is a 0-dim device tensor, fp32 (fp64 for fp64 logits): 1/normaliser for "mean", else 1, so that
   // backward(g) = grad_logits * g * grad_scale. reduction: 0 none, 1 mean, 2 sum.
   m.def("sigmoid_focal(Tensor logits, Tensor targets, float alpha, float gamma, float label_smoothing, "
         "int reduction, bool need_grad) -> (Tensor loss, Tensor grad_logits, Tensor grad_scale)");
@@ -20,7 +21,7 @@ TORCH_LIBRARY(fastcascade, m) {
   // pixel adapter below.
   m.def("pooled_adapter(Tensor x, Tensor down_w, Tensor down_b, Tensor up_w, Tensor up_b, Tensor? scale, "
         "int activation, float dropout, int seed) -> (Tensor y, Tensor pooled, Tensor hidden)");
-  m.def("pooled_adapter_backward(Tensor grad_y, Tensor pooled, Tensor hidden, Tensor down_w, Tensor up_w, "
+  m.def("_pooled_adapter_backward(Tensor grad_y, Tensor pooled, Tensor hidden, Tensor down_w, Tensor up_w, "
         "Tensor up_b, Tensor? scale, int activation, float dropout, int seed) -> (Tensor grad_x, "
         "Tensor grad_down_w, Tensor grad_down_b, Tensor grad_up_w, Tensor grad_up_b, Tensor grad_scale)");
 
@@ -31,11 +32,11 @@ TORCH_LIBRARY(fastcascade, m) {
   // backend redraw the same one (fastcascade/reference.py: adapter_dropout_keep).
   m.def("pixel_adapter(Tensor x, Tensor down_w, Tensor down_b, Tensor up_w, Tensor up_b, Tensor? scale, "
         "int activation, float dropout, int seed) -> Tensor");
-  m.def("pixel_adapter_backward(Tensor grad_y, Tensor x, Tensor down_w, Tensor down_b, Tensor up_w, Tensor up_b, "
+  m.def("_pixel_adapter_backward(Tensor grad_y, Tensor x, Tensor down_w, Tensor down_b, Tensor up_w, Tensor up_b, "
         "Tensor? scale, int activation, float dropout, int seed) -> (Tensor grad_x, Tensor grad_down_w, "
         "Tensor grad_down_b, Tensor grad_up_w, Tensor grad_up_b, Tensor grad_scale)");
 
-  // ---- routing (issue 4) -------------------------------------------------------------------------
+  // ---- routing -------------------------------------------------------------------------
   // Decisions: an int32 branch id per row. route_threshold: 1 where logit > logit_threshold (compared
   // exactly; the API passes T log(t / (1 - t)) computed in float64); logits (N,) or (N, 1).
   m.def("route_threshold(Tensor logits, float logit_threshold) -> Tensor");
@@ -56,12 +57,12 @@ TORCH_LIBRARY(fastcascade, m) {
   // (fp64 for fp64 input) when need_probs, else (0, C).
   m.def("vote(Tensor member_logits, int mode, bool need_probs) -> (Tensor labels, Tensor probs)");
 
-  // ---- metrics (issue 5) -------------------------------------------------------------------------
+  // ---- metrics -------------------------------------------------------------------------
   // int64 (C, C) counts of (target, pred) pairs, rows = target, columns = prediction (scikit-learn's
   // convention); pred and target int32/int64 of one shape (flattened). Elements whose target equals
   // ignore_index are skipped. Ids outside [0, C): CPU raises; CUDA skips them (no sync).
   m.def("confusion_matrix(Tensor pred, Tensor target, int num_classes, int? ignore_index) -> Tensor");
-  // ---- dice focal (issue 6) ----------------------------------------------------------------------
+  // ---- dice focal ----------------------------------------------------------------------
   // Dice + softmax focal on logits (B, C, S), target int64 (B, S). One pass computes the loss (logits
   // dtype) and the sums the backward needs, in fp32 (fp64 for fp64 logits): per image b and class c
   // inter (B, C) = sum p_c [t == c] and card (B, C) = sum p_c + [t == c] over kept pixels, and
@@ -72,13 +73,18 @@ TORCH_LIBRARY(fastcascade, m) {
         "float lambda_focal, int ignore_index, bool include_background, bool batch_dice) "
         "-> (Tensor loss, Tensor inter, Tensor card, Tensor focal_stats)");
   // One more pass (softmax recomputed) writes d loss / d logits, scaled by grad_loss (0-dim).
-  m.def("dice_focal_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, Tensor inter, "
+  m.def("_dice_focal_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, Tensor inter, "
         "Tensor card, Tensor focal_stats, float gamma, float smooth, float lambda_dice, float lambda_focal, "
         "int ignore_index, bool include_background, bool batch_dice) -> Tensor");
 }
 
-// Build facts the Python side checks at import.
+namespace fastcascade {
+void define_launch_config(pybind11::module_& m);  // common/launch_cpu.cpp
+}
+
+// Build facts the Python side checks at import, and the CUDA kernels' launch arithmetic (for tests).
 PYBIND11_MODULE(_C, mod) {
+  fastcascade::define_launch_config(mod);
 #ifdef FASTCASCADE_WITH_CUDA
   mod.attr("with_cuda") = true;
 #else

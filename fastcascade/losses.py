@@ -7,13 +7,13 @@ reads the inputs once and, when a gradient is needed, writes d loss / d logits i
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from . import _ops, reference
+from ._checks import checks_forced, number_arg, value_checks_on
 
 __all__ = [
     "sigmoid_focal_loss",
@@ -35,24 +35,25 @@ def _check_common(logits, gamma: float, label_smoothing: float, reduction: str) 
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     if not logits.is_floating_point():
         raise ValueError(f"logits must be a floating-point tensor, got dtype {logits.dtype}")
-    if not gamma >= 0:
-        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    number_arg(gamma, "gamma", 0)
     if not 0 <= label_smoothing < 1:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     if reduction not in _ops.REDUCTION_CODES:
         raise ValueError(f"reduction must be one of {tuple(_ops.REDUCTION_CODES)}, got {reduction!r}")
 
 
+def _check_class_target(target, logits: torch.Tensor) -> None:
+    """target: an int64 tensor of class ids on the logits' device."""
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.dtype != torch.int64:
+        raise ValueError(f"target must hold int64 class indices, got dtype {target.dtype} (try target.long())")
+    if target.device != logits.device:
+        raise ValueError(f"logits and target must be on the same device, got {logits.device} and {target.device}")
+
+
 def _need_grad(logits: torch.Tensor) -> bool:
     return logits.requires_grad and torch.is_grad_enabled()
-
-
-def _value_checks_on(t: torch.Tensor) -> bool:
-    """Checks of target values that memory safety rests on: always on the CPU (no sync there), on CUDA
-    with FASTCASCADE_CHECK=1 (the kernels give NaN rows instead)."""
-    if torch.compiler.is_compiling():
-        return False
-    return t.device.type == "cpu" or os.environ.get("FASTCASCADE_CHECK") == "1"
 
 
 def _same_dense_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -116,12 +117,14 @@ def sigmoid_focal_loss(
         raise ValueError(f"alpha must be <= 1 (None or < 0 disables it), got {alpha}")
     if num_positives is not None and reduction != "mean":
         raise ValueError(f"num_positives replaces the 'mean' normaliser: use reduction='mean', got {reduction!r}")
+    if num_positives is not None:
+        num_positives = _check_num_positives(num_positives, logits)
     if hard_negative_ratio is not None and not hard_negative_ratio >= 0:
         raise ValueError(f"hard_negative_ratio must be >= 0, got {hard_negative_ratio}")
     backend = _ops.resolve_backend(backend, logits.device)
     if backend != "torch" and targets.requires_grad:
         raise ValueError("targets.requires_grad: the fused loss treats targets as constants; use backend='torch'")
-    if os.environ.get("FASTCASCADE_CHECK") == "1" and not torch.compiler.is_compiling():
+    if checks_forced() and not torch.compiler.is_compiling():
         if targets.is_floating_point() and bool(((targets < 0) | (targets > 1)).any()):
             raise ValueError("targets must lie in [0, 1]")
 
@@ -132,7 +135,7 @@ def sigmoid_focal_loss(
     else:
         if not _same_dense_layout(logits, targets):
             logits, targets = logits.contiguous(), targets.contiguous()
-        loss, _, _ = _ops.focal_op("sigmoid_focal", backend)(
+        loss, _, _ = _ops.op("sigmoid_focal", backend)(
             logits, targets, -1.0 if alpha is None else float(alpha), float(gamma), float(label_smoothing),
             _ops.REDUCTION_CODES[inner], _need_grad(logits),
         )
@@ -141,6 +144,19 @@ def sigmoid_focal_loss(
     if num_positives is not None:
         loss = loss / num_positives
     return loss
+
+
+def _check_num_positives(num_positives, logits: torch.Tensor):
+    """A number > 0, or a one-element real tensor on the logits' device (its value is not read: no host
+    sync), as a 0-dim tensor so that the loss stays 0-dim."""
+    if not isinstance(num_positives, torch.Tensor):
+        return number_arg(num_positives, "num_positives", 0, low_inclusive=False)
+    if num_positives.numel() != 1 or num_positives.dtype.is_complex or num_positives.dtype == torch.bool:
+        raise ValueError(f"num_positives must be a scalar (a one-element real tensor or a number), got a "
+                         f"{num_positives.dtype} tensor of shape {tuple(num_positives.shape)}")
+    if num_positives.device != logits.device:
+        raise ValueError(f"num_positives must be on the logits' device {logits.device}, got {num_positives.device}")
+    return num_positives.reshape(())
 
 
 def _hard_negative_reduce(loss: torch.Tensor, targets: torch.Tensor, ratio: float, reduction: str) -> torch.Tensor:
@@ -201,18 +217,14 @@ def softmax_focal_loss(
     Args:
         logits: (N, C), (N, C, d1, ...) or unbatched (C,); float16/bfloat16/float32/float64.
         target: int64 class indices, (N,), (N, d1, ...) or () for unbatched logits.
-        weight: optional (C,) per-class weights.
+        weight: optional (C,) per-class weights; negative ones are accepted, as F.cross_entropy does
+            (dice_focal_loss refuses them).
         reduction: "none" (target's shape) | "mean" | "sum".
     On CPU a target outside [0, C) (other than ignore_index) raises; on CUDA its row gives NaN
     (never a memory fault), and FASTCASCADE_CHECK=1 raises instead.
     """
     _check_common(logits, gamma, label_smoothing, reduction)
-    if not isinstance(target, torch.Tensor):
-        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
-    if target.dtype != torch.int64:
-        raise ValueError(f"target must hold int64 class indices, got dtype {target.dtype} (try target.long())")
-    if target.device != logits.device:
-        raise ValueError(f"logits and target must be on the same device, got {logits.device} and {target.device}")
+    _check_class_target(target, logits)
     unbatched = logits.dim() == 1
     if unbatched:
         logits, target = logits.unsqueeze(0), target.unsqueeze(0)
@@ -225,7 +237,7 @@ def softmax_focal_loss(
     if tuple(target.shape) != expected:
         raise ValueError(f"target must have shape {expected} for logits {tuple(logits.shape)}, got {tuple(target.shape)}")
     backend = _class_weight_backend(weight, C, logits, backend)
-    if _value_checks_on(target):
+    if value_checks_on(target):
         bad = (target != ignore_index) & ((target < 0) | (target >= C))
         if bool(bad.any()):
             raise ValueError(f"target holds class indices outside [0, {C}) (ignore_index={ignore_index}): "
@@ -241,7 +253,7 @@ def softmax_focal_loss(
             x, t = logits.reshape(logits.shape[0], C, -1), target.reshape(target.shape[0], -1)
         else:
             x, t = logits, target
-        loss, _, _ = _ops.focal_op("softmax_focal", backend)(
+        loss, _, _ = _ops.op("softmax_focal", backend)(
             x, t, weight, float(gamma), float(label_smoothing), int(ignore_index),
             _ops.REDUCTION_CODES[reduction], _need_grad(logits),
         )
@@ -260,7 +272,11 @@ def _counts_tensor(counts) -> torch.Tensor:
     c = torch.as_tensor(counts)
     if c.dim() != 1 or c.numel() == 0:
         raise ValueError(f"counts must be a non-empty 1-D sequence of per-class counts, got shape {tuple(c.shape)}")
-    if c.is_complex() or bool((c < 0).any()) or not bool((c > 0).any()):
+    if c.is_complex() or c.dtype == torch.bool:
+        raise ValueError(f"counts must be real per-class counts, got dtype {c.dtype}")
+    if c.is_floating_point() and not bool(torch.isfinite(c).all()):
+        raise ValueError(f"counts must be finite, got {c.tolist() if c.numel() <= 8 else 'NaN or inf values'}")
+    if bool((c < 0).any()) or not bool((c > 0).any()):
         raise ValueError("counts must be >= 0 with at least one class present")
     return c.to(torch.float64)
 
@@ -281,8 +297,7 @@ def class_balanced_weights(counts: torch.Tensor | Sequence[float], beta: float =
 def inverse_frequency_weights(counts: torch.Tensor | Sequence[float], power: float = 0.5) -> torch.Tensor:
     """w_c = n_c ** -power normalised to sum to the number of classes (power 0.5 is the "inverse sqrt"
     weighting of segmentation practice, 1.0 plain inverse frequency). Zero-count classes get 0."""
-    if not power >= 0:
-        raise ValueError(f"power must be >= 0, got {power}")
+    power = number_arg(power, "power", 0)
     n = _counts_tensor(counts)
     raw = torch.where(n > 0, n.clamp(min=1) ** -power, torch.zeros_like(n))
     return (raw * (n.numel() / raw.sum())).to(torch.float32)
@@ -341,7 +356,7 @@ class ClassBalancedFocalLoss(SoftmaxFocalLoss):
 
 
 # ---------------------------------------------------------------------------------------------
-# dice focal (issue 6)
+# dice focal
 
 
 def dice_focal_loss(
@@ -378,24 +393,34 @@ def dice_focal_loss(
         logits: (B, C, *spatial), e.g. (B, C, H, W); float16/bfloat16/float32/float64. Channels-last and
             other non-contiguous layouts are copied to contiguous first.
         target: int64 (B, *spatial) class indices in [0, C), or ignore_index.
-        weight: optional (C,) class weights, shared by both terms (constants: no gradient).
+        weight: optional (C,) class weights >= 0, shared by both terms (constants: no gradient).
         reduction: only "mean" (the loss is a scalar; see below).
     On CPU a target outside [0, C) (other than ignore_index) raises; on CUDA it makes the loss and the
     gradient NaN (never a memory fault), and FASTCASCADE_CHECK=1 raises instead.
 
     Differences from MONAI's DiceFocalLoss(softmax=True, to_onehot_y=True) (checked in
-    tests/test_dice_focal.py against monai 1.6):
+    tests/test_dice_focal.py and tests/test_first_contact.py against monai 1.6):
       - MONAI's focal term is the sigmoid (per-channel binary) focal loss whatever `softmax` says; here it
-        is the softmax focal loss. MONAI's FocalLoss(use_softmax=True) averages over B*C*pixels elements,
-        so without weights this focal term is C times it; with weights, this one divides by sum_i w_{t_i}
-        (F.cross_entropy's rule) where MONAI divides by the element count.
+        is the softmax focal loss. MONAI's FocalLoss(use_softmax=True, reduction="mean") sums over
+        B*C*pixels elements and divides by their number, so without ignore_index and weights this focal
+        term is C times it. With ignore_index, MONAI divides by the number of valid pixels (its mask has
+        one channel), so the factor becomes 1: this term equals MONAI's. With weights, this one divides by
+        sum_i w_{t_i} over the valid pixels (F.cross_entropy's rule) where MONAI divides by the count.
       - The Dice term equals MONAI's DiceLoss / DiceFocalLoss(lambda_focal=0) with
         smooth_nr = smooth_dr = smooth and batch = batch_dice (MONAI's defaults: 1e-5 and batch=False; here
         smooth=1 and batch_dice=True). MONAI weights as mean_c(w_c dice_c); here sum_c w_c dice_c /
-        sum_c w_c: the same when the weights of the included classes sum to their number.
+        sum_c w_c: the same when the weights of the included classes sum to their number. When one class
+        remains (C = 2 with include_background=False), MONAI's DiceLoss skips the weight (any value, even
+        a negative one or of the wrong length) and its FocalLoss / DiceFocalLoss raise on a per-class
+        weight; here w_1 dice_1 / w_1 = dice_1, the unweighted Dice, for any weight w_1 > 0.
+      - Negative or non-finite weights are refused (MONAI refuses negative ones too): the Dice term is a
+        weighted mean over classes. On the CPU this raises ValueError; on CUDA the weights are not read
+        back to the host, and the loss is NaN instead (FASTCASCADE_CHECK=1 raises). softmax_focal_loss
+        alone follows F.cross_entropy, which accepts negative weights.
       - include_background=False leaves class 0 out of the Dice term only (after the softmax over all C,
         as MONAI's Dice); MONAI also drops it from its focal term.
-      - ignore_index: MONAI's DiceFocalLoss has none; MONAI's DiceLoss(ignore_index=...) masks like here.
+      - ignore_index: MONAI's DiceFocalLoss has none; MONAI's DiceLoss(ignore_index=...) masks like here,
+        and its FocalLoss(ignore_index=...) as above.
       - lambda defaults are 0.5 / 0.5 (MONAI: 1.0 / 1.0); reduction="none" / "sum" (MONAI: per-element
         or per-(image, class) terms) are not offered: the fused op produces the scalar only.
       - gamma is the same; MONAI's alpha has no counterpart (use weight).
@@ -404,12 +429,7 @@ def dice_focal_loss(
     if reduction != "mean":
         raise ValueError(f"reduction must be 'mean' for dice_focal_loss (the Dice term is a ratio of sums; "
                          f"no per-pixel loss exists), got {reduction!r}")
-    if not isinstance(target, torch.Tensor):
-        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
-    if target.dtype != torch.int64:
-        raise ValueError(f"target must hold int64 class indices, got dtype {target.dtype} (try target.long())")
-    if target.device != logits.device:
-        raise ValueError(f"logits and target must be on the same device, got {logits.device} and {target.device}")
+    _check_class_target(target, logits)
     if logits.dim() < 3:
         raise ValueError(f"logits must be (B, C, *spatial) with at least one spatial dim, got shape "
                          f"{tuple(logits.shape)}")
@@ -427,7 +447,17 @@ def dice_focal_loss(
     if ignore_index is not None and not isinstance(ignore_index, int):
         raise ValueError(f"ignore_index must be an int or None, got {ignore_index!r}")
     backend = _class_weight_backend(weight, C, logits, backend)
-    if _value_checks_on(target):
+    # Dice's sum_c w_c dice_c / sum_c w_c is a weighted mean only for weights >= 0 (MONAI refuses
+    # negative ones too); softmax_focal_loss alone keeps F.cross_entropy's rule and accepts them.
+    weight_bad = None
+    if weight is not None:
+        weight_bad = ~(torch.isfinite(weight) & (weight >= 0)).all()
+        if value_checks_on(weight):
+            if bool(weight_bad):
+                raise ValueError(f"weight must be finite and >= 0 for dice_focal_loss (the Dice term is a "
+                                 f"weighted mean over classes), got {weight.tolist()}")
+            weight_bad = None
+    if value_checks_on(target):
         bad = (target < 0) | (target >= C)
         if ignore_index is not None:
             bad &= target != ignore_index
@@ -436,14 +466,19 @@ def dice_focal_loss(
                              f"{target[bad].unique()[:8].tolist()}")
 
     if backend == "torch":
-        return reference.dice_focal_loss(logits, target, weight, gamma, lambda_dice, lambda_focal, smooth,
+        loss = reference.dice_focal_loss(logits, target, weight, gamma, lambda_dice, lambda_focal, smooth,
                                          include_background, ignore_index, batch_dice)
-    # The op takes (B, C, S) planes; reshape copies only what is not contiguous already.
-    x, t = logits.reshape(B, C, -1), target.reshape(B, -1)
-    op = _ops.focal_op("dice_focal", backend)
-    loss, _, _, _ = op(x, t, weight, float(gamma), float(smooth), float(lambda_dice), float(lambda_focal),
-                       _ops.NO_IGNORE_INDEX if ignore_index is None else int(ignore_index), bool(include_background),
-                       bool(batch_dice))
+    elif B == 0:  # torch's "mean" over nothing (F.cross_entropy on an empty batch): NaN, an empty gradient
+        loss = logits.sum() * float("nan")
+    else:
+        # The op takes (B, C, S) planes; reshape copies only what is not contiguous already.
+        x, t = logits.reshape(B, C, -1), target.reshape(B, -1)
+        op = _ops.op("dice_focal", backend)
+        loss, _, _, _ = op(x, t, weight, float(gamma), float(smooth), float(lambda_dice), float(lambda_focal),
+                           _ops.NO_IGNORE_INDEX if ignore_index is None else int(ignore_index),
+                           bool(include_background), bool(batch_dice))
+    if weight_bad is not None:  # weights not read back to the host (CUDA, compile): a bad one gives NaN
+        loss = torch.where(weight_bad, torch.full_like(loss, float("nan")), loss)
     return loss
 
 
@@ -459,6 +494,9 @@ class DiceFocalLoss(nn.Module):
         self.include_background, self.ignore_index, self.batch_dice = include_background, ignore_index, batch_dice
         self.reduction, self.backend = reduction, backend
         self.register_buffer("weight", None if weight is None else torch.as_tensor(weight, dtype=torch.float32))
+        if self.weight is not None and not bool((torch.isfinite(self.weight) & (self.weight >= 0)).all()):
+            raise ValueError(f"weight must be finite and >= 0 for DiceFocalLoss (the Dice term is a weighted mean "
+                             f"over classes), got {self.weight.tolist()}")
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return dice_focal_loss(logits, target, self.weight, self.gamma, self.lambda_dice, self.lambda_focal,

@@ -20,12 +20,12 @@ do; weighted averages weigh each class by its support.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Sequence
 
 import torch
 
 from . import _ops, reference
+from ._checks import value_checks_on
 
 __all__ = ["ClassificationReport", "EvaluationReport", "classification_report", "confusion_matrix"]
 
@@ -47,14 +47,6 @@ def _num_classes(num_classes) -> int:
     if not 1 <= num_classes <= 46340:
         raise ValueError(f"num_classes must be in [1, 46340], got {num_classes}")
     return num_classes
-
-
-def _value_checks_on(t: torch.Tensor) -> bool:
-    """Checks of values (ids): on the CPU always (no sync there), on CUDA only with FASTCASCADE_CHECK=1;
-    never while compiling (data-dependent; the C++ CPU kernel still raises)."""
-    if torch.compiler.is_compiling():
-        return False
-    return t.device.type == "cpu" or os.environ.get("FASTCASCADE_CHECK") == "1"
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int | None = None, *,
@@ -81,7 +73,7 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
     if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
         raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__}")
     backend = _ops.resolve_backend(backend, pred.device)
-    if backend != "cpu" and _value_checks_on(pred):  # the C++ CPU kernel checks in its own pass
+    if backend != "cpu" and value_checks_on(pred):  # the C++ CPU kernel checks in its own pass
         kept = target != ignore_index if ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
         note = f" (ignore_index = {ignore_index})" if ignore_index is not None else ""
         for t, name in ((target, "target"), (pred, "pred")):
@@ -92,7 +84,7 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
     if backend == "torch":
         return reference.confusion_matrix(pred, target, C, ignore_index)
     pred, target = (t if t.dtype in (torch.int32, torch.int64) else t.to(torch.int32) for t in (pred, target))
-    op = _ops.metrics_op("confusion_matrix", backend)
+    op = _ops.op("confusion_matrix", backend)
     if backend != "cpu" or torch.compiler.is_compiling():
         return op(pred, target, C, ignore_index)
     try:
@@ -236,7 +228,10 @@ class EvaluationReport:
     fraction of rows reaching it, and its standalone vs in-cascade accuracy (Cascade.evaluate's).
 
     accuracy, macro_f1, weighted_f1 and confusion are the final report's. loss is free for a trainer
-    to fill (None otherwise).
+    to fill (None otherwise). flops_per_row: the mean FLOPs per row (torch.utils.flop_counter: for a
+    cascade as routed, for a model its forward on one row); dense_flops_per_row: a cascade's every part
+    on one row (the model's own for a model); parts_reached: per cascade part (trunk segment, stage,
+    ensemble member "<name>.<k>") the fraction of rows that ran it.
     """
 
     final: ClassificationReport
@@ -244,6 +239,9 @@ class EvaluationReport:
     reached: dict[str, float] = dataclasses.field(default_factory=dict)
     cascade_error: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     loss: float | None = None
+    flops_per_row: float | None = None
+    dense_flops_per_row: float | None = None
+    parts_reached: dict[str, float] = dataclasses.field(default_factory=dict)
 
     accuracy = property(lambda self: self.final.accuracy)
     macro_f1 = property(lambda self: self.final.macro_f1)
@@ -261,18 +259,26 @@ class EvaluationReport:
         pred = cascade.predict(x, mode=mode)
         final = classification_report(pred, labels.to(pred.device), cascade.num_classes, class_names, backend=backend)
         stages = {name: ClassificationReport.from_confusion(cm) for name, cm in ev["confusion"].items()}
-        return cls(final=final, stages=stages, reached=dict(ev["reached"]), cascade_error=dict(ev["cascade_error"]))
+        return cls(final=final, stages=stages, reached=dict(ev["reached"]), cascade_error=dict(ev["cascade_error"]),
+                   flops_per_row=ev["flops_per_row"], dense_flops_per_row=ev["dense_flops_per_row"],
+                   parts_reached=dict(ev["parts_reached"]))
 
     def to_dict(self) -> dict:
         """JSON-serialisable (NaN, for stages no row reached, stays a float: json.dumps writes NaN)."""
         return {"final": self.final.to_dict(), "stages": {k: r.to_dict() for k, r in self.stages.items()},
                 "reached": dict(self.reached), "cascade_error": {k: dict(v) for k, v in self.cascade_error.items()},
-                "loss": self.loss}
+                "loss": self.loss, "flops_per_row": self.flops_per_row, "dense_flops_per_row": self.dense_flops_per_row,
+                "parts_reached": dict(self.parts_reached)}
 
     def __str__(self) -> str:
         parts = [str(self.final)]
         if self.loss is not None:
             parts.append(f"loss {self.loss:.6g}")
+        if self.flops_per_row is not None:
+            line = f"FLOPs per row {self.flops_per_row:,.0f}"
+            if self.dense_flops_per_row is not None and self.dense_flops_per_row != self.flops_per_row:
+                line += f" (every part on every row: {self.dense_flops_per_row:,.0f})"
+            parts.append(line)
         for name, rep in self.stages.items():
             line = f"stage {name}: reached {self.reached.get(name, float('nan')):.1%}"
             err = self.cascade_error.get(name)

@@ -20,6 +20,35 @@ def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
     return loss
 
 
+def _xmul(c: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """c * v with 0 * anything = 0 in value and gradient (v may be infinite where c is 0)."""
+    return c * torch.where(c == 0, torch.zeros_like(v), v)
+
+
+class _LogSoftmax(torch.autograd.Function):
+    """log_softmax over dim 1, also for infinite logits: x - max is taken as 0 where x is the max, so
+    [inf, 0] gives [0, -inf] and [inf, inf, 0] gives [-log 2, -log 2, -inf] (the limits of large finite
+    logits; torch.log_softmax gives NaN, from inf - inf). The gradient is log_softmax's,
+    g - softmax * sum(g), which stays the limit's there too."""
+
+    @staticmethod
+    def forward(ctx, x):
+        mx = x.amax(1, keepdim=True)
+        d = torch.where(x == mx, torch.zeros_like(x), x - mx)
+        logp = d - torch.logsumexp(d, 1, keepdim=True)
+        ctx.save_for_backward(logp)
+        return logp
+
+    @staticmethod
+    def backward(ctx, g):
+        (logp,) = ctx.saved_tensors
+        return g - logp.exp() * g.sum(1, keepdim=True)
+
+
+def _log_softmax(x: torch.Tensor) -> torch.Tensor:
+    return _LogSoftmax.apply(x)
+
+
 def sigmoid_focal_loss(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -33,13 +62,23 @@ def sigmoid_focal_loss(
     p = sigmoid(x), ce = BCE-with-logits(x, t), p_t = p t + (1 - p)(1 - t),
     loss = alpha_t * ce * (1 - p_t)^gamma, alpha_t = alpha t + (1 - alpha)(1 - t)
     (no alpha term when alpha is None or negative).
+
+    Numerics as the fused kernels': no NaN from saturated or infinite logits for any gamma >= 0. At an
+    infinite logit ce is (1 - t) softplus(x) + t softplus(-x) with a zero coefficient giving 0 (BCE
+    with logits is NaN there), so a right-side infinite logit gives 0 and a wrong-side one inf; 1 - p_t
+    is clamped to the smallest normal number before the power, which keeps its gradient finite where
+    p_t rounds to 1 (it changes the loss only by terms below that number).
     """
     t = targets.to(logits.dtype)
     t = t * (1 - label_smoothing) + 0.5 * label_smoothing
     p = torch.sigmoid(logits)
     ce = F.binary_cross_entropy_with_logits(logits, t, reduction="none")
+    ce_inf = _xmul(1 - t, F.softplus(logits)) + _xmul(t, F.softplus(-logits))
+    ce = torch.where(torch.isinf(logits), ce_inf, ce)
     p_t = p * t + (1 - p) * (1 - t)
-    loss = ce * (1 - p_t) ** gamma
+    focal = (1 - p_t).clamp(min=torch.finfo(p_t.dtype).tiny) ** gamma
+    # at an infinite logit the focal factor's derivative is exactly 0: keep inf * 0 out of the gradient
+    loss = ce * torch.where(torch.isinf(logits), focal.detach(), focal)
     if alpha is not None and alpha >= 0:
         loss = (alpha * t + (1 - alpha) * (1 - t)) * loss
     return _reduce(loss, reduction)
@@ -60,10 +99,15 @@ def softmax_focal_loss(
     q_ic = (1 - eps)[c == t_i] + eps / C. Rows with t_i == ignore_index give 0 and are dropped from
     the normaliser; "mean" divides the sum by sum_i w_{t_i} over kept rows (F.cross_entropy's rule).
     gamma = 0 is F.cross_entropy(logits, target, weight, ignore_index=..., label_smoothing=eps).
+
+    Numerics as the fused kernels': the logits of ignored rows never reach the loss or the gradient
+    (both exactly 0 there, however extreme the logits); an infinite logit has log p = 0 ([inf, 0] is
+    p = [1, 0], not NaN); a term whose coefficient q_ic w_c (1 - p_ic)^gamma is 0 adds 0 even where
+    log p_ic = -inf.
     """
     C = logits.shape[1]
-    logp = torch.log_softmax(logits, dim=1)
     keep = target != ignore_index
+    logp = _log_softmax(torch.where(keep.unsqueeze(1), logits, torch.zeros_like(logits)))
     safe_t = torch.where(keep, target, torch.zeros_like(target))
     onehot = F.one_hot(safe_t, C).movedim(-1, 1).to(logp.dtype)
     q = (1 - label_smoothing) * onehot + label_smoothing / C
@@ -71,7 +115,9 @@ def softmax_focal_loss(
     w_b = w.view(1, C, *([1] * (logits.dim() - 2)))
     # 1 - p as -expm1(log p); the clamp keeps (1 - p)^gamma's gradient finite where p rounds to 1
     focal = (-torch.expm1(logp)).clamp(min=torch.finfo(logp.dtype).tiny) ** gamma
-    loss = -(q * w_b * focal * logp).sum(1)
+    # where log p = -inf the focal factor's derivative is exactly 0: keep inf * 0 out of the gradient
+    focal = torch.where(torch.isinf(logp), focal.detach(), focal)
+    loss = -_xmul(q * w_b * focal, logp).sum(1)
     loss = torch.where(keep, loss, torch.zeros_like(loss))
     if reduction == "mean":
         denom = torch.where(keep, w[safe_t], torch.zeros_like(loss)).sum()
@@ -148,29 +194,6 @@ def _keep_format(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return y.contiguous()
 
 
-def _pooled_adapter(x, down_w, down_b, up_w, up_b, activation="relu", scale=None, dropout=0.0, seed=None):
-    if x.dim() != 4:
-        raise ValueError(f"pooled_adapter: x must be (B, C, H, W), got shape {tuple(x.shape)}")
-    d = _adapter_branch(x.mean(dim=(2, 3)), down_w, down_b, up_w, up_b, activation, scale, dropout, seed)
-    return _keep_format(x + d[:, :, None, None], x)
-
-
-def _pixel_adapter(x, down_w, down_b, up_w, up_b, activation="relu", scale=None, channel_dim=-1, dropout=0.0,
-                   seed=None):
-    if channel_dim == 1:
-        if x.dim() != 4:
-            raise ValueError(f"pixel_adapter: channel_dim=1 needs x of shape (B, C, H, W), got "
-                             f"{tuple(x.shape)}")
-        d = _adapter_branch(x.movedim(1, -1), down_w, down_b, up_w, up_b, activation, scale, dropout, seed)
-        d = d.movedim(-1, 1)
-    elif channel_dim == -1:
-        d = _adapter_branch(x, down_w, down_b, up_w, up_b, activation, scale, dropout, seed)
-    else:
-        raise ValueError(f"pixel_adapter: channel_dim must be 1 (B, C, H, W) or -1 (tokens (..., C)), got "
-                         f"{channel_dim}")
-    return _keep_format(x + d, x)
-
-
 def pooled_adapter(
     x: torch.Tensor,
     down_w: torch.Tensor,
@@ -179,18 +202,24 @@ def pooled_adapter(
     up_b: torch.Tensor,
     activation: str = "relu",
     scale: torch.Tensor | float | None = None,
+    dropout: float = 0.0,
+    seed: int | None = None,
 ) -> torch.Tensor:
     """Pooled residual adapter: one bottleneck per image, its output broadcast over H and W.
 
         m = mean_hw(x)                                   (B, C)
-        y = x + scale * (act(m down_w^T + down_b) up_w^T + up_b)[:, :, None, None]
+        y = x + scale * (drop(act(m down_w^T + down_b)) up_w^T + up_b)[:, :, None, None]
 
     x: (B, C, H, W), any memory format; down_w: (r, C), down_b: (r,), up_w: (C, r), up_b: (C,);
     scale: None (1), a float, or a 0-d tensor; activation: "relu" | "gelu" (erf) | "silu".
     Computed in x's dtype (weights cast to it, as nn.Linear under autocast; torch's mean and matmul
-    accumulate half inputs in fp32). y has x's shape, dtype and memory format.
+    accumulate half inputs in fp32). y has x's shape, dtype and memory format. dropout p with a seed:
+    the fused ops' mask (adapter_dropout_keep over index b * r + j); without a seed, F.dropout's.
     """
-    return _pooled_adapter(x, down_w, down_b, up_w, up_b, activation, scale)
+    if x.dim() != 4:
+        raise ValueError(f"pooled_adapter: x must be (B, C, H, W), got shape {tuple(x.shape)}")
+    d = _adapter_branch(x.mean(dim=(2, 3)), down_w, down_b, up_w, up_b, activation, scale, dropout, seed)
+    return _keep_format(x + d[:, :, None, None], x)
 
 
 def pixel_adapter(
@@ -214,11 +243,22 @@ def pixel_adapter(
     memory format (channels_last in, channels_last out). dropout p with a seed: the fused ops' mask
     (adapter_dropout_keep), kept values scaled by 1 / (1 - p); without a seed, F.dropout's.
     """
-    return _pixel_adapter(x, down_w, down_b, up_w, up_b, activation, scale, channel_dim, dropout, seed)
+    if channel_dim == 1:
+        if x.dim() != 4:
+            raise ValueError(f"pixel_adapter: channel_dim=1 needs x of shape (B, C, H, W), got "
+                             f"{tuple(x.shape)}")
+        d = _adapter_branch(x.movedim(1, -1), down_w, down_b, up_w, up_b, activation, scale, dropout, seed)
+        d = d.movedim(-1, 1)
+    elif channel_dim == -1:
+        d = _adapter_branch(x, down_w, down_b, up_w, up_b, activation, scale, dropout, seed)
+    else:
+        raise ValueError(f"pixel_adapter: channel_dim must be 1 (B, C, H, W) or -1 (tokens (..., C)), got "
+                         f"{channel_dim}")
+    return _keep_format(x + d, x)
 
 
 # ---------------------------------------------------------------------------------------------
-# routing (issue 4): decisions, partition, row gather / scatter, ensemble vote
+# routing: decisions, partition, row gather / scatter, ensemble vote
 
 
 def logit_threshold(threshold: float, temperature: float = 1.0) -> float:
@@ -318,46 +358,7 @@ def vote(member_logits, mode: str = "hard", return_probs: bool = False):
 
 
 # ---------------------------------------------------------------------------------------------
-# cascades
-
-
-@torch.no_grad()
-def cascade_dense(cascade, x: torch.Tensor) -> torch.Tensor:
-    """The dense oracle of fastcascade.Cascade.predict: every stage (and ensemble member) runs on every
-    row, then each row follows its own decisions from the root to a leaf. int64 labels (N,).
-    Decisions use the routing references (route_threshold / route_argmax / route_confident / vote)."""
-    from .cascade import Argmax, Confident, Ensemble, Leaf, Threshold  # the tree's types; no cycle at import
-
-    labels = torch.full((x.shape[0],), -1, dtype=torch.int64, device=x.device)
-
-    def decide(node, logits):
-        rule = node.rule
-        if isinstance(rule, Threshold):
-            return route_threshold(logits.reshape(-1), rule.threshold, rule.temperature)
-        if isinstance(rule, Argmax):
-            return route_argmax(logits)
-        assert isinstance(rule, Confident)
-        arg = route_argmax(logits)
-        exit_ = route_confident(logits, rule.tau, rule.temperature).bool()
-        return torch.where(exit_, arg, torch.full_like(arg, logits.shape[1]))
-
-    def assign(node, mask):
-        if isinstance(node, Leaf):
-            labels[mask] = node.label
-        elif isinstance(node, Ensemble):
-            cls = vote(torch.stack([m(x) for m in node.members]), node.mode)
-            labels[mask] = node.label_table[cls][mask]
-        else:
-            branch = decide(node, node.outputs(x))
-            for b, child in enumerate(node.kids):
-                assign(child, mask & (branch == b))
-
-    assign(cascade.root, torch.ones_like(labels, dtype=torch.bool))
-    return labels
-
-
-# ---------------------------------------------------------------------------------------------
-# metrics (issue 5)
+# metrics
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int | None = None):
@@ -376,7 +377,7 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
 
 
 # ---------------------------------------------------------------------------------------------
-# dice focal (issue 6): Dice + softmax focal for segmentation
+# dice focal: Dice + softmax focal for segmentation
 
 
 def dice_focal_loss(
@@ -399,12 +400,16 @@ def dice_focal_loss(
     when batch_dice, else per image:
         I_c = sum p_c y_c,  S_c = sum p_c + sum y_c,  dice_c = 1 - (2 I_c + smooth) / (S_c + smooth)
     dice = sum_c w_c dice_c / sum_c w_c (w = weight, or ones), then the mean over images when not batch_dice.
-    A term whose lambda is 0 is left out (so it cannot turn the loss into NaN).
+    A term whose lambda is 0 is left out (so it cannot turn the loss into NaN). An empty batch (B = 0)
+    gives NaN, as torch's "mean" over nothing. Ignored pixels' logits reach neither the loss nor the
+    gradient; softmax is that of softmax_focal_loss (finite for infinite logits).
     """
     B, C = logits.shape[:2]
+    if B == 0:
+        return logits.sum() * float("nan")
     keep = torch.ones_like(target, dtype=torch.bool) if ignore_index is None else target != ignore_index
     safe_t = torch.where(keep, target, torch.zeros_like(target))
-    p = torch.softmax(logits, dim=1).reshape(B, C, -1)
+    p = _log_softmax(torch.where(keep.unsqueeze(1), logits, torch.zeros_like(logits))).exp().reshape(B, C, -1)
     y = F.one_hot(safe_t, C).movedim(-1, 1).reshape(B, C, -1).to(p.dtype)
     k = keep.reshape(B, 1, -1).to(p.dtype)
     inter = (p * y * k).sum(2)  # (B, C)

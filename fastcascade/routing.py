@@ -23,13 +23,13 @@ function) and FASTCASCADE_CHECK=1 makes the API raise instead.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 
 from . import _ops, reference
+from ._checks import int_arg, tensor_arg, value_checks_on
 
 __all__ = [
     "Partition",
@@ -53,14 +53,8 @@ class Partition(NamedTuple):
     offsets: torch.Tensor
 
 
-def _tensor(t, name: str) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    return t
-
-
 def _float_logits(logits, name: str = "logits") -> torch.Tensor:
-    _tensor(logits, name)
+    tensor_arg(logits, name)
     if not logits.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {logits.dtype}")
     return logits
@@ -79,30 +73,14 @@ def _temperature(temperature: float) -> float:
     return float(temperature)
 
 
-def _int_arg(v, name: str, lowest: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) and not isinstance(v, torch.SymInt):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    if v < lowest:
-        raise ValueError(f"{name} must be >= {lowest}, got {v}")
-    return v
-
-
 def _index(index, x: torch.Tensor, xn: str) -> torch.Tensor:
-    _tensor(index, "index")
+    tensor_arg(index, "index")
     if index.dtype not in _INDEX_DTYPES or index.dim() != 1:
         raise ValueError(f"index must be a 1-D int32 or int64 tensor, got dtype {index.dtype} and shape "
                          f"{tuple(index.shape)}")
     if index.device != x.device:
         raise ValueError(f"{xn} and index must be on the same device, got {x.device} and {index.device}")
     return index
-
-
-def _value_checks_on(t: torch.Tensor) -> bool:
-    """Checks of values (ids, indices): on the CPU always (no sync there), on CUDA only with
-    FASTCASCADE_CHECK=1; never while compiling (data-dependent; the C++ CPU kernels still raise)."""
-    if torch.compiler.is_compiling():
-        return False
-    return t.device.type == "cpu" or os.environ.get("FASTCASCADE_CHECK") == "1"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,7 +112,7 @@ def route_threshold(logits: torch.Tensor, threshold: float = 0.5, temperature: f
     if backend == "torch":
         return reference.route_threshold(logits, threshold, temperature)
     cut = reference.logit_threshold(float(threshold), temperature)
-    return _ops.routing_op("route_threshold", backend)(logits, cut)
+    return _ops.op("route_threshold", backend)(logits, cut)
 
 
 def route_argmax(logits: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
@@ -145,7 +123,7 @@ def route_argmax(logits: torch.Tensor, *, backend: str = "auto") -> torch.Tensor
     logits = logits.detach()
     if backend == "torch":
         return reference.route_argmax(logits)
-    return _ops.routing_op("route_argmax", backend)(logits)
+    return _ops.op("route_argmax", backend)(logits)
 
 
 def route_confident(logits: torch.Tensor, tau: float, temperature: float = 1.0, *,
@@ -171,7 +149,7 @@ def route_confident(logits: torch.Tensor, tau: float, temperature: float = 1.0, 
     logits = logits.detach()
     if backend == "torch":
         return reference.route_confident(logits, tau, temperature)
-    return _ops.routing_op("route_confident", backend)(logits, temperature, math.inf if tau == 0 else 1.0 / tau)
+    return _ops.op("route_confident", backend)(logits, temperature, math.inf if tau == 0 else 1.0 / tau)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,24 +169,24 @@ def partition(branch: torch.Tensor, num_branches: int, *, backend: str = "auto")
     An id outside [0, num_branches) raises on the CPU. On CUDA (no sync) its row is counted in no
     branch and placed after offsets[-1] (order stays a permutation); FASTCASCADE_CHECK=1 raises.
     """
-    _tensor(branch, "branch")
+    tensor_arg(branch, "branch")
     if branch.dtype not in _INDEX_DTYPES or branch.dim() != 1:
         raise ValueError(f"branch must be a 1-D int32 or int64 tensor, got dtype {branch.dtype} and shape "
                          f"{tuple(branch.shape)}")
-    num_branches = _int_arg(num_branches, "num_branches", 1)
+    num_branches = int_arg(num_branches, "num_branches", 1)
     backend = _ops.resolve_backend(backend, branch.device)
-    if _value_checks_on(branch):
+    if value_checks_on(branch):
         bad = (branch < 0) | (branch >= num_branches)
         if bool(bad.any()):
             raise ValueError(f"branch holds ids outside [0, num_branches = {num_branches}): "
                              f"{branch[bad].unique()[:8].tolist()}")
     if backend == "torch":
         return Partition(*reference.partition(branch, num_branches))
-    return Partition(*_ops.routing_op("partition", backend)(branch, num_branches))
+    return Partition(*_ops.op("partition", backend)(branch, num_branches))
 
 
 def _check_index_values(index: torch.Tensor, rows: int, what: str, injective: bool) -> None:
-    if not _value_checks_on(index):
+    if not value_checks_on(index):
         return
     bad = (index < 0) | (index >= rows)
     if bool(bad.any()):
@@ -229,7 +207,7 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor, *, backend: str = "auto") 
         index: (M,) int32 or int64 in [0, R). Out of range: the CPU raises; on CUDA (no sync) the row
             reads as zeros; FASTCASCADE_CHECK=1 raises.
     """
-    _tensor(x, "x")
+    tensor_arg(x, "x")
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (rows), got a 0-dim tensor")
     _index(index, x, "x")
@@ -237,7 +215,7 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor, *, backend: str = "auto") 
     _check_index_values(index, x.shape[0], "x's rows", injective=False)
     if backend == "torch":
         return reference.gather_rows(x, index)
-    return _ops.routing_op("gather_rows", backend)(x, index)
+    return _ops.op("gather_rows", backend)(x, index)
 
 
 def scatter_rows(src: torch.Tensor, index: torch.Tensor, num_rows: int, *, backend: str = "auto") -> torch.Tensor:
@@ -252,18 +230,18 @@ def scatter_rows(src: torch.Tensor, index: torch.Tensor, num_rows: int, *, backe
             FASTCASCADE_CHECK=1 raises on both.
         num_rows: rows of the output, >= 0.
     """
-    _tensor(src, "src")
+    tensor_arg(src, "src")
     if src.dim() < 1:
         raise ValueError("src must have at least one dimension (rows), got a 0-dim tensor")
     _index(index, src, "src")
-    num_rows = _int_arg(num_rows, "num_rows", 0)
+    num_rows = int_arg(num_rows, "num_rows", 0)
     if index.shape[0] != src.shape[0]:
         raise ValueError(f"index must have one entry per row of src ({src.shape[0]}), got {index.shape[0]}")
     backend = _ops.resolve_backend(backend, src.device)
     _check_index_values(index, num_rows, "num_rows", injective=True)
     if backend == "torch":
         return reference.scatter_rows(src, index, num_rows)
-    return _ops.routing_op("scatter_rows", backend)(src, index, num_rows)
+    return _ops.op("scatter_rows", backend)(src, index, num_rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,5 +283,5 @@ def vote(member_logits: torch.Tensor | Sequence[torch.Tensor], mode: str = "hard
     x = member_logits.detach()
     if backend == "torch":
         return reference.vote(x, mode, return_probs)
-    labels, probs = _ops.routing_op("vote", backend)(x, _ops.VOTE_MODES[mode], bool(return_probs))
+    labels, probs = _ops.op("vote", backend)(x, _ops.VOTE_MODES[mode], bool(return_probs))
     return (labels, probs) if return_probs else labels

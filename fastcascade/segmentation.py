@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from ._checks import tensor_arg
 from .data.labels import HFLIP_LABELS, TRANSPOSE_LABELS, VFLIP_LABELS
 from .losses import class_balanced_weights, inverse_frequency_weights
 from .metrics import ClassificationReport, classification_report
@@ -51,6 +52,12 @@ _ELEMENTARY = {"hflip": lambda x: x.flip(-1), "vflip": lambda x: x.flip(-2),
 _AV1_TABLES = {"hflip": HFLIP_LABELS, "vflip": VFLIP_LABELS, "transpose": TRANSPOSE_LABELS}
 
 
+def _check_tta_input(x, name: str) -> None:
+    tensor_arg(x, name)
+    if x.dim() < 2:
+        raise ValueError(f"{name} must have at least 2 dims (..., H, W), got shape {tuple(x.shape)}")
+
+
 def _transform_name(name) -> str:
     if name not in TTA_TRANSFORMS:
         raise ValueError(f"transforms: unknown transform {name!r}; expected one of {sorted(TTA_TRANSFORMS)}")
@@ -59,6 +66,7 @@ def _transform_name(name) -> str:
 
 def tta_transform(x: torch.Tensor, name: str) -> torch.Tensor:
     """x (..., H, W) under transform `name` (a view where torch gives one)."""
+    _check_tta_input(x, "x")
     for op in TTA_TRANSFORMS[_transform_name(name)]:
         x = _ELEMENTARY[op](x)
     return x
@@ -66,6 +74,7 @@ def tta_transform(x: torch.Tensor, name: str) -> torch.Tensor:
 
 def tta_inverse(y: torch.Tensor, name: str) -> torch.Tensor:
     """Undo tta_transform on y (..., H', W'): the elementary ops are involutions, so run them reversed."""
+    _check_tta_input(y, "y")
     for op in reversed(TTA_TRANSFORMS[_transform_name(name)]):
         y = _ELEMENTARY[op](y)
     return y

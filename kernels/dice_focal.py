@@ -1,9 +1,9 @@
-"""Triton kernels of the fused Dice + softmax focal loss (twin of csrc/dice/).
+"""Triton kernels of the fused Dice + softmax focal loss (twin of csrc/dice_focal/).
 
 Two custom ops are defined with ``torch.library.triton_op`` in the ``fastcascade`` namespace:
 
 * ``fastcascade::dice_focal_triton`` -> (loss, inter, card, focal_stats)
-* ``fastcascade::dice_focal_backward_triton`` -> grad_logits
+* ``fastcascade::_dice_focal_backward_triton`` -> grad_logits
 
 Same schema and semantics as the C++ ops (csrc/fastcascade.cpp). logits (B, C, S), target (B, S).
 Each program owns a tile of BLOCK_R pixels of one image with all their classes in registers, and
@@ -20,9 +20,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
 
-from .focal import _FLOAT_DTYPES, _precise_softmax, _softmax_terms, _split_float
+from ._common import FLOAT_DTYPES, launch, precise_softmax, softmax_terms, split_float, triton_op
 
 __all__ = ["dice_focal_triton", "dice_focal_backward_triton"]
 
@@ -49,7 +48,7 @@ def _pixel_tile(x_ptr, t_ptr, w_ptr, pid, C, S, n_sblk, ignore_index, gamma,
 
     x = tl.load(x_ptr + offs, mask=mask2, other=0).to(CT)
     x = tl.where(cmask[None, :], x, float("-inf"))
-    is_am, lp, p, om, inv = _precise_softmax(x, cols)  # focal.py's: log p and 1 - p stay precise
+    is_am, lp, p, om, inv = precise_softmax(x, cols, cmask)  # focal.py's: log p and 1 - p stay precise
     if HAS_W:
         w = tl.load(w_ptr + cols, mask=cmask, other=0).to(CT)
         wt = tl.load(w_ptr + tl.where(valid, t, 0), mask=rmask & valid, other=0).to(CT)
@@ -70,7 +69,7 @@ def _dice_focal_fwd_kernel(
     gamma = tl.cast(gamma_hi, CT) + tl.cast(gamma_lo, CT)
     b64, cols, cmask, offs, mask2, rmask, ign, valid, is_am, is_t, lp, p, om, inv, w, wt = _pixel_tile(
         x_ptr, t_ptr, w_ptr, pid, C, S, n_sblk, ignore_index, gamma, HAS_W, CT, BLOCK_R, BLOCK_C)
-    loss_c, _a = _softmax_terms(lp, p, om, is_t, w[None, :], 0.0, 1.0, gamma, False)
+    loss_c, _a = softmax_terms(lp, p, om, is_t, w[None, :], 0.0, 1.0, gamma, False)
     loss_r = tl.where(ign, 0.0, tl.where(valid, tl.sum(loss_c, axis=1), float("nan")))
     den_r = tl.where(ign, 0.0, tl.where(valid, wt, float("nan")))
     # kept pixels count 1, pixels with a target outside [0, C) NaN, ignored ones and padding nothing
@@ -97,7 +96,7 @@ def _dice_focal_bwd_kernel(
     gamma = tl.cast(gamma_hi, CT) + tl.cast(gamma_lo, CT)
     b64, cols, cmask, offs, mask2, rmask, ign, valid, is_am, is_t, lp, p, om, inv, w, wt = _pixel_tile(
         x_ptr, t_ptr, w_ptr, pid, C, S, n_sblk, ignore_index, gamma, HAS_W, CT, BLOCK_R, BLOCK_C)
-    _loss_c, a = _softmax_terms(lp, p, om, is_t, w[None, :], 0.0, 1.0, gamma, True)
+    _loss_c, a = softmax_terms(lp, p, om, is_t, w[None, :], 0.0, 1.0, gamma, True)
     fs = tl.load(fs_ptr).to(CT)
     a = a * fs
     alpha = tl.load(coef_ptr + b64 * 2 * C + cols, mask=cmask, other=0).to(CT)
@@ -116,11 +115,11 @@ def _dice_focal_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------
-# host side: checks, tiles, and the (B, C)-sized arithmetic (twin of csrc/dice/dice_focal_math.h)
+# host side: checks, tiles, and the (B, C)-sized arithmetic (twin of csrc/dice_focal/dice_focal_math.h)
 
 
 def _check(logits: Tensor, target: Tensor, weight: Optional[Tensor], name: str):
-    if logits.dtype not in _FLOAT_DTYPES:
+    if logits.dtype not in FLOAT_DTYPES:
         raise RuntimeError(f"{name}: logits must be float16/bfloat16/float32/float64, got {logits.dtype}")
     if logits.dim() != 3:
         raise RuntimeError(f"{name}: logits must be (B, C, S), got shape {tuple(logits.shape)}")
@@ -139,6 +138,7 @@ def _check(logits: Tensor, target: Tensor, weight: Optional[Tensor], name: str):
 
 
 def _tiles(B: int, C: int, S: int):
+    """(BLOCK_R, BLOCK_C, programs per image, num_warps) of both kernels: whole pixels in a register tile."""
     block_c = triton.next_power_of_2(C)
     block_r = min(max(1, _TILE_ELEMS // block_c), triton.next_power_of_2(max(S, 1)))
     n_sblk = triton.cdiv(S, block_r)
@@ -161,7 +161,7 @@ def _groups(inter: Tensor, card: Tensor, batch_dice: bool):
     return (inter.sum(0, keepdim=True), card.sum(0, keepdim=True)) if batch_dice else (inter, card)
 
 
-@triton_op("fastcascade::dice_focal_triton", mutates_args=())
+@triton_op("fastcascade::dice_focal_triton")
 def dice_focal_triton(
     logits: Tensor,
     target: Tensor,
@@ -183,12 +183,11 @@ def dice_focal_triton(
     block_r, block_c, n_sblk, num_warps = _tiles(B, C, S)
     P = 2 * C + 2
     parts = torch.zeros((B, n_sblk, P), dtype=acc, device=dev)
-    g_hi, g_lo = _split_float(gamma, use_fp64)
+    g_hi, g_lo = split_float(gamma, use_fp64)
     if B * n_sblk > 0:
-        wrap_triton(_dice_focal_fwd_kernel)[(B * n_sblk,)](
-            x, tgt, w if w is not None else parts, parts, C, S, n_sblk, int(ignore_index), g_hi, g_lo,
-            HAS_W=w is not None, USE_FP64=use_fp64, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
-        )
+        launch(_dice_focal_fwd_kernel, (B * n_sblk,),
+               x, tgt, w if w is not None else parts, parts, C, S, n_sblk, int(ignore_index), g_hi, g_lo,
+               HAS_W=w is not None, USE_FP64=use_fp64, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
     sums = parts.sum(1)  # (B, P): chunks of each image, a fixed reduction
     inter, card = sums[:, 2:2 + C].clone(), sums[:, 2 + C:].clone()  # outputs alias nothing
     focal_stats = sums[:, :2].sum(0)
@@ -203,7 +202,7 @@ def dice_focal_triton(
     return loss.to(logits.dtype), inter, card, focal_stats
 
 
-@triton_op("fastcascade::dice_focal_backward_triton", mutates_args=())
+@triton_op("fastcascade::_dice_focal_backward_triton")
 def dice_focal_backward_triton(
     grad_loss: Tensor,
     logits: Tensor,
@@ -220,9 +219,9 @@ def dice_focal_backward_triton(
     include_background: bool,
     batch_dice: bool,
 ) -> Tensor:
-    B, C, S = _check(logits, target, weight, "dice_focal_backward_triton")
+    B, C, S = _check(logits, target, weight, "_dice_focal_backward_triton")
     if tuple(inter.shape) != (B, C) or tuple(card.shape) != (B, C):
-        raise RuntimeError(f"dice_focal_backward_triton: inter and card must have shape ({B}, {C})")
+        raise RuntimeError(f"_dice_focal_backward_triton: inter and card must have shape ({B}, {C})")
     use_fp64 = logits.dtype == torch.float64
     acc = torch.float64 if use_fp64 else torch.float32
     dev = logits.device
@@ -245,10 +244,9 @@ def dice_focal_backward_triton(
     grad = torch.empty((B, C, S), dtype=logits.dtype, device=dev)
     w = _weights(weight, C, acc, dev)
     block_r, block_c, n_sblk, num_warps = _tiles(B, C, S)
-    g_hi, g_lo = _split_float(gamma, use_fp64)
+    g_hi, g_lo = split_float(gamma, use_fp64)
     if B * n_sblk > 0:
-        wrap_triton(_dice_focal_bwd_kernel)[(B * n_sblk,)](
-            x, tgt, w if w is not None else coef, coef, fs, grad, C, S, n_sblk, int(ignore_index), g_hi, g_lo,
-            HAS_W=w is not None, USE_FP64=use_fp64, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
-        )
+        launch(_dice_focal_bwd_kernel, (B * n_sblk,),
+               x, tgt, w if w is not None else coef, coef, fs, grad, C, S, n_sblk, int(ignore_index), g_hi, g_lo,
+               HAS_W=w is not None, USE_FP64=use_fp64, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
     return grad

@@ -8,7 +8,8 @@ Two custom ops are defined with ``torch.library.triton_op`` in the
 
 Both return ``(loss, grad_logits, grad_scale)`` where ``grad_logits`` is
 d(sum of per-element/per-row losses)/d(logits) (empty when ``need_grad`` is
-False) and ``grad_scale`` is the 0-dim float32 factor that turns it into the
+False) and ``grad_scale`` is the 0-dim factor (float64 for float64 logits, else
+float32) that turns it into the
 gradient of the reduced loss (1/numel or 1/sum-of-weights for "mean", 1
 otherwise).
 
@@ -17,17 +18,26 @@ Reductions are two-stage and deterministic: every program writes one partial
 on the input shape, then the partials buffer is summed with ``torch.sum``.
 No atomics are used.
 
+Accuracy on a GPU (fp32 compute; fp64 is IEEE throughout): compiled Triton turns fp32 ``tl.exp``
+into ``ex2.approx`` of x log2(e) (relative error ~2 ulp + |x| 2^-24) and ``/`` into ``div.full``
+(~2 ulp); ``tl.log`` is libdevice's ``logf``. The softmax of the tile kernels (precise_softmax,
+also Dice + focal's) uses libdevice's ``expf`` (within 2 ulp) and IEEE-rounded division instead, as
+the C++ kernels do, so its probabilities match theirs to an ulp or two; the focal factor (1 - p)^gamma, the sigmoid
+kernel and the chunked (C > 4096) softmax use the fast forms, a few ulp per operation, which the
+tolerance model (2x the fp32 reference's own error) absorbs. The interpreter (TRITON_INTERPRET=1)
+runs numpy's correctly rounded functions everywhere.
+
 Fake kernels and autograd are registered elsewhere (fastcascade/_ops.py).
 """
 
-import struct
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+
+from ._common import FLOAT_DTYPES, launch, log1p_01, precise_softmax, softmax_terms, split_float, triton_op
 
 __all__ = ["sigmoid_focal_triton", "softmax_focal_triton"]
 
@@ -46,40 +56,12 @@ _TILE_ELEMS = 2048
 _MAX_TILE_C = 4096
 _CHUNK_C = 1024
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_SIG_TARGET_DTYPES = _FLOAT_DTYPES + (torch.bool, torch.uint8)
+_SIG_TARGET_DTYPES = FLOAT_DTYPES + (torch.bool, torch.uint8)
 
 
 # ----------------------------------------------------------------------------
 # device helpers
 # ----------------------------------------------------------------------------
-
-
-@triton.jit
-def _log1p_01(e):
-    """Accurate log1p(e) for e >= 0 using only log (Goldberg/Kahan trick)."""
-    u = 1.0 + e
-    d = u - 1.0
-    small = d == 0.0
-    return tl.where(small, e, tl.log(u) * (e / tl.where(small, 1.0, d)))
-
-
-@triton.jit
-def _precise_softmax(x, cols):
-    """Softmax over the rows of x (rows, BLOCK_C; -inf in padded columns): (is_am, log p, p, 1 - p,
-    1 / (1 + s)). log-sum-exp = mx + log1p(s), s summing exp(x - mx) over c != argmax: the arg-max term
-    (exactly 1) stays out of the sum, so log p and 1 - p of a confident class keep their relative
-    precision; only the arg-max class can have p > 1/2, and its 1 - p is s / (1 + s)."""
-    mx, am = tl.max(x, axis=1, return_indices=True, return_indices_tie_break_left=True)
-    is_am = cols[None, :] == am[:, None]
-    xm = x - mx[:, None]
-    ex = tl.exp(xm)
-    s = tl.sum(tl.where(is_am, 0.0, ex), axis=1)
-    inv = 1.0 / (1.0 + s)
-    lp = xm - _log1p_01(s)[:, None]
-    p = tl.where(is_am, inv[:, None], ex * inv[:, None])
-    om = tl.where(is_am, (s * inv)[:, None], 1.0 - p)
-    return is_am, lp, p, om, inv
 
 
 @triton.jit
@@ -92,27 +74,6 @@ def _neg_expm1(lp):
     safe_u = tl.where(is_one | is_zero, 0.5, u)
     om = tl.where(is_one, -lp, tl.where(is_zero, 1.0, -d * (lp / tl.log(safe_u))))
     return u, om
-
-
-@triton.jit
-def _softmax_terms(lp, p, om, is_t, w, eps_c, one_m_eps, gamma, NEED_GRAD: tl.constexpr):
-    """Per (row, class) terms of the softmax focal loss, given log p, p and 1 - p.
-
-    Returns (loss contribution, a_c); grad_c = a_c - p_c * sum_c a_c.
-    """
-    om_pos = om > 0.0
-    omg = tl.where(om_pos, tl.exp(gamma * tl.log(tl.where(om_pos, om, 1.0))),
-                   tl.where(gamma == 0.0, 1.0, 0.0))
-    q = eps_c + tl.where(is_t, one_m_eps, 0.0)
-    coef = w * q * omg
-    # products whose (non-negative) coefficient is 0 are 0 even where lp == -inf
-    loss_c = coef * tl.where(coef == 0.0, 0.0, -lp)
-    if NEED_GRAD:
-        u = tl.where(om_pos, p * tl.where(p == 0.0, 0.0, lp) / tl.where(om_pos, om, 1.0), -1.0)
-        a = coef * (gamma * u - 1.0)
-    else:
-        a = loss_c
-    return loss_c, a
 
 
 # ----------------------------------------------------------------------------
@@ -147,7 +108,7 @@ def _sigmoid_focal_kernel(
     pos = x >= 0.0
     p = tl.where(pos, r1, r0)
     q = tl.where(pos, r0, r1)
-    l1pe = _log1p_01(e)
+    l1pe = log1p_01(e)
     sp_pos = tl.maximum(x, 0.0) + l1pe  # softplus(x)  = -log(q)
     sp_neg = tl.maximum(-x, 0.0) + l1pe  # softplus(-x) = -log(p)
     # a product whose coefficient is 0 is 0 even where the softplus is +inf
@@ -244,7 +205,7 @@ def _softmax_focal_tile_kernel(
 
     x = tl.load(x_ptr + offs, mask=mask2, other=0).to(CT)
     x = tl.where(cmask[None, :], x, float("-inf"))
-    is_am, lp, p, om, inv = _precise_softmax(x, cols)
+    is_am, lp, p, om, inv = precise_softmax(x, cols, cmask)
 
     if HAS_W:
         w = tl.load(w_ptr + cols, mask=cmask, other=0).to(CT)
@@ -254,7 +215,7 @@ def _softmax_focal_tile_kernel(
         wt = tl.full([BLOCK_R], 1.0, CT)
     is_t = cols[None, :] == t[:, None]
 
-    loss_c, a = _softmax_terms(lp, p, om, is_t, w[None, :], eps_c, one_m_eps, gamma, NEED_GRAD)
+    loss_c, a = softmax_terms(lp, p, om, is_t, w[None, :], eps_c, one_m_eps, gamma, NEED_GRAD)
     loss_row = tl.sum(loss_c, axis=1)
     _softmax_finish_rows(pid, rows, rmask, valid, ign, loss_row, wt, loss_ptr,
                          lpart_ptr, dpart_ptr, REDUCE)
@@ -307,7 +268,8 @@ def _softmax_focal_chunk_kernel(
         x = tl.where(cmask[None, :], x, float("-inf"))
         m_new = tl.maximum(m_run, tl.max(x, axis=1))
         scale = tl.where(m_run == m_new, 1.0, tl.exp(m_run - m_new))
-        ex = tl.where(x == float("-inf"), 0.0, tl.exp(x - m_new[:, None]))
+        # x == max gives exp(0) = 1 also when both are +inf (inf - inf would be NaN)
+        ex = tl.where(x == float("-inf"), 0.0, tl.where(x == m_new[:, None], 1.0, tl.exp(x - m_new[:, None])))
         s_run = s_run * scale + tl.sum(ex, axis=1)
         m_run = m_new
     lse = tl.log(s_run)
@@ -324,14 +286,14 @@ def _softmax_focal_chunk_kernel(
             offs = base[:, None] + cols[None, :]
         x = tl.load(x_ptr + offs, mask=rmask[:, None] & cmask[None, :], other=0).to(CT)
         x = tl.where(cmask[None, :], x, float("-inf"))
-        lp = (x - m_run[:, None]) - lse[:, None]
+        lp = tl.where(x == m_run[:, None], 0.0, x - m_run[:, None]) - lse[:, None]
         if HAS_W:
             w = tl.load(w_ptr + cols, mask=cmask, other=0).to(CT)
         else:
             w = tl.where(cmask, 1.0, 0.0).to(CT)
         is_t = cols[None, :] == t[:, None]
         p, om = _neg_expm1(lp)
-        loss_c, a = _softmax_terms(lp, p, om, is_t, w[None, :], eps_c, one_m_eps, gamma, NEED_GRAD)
+        loss_c, a = softmax_terms(lp, p, om, is_t, w[None, :], eps_c, one_m_eps, gamma, NEED_GRAD)
         loss_row += tl.sum(loss_c, axis=1)
         if NEED_GRAD:
             A += tl.sum(a, axis=1)
@@ -351,14 +313,14 @@ def _softmax_focal_chunk_kernel(
             mask2 = rmask[:, None] & cmask[None, :]
             x = tl.load(x_ptr + offs, mask=mask2, other=0).to(CT)
             x = tl.where(cmask[None, :], x, float("-inf"))
-            lp = (x - m_run[:, None]) - lse[:, None]
+            lp = tl.where(x == m_run[:, None], 0.0, x - m_run[:, None]) - lse[:, None]
             if HAS_W:
                 w = tl.load(w_ptr + cols, mask=cmask, other=0).to(CT)
             else:
                 w = tl.where(cmask, 1.0, 0.0).to(CT)
             is_t = cols[None, :] == t[:, None]
             p, om = _neg_expm1(lp)
-            loss_c, a = _softmax_terms(lp, p, om, is_t, w[None, :], eps_c, one_m_eps, gamma, NEED_GRAD)
+            loss_c, a = softmax_terms(lp, p, om, is_t, w[None, :], eps_c, one_m_eps, gamma, NEED_GRAD)
             g = a - p * A[:, None]
             g = tl.where(ign[:, None], 0.0, tl.where(valid[:, None], g, float("nan")))
             tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=mask2)
@@ -367,23 +329,6 @@ def _softmax_focal_chunk_kernel(
 # ----------------------------------------------------------------------------
 # host helpers
 # ----------------------------------------------------------------------------
-
-
-def _split_float(v: float, use_fp64: bool):
-    """Split a Python float into an fp32 (hi, lo) pair so that hi + lo (computed in
-    fp64 in the kernel) recovers ~48 mantissa bits; Triton passes float scalars as
-    fp32. For fp32 compute the value is passed unchanged."""
-    v = float(v)
-    if not use_fp64:
-        return v, 0.0
-    try:
-        hi = struct.unpack("f", struct.pack("f", v))[0]
-    except OverflowError:
-        return v, 0.0
-    lo = v - hi
-    if lo != lo or lo in (float("inf"), float("-inf")):
-        lo = 0.0
-    return hi, lo
 
 
 def _is_dense(t: Tensor) -> bool:
@@ -405,6 +350,36 @@ def _same_layout(a: Tensor, b: Tensor) -> bool:
     return all(sa == sb for sz, sa, sb in zip(a.shape, a.stride(), b.stride()) if sz != 1)
 
 
+def _sigmoid_config(n: int):
+    """(grid, BLOCK, num_warps) of the sigmoid kernel for n elements: fixed blocks, so the partials
+    layout (and the sum's order) depends only on n."""
+    return (triton.cdiv(n, _SIG_BLOCK),), _SIG_BLOCK, _SIG_WARPS
+
+
+def _softmax_config(N: int, C: int, S: int):
+    """(kernel, grid, n_sblk, BLOCK_R, BLOCK_C, num_warps) of softmax focal over logits (N, C, S)
+    (S = 1 for (N, C)): whole rows in one register tile up to _MAX_TILE_C classes, class chunks beyond."""
+    if C <= _MAX_TILE_C:
+        kernel = _softmax_focal_tile_kernel
+        block_c = triton.next_power_of_2(C)
+    else:
+        kernel = _softmax_focal_chunk_kernel
+        block_c = _CHUNK_C
+    block_r = max(1, _TILE_ELEMS // block_c)
+    # do not make tiles taller than the row dimension they walk over
+    spatial = S > 1
+    block_r = min(block_r, triton.next_power_of_2(max(S if spatial else N * S, 1)))
+    if spatial:
+        n_sblk = triton.cdiv(S, block_r)
+        grid = (N * n_sblk,)
+    else:
+        n_sblk = 1
+        grid = (triton.cdiv(N * S, block_r),)
+    # ~8 tile elements per thread
+    num_warps = min(16, max(4, (block_r * block_c) // 256))
+    return kernel, grid, n_sblk, block_r, block_c, num_warps
+
+
 def _check_reduction(reduction: int) -> None:
     if reduction not in (_NONE, _MEAN, _SUM):
         raise RuntimeError(f"fastcascade: reduction must be 0 (none), 1 (mean) or 2 (sum), got {reduction}")
@@ -415,7 +390,7 @@ def _check_reduction(reduction: int) -> None:
 # ----------------------------------------------------------------------------
 
 
-@triton_op("fastcascade::sigmoid_focal_triton", mutates_args=())
+@triton_op("fastcascade::sigmoid_focal_triton")
 def sigmoid_focal_triton(
     logits: Tensor,
     targets: Tensor,
@@ -426,7 +401,7 @@ def sigmoid_focal_triton(
     need_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     _check_reduction(reduction)
-    if logits.dtype not in _FLOAT_DTYPES:
+    if logits.dtype not in FLOAT_DTYPES:
         raise RuntimeError(f"sigmoid_focal_triton: logits must be float16/bfloat16/float32/float64, got {logits.dtype}")
     if targets.dtype not in _SIG_TARGET_DTYPES:
         raise RuntimeError(
@@ -446,7 +421,7 @@ def sigmoid_focal_triton(
     use_fp64 = logits.dtype == torch.float64
     acc_dtype = torch.float64 if use_fp64 else torch.float32
     dev = logits.device
-    grid = (triton.cdiv(n, _SIG_BLOCK),)
+    grid, block, num_warps = _sigmoid_config(n)
 
     if reduction == _NONE:
         loss = torch.empty_like(logits)
@@ -459,32 +434,31 @@ def sigmoid_focal_triton(
     else:
         grad = torch.empty(0, dtype=logits.dtype, device=dev)
 
-    a_hi, a_lo = _split_float(alpha, use_fp64)
-    g_hi, g_lo = _split_float(gamma, use_fp64)
-    e_hi, e_lo = _split_float(label_smoothing, use_fp64)
+    a_hi, a_lo = split_float(alpha, use_fp64)
+    g_hi, g_lo = split_float(gamma, use_fp64)
+    e_hi, e_lo = split_float(label_smoothing, use_fp64)
     if n > 0:
-        wrap_triton(_sigmoid_focal_kernel)[grid](
-            logits, targets, loss, grad, partials, n,
-            a_hi, a_lo, g_hi, g_lo, e_hi, e_lo,
-            REDUCE=reduction, NEED_GRAD=bool(need_grad), USE_FP64=use_fp64,
-            BLOCK=_SIG_BLOCK, num_warps=_SIG_WARPS,
-        )
+        launch(_sigmoid_focal_kernel, grid,
+               logits, targets, loss, grad, partials, n,
+               a_hi, a_lo, g_hi, g_lo, e_hi, e_lo,
+               REDUCE=reduction, NEED_GRAD=bool(need_grad), USE_FP64=use_fp64,
+               BLOCK=block, num_warps=num_warps)
 
     if reduction == _NONE:
         out = loss
-        scale = torch.ones((), dtype=torch.float32, device=dev)
+        scale = torch.ones((), dtype=acc_dtype, device=dev)
     else:
         total = torch.sum(partials)
         if reduction == _MEAN:
             out = (total / n).to(logits.dtype)
-            scale = torch.full((), (1.0 / n) if n > 0 else float("nan"), dtype=torch.float32, device=dev)
+            scale = torch.full((), (1.0 / n) if n > 0 else float("nan"), dtype=acc_dtype, device=dev)
         else:
             out = total.to(logits.dtype)
-            scale = torch.ones((), dtype=torch.float32, device=dev)
+            scale = torch.ones((), dtype=acc_dtype, device=dev)
     return out, grad, scale
 
 
-@triton_op("fastcascade::softmax_focal_triton", mutates_args=())
+@triton_op("fastcascade::softmax_focal_triton")
 def softmax_focal_triton(
     logits: Tensor,
     target: Tensor,
@@ -496,7 +470,7 @@ def softmax_focal_triton(
     need_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     _check_reduction(reduction)
-    if logits.dtype not in _FLOAT_DTYPES:
+    if logits.dtype not in FLOAT_DTYPES:
         raise RuntimeError(f"softmax_focal_triton: logits must be float16/bfloat16/float32/float64, got {logits.dtype}")
     if logits.dim() not in (2, 3):
         raise RuntimeError(f"softmax_focal_triton: logits must be (N, C) or (N, C, S), got shape {tuple(logits.shape)}")
@@ -532,23 +506,7 @@ def softmax_focal_triton(
 
     n_rows = N * S
     spatial = S > 1
-    if C <= _MAX_TILE_C:
-        kernel = _softmax_focal_tile_kernel
-        block_c = triton.next_power_of_2(C)
-    else:
-        kernel = _softmax_focal_chunk_kernel
-        block_c = _CHUNK_C
-    block_r = max(1, _TILE_ELEMS // block_c)
-    # do not make tiles taller than the row dimension they walk over
-    block_r = min(block_r, triton.next_power_of_2(max(S if spatial else n_rows, 1)))
-    if spatial:
-        n_sblk = triton.cdiv(S, block_r)
-        grid = (N * n_sblk,)
-    else:
-        n_sblk = 1
-        grid = (triton.cdiv(n_rows, block_r),)
-    # ~8 tile elements per thread
-    num_warps = min(16, max(4, (block_r * block_c) // 256))
+    kernel, grid, n_sblk, block_r, block_c, num_warps = _softmax_config(N, C, S)
 
     if reduction == _NONE:
         loss = torch.empty(tuple(target.shape), dtype=logits.dtype, device=dev)
@@ -563,28 +521,27 @@ def softmax_focal_triton(
     else:
         grad = torch.empty(0, dtype=logits.dtype, device=dev)
 
-    g_hi, g_lo = _split_float(gamma, use_fp64)
-    e_hi, e_lo = _split_float(label_smoothing, use_fp64)
+    g_hi, g_lo = split_float(gamma, use_fp64)
+    e_hi, e_lo = split_float(label_smoothing, use_fp64)
     if grid[0] > 0:
-        wrap_triton(kernel)[grid](
-            x, tgt, w, loss, grad, lpart, dpart,
-            n_rows, C, S, n_sblk, int(ignore_index),
-            g_hi, g_lo, e_hi, e_lo,
-            HAS_W=has_w, REDUCE=reduction, NEED_GRAD=bool(need_grad),
-            USE_FP64=use_fp64, SPATIAL=spatial,
-            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
-        )
+        launch(kernel, grid,
+               x, tgt, w, loss, grad, lpart, dpart,
+               n_rows, C, S, n_sblk, int(ignore_index),
+               g_hi, g_lo, e_hi, e_lo,
+               HAS_W=has_w, REDUCE=reduction, NEED_GRAD=bool(need_grad),
+               USE_FP64=use_fp64, SPATIAL=spatial,
+               BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
 
     if reduction == _NONE:
         out = loss
-        scale = torch.ones((), dtype=torch.float32, device=dev)
+        scale = torch.ones((), dtype=acc_dtype, device=dev)
     elif reduction == _SUM:
         out = torch.sum(lpart).to(logits.dtype)
-        scale = torch.ones((), dtype=torch.float32, device=dev)
+        scale = torch.ones((), dtype=acc_dtype, device=dev)
     else:
         total = torch.sum(lpart)
         den = torch.sum(dpart)
         out = (total / den).to(logits.dtype)
         # as torch: "mean" over only ignored rows is NaN with a zero gradient
-        scale = torch.where(den != 0, 1.0 / den, torch.zeros_like(den)).to(torch.float32)
+        scale = torch.where(den != 0, 1.0 / den, torch.zeros_like(den))  # acc_dtype already
     return out, grad, scale

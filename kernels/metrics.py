@@ -22,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+
+from ._common import launch, triton_op
 
 __all__ = ["confusion_matrix_triton"]
 
@@ -65,7 +66,17 @@ def _confusion_atomic_kernel(pred_ptr, target_ptr, out_ptr, N, C, ignore, HAS_IG
     tl.atomic_add(out_ptr + cell, tl.full([BLOCK], 1, tl.int64), mask=ok, sem="relaxed")
 
 
-@triton_op("fastcascade::confusion_matrix_triton", mutates_args=())
+def _config(n: int, C: int):
+    """(histogram path?, bins NB, programs, tiles per program) for n elements and C classes."""
+    nb = max(32, triton.next_power_of_2(C * C))  # at least a bin per lane (tl.histogram pads to that anyway)
+    tiles = triton.cdiv(n, _BLOCK)
+    if nb > _MAX_HIST_BINS:
+        return False, nb, tiles, 1
+    tiles_per_prog = triton.cdiv(tiles, _MAX_PROGRAMS)
+    return True, nb, triton.cdiv(tiles, tiles_per_prog), tiles_per_prog
+
+
+@triton_op("fastcascade::confusion_matrix_triton")
 def confusion_matrix_triton(pred: Tensor, target: Tensor, num_classes: int,
                             ignore_index: Optional[int]) -> Tensor:  # noqa: UP045 (torch's schema inference)
     for t, name in ((pred, "pred"), (target, "target")):
@@ -86,16 +97,13 @@ def confusion_matrix_triton(pred: Tensor, target: Tensor, num_classes: int,
     ignore = int(ignore_index) if has_ignore else 0
     if n == 0:
         return torch.zeros((C, C), dtype=torch.int64, device=dev)
-    nb = max(32, triton.next_power_of_2(C * C))  # at least a bin per lane (tl.histogram pads to that anyway)
-    if nb > _MAX_HIST_BINS:
+    use_hist, nb, programs, tiles_per_prog = _config(n, C)
+    if not use_hist:
         out = torch.zeros(C * C, dtype=torch.int64, device=dev)
-        wrap_triton(_confusion_atomic_kernel)[(triton.cdiv(n, _BLOCK),)](
-            p, t, out, n, C, ignore, HAS_IGNORE=has_ignore, BLOCK=_BLOCK)
+        launch(_confusion_atomic_kernel, (programs,), p, t, out, n, C, ignore, HAS_IGNORE=has_ignore,
+               BLOCK=_BLOCK)
         return out.view(C, C)
-    tiles = triton.cdiv(n, _BLOCK)
-    tiles_per_prog = triton.cdiv(tiles, _MAX_PROGRAMS)
-    programs = triton.cdiv(tiles, tiles_per_prog)
     partial = torch.empty((programs, C * C), dtype=torch.int64, device=dev)
-    wrap_triton(_confusion_hist_kernel)[(programs,)](
-        p, t, partial, n, C, ignore, tiles_per_prog, HAS_IGNORE=has_ignore, BLOCK=_BLOCK, NB=nb)
+    launch(_confusion_hist_kernel, (programs,),
+           p, t, partial, n, C, ignore, tiles_per_prog, HAS_IGNORE=has_ignore, BLOCK=_BLOCK, NB=nb)
     return partial.sum(0).view(C, C)

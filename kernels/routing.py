@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+
+from ._common import FLOAT_DTYPES, launch, triton_op
 
 __all__ = [
     "gather_rows_triton",
@@ -40,7 +41,6 @@ __all__ = [
     "vote_triton",
 ]
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 _BLOCK = 1024            # rows per program of route_threshold
 _TILE_ELEMS = 4096       # elements of a (rows x classes) tile
@@ -51,7 +51,7 @@ _COPY_ELEMS = 4096       # elements of a row-copy tile
 
 
 def _check_float(t: Tensor, op: str, name: str) -> None:
-    if t.dtype not in _FLOAT_DTYPES:
+    if t.dtype not in FLOAT_DTYPES:
         raise RuntimeError(f"{op}: {name} must be float16/bfloat16/float32/float64, got {t.dtype}")
 
 
@@ -157,7 +157,7 @@ def _route_confident_kernel(x_ptr, t_ptr, s_ptr, out_ptr, N, C, BLOCK_R: tl.cons
     tl.store(out_ptr + rows, (s <= max_sum).to(tl.int32), mask=rmask)
 
 
-@triton_op("fastcascade::route_threshold_triton", mutates_args=())
+@triton_op("fastcascade::route_threshold_triton")
 def route_threshold_triton(logits: Tensor, logit_threshold: float) -> Tensor:
     _check_float(logits, "route_threshold_triton", "logits")
     if not (logits.dim() == 1 or (logits.dim() == 2 and logits.shape[1] == 1)):
@@ -170,33 +170,38 @@ def route_threshold_triton(logits: Tensor, logit_threshold: float) -> Tensor:
                 torch.float64 if fp64 else torch.float32, logits.device)
     if n > 0:
         bf16 = x.dtype == torch.bfloat16
-        wrap_triton(_route_threshold_kernel)[(triton.cdiv(n, _BLOCK),)](
-            x.view(torch.int16) if bf16 else x, c, out, n, CT=tl.float64 if fp64 else tl.float32, BF16_BITS=bf16,
-            BLOCK=_BLOCK)
+        launch(_route_threshold_kernel, (triton.cdiv(n, _BLOCK),),
+               x.view(torch.int16) if bf16 else x, c, out, n, CT=tl.float64 if fp64 else tl.float32, BF16_BITS=bf16,
+               BLOCK=_BLOCK)
     return out
 
 
-def _row_tile(C: int):
+def _row_tile(C: int, elem_bits: int):
+    """(BLOCK_R, BLOCK_C, num_warps) of the per-row decision kernels, for C classes computed in
+    elem_bits-wide floats: a (rows x classes) tile of _TILE_ELEMS, 16 elements a thread (8 warps) in
+    fp32, 8 in fp64 (16 warps); at 4 warps route_confident's fp64 tiles spill and route_argmax's fp32
+    ones take 255 registers (ptxas -v, sm_90)."""
     block_c = min(triton.next_power_of_2(C), _MAX_TILE_C)
-    return max(1, _TILE_ELEMS // block_c), block_c
+    return max(1, _TILE_ELEMS // block_c), block_c, 16 if elem_bits > 32 else 8
 
 
-@triton_op("fastcascade::route_argmax_triton", mutates_args=())
+@triton_op("fastcascade::route_argmax_triton")
 def route_argmax_triton(logits: Tensor) -> Tensor:
     _check_2d(logits, "route_argmax_triton")
     x = logits.contiguous()
     n, C = x.shape
     out = torch.empty(n, dtype=torch.int32, device=x.device)
-    block_r, block_c = _row_tile(C)
+    fp64 = x.dtype == torch.float64
+    block_r, block_c, num_warps = _row_tile(C, 64 if fp64 else 32)
     if n > 0:
         # fp32 orders fp16/bf16/fp32 values exactly; fp64 keeps its own precision
-        wrap_triton(_route_argmax_kernel)[(triton.cdiv(n, block_r),)](
-            x, out, n, C, CT=tl.float64 if x.dtype == torch.float64 else tl.float32, BLOCK_R=block_r,
-            BLOCK_C=block_c)
+        launch(_route_argmax_kernel, (triton.cdiv(n, block_r),),
+               x, out, n, C, CT=tl.float64 if fp64 else tl.float32, BLOCK_R=block_r, BLOCK_C=block_c,
+               num_warps=num_warps)
     return out
 
 
-@triton_op("fastcascade::route_confident_triton", mutates_args=())
+@triton_op("fastcascade::route_confident_triton")
 def route_confident_triton(logits: Tensor, temperature: float, max_sum: float) -> Tensor:
     _check_2d(logits, "route_confident_triton")
     if not temperature > 0:
@@ -204,12 +209,12 @@ def route_confident_triton(logits: Tensor, temperature: float, max_sum: float) -
     x = logits.contiguous()
     n, C = x.shape
     out = torch.empty(n, dtype=torch.int32, device=x.device)
-    block_r, block_c = _row_tile(C)
+    block_r, block_c, num_warps = _row_tile(C, 64)  # evaluated in fp64 whatever the logits' dtype
     if n > 0:
         t = _scalar(temperature, torch.float64, x.device)
         s = _scalar(max_sum, torch.float64, x.device)
-        wrap_triton(_route_confident_kernel)[(triton.cdiv(n, block_r),)](
-            x, t, s, out, n, C, BLOCK_R=block_r, BLOCK_C=block_c)
+        launch(_route_confident_kernel, (triton.cdiv(n, block_r),),
+               x, t, s, out, n, C, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
     return out
 
 
@@ -245,7 +250,14 @@ def _partition_place_kernel(branch_ptr, table_ptr, order_ptr, N, B, ntiles, BLOC
     tl.store(order_ptr + first + rank, rows, mask=valid)
 
 
-@triton_op("fastcascade::partition_triton", mutates_args=())
+def _partition_config(n: int, B: int):
+    """(BLOCK rows per tile, NB one-hot bins, tiles) of the one-hot path for n rows into B branches."""
+    nb = triton.next_power_of_2(B + 1)
+    block = max(16, min(_PARTITION_ELEMS // nb, triton.next_power_of_2(n)))
+    return block, nb, triton.cdiv(n, block)
+
+
+@triton_op("fastcascade::partition_triton")
 def partition_triton(branch: Tensor, num_branches: int) -> tuple[Tensor, Tensor, Tensor]:
     if branch.dtype not in _INDEX_DTYPES:
         raise RuntimeError(f"partition_triton: branch must be int32 or int64, got {branch.dtype}")
@@ -264,14 +276,12 @@ def partition_triton(branch: Tensor, num_branches: int) -> tuple[Tensor, Tensor,
         sorted_key, order = torch.sort(key, stable=True)
         offsets = torch.searchsorted(sorted_key, torch.arange(B + 1, device=dev))
         return order, offsets[1:] - offsets[:-1], offsets
-    nb = triton.next_power_of_2(B + 1)
-    block = max(16, min(_PARTITION_ELEMS // nb, triton.next_power_of_2(n)))
-    ntiles = triton.cdiv(n, block)
+    block, nb, ntiles = _partition_config(n, B)
     table = torch.empty((B + 1) * ntiles, dtype=torch.int64, device=dev)
-    wrap_triton(_partition_count_kernel)[(ntiles,)](b, table, n, B, ntiles, BLOCK=block, NB=nb)
+    launch(_partition_count_kernel, (ntiles,), b, table, n, B, ntiles, BLOCK=block, NB=nb)
     first = torch.cumsum(table, 0) - table  # exclusive scan in (bin, tile) order
     order = torch.empty(n, dtype=torch.int64, device=dev)
-    wrap_triton(_partition_place_kernel)[(ntiles,)](b, first, order, n, B, ntiles, BLOCK=block, NB=nb)
+    launch(_partition_place_kernel, (ntiles,), b, first, order, n, B, ntiles, BLOCK=block, NB=nb)
     offsets = first.view(B + 1, ntiles)[:, 0].contiguous()
     return order, offsets[1:] - offsets[:-1], offsets
 
@@ -282,10 +292,13 @@ def partition_triton(branch: Tensor, num_branches: int) -> tuple[Tensor, Tensor,
 
 
 @triton.jit
-def _copy_rows_kernel(src_ptr, dst_ptr, idx_ptr, M, D, src_rows, dst_rows, GATHER: tl.constexpr,
+def _copy_rows_kernel(src_ptr, dst_ptr, idx_ptr, M, D, src_rows, dst_rows, n_dblk, GATHER: tl.constexpr,
                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    i = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    # one grid axis (up to 2^31 - 1 programs; the others stop at 65535), n_dblk column tiles per row tile
+    pid = tl.program_id(0).to(tl.int64)
+    rt = pid // n_dblk
+    i = rt * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = (pid - rt * n_dblk) * BLOCK_D + tl.arange(0, BLOCK_D)
     imask = i < M
     idx = tl.load(idx_ptr + i, mask=imask, other=0).to(tl.int64)
     if GATHER:  # an out-of-range source row reads as zeros
@@ -315,11 +328,15 @@ def _copy_rows(src: Tensor, dst: Tensor, index: Tensor, gather: bool) -> None:
     s = src.reshape(src_rows, -1).view(torch.uint8).view(word)
     d = dst.reshape(dst_rows, -1).view(torch.uint8).view(word)
     D = d.shape[1]
+    block_r, block_d, n_dblk = _copy_config(M, D)
+    launch(_copy_rows_kernel, (triton.cdiv(M, block_r) * n_dblk,),
+           s, d, index, M, D, src_rows, dst_rows, n_dblk, GATHER=gather, BLOCK_R=block_r, BLOCK_D=block_d)
+
+
+def _copy_config(M: int, D: int):
+    """(BLOCK_R, BLOCK_D, column tiles per row tile) of the row copy of M rows of D words."""
     block_d = min(triton.next_power_of_2(D), 1024)
-    block_r = max(1, _COPY_ELEMS // block_d)
-    grid = (triton.cdiv(M, block_r), triton.cdiv(D, block_d))
-    wrap_triton(_copy_rows_kernel)[grid](s, d, index, M, D, src_rows, dst_rows, GATHER=gather, BLOCK_R=block_r,
-                                         BLOCK_D=block_d)
+    return max(1, _COPY_ELEMS // block_d), block_d, triton.cdiv(D, block_d)
 
 
 def _check_rows(x: Tensor, name: str, index: Tensor, op: str) -> None:
@@ -331,7 +348,7 @@ def _check_rows(x: Tensor, name: str, index: Tensor, op: str) -> None:
         raise RuntimeError(f"{op}: {name} and index must be on the same device, got {x.device} and {index.device}")
 
 
-@triton_op("fastcascade::gather_rows_triton", mutates_args=())
+@triton_op("fastcascade::gather_rows_triton")
 def gather_rows_triton(x: Tensor, index: Tensor) -> Tensor:
     _check_rows(x, "x", index, "gather_rows_triton")
     src, idx = x.contiguous(), index.contiguous()
@@ -340,7 +357,7 @@ def gather_rows_triton(x: Tensor, index: Tensor) -> Tensor:
     return out
 
 
-@triton_op("fastcascade::scatter_rows_triton", mutates_args=())
+@triton_op("fastcascade::scatter_rows_triton")
 def scatter_rows_triton(src: Tensor, index: Tensor, num_rows: int) -> Tensor:
     _check_rows(src, "src", index, "scatter_rows_triton")
     if num_rows < 0:
@@ -360,6 +377,13 @@ def scatter_rows_triton(src: Tensor, index: Tensor, num_rows: int) -> Tensor:
 
 
 @triton.jit
+def _member_offsets(k, N, rows, C, cols):
+    """Offsets of member k's rows in (K, N, C) logits: int64 before k * N, which passes 2^31 once
+    K N does (k is an int32 loop counter, N an int32 argument below 2^31)."""
+    return (tl.cast(k, tl.int64) * N + rows)[:, None] * C + cols[None, :]
+
+
+@triton.jit
 def _vote_kernel(x_ptr, labels_ptr, probs_ptr, K, N, C, HARD: tl.constexpr, NEED_PROBS: tl.constexpr,
                  CT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -369,8 +393,7 @@ def _vote_kernel(x_ptr, labels_ptr, probs_ptr, K, N, C, HARD: tl.constexpr, NEED
     p = tl.zeros([BLOCK_R, BLOCK_C], CT)
     votes = tl.zeros([BLOCK_R, BLOCK_C], tl.int32)
     for k in range(K):
-        off = (k * N + rows)[:, None] * C + cols[None, :]
-        x = tl.load(x_ptr + off, mask=valid, other=0).to(CT)
+        x = tl.load(x_ptr + _member_offsets(k, N, rows, C, cols), mask=valid, other=0).to(CT)
         m = tl.max(tl.where(valid, x, float("-inf")), axis=1)
         e = tl.where(valid, tl.exp(x - m[:, None]), 0.0)
         s = tl.where(rmask, tl.sum(e, axis=1), 1.0)  # >= 1 on real rows; padding rows divide 0 by 1
@@ -392,7 +415,16 @@ def _vote_kernel(x_ptr, labels_ptr, probs_ptr, K, N, C, HARD: tl.constexpr, NEED
         tl.store(probs_ptr + rows[:, None] * C + cols[None, :], p / K, mask=valid)
 
 
-@triton_op("fastcascade::vote_triton", mutates_args=())
+def _vote_config(n: int, C: int, fp64: bool):
+    """(BLOCK_R, BLOCK_C, num_warps) of the vote kernel: whole rows of C classes, a tile of up to
+    _TILE_ELEMS at 16 warps, so that the tile's logits, probability sums and vote counts stay in
+    registers (fp32 soft votes spill at 4 and at 8 warps; ptxas -v, sm_90)."""
+    block_c = triton.next_power_of_2(C)
+    block_r = max(1, min(_TILE_ELEMS // block_c, triton.next_power_of_2(max(n, 1))))
+    return block_r, block_c, 16
+
+
+@triton_op("fastcascade::vote_triton")
 def vote_triton(member_logits: Tensor, mode: int, need_probs: bool) -> tuple[Tensor, Tensor]:
     _check_float(member_logits, "vote_triton", "member_logits")
     if member_logits.dim() != 3 or member_logits.shape[0] < 1 or member_logits.shape[2] < 1:
@@ -408,10 +440,9 @@ def vote_triton(member_logits: Tensor, mode: int, need_probs: bool) -> tuple[Ten
     acc = torch.float64 if fp64 else torch.float32
     labels = torch.empty(n, dtype=torch.int64, device=x.device)
     probs = torch.empty((n if need_probs else 0, C), dtype=acc, device=x.device)
-    block_c = triton.next_power_of_2(C)
-    block_r = max(1, min(_TILE_ELEMS // block_c, triton.next_power_of_2(max(n, 1))))
+    block_r, block_c, num_warps = _vote_config(n, C, fp64)
     if n > 0:
-        wrap_triton(_vote_kernel)[(triton.cdiv(n, block_r),)](
-            x, labels, probs, K, n, C, HARD=mode == 0, NEED_PROBS=bool(need_probs),
-            CT=tl.float64 if fp64 else tl.float32, BLOCK_R=block_r, BLOCK_C=block_c)
+        launch(_vote_kernel, (triton.cdiv(n, block_r),),
+               x, labels, probs, K, n, C, HARD=mode == 0, NEED_PROBS=bool(need_probs),
+               CT=tl.float64 if fp64 else tl.float32, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
     return labels, probs

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Shared by scripts/test.sh and scripts/bench.sh (source it): a virtual environment in .venv (made
 # if missing), the dependencies, and a build of fastcascade (CUDA kernels compiled when a toolkit is
-# found; FASTCASCADE_FORCE_CUDA=1 makes that mandatory).
+# found and a GPU is visible; FASTCASCADE_FORCE_CUDA=1 compiles them without a GPU, or fails).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 python=${PYTHON:-python3}

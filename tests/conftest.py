@@ -12,6 +12,9 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from fastcascade import _ops  # noqa: E402  (after TRITON_INTERPRET is set)
+# the tolerance model has one home, shared with python -m fastcascade selftest
+from fastcascade.selftest import reference_errors, tolerance  # noqa: E402, F401  (reference_errors: for the tests)
+from fastcascade.selftest import rel_err as _rel_err  # noqa: E402
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
@@ -34,45 +37,17 @@ def fused_backend_params():
 
 
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    a, ref = a.detach().double().cpu(), ref.detach().double().cpu()
-    assert not torch.isnan(a).any(), "NaN in output"
-    denom = ref.norm().item()
-    return (a - ref).norm().item() / (denom if denom > 0 else 1.0)
+    assert not torch.isnan(a.detach()).any(), "NaN in output"
+    return _rel_err(a, ref)
 
 
 def assert_within_model(out: torch.Tensor, ref64: torch.Tensor, ref_error: float, what: str = ""):
-    """Tolerance model: error vs a float64 reference at most 2x the error of the reference computed in
-    the same dtype (ref_error, from reference_errors), plus a floor of a few units of the dtype's
-    precision (the reference can be exact)."""
+    """Tolerance model (fastcascade.selftest.tolerance): error vs a float64 reference at most 2x the error
+    of the reference computed in the same dtype (ref_error, from reference_errors), plus a floor of a few
+    units of the dtype's precision (the reference can be exact)."""
     err = rel_err(out, ref64)
-    floor = 16 * torch.finfo(out.dtype).eps
-    assert err <= 2 * ref_error + floor, (
-        f"{what}: error {err:.3g} > 2 x reference error {ref_error:.3g} + {floor:.3g}")
-
-
-def reference_errors(ref_fn, inputs64, dtype, samples: int = 4, generator=None) -> list:
-    """Per output of ref_fn, the largest relative error of ref_fn run in `dtype` against ref_fn run in
-    float64, over the given inputs and `samples` copies of them nudged by a few units of dtype's precision.
-
-    One draw is a noisy measure of what rounding does: where an output cancels (a gradient near its zero,
-    a reduction of signed terms), the plain reference can land close to the truth by luck, and a kernel
-    that rounds differently but no worse fails "2x the reference error". Taking the worst of a few rounding
-    patterns measures the precision's error at that point rather than one outcome of it.
-    ref_fn(*inputs) returns a list of tensors; non-floating inputs (targets, masks) are passed unchanged."""
-    eps = torch.finfo(dtype).eps
-    gen = generator if generator is not None else torch.Generator().manual_seed(0)
-    worst = None
-    for k in range(samples + 1):
-        nudged = [a if k == 0 or not a.is_floating_point()
-                  else a * (1 + 4 * eps * (2 * torch.rand(a.shape, generator=gen, dtype=a.dtype) - 1))
-                  for a in inputs64]
-        truth = ref_fn(*nudged)
-        low = ref_fn(*[a.to(dtype) if a.is_floating_point() else a for a in nudged])
-        # The plain reference can give NaN in low precision (e.g. (1 - p)^0.5 once p rounds to 1);
-        # measure its error on the entries where it is finite.
-        errs = [rel_err(torch.where(torch.isfinite(lo), lo.to(t.dtype), t), t) for lo, t in zip(low, truth)]
-        worst = errs if worst is None else [max(a, b) for a, b in zip(worst, errs)]
-    return worst
+    tol = tolerance(ref_error, out.dtype)
+    assert err <= tol, f"{what}: error {err:.3g} > tolerance {tol:.3g} (2 x reference error {ref_error:.3g} + floor)"
 
 
 def seeded(*key) -> torch.Generator:

@@ -215,8 +215,8 @@ def test_dropout_train_only_and_reproducible():
     x = _x((4, 16, 3, 3), "contiguous")
     for kind in ["pooled", "pixel"]:
         m = _adapter(16, 8, kind, dropout=0.5)
-        ref = reference._pooled_adapter if kind == "pooled" else (
-            lambda *a, **k: reference._pixel_adapter(*a, channel_dim=1, **k))
+        ref = reference.pooled_adapter if kind == "pooled" else (
+            lambda *a, **k: reference.pixel_adapter(*a, channel_dim=1, **k))
         m.eval()  # no dropout: the fused op (fp32 math), close to the reference
         torch.testing.assert_close(m(x), ref(x, *_weights(m)), rtol=1e-5, atol=1e-6)
         m.train()
@@ -643,6 +643,35 @@ def test_checkpoint_bad_state():
         p.requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         A.adapter_state_dict(model)
+
+
+def test_damaged_adapter_state_names_what_is_missing():
+    import warnings
+
+    model = _stage2_model()
+    state = _save_load(A.adapter_state_dict(model))
+    for entry in ("backbone", "fingerprint", "tensors", "checksum"):
+        damaged = dict(state)
+        damaged[A.META_KEY] = {k: v for k, v in state[A.META_KEY].items() if k != entry}
+        with pytest.raises(ValueError, match=rf"adapter state is damaged: .* lacks \['{entry}'\]"):
+            A.load_adapter_state_dict(model, damaged)
+    damaged = dict(state, **{A.META_KEY: dict(state[A.META_KEY], backbone=[1, 2])})
+    with pytest.raises(ValueError, match=r"wrong type: 'backbone' \(list\)"):
+        A.load_adapter_state_dict(model, damaged)
+    gone = "layer2.adapter.up_proj.weight"
+    damaged = {k: v for k, v in state.items() if k != gone}
+    with pytest.raises(ValueError, match=rf"lacks 1 of the \d+ tensors it was saved with: \['{gone}'\]"):
+        A.load_adapter_state_dict(model, damaged)
+    # in another order (a dict comprehension over sorted keys, the tensors moved): still intact
+    A.load_adapter_state_dict(model, {k: state[k] for k in sorted(state, reverse=True)})
+    # format 1 (no checksum, no tensor list): loads, with a warning
+    old = dict(state, **{A.META_KEY: {k: v for k, v in state[A.META_KEY].items() if k not in ("tensors", "checksum")}})
+    old[A.META_KEY]["format"] = 1
+    with pytest.warns(UserWarning, match="format 1 has no checksum"):
+        A.load_adapter_state_dict(model, old)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        A.load_adapter_state_dict(model, state)  # the current format: no warning
 
 
 # ---------------------------------------------------------------------------------------------

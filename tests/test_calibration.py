@@ -1,4 +1,4 @@
-"""Calibration (issue 5): temperature scaling recovers a known temperature, threshold search equals a
+"""Calibration: temperature scaling recovers a known temperature, threshold search equals a
 brute-force search, ECE equals its definition, bad input."""
 
 import math

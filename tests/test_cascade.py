@@ -16,6 +16,7 @@ from fastcascade.cascade import (
     Leaf,
     Stage,
     Threshold,
+    cascade_dense,
 )
 
 
@@ -43,7 +44,7 @@ def test_av1_cascade_equals_the_dense_oracle(n, threshold):
     """threshold 0 sends everything past stage 1, 1 sends nothing, 0.5 some; every mode equals the oracle."""
     c = _av1(1, threshold)
     x = _blocks(n)
-    dense = reference.cascade_dense(c, x)
+    dense = cascade_dense(c, x)
     assert dense.shape == (n,) and (n == 0 or dense.min() >= 0)
     for mode in ["dynamic", "static"]:
         labels = c.predict(x, mode=mode)
@@ -63,14 +64,14 @@ def test_empty_branches(bias, label_set):
     for mode in ["dynamic", "static"]:
         labels = c.predict(x, mode=mode)
         assert set(labels.tolist()) <= label_set
-        assert torch.equal(labels, reference.cascade_dense(c, x))
+        assert torch.equal(labels, cascade_dense(c, x))
 
 
 def test_many_random_cascades_match_the_oracle():
     for seed in range(12):
         c = _av1(seed, threshold=[0.2, 0.5, 0.8][seed % 3], vote=["hard", "soft"][seed % 2])
         x = _blocks(97, seed)
-        dense = reference.cascade_dense(c, x)
+        dense = cascade_dense(c, x)
         assert len(set(dense.tolist())) >= 3  # the test routes rows to several leaves
         assert torch.equal(c.predict(x), dense)
         assert torch.equal(c.predict(x, mode="static"), dense)
@@ -83,7 +84,7 @@ def test_confident_rule_and_a_general_tree():
     c = Cascade(root)
     assert c.num_classes == 13 and c.node_names == ["root", "inner"]
     x = _blocks(300, 6)
-    dense = reference.cascade_dense(c, x)
+    dense = cascade_dense(c, x)
     assert {0, 1} & set(dense.tolist()) and {10, 11, 12} & set(dense.tolist())
     for mode in ["dynamic", "static"]:
         assert torch.equal(c.predict(x, mode=mode), dense)
@@ -172,7 +173,7 @@ def test_exported():
 def test_static_mode_never_syncs_and_captures_in_a_graph():
     c = _av1(3, 0.5).cuda()
     x = _blocks(256, 4).cuda()
-    dense = reference.cascade_dense(c, x)
+    dense = cascade_dense(c, x)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -183,7 +184,7 @@ def test_static_mode_never_syncs_and_captures_in_a_graph():
     run = c.capture(256, x)
     assert torch.equal(run(x), dense)
     x2 = _blocks(256, 5).cuda()
-    assert torch.equal(run(x2), reference.cascade_dense(c, x2))
+    assert torch.equal(run(x2), cascade_dense(c, x2))
 
 
 @gpu
@@ -192,4 +193,238 @@ def test_dynamic_mode_on_gpu_matches():
     assert HAS_CUDA
     c = _av1(4, 0.5).cuda()
     x = _blocks(1000, 6).cuda()
-    assert torch.equal(c.predict(x), reference.cascade_dense(c, x))
+    assert torch.equal(c.predict(x), cascade_dense(c, x))
+
+
+# ---------------------------------------------------------------------------------------------
+# shared trunks: stages tap segments, each segment runs once per row that needs it
+
+
+from cascade_trees import random_cascade, random_input  # noqa: E402
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_random_trees_with_taps_equal_the_dense_oracle(seed):
+    c = random_cascade(seed)
+    for n in (0, 1, 7, 200):
+        x = random_input(n, seed)
+        dense = cascade_dense(c, x)
+        for mode in ("dynamic", "static"):
+            out = c.predict(x, mode=mode, return_details=True)
+            assert torch.equal(out.labels, dense), (mode, n)
+            assert torch.equal(c.predict(x, mode=mode), dense)
+            if n:
+                assert (out.exit_stage >= 0).all()
+
+
+def test_random_trees_route_rows_through_the_trunk():
+    """The random trees above are not trivial: most have taps, and rows end at several leaves."""
+    tapped = 0
+    for seed in range(16):
+        c = random_cascade(seed)
+        tapped += any(p.tap >= 0 for p in c.plan.values())
+    assert tapped >= 8
+    c = random_cascade(3)
+    assert len(set(cascade_dense(c, random_input(200, 3)).tolist())) >= 3
+
+
+def _depth_of_exit(c, exit_stage):
+    return torch.tensor([c.plan[c.node_names[i]].depth for i in exit_stage.tolist()])
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_each_segment_runs_once_for_exactly_the_rows_routed_past_it(seed):
+    c = random_cascade(seed, segments=3)
+    rows = {name: 0 for name in c.segments}
+    hooks = [seg.register_forward_hook(lambda m, i, o, name=name: rows.__setitem__(name, rows[name] + i[0].shape[0]))
+             for name, seg in c.trunk.items()]
+    try:
+        x = random_input(300, seed)
+        out = c.predict(x, return_details=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    depth = _depth_of_exit(c, out.exit_stage)
+    for k, name in enumerate(c.segments):
+        assert rows[name] == int((depth >= k).sum()), (name, rows)
+
+
+def test_a_gate_on_an_early_segment_in_front_of_the_flat_model():
+    """The flat fallback: the whole model (its head on the last segment) behind a gate on layer1."""
+    from fastcascade.demo.models import SmallCNN
+
+    torch.manual_seed(0)
+    model = SmallCNN(8).eval()
+    trunk, head = fc.split_backbone(model, at=["layer1", "layer2"])
+    gate = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(128, 1)).eval()
+    flat = Stage(head, Argmax(), range(8), name="flat", tap="layer3")
+    c = Cascade(Stage(gate, Threshold(0.5), [0, flat], name="gate", tap="layer1"), trunk=trunk)
+    x = torch.rand(300, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logit = gate(trunk["layer1"](x)).reshape(-1)
+        c = c.with_setting({"gate": torch.sigmoid(logit).median().item()})  # half the rows exit
+    for n in (0, 1, 7, 200, 300):
+        dense = cascade_dense(c, x[:n])
+        for mode in ("dynamic", "static"):
+            assert torch.equal(c.predict(x[:n], mode=mode), dense)
+    labels = c.predict(x)
+    passed = reference.route_threshold(logit, c.root.rule.threshold).bool()
+    assert 100 < int(passed.sum()) < 200
+    with torch.no_grad():
+        assert torch.equal(labels[passed], model(x[passed]).argmax(1))
+    assert (labels[~passed] == 0).all()
+
+
+def test_mixed_tree_resumes_from_the_deepest_computed_segment():
+    """root taps seg1 (seg0 and seg1 run); its child taps seg0 (already there) and its grandchild seg2
+    (runs seg2 only); a stage without a tap reads the input."""
+    gen = torch.Generator().manual_seed(4)
+    torch.manual_seed(4)
+    trunk = nn.ModuleDict({f"seg{i}": nn.Sequential(nn.Linear(5, 5), nn.Tanh()) for i in range(3)})
+    def lin(o):
+        m = nn.Linear(5, o)
+        m.weight.data.normal_(0, 3, generator=gen)
+        m.bias.data.zero_()
+        return m
+
+    deep = Stage(lin(2), Argmax(), [3, 4], name="deep", tap="seg2")
+    raw = Stage(lin(2), Argmax(), [5, 6], name="raw")
+    mid = Stage(lin(3), Argmax(), [2, deep, raw], name="mid", tap="seg0")
+    c = Cascade(Stage(lin(2), Argmax(), [Leaf(1), mid], name="root", tap="seg1"), trunk=trunk).eval()
+    assert (c.plan["root"].run, c.plan["mid"].run, c.plan["deep"].run, c.plan["raw"].run) == ((0, 1), (), (2,), ())
+    assert c.plan["root"].carry == ((), (0, 1)) and c.plan["mid"].carry == ((), (1,), ())
+    x = torch.randn(500, 5, generator=gen)
+    for mode in ("dynamic", "static"):
+        assert torch.equal(c.predict(x, mode=mode), cascade_dense(c, x))
+    assert len(set(cascade_dense(c, x).tolist())) >= 5
+
+
+def test_split_backbone_cuts_resnets_and_the_small_cnn():
+    import timm
+    import torchvision
+
+    from fastcascade.demo.models import SmallCNN
+
+    torch.manual_seed(0)
+    for model, at, names, shape in [
+        (timm.create_model("resnet18", num_classes=5, in_chans=1), ["layer1", "layer3"], ["layer1", "layer3", "layer4"],
+         (3, 1, 32, 32)),
+        (torchvision.models.resnet18(num_classes=5), ["layer2"], ["layer2", "layer4"], (3, 3, 32, 32)),
+        (SmallCNN(5), ["stem", "layer1", "layer2", "layer3"], ["stem", "layer1", "layer2", "layer3"], (3, 1, 16, 16)),
+    ]:
+        model.eval()
+        trunk, head = fc.split_backbone(model, at=at)
+        assert list(trunk) == names
+        x = torch.randn(*shape)
+        h = x
+        for seg in trunk.values():
+            h = seg(h)
+        with torch.no_grad():
+            assert torch.equal(head(h), model(x)), type(model).__name__
+        assert all(any(p is q for q in model.parameters()) for p in trunk.parameters())  # shared, not copied
+    with pytest.raises(ValueError, match="at: 'layer9' is not a feature stage"):
+        fc.split_backbone(SmallCNN(2), at=["layer9"])
+    with pytest.raises(ValueError, match="in model order"):
+        fc.split_backbone(SmallCNN(2), at=["layer2", "layer1"])
+    with pytest.raises(TypeError, match="at must be a non-empty list"):
+        fc.split_backbone(SmallCNN(2), at="layer1")
+    with pytest.raises(ValueError, match="model: split_backbone cuts"):
+        fc.split_backbone(nn.Sequential(nn.Linear(2, 2)), at=["0"])
+
+
+def test_bad_trunks_and_taps_name_the_stage():
+    gen = torch.Generator().manual_seed(0)
+    trunk = nn.ModuleDict({"a": nn.Linear(16, 8), "b": nn.Linear(8, 4)})
+    flat = lambda: nn.Flatten()  # noqa: E731
+    with pytest.raises(ValueError, match="stage 's1': tap 'zz' is not a trunk segment; segments: \\['a', 'b'\\]"):
+        Cascade(Stage(nn.Linear(8, 2), Argmax(), [0, Stage(nn.Linear(8, 2), Argmax(), [1, 2], name="s1", tap="zz")],
+                      name="s0", tap="a"), trunk=trunk)
+    with pytest.raises(ValueError, match="ensemble 'e': tap 'a' names a trunk segment, but the cascade has no trunk"):
+        Cascade(Stage(_head(2, gen), Argmax(), [0, Ensemble([nn.Linear(8, 2)], [1, 2], name="e", tap="a")], name="s0"))
+    with pytest.raises(TypeError, match="stage 's0': tap must be the name of a trunk segment"):
+        Stage(_head(2, gen), Argmax(), [0, 1], name="s0", tap=3)
+    with pytest.raises(TypeError, match="trunk must be an nn.ModuleDict or an nn.Sequential"):
+        Cascade(Stage(_head(2, gen), Argmax(), [0, 1], name="s0"), trunk=[nn.Linear(2, 2)])
+    with pytest.raises(ValueError, match="at least one segment"):
+        Cascade(Stage(_head(2, gen), Argmax(), [0, 1], name="s0"), trunk=nn.ModuleDict())
+    with pytest.raises(ValueError, match="differ from the trunk's segment names.*\\['a'\\]"):
+        Cascade(Stage(_head(2, gen), Argmax(), [0, 1], name="a"), trunk=trunk)
+    with pytest.raises(TypeError, match="stage 's0': module must be an nn.Module"):
+        Stage(lambda v: v, Argmax(), [0, 1], name="s0")
+    # a head fed the wrong segment: the error names the stage and its tap
+    wrong = Cascade(Stage(nn.Sequential(flat(), nn.Linear(8, 2)), Argmax(), [0, 1], name="head", tap="b"), trunk=trunk)
+    with pytest.raises(RuntimeError, match="stage 'head' failed on trunk segment 'b', shape \\(5, 4\\)"):
+        wrong.predict(torch.randn(5, 16))
+    bad_seg = Cascade(Stage(nn.Linear(4, 2), Argmax(), [0, 1], name="head", tap="b"), trunk=trunk)
+    with pytest.raises(RuntimeError, match="trunk segment 'a' failed on an input of shape \\(5, 3\\)"):
+        bad_seg.predict(torch.randn(5, 3))
+    no_params = Cascade(Stage(nn.Identity(), Argmax(), [0, 1, 2, 3], name="head", tap="b"), trunk=trunk)
+    with pytest.raises(ValueError, match="trunk segment 'a' is on cpu"):
+        no_params.predict(torch.randn(5, 16, device="meta"))
+    with pytest.raises(ValueError, match="taps: unknown stages \\['stage3'\\]"):
+        Cascade.av1_partition(_head(1, gen), _head(3, gen), _head(2, gen), [_head(4, gen)], taps={"stage3": "a"})
+
+
+def test_with_setting_shares_the_modules():
+    c = _av1(2, 0.5)
+    d = c.with_setting({"stage1": 0.9})
+    assert d.root.rule.threshold == 0.9 and c.root.rule.threshold == 0.5
+    assert d.root.module is c.root.module and d.nodes[-1] is c.nodes[-1]
+    x = _blocks(200, 1)
+    assert torch.equal(d.predict(x), cascade_dense(d, x)) and not torch.equal(d.predict(x), c.predict(x))
+    with pytest.raises(ValueError, match="stage 'stage2' has an Argmax rule"):
+        c.with_setting({"stage2": 0.3})
+    with pytest.raises(ValueError, match="unknown stages \\['nope'\\]"):
+        c.with_setting({"nope": 0.3})
+
+
+def test_av1_hierarchy_with_heads_on_a_trunk():
+    torch.manual_seed(8)
+    trunk = nn.Sequential()
+    trunk.add_module("early", nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU()))
+    trunk.add_module("late", nn.Sequential(nn.Linear(12, 12), nn.ReLU()))
+    def lin(i, o):
+        m = nn.Linear(i, o)
+        m.weight.data *= 4
+        return m.eval()
+
+    c = Cascade.av1_partition(lin(12, 1), lin(12, 3), lin(12, 2), [lin(12, 4) for _ in range(3)], threshold=0.45,
+                              trunk=trunk, taps={"stage1": "early", "stage2": "late", "rect": "late", "ab": "late"})
+    assert c.segments == ["early", "late"] and c.plan["stage2"].run == (1,) and c.plan["rect"].run == ()
+    x = _blocks(400, 9)
+    for mode in ("dynamic", "static"):
+        assert torch.equal(c.predict(x, mode=mode), cascade_dense(c, x))
+    assert len(set(c.predict(x).tolist())) >= 4
+
+
+@gpu
+@needs_cuda
+def test_trunk_cascade_static_mode_never_syncs_and_captures():
+    for seed in (1, 5):
+        c = random_cascade(seed, segments=3).cuda()
+        x = random_input(256, seed).cuda()
+        dense = cascade_dense(c, x)
+        assert torch.equal(c.predict(x), dense)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            labels = c.predict(x, mode="static")
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert torch.equal(labels, dense)
+        run = c.capture(256, x)
+        x2 = random_input(256, seed + 50).cuda()
+        assert torch.equal(run(x), dense) and torch.equal(run(x2), cascade_dense(c, x2))
+
+
+def test_stage_targets_prefer_the_leaf_when_two_branches_lead_to_a_label():
+    """A gate (NONE exits, the flat model behind it also predicts NONE) and a confident exit: the target
+    of a NONE row is the exit branch, the rest go on."""
+    gen = torch.Generator().manual_seed(0)
+    flat = Stage(_head(3, gen), Argmax(), [0, 1, 2], name="flat")
+    c = Cascade(Stage(_head(1, gen), Threshold(0.5), [0, flat], name="gate"))
+    assert c.stage_targets(torch.tensor([0, 1, 2]))["gate"].tolist() == [0, 1, 1]
+    exits = Cascade(Stage(_head(3, gen), Confident(0.8), [0, 1, 2, Stage(_head(3, gen), Argmax(), [2, 1, 0],
+                                                                        name="late")], name="early"))
+    t = exits.stage_targets(torch.tensor([0, 1, 2]))
+    assert t["early"].tolist() == [0, 1, 2] and t["late"].tolist() == [2, 1, 0]

@@ -216,7 +216,7 @@ def test_dataset_is_deterministic_and_pinned(full, capsys):
 
 def test_every_main_class_holds_at_least_one_percent(full, cache_dir):
     print("\n" + full.distribution())
-    for split in ("all", "train", "val"):
+    for split in ("all", "train", "val", "test"):
         ds = full if split == "all" else fd.load_partition_dataset(split, cache_dir=cache_dir)
         share = ds.class_counts().float() / len(ds)
         assert share.shape == (NUM_MAIN_CLASSES,)
@@ -227,15 +227,19 @@ def test_every_main_class_holds_at_least_one_percent(full, cache_dir):
 def test_split_is_by_image(full, cache_dir):
     train = fd.load_partition_dataset("train", cache_dir=cache_dir)
     val = fd.load_partition_dataset("val", cache_dir=cache_dir)
-    train_ids, val_ids = set(train.image_ids.tolist()), set(val.image_ids.tolist())
-    assert not train_ids & val_ids
+    test = fd.load_partition_dataset("test", cache_dir=cache_dir)
+    train_ids, val_ids, test_ids = (set(d.image_ids.tolist()) for d in (train, val, test))
+    assert not train_ids & val_ids and not train_ids & test_ids and not val_ids & test_ids
     assert {full.image_names[i] for i in val_ids} == set(fd.VAL_IMAGES)
-    assert train_ids | val_ids == set(full.image_ids.tolist()) == set(range(len(fd.IMAGES)))
-    assert len(train) + len(val) == len(full)
-    # the val blocks are exactly the blocks of the val images, in order
-    keep = torch.isin(full.image_ids, torch.tensor(sorted(val_ids)))
-    assert torch.equal(val.blocks, full.blocks[keep]) and torch.equal(val.labels, full.labels[keep])
-    assert 0.1 < len(val) / len(full) < 0.3
+    assert {full.image_names[i] for i in test_ids} == set(fd.TEST_IMAGES)
+    assert train_ids | val_ids | test_ids == set(full.image_ids.tolist()) == set(range(len(fd.IMAGES)))
+    assert len(train) + len(val) + len(test) == len(full)
+    # the val and test blocks are exactly the blocks of their images, in order
+    for ds, ids in ((val, val_ids), (test, test_ids)):
+        keep = torch.isin(full.image_ids, torch.tensor(sorted(ids)))
+        assert torch.equal(ds.blocks, full.blocks[keep]) and torch.equal(ds.labels, full.labels[keep])
+        assert 0.05 < len(ds) / len(full) < 0.2
+    assert test.meta["split"] == "test"
 
 
 def test_cache_is_reused_keyed_and_rebuilt_when_broken(full, cache_dir, tmp_path, monkeypatch):
@@ -248,7 +252,8 @@ def test_cache_is_reused_keyed_and_rebuilt_when_broken(full, cache_dir, tmp_path
     monkeypatch.setenv("FASTCASCADE_DATA_DIR", str(tmp_path))
     broken = tmp_path / files[0].name
     broken.write_bytes(files[0].read_bytes()[:1000])
-    ds = fd.load_partition_dataset("all", verbose=False)
+    with pytest.warns(RuntimeWarning, match="cannot be read.*rebuilding"):
+        ds = fd.load_partition_dataset("all", verbose=False)
     assert torch.equal(ds.labels, full.labels) and torch.equal(ds.blocks, full.blocks)
     assert broken.read_bytes() == files[0].read_bytes()
     # other labeller settings get another file (a stub labeller: the key is what is tested here)
@@ -271,7 +276,7 @@ def test_dataset_items(full):
 
 def test_bad_split(cache_dir):
     with pytest.raises(ValueError, match="split"):
-        fd.load_partition_dataset("test", cache_dir=cache_dir)
+        fd.load_partition_dataset("holdout", cache_dir=cache_dir)
 
 
 # -------------------------------------------------------------------------------------- augmentation
@@ -429,6 +434,41 @@ def test_own_dataset_missing_and_unreadable(tmp_path):
     _write(tmp_path / "train.pt", {**GOOD, "labels": torch.tensor([0, 1, 3, 1])})
     with pytest.raises(ValueError, match=r"\[0, 2\)"):
         fd.load_block_dataset(tmp_path, "train")
+
+
+def test_own_dataset_split_must_be_a_plain_name_and_a_file_one_split(tmp_path):
+    root = tmp_path / "data"
+    fd.save_block_dataset(root / "16x16" / "train.pt", GOOD["blocks"], GOOD["labels"])
+    _write(root / "x.pt", GOOD)  # a file outside the size folder that "../x" would reach
+    for split in ("../x", "16x16/../../x", "/etc/passwd", "", ".", "..", "a/b", "train.pt"):
+        with pytest.raises(ValueError, match="split"):
+            fd.load_block_dataset(root / "16x16", split)
+    file = root / "16x16" / "train.pt"
+    assert len(fd.load_block_dataset(file)) == 4 and len(fd.load_block_dataset(file, "train")) == 4
+    with pytest.raises(ValueError, match=r"train\.pt is a file, the 'train' split; split='val'"):
+        fd.load_block_dataset(file, "val")
+
+
+def test_own_dataset_metadata_refuses_bools_for_numbers(tmp_path):
+    _write(tmp_path / "train.pt", GOOD)
+    for meta, match in (({"num_classes": True}, "num_classes must be a positive int, got True"),
+                        ({"block_size": True}, "block_size True does not match")):
+        (tmp_path / "metadata.json").write_text(json.dumps(meta))
+        with pytest.raises(ValueError, match=match):
+            fd.load_block_dataset(tmp_path, "train")
+
+
+def test_save_refuses_meta_its_loader_would_refuse(tmp_path):
+    import numpy as np
+
+    target = tmp_path / "16x16" / "train.pt"
+    for meta, match in (({"m": np.float64(0.5)}, r"meta\['m'\]: a numpy.float64"),
+                        ({"src": {"ids": np.arange(3)}}, r"meta\['src'\]\['ids'\]: a numpy.ndarray")):
+        with pytest.raises(TypeError, match=match):
+            fd.save_block_dataset(target, GOOD["blocks"], GOOD["labels"], meta=meta)
+    assert not target.exists()
+    fd.save_block_dataset(target, GOOD["blocks"], GOOD["labels"], meta={"m": 0.5, "ids": torch.arange(3)})
+    assert fd.load_block_dataset(tmp_path).meta["m"] == 0.5
 
 
 def test_save_writes_nothing_on_bad_input_or_failure(tmp_path, monkeypatch):

@@ -228,7 +228,7 @@ INTERPRETED_AOT = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
 
 @pytest.mark.parametrize("backend,device", fused_backend_params())
 def test_opcheck_schema_fake_autograd(backend, device):
-    op = fc._ops.focal_op("dice_focal", backend)
+    op = fc._ops.op("dice_focal", backend)
     for args in _opcheck_samples(device):
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
@@ -237,7 +237,7 @@ def test_opcheck_schema_fake_autograd(backend, device):
     pytest.param(*p.values, marks=list(p.marks) + ([INTERPRETED_AOT] if p.values[0] == "triton" else []), id=p.id)
     for p in fused_backend_params()])
 def test_opcheck_aot_dispatch(backend, device):
-    op = fc._ops.focal_op("dice_focal", backend)
+    op = fc._ops.op("dice_focal", backend)
     for args in _opcheck_samples(device):
         torch.library.opcheck(op, args, test_utils=("test_aot_dispatch_dynamic",))
 

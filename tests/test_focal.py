@@ -289,7 +289,7 @@ INTERPRETED_AOT = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
 @pytest.mark.parametrize("backend,device", fused_backend_params())
 def test_opcheck_schema_fake_autograd(backend, device):
     for name, args in _opcheck_samples(device):
-        op = fc._ops.focal_op(name, backend)
+        op = fc._ops.op(name, backend)
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
@@ -298,7 +298,7 @@ def test_opcheck_schema_fake_autograd(backend, device):
     for p in fused_backend_params()])
 def test_opcheck_aot_dispatch(backend, device):
     for name, args in _opcheck_samples(device):
-        op = fc._ops.focal_op(name, backend)
+        op = fc._ops.op(name, backend)
         torch.library.opcheck(op, args, test_utils=("test_aot_dispatch_dynamic",))
 
 
@@ -354,7 +354,7 @@ def test_deterministic(backend, device):
 def test_forward_only_when_no_grad(backend, device):
     x = random_logits((100,)).to(device)
     t = torch.rand(100).to(device)
-    op = fc._ops.focal_op("sigmoid_focal", backend)
+    op = fc._ops.op("sigmoid_focal", backend)
     loss, grad, scale = op(x, t, 0.25, 2.0, 0.0, 1, False)
     assert grad.numel() == 0
     with torch.no_grad():
@@ -597,7 +597,7 @@ def test_zero_classes_make_every_counted_row_nan(backend, device):
     """The C++ ops called directly (the API refuses C = 0; the Triton op refuses it too)."""
     x = torch.empty(4, 0, device=device)
     t = torch.tensor([0, -100, 3, 1], device=device)
-    loss, grad, _ = fc._ops.focal_op("softmax_focal", backend)(x, t, None, 2.0, 0.0, -100, 0, True)
+    loss, grad, _ = fc._ops.op("softmax_focal", backend)(x, t, None, 2.0, 0.0, -100, 0, True)
     assert torch.isnan(loss[[0, 2, 3]]).all() and loss[1] == 0 and grad.shape == (4, 0)
 
 
@@ -683,3 +683,25 @@ def test_gpu_out_of_range_targets_give_nan_rows(backend, monkeypatch):
     monkeypatch.setenv("FASTCASCADE_CHECK", "1")
     with pytest.raises(ValueError, match="outside"):
         fc.softmax_focal_loss(x, t, backend=backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_gpu_triton_losses_run_on_the_tensors_device():
+    """Triton launches on the current device: a loss of tensors on cuda:1 while cuda:0 is current must
+    still be computed on cuda:1 (the op guards the launch with the tensors' device)."""
+    x = random_logits((5000,))
+    t = (torch.rand(5000, generator=torch.Generator().manual_seed(2)) < 0.3).float()
+    xs = random_logits((3000, 10))
+    ts = torch.randint(0, 10, (3000,), generator=torch.Generator().manual_seed(3))
+    with torch.cuda.device(0):
+        out, grad = _fwd_bwd(fc.sigmoid_focal_loss, x.to("cuda:1"), t.to("cuda:1"), backend="triton")
+        out_s, grad_s = _fwd_bwd(fc.softmax_focal_loss, xs.to("cuda:1"), ts.to("cuda:1"), 2.0, backend="triton")
+        torch.cuda.synchronize(1)
+    ref, ref_grad = _fwd_bwd(fc.sigmoid_focal_loss, x, t, backend="torch")
+    ref_s, ref_grad_s = _fwd_bwd(fc.softmax_focal_loss, xs, ts, 2.0, backend="torch")
+    assert grad.device == torch.device("cuda:1")
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad.cpu(), ref_grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(out_s.cpu(), ref_s, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad_s.cpu(), ref_grad_s, rtol=1e-5, atol=1e-7)

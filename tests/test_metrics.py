@@ -1,4 +1,4 @@
-"""Metrics (issue 5): the confusion-matrix op on every backend against scikit-learn and the reference,
+"""Metrics: the confusion-matrix op on every backend against scikit-learn and the reference,
 the report's scores against scikit-learn, opcheck, torch.compile, determinism, bad input."""
 
 import json
@@ -79,7 +79,7 @@ def test_confusion_matrix_of_segmentation_maps_and_strided_inputs(backend, devic
 @pytest.mark.parametrize("backend,device", [p for p in FUSED if p.values[0] == "triton"])
 def test_kernel_skips_out_of_range_ids_as_cuda_does(backend, device):
     """What the device kernels do without FASTCASCADE_CHECK (the API raises first on the CPU)."""
-    op = _ops.metrics_op("confusion_matrix", backend)
+    op = _ops.op("confusion_matrix", backend)
     pred = torch.tensor([0, 1, 2, 3, -1, 1, 2, 9], device=device)
     target = torch.tensor([0, 1, -5, 1, 1, 7, -100, 2], device=device)
     for C in [3, 70]:
@@ -240,7 +240,7 @@ def _opcheck_samples(device):
 @pytest.mark.parametrize("backend,device", FUSED)
 def test_metrics_opcheck(backend, device):
     for args in _opcheck_samples(device):
-        torch.library.opcheck(_ops.metrics_op("confusion_matrix", backend), args,
+        torch.library.opcheck(_ops.op("confusion_matrix", backend), args,
                               test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
@@ -252,7 +252,7 @@ def _aot_params():
 @pytest.mark.parametrize("backend,device", _aot_params())
 def test_metrics_opcheck_aot(backend, device):
     for args in _opcheck_samples(device):
-        torch.library.opcheck(_ops.metrics_op("confusion_matrix", backend), args,
+        torch.library.opcheck(_ops.op("confusion_matrix", backend), args,
                               test_utils=("test_aot_dispatch_dynamic",))
 
 

@@ -1,4 +1,4 @@
-"""Routing ops (issue 4): every backend against fastcascade.reference (decisions and partitions exactly),
+"""Routing ops: every backend against fastcascade.reference (decisions and partitions exactly),
 properties that do not lean on the reference, gradients, opcheck, torch.compile, determinism, bad input."""
 
 import math
@@ -172,7 +172,7 @@ def test_partition_kernel_drops_out_of_range_ids_as_cuda_does(backend, device):
     """What the device kernels do without FASTCASCADE_CHECK (the API raises first on the CPU)."""
     for B in [3, 100]:
         branch = torch.tensor([2, -1, 0, 3, 0, 1, 7, 2, -5], device=device)
-        order, counts, offsets = _ops.routing_op("partition", backend)(branch, B)
+        order, counts, offsets = _ops.op("partition", backend)(branch, B)
         _check_partition_properties(branch.cpu(), B, order.cpu(), counts.cpu(), offsets.cpu())
         want = reference.partition(branch.cpu(), B)
         assert all(torch.equal(a.cpu(), b) for a, b in zip((order, counts, offsets), want))
@@ -255,7 +255,7 @@ def test_gather_scatter_gradients_are_each_other(backend, device):
     (fc.scatter_rows(src, idx, 12, backend=backend) * g).sum().backward()
     assert torch.equal(src.grad, g[idx])
     if device == "cpu":
-        op = lambda name: _ops.routing_op(name, backend) if backend != "torch" else getattr(reference, name)  # noqa: E731
+        op = lambda name: _ops.op(name, backend) if backend != "torch" else getattr(reference, name)  # noqa: E731
         assert torch.autograd.gradcheck(lambda a: op("gather_rows")(a, idx), (x.detach().requires_grad_(True),))
         assert torch.autograd.gradcheck(lambda a: op("scatter_rows")(a, idx, 12), (src.detach().requires_grad_(True),))
 
@@ -274,9 +274,9 @@ def test_row_kernels_stay_in_bounds_as_cuda_does(backend, device):
     """Out-of-range indices without FASTCASCADE_CHECK (the API raises first on the CPU): gather reads zeros,
     scatter skips the row."""
     x = torch.arange(12.0, device=device).view(4, 3)
-    g = _ops.routing_op("gather_rows", backend)(x, torch.tensor([1, 4, -1, 3], device=device))
+    g = _ops.op("gather_rows", backend)(x, torch.tensor([1, 4, -1, 3], device=device))
     assert g.tolist() == [[3, 4, 5], [0, 0, 0], [0, 0, 0], [9, 10, 11]]
-    s = _ops.routing_op("scatter_rows", backend)(x, torch.tensor([2, 9, -3, 0], device=device), 3)
+    s = _ops.op("scatter_rows", backend)(x, torch.tensor([2, 9, -3, 0], device=device), 3)
     assert s.tolist() == [[9, 10, 11], [0, 0, 0], [0, 1, 2]]
 
 
@@ -345,7 +345,7 @@ def _opcheck_samples(device):
 @pytest.mark.parametrize("backend,device", FUSED)
 def test_routing_opcheck(backend, device):
     for name, args in _opcheck_samples(device):
-        torch.library.opcheck(_ops.routing_op(name, backend), args,
+        torch.library.opcheck(_ops.op(name, backend), args,
                               test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
@@ -357,7 +357,7 @@ def _aot_params():
 @pytest.mark.parametrize("backend,device", _aot_params())
 def test_routing_opcheck_aot(backend, device):
     for name, args in _opcheck_samples(device):
-        torch.library.opcheck(_ops.routing_op(name, backend), args, test_utils=("test_aot_dispatch_dynamic",))
+        torch.library.opcheck(_ops.op(name, backend), args, test_utils=("test_aot_dispatch_dynamic",))
 
 
 @pytest.mark.parametrize("backend,device", _aot_params() + [pytest.param("torch", "cpu", id="torch")])
@@ -585,3 +585,47 @@ def test_every_routing_op_runs_on_meta_tensors():
         assert ops("scatter_rows")(g, torch.empty(4, dtype=torch.long, **meta), 9).shape == (9, 2, 5)
         labels, probs = ops("vote")(torch.empty(3, 7, 4, dtype=torch.bfloat16, **meta), 0, True)
         assert labels.dtype == torch.int64 and probs.shape == (7, 4) and probs.dtype == torch.float32
+
+
+if _ops.HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from fastcascade.kernels.routing import _member_offsets
+
+    @triton.jit
+    def _member_offsets_kernel(out_ptr, k, N, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        rows = tl.arange(0, BLOCK_R).to(tl.int64) + N - BLOCK_R  # the last rows of member k
+        cols = tl.arange(0, BLOCK_C)
+        off = _member_offsets(k, N, rows, C, cols)
+        tl.store(out_ptr + tl.arange(0, BLOCK_R)[:, None] * BLOCK_C + cols[None, :], off)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs the offset helper under the interpreter")
+def test_vote_member_offsets_are_int64_past_2_31():
+    """vote reads member k's rows at (k N + row) C + c; with K N >= 2^31 an int32 k * N wraps (the
+    interpreter's int32 arithmetic wraps as the GPU's does). The offsets alone, no 2^31-element tensor."""
+    K, N, C = 3, 2**30 + 3, 4  # member 2 starts at 2 N C > 2^33
+    out = torch.empty(4, C, dtype=torch.int64)
+    _member_offsets_kernel[(1,)](out, K - 1, N, C, BLOCK_R=4, BLOCK_C=C)
+    rows = torch.arange(N - 4, N, dtype=torch.int64)
+    want = ((K - 1) * N + rows)[:, None] * C + torch.arange(C)[None, :]
+    assert torch.equal(out, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_gpu_triton_routing_runs_on_the_tensors_device():
+    """Triton launches on the current device: tensors on cuda:1 while cuda:0 is current must still be
+    read on cuda:1 (the op guards the launch with the tensors' device)."""
+    gen = seeded("second-device")
+    logits = torch.randn(3, 999, 4, generator=gen)
+    branch = torch.randint(0, 3, (5000,), generator=gen)
+    with torch.cuda.device(0):
+        labels, probs = fc.vote(logits.to("cuda:1"), "soft", return_probs=True, backend="triton")
+        got = fc.partition(branch.to("cuda:1"), 3, backend="triton")
+        torch.cuda.synchronize(1)
+    want_labels, want_probs = reference.vote(logits, "soft", True)
+    assert labels.device == torch.device("cuda:1") and torch.equal(labels.cpu(), want_labels)
+    torch.testing.assert_close(probs.cpu(), want_probs)
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(got, reference.partition(branch, 3)))

@@ -147,7 +147,7 @@ def test_load_checkpoint_errors(tmp_path):
     with pytest.raises(ValueError, match=r"another architecture.*3\.weight \[3, 32\] vs \[4, 32\]"):
         T.load_checkpoint(path, _mlp(classes=4))
     other = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))  # no dropout: keys shift
-    with pytest.raises(ValueError, match=r"not in the checkpoint \(2\.weight, 2\.bias\)"):
+    with pytest.raises(ValueError, match=r"not in the checkpoint: 2\.weight, 2\.bias"):
         T.load_checkpoint(path, other)
     with pytest.raises(ValueError, match="no optimizer state"):
         T.load_checkpoint(path, _mlp(), torch.optim.AdamW(_mlp().parameters()))
@@ -159,6 +159,67 @@ def test_load_checkpoint_errors(tmp_path):
     torch.save(_mlp().state_dict(), tmp_path / "plain.pt")
     with pytest.raises(ValueError, match="not a fastcascade checkpoint"):
         T.load_checkpoint(tmp_path / "plain.pt", _mlp())
+
+
+def test_load_checkpoint_checks_optimizer_and_scheduler_before_changing_anything(tmp_path):
+    model = _mlp()
+    opt = torch.optim.AdamW([{"params": model[0].parameters()}, {"params": model[3].parameters(), "lr": 0.1}])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
+    model(torch.randn(5, 8)).sum().backward()
+    opt.step()
+    sched.step()
+    path = T.save_checkpoint(tmp_path / "m.pt", model, opt, sched)
+
+    def untouched(kind, match, **kw):
+        fresh = _mlp(seed=1)
+        before = {k: v.clone() for k, v in fresh.state_dict().items()}
+        o = kw.get("opt", lambda m: torch.optim.AdamW(m.parameters()))(fresh)
+        s = kw["sched"](o) if "sched" in kw else None
+        o_before = repr(o.state_dict())  # after the scheduler: building one sets each group's initial_lr
+        with pytest.raises(ValueError, match=match):
+            T.load_checkpoint(path, fresh, o, s)
+        assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items()), kind
+        assert repr(o.state_dict()) == o_before, kind
+
+    untouched("one group", r"2 parameter group\(s\), the optimizer given 1")
+    untouched("another split", r"groups hold \[2, 2\] parameters, those of the optimizer given \[1, 3\]",
+              opt=lambda m: torch.optim.AdamW([{"params": [m[0].weight]},
+                                               {"params": [m[0].bias, *m[3].parameters()]}]))
+    untouched("another class", "saved from AdamW, the optimizer given is SGD",
+              opt=lambda m: torch.optim.SGD([{"params": m[0].parameters()}, {"params": m[3].parameters()}], lr=0.1))
+    two = lambda m: torch.optim.AdamW([{"params": m[0].parameters()}, {"params": m[3].parameters()}])  # noqa: E731
+    untouched("another scheduler", "saved from CosineAnnealingLR, the scheduler given is StepLR", opt=two,
+              sched=lambda o: torch.optim.lr_scheduler.StepLR(o, 3))
+    fresh = _mlp(seed=1)
+    o = two(fresh)
+    T.load_checkpoint(path, fresh, o, torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=10))  # fits: loads
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+
+
+def test_save_checkpoint_refuses_values_its_loader_would_refuse(tmp_path):
+    import numpy as np
+
+    for extra, key in (({"a": np.zeros(3)}, r"extra\['a'\]: a numpy.ndarray"),
+                       ({"run": {"lr": np.float64(0.5)}}, r"extra\['run'\]\['lr'\]: a numpy.float64"),
+                       ({"out": pathlib.Path("x")}, r"extra\['out'\]: a pathlib.*str\(path\)")):
+        with pytest.raises(TypeError, match=key):
+            T.save_checkpoint(tmp_path / "m.pt", _mlp(), extra=extra, verify=False)
+    assert _files(tmp_path) == []
+    ok = {"t": torch.ones(2), "n": 1.5, "s": {"a", "b"}, "b": b"x", "d": {1: (2, None)}, "dtype": torch.int8}
+    T.load_checkpoint(T.save_checkpoint(tmp_path / "m.pt", _mlp(), extra=ok), _mlp())
+
+
+def test_checkpoint_of_the_previous_format_loads_with_a_warning(tmp_path):
+    path = T.save_checkpoint(tmp_path / "m.pt", _mlp())
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["format"] = "fastcascade.checkpoint/1"
+    for k in ("checksum", "optimizer_class", "scheduler_class"):
+        del ckpt[k]
+    torch.save(ckpt, path)
+    fresh = _mlp(seed=1)
+    with pytest.warns(UserWarning, match="no checksum"):
+        T.load_checkpoint(path, fresh)
+    assert torch.equal(fresh[0].weight, _mlp()[0].weight)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,6 +377,15 @@ def test_fit_bf16_autocast_and_clipping():
     ({"grad_clip": 0.0}, "grad_clip"),
     ({"param_groups": [1, 2]}, "param_groups"),
     ({"target_fn": lambda y: torch.full_like(y, -100)}, "no rows"),
+    ({"eval_batch_size": 0}, "eval_batch_size must be an int >= 1"),
+    ({"num_workers": -1}, "num_workers"),
+    ({"lr": float("inf")}, "lr must be finite"), ({"lr": float("nan")}, "lr must be finite"),
+    ({"weight_decay": float("nan")}, "weight_decay must be finite"),
+    ({"device": "tpu"}, "device='tpu': not a device torch knows"),
+    ({"device": "meta"}, "device='meta': meta tensors"),
+    ({"device": "cuda:7"}, "device='cuda:7': (no CUDA device is visible|only)"),
+    pytest.param({"device": "mps"}, "device='mps': this machine",
+                 marks=pytest.mark.skipif(torch.backends.mps.is_available(), reason="MPS is here")),
 ])
 def test_fit_bad_arguments(kw, match):
     train, val = _linear_task(200)
@@ -323,6 +393,15 @@ def test_fit_bad_arguments(kw, match):
         T.fit(_mlp(), nn.functional.cross_entropy, train, val, 1, progress=False, **kw)
     with pytest.raises(ValueError, match="epochs"):
         T.fit(_mlp(), nn.functional.cross_entropy, train, val, 0)
+
+
+def test_fit_refuses_an_out_dir_that_is_a_file(tmp_path):
+    train, val = _linear_task(200)
+    (tmp_path / "f").write_text("x")
+    for out in (tmp_path / "f", tmp_path / "f" / "sub"):
+        with pytest.raises(ValueError, match=r"out_dir=.* (is a file|is under .*f, which is a file)"):
+            T.fit(_mlp(), nn.functional.cross_entropy, train, val, 1, out_dir=out, progress=False)
+    assert _files(tmp_path) == ["f"] and (tmp_path / "f").read_text() == "x"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,27 +511,40 @@ def test_demo_quick_end_to_end(tmp_path):
     out = tmp_path / "run"
     r = _demo(["demo", "--quick", "--out", str(out), "--no-progress"], tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    for text in ("== cascade, end to end", "fraction of val blocks reaching each stage", "blocks/s",
-                 "== flat 8-class model", "equal the dense oracle: True"):
+    for text in ("== designs on the 2000 test blocks, at operating points tuned on val", "blocks/s", "always NONE",
+                 "equal the dense oracle for every design: True", "target (flat's macro F1"):
         assert text in r.stdout
     m = json.loads((out / "metrics.json").read_text())
     assert m["config"]["quick"] and m["config"]["train_blocks"] == 4000 and m["config"]["val_blocks"] == 2000
-    final = m["cascade"]["final"]
-    assert final["class_names"] == list(fd.LABEL_NAMES[:8]) and sum(map(sum, final["confusion"])) == 2000
-    assert m["cascade"]["reached"]["stage1"] == 1.0
-    assert 0 < m["cascade"]["reached"]["stage2"] <= 1
-    reached = m["cascade"]["reached"]
-    assert reached["rect"] + reached["ab"] <= reached["stage2"]
-    assert 0 <= m["summary"]["cascade_macro_f1"] <= 1 and 0 <= m["summary"]["flat_macro_f1"] <= 1
+    assert m["config"]["test_blocks"] == 2000
+    designs = m["designs"]
+    assert set(designs) == {"flat", "v6-trunk", "v6-own", "gate", "exits"}
+    for name, d in designs.items():
+        final = d["test"]["final"]
+        assert final["class_names"] == list(fd.LABEL_NAMES[:8]) and sum(map(sum, final["confusion"])) == 2000
+        assert 0 <= d["macro_f1"] <= 1 and d["flops_per_block"] > 0 and d["blocks_per_s"] > 0, name
+        if name == "flat":
+            continue
+        assert d["routing_matches_dense"] is True and d["setting"] and d["frontier_val_timed"]
+        costs = [p["flops_per_block"] for p in d["frontier_val"]]
+        assert costs == sorted(costs) and d["val"]["flops_per_block"] in costs
+        assert max(d["test"]["reached"].values()) == 1.0  # the root
+    own = designs["v6-own"]["test"]["reached"]
+    assert own["stage1"] == 1.0 and 0 <= own["rect"] + own["ab"] <= own["stage2"] <= 1
+    gate = designs["gate"]["test"]
+    assert gate["parts_reached"]["layer1"] == 1.0 and gate["parts_reached"]["layer3"] == gate["reached"]["flat"]
+    assert designs["gate"]["flops_per_block"] < designs["flat"]["flops_per_block"] or gate["reached"]["flat"] == 1.0
+    assert 0.5 < m["always_none"]["accuracy"] < 0.8 and set(m["target"]["ratios"]) == set(designs) - {"flat"}
     assert m["summary"]["flat_training_rows"] >= 0.5 * m["summary"]["cascade_training_rows"]
-    assert set(m["throughput_blocks_per_s"]) == {"dynamic", "static", "dense", "flat"}
+    assert set(m["throughput_blocks_per_s"]) == set(designs)
     assert m["routing_matches_dense"] is True
-    assert 0 < m["stage1"]["threshold"] < 1 and m["stage1"]["temperature"] > 0
-    assert set(m["history"]) == {"stage1", "stage2", "rect", "ab1", "ab2", "ab3", "flat"}
-    for png in ("confusion_cascade.png", "confusion_flat.png", "learning_curves.png",
-                "confusion_stage_stage2.png"):
+    own_models = {"stage1", "stage2", "rect", "ab1", "ab2", "ab3", "flat"}
+    heads = {f"trunk_{k}" for k in ("stage1", "stage2", "rect", "ab1", "ab2", "ab3", "exit1", "exit2")}
+    assert set(m["history"]) == own_models | heads
+    for png in ("frontier.png", "confusion_flat.png", "confusion_v6-own.png", "confusion_gate.png",
+                "learning_curves.png", "confusion_v6-trunk_stage_stage2.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for stage in ("stage1", "stage2", "rect", "ab1", "ab2", "ab3", "flat"):
+    for stage in own_models | heads:
         assert (out / "checkpoints" / stage / "best.pt").is_file()
     assert _files(tmp_path) == ["run"]  # no partial folder left next to it
 
@@ -470,6 +562,7 @@ def test_demo_bad_input(tmp_path, capsys):
         assert main(["demo", "--quick", "--no-progress", *args]) == 2
         err = capsys.readouterr().err
         assert message in err, err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err  # one line
 
     o = ["--out", str(tmp_path / "o")]
     fails(["--data", str(tmp_path / "nowhere"), *o], "nowhere: no such file")
@@ -485,5 +578,12 @@ def test_demo_bad_input(tmp_path, capsys):
     fails(["--out", str(tmp_path / "full")], "not empty")
     if not torch.cuda.is_available():
         fails(["--device", "cuda", *o], "--device cuda: no CUDA device is visible")
-    assert sorted(_files(tmp_path)) == ["bad", "full", "lab"]  # nothing written for any failed run
+    for device, message in (("tpu", "not a device torch knows"), ("meta", "meta tensors"), ("mps", "this machine")):
+        if device != "mps" or not torch.backends.mps.is_available():
+            fails(["--device", device, *o], f"--device {device}: {message}")
+    (tmp_path / "afile").write_text("x")
+    fails(["--out", str(tmp_path / "afile")], "afile: is a file")
+    fails(["--out", str(tmp_path / "afile" / "run")], "afile is a file")
+    fails(["--data", str(tmp_path / "lab" / "16x16" / "val.pt"), *o], "a file; pass the dataset folder")
+    assert sorted(_files(tmp_path)) == ["afile", "bad", "full", "lab"]  # nothing written for any failed run
     assert _files(tmp_path / "full") == ["keep.txt"]

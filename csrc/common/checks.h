@@ -1,6 +1,8 @@
 // Input checks shared by every backend of every op: each names the argument and what was expected.
 #pragma once
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 
 namespace fastcascade {
 

@@ -4,16 +4,22 @@
 // in block order, so results do not depend on the number of threads. float32 math runs through
 // branch-free functions (common/math.h) in loops that the compiler vectorises; on x86-64 an AVX2+FMA
 // clone (x86-64-v3) is picked at load time when the CPU has it.
+// at::Tensor methods and the per-operator headers below only (enforced where torch has per-operator headers)
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/full.h>
 
 #include <algorithm>
 #include <type_traits>
 #include <vector>
 
 #include "common/checks.h"
+#include "focal/focal_checks.h"
 #include "common/cpu.h"
 #include "focal/focal_math.h"
 
@@ -48,7 +54,6 @@ FC_CPU_CLONES void sigmoid_focal_span_f32(const float* x, const float* t, int64_
 // softmax focal, float32: kLanes rows at a time, classes outer and rows inner, so every inner loop
 // is a vector loop over rows. Same formulas as softmax_focal_row (focal_math.h).
 
-constexpr int kLanes = 16;
 constexpr int64_t kMaxLaneClasses = 64;  // wider rows take the per-row path
 
 // xb, gb, pb, ab: [C][kLanes]; pb holds exp(x - max), then p; gb holds 1 - p until the gradient
@@ -60,25 +65,7 @@ FC_HD void softmax_focal_lanes(const float* xb, const int32_t* t, int64_t C, con
   constexpr int L = kLanes;
   float mx[L], s[L], log_s[L], inv[L], a_am[L], rest[L];
   int32_t am[L];
-#pragma omp simd
-  for (int l = 0; l < L; ++l) mx[l] = xb[l], am[l] = 0;
-  for (int64_t c = 1; c < C; ++c)
-#pragma omp simd
-    for (int l = 0; l < L; ++l) {
-      const float v = xb[c * L + l];
-      const bool gt = v > mx[l];
-      am[l] = gt ? int32_t(c) : am[l];
-      mx[l] = gt ? v : mx[l];
-    }
-#pragma omp simd
-  for (int l = 0; l < L; ++l) s[l] = 0.f;
-  for (int64_t c = 0; c < C; ++c)
-#pragma omp simd
-    for (int l = 0; l < L; ++l) {
-      const float e = fc_exp(xb[c * L + l] - mx[l]);
-      pb[c * L + l] = e;
-      s[l] += c == am[l] ? 0.f : e;
-    }
+  lanes_softmax_terms(xb, C, mx, am, pb, s);
 #pragma omp simd
   for (int l = 0; l < L; ++l) {
     log_s[l] = fc_log1p(s[l]);
@@ -91,7 +78,7 @@ FC_HD void softmax_focal_lanes(const float* xb, const int32_t* t, int64_t C, con
 #pragma omp simd
     for (int l = 0; l < L; ++l) {
       const bool is_am = c == am[l];
-      const float lp = (xb[c * L + l] - mx[l]) - log_s[l];
+      const float lp = fc_shifted(xb[c * L + l], mx[l]) - log_s[l];
       const float p = (is_am ? 1.f : pb[c * L + l]) * inv[l];
       const float om = is_am ? s[l] * inv[l] : 1.f - p;
       const float f = wc * (c == t[l] ? q_on : q_off) * focal_pow<float, TWO_GAMMA>(om, gamma);
@@ -241,7 +228,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sigmoid_focal_cpu(const at::Tenso
     const double s = ordered_sum(partials);
     loss.fill_(reduction == 1 ? s / double(N) : s);
   }
-  at::Tensor grad_scale = at::full({}, reduction == 1 ? 1.0 / double(N) : 1.0, logits.options().dtype(at::kFloat));
+  at::Tensor grad_scale = at::full({}, reduction == 1 ? 1.0 / double(N) : 1.0, focal_scale_options(logits));
   return {loss, grad, grad_scale};
 }
 
@@ -346,7 +333,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_focal_cpu(const at::Tenso
     loss.fill_(s / denom);
   }
   // As torch: when nothing counts ("mean" over only ignored rows) the loss is NaN and the gradient 0.
-  at::Tensor grad_scale = at::full({}, denom != 0.0 ? 1.0 / denom : 0.0, logits.options().dtype(at::kFloat));
+  at::Tensor grad_scale = at::full({}, denom != 0.0 ? 1.0 / denom : 0.0, focal_scale_options(logits));
   return {loss, grad, grad_scale};
 }
 

@@ -3,33 +3,27 @@
 // One pass over the inputs writes the loss and the gradient. Sums are two-stage: each block of a
 // grid whose size depends only on the problem and the device writes one partial (fixed-order
 // warp-shuffle tree), then one block adds the partials in a fixed order. No atomics, no host sync.
+#include <ATen/ATen.h>  // CUDA files keep all of ATen: the common headers now include only what the C++ files need
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "common/cuda_launch.cuh"
 #include "common/cuda_reduce.cuh"
 #include "common/checks.h"
+#include "focal/focal_checks.h"
+#include "focal/focal_launch.h"
 #include "focal/focal_math.h"
 
 namespace fastcascade {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kFinalThreads = 1024;
-
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
-
-
-int grid_for(int64_t work_items) {
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t blocks = (work_items + kThreads - 1) / kThreads;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(blocks, int64_t(sms) * 8)));
-}
 
 inline bool aligned_to(const void* p, int64_t bytes) {
   return p == nullptr || reinterpret_cast<uintptr_t>(p) % bytes == 0;
@@ -42,7 +36,7 @@ inline bool aligned_to(const void* p, int64_t bytes) {
 // vectors (VEC_LOAD, when every pointer is aligned), so the summation order, and so the bits of the
 // result, do not depend on where the tensors sit in memory.
 template <typename scalar_t, typename target_t, bool VEC_LOAD, bool NEED_GRAD, bool REDUCE>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kFocalThreads)
 sigmoid_focal_kernel(const scalar_t* __restrict__ x, const target_t* __restrict__ t, int64_t N,
                      SigmoidFocalParams<at::opmath_type<scalar_t>> P, scalar_t* __restrict__ loss_none,
                      scalar_t* __restrict__ grad, at::opmath_type<scalar_t>* __restrict__ partials) {
@@ -98,9 +92,9 @@ sigmoid_focal_kernel(const scalar_t* __restrict__ x, const target_t* __restrict_
 // given, else host_denominator; grad_scale = 1 / denominator, or 0 when it is 0 (torch's rule for
 // "mean" over only ignored rows). Added in double, in a fixed order.
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kFinalThreads)
+__global__ void __launch_bounds__(kFocalFinalThreads)
 finalize_kernel(const acc_t* __restrict__ partials, const acc_t* __restrict__ count_partials, int n,
-                double host_denominator, scalar_t* __restrict__ loss, float* __restrict__ grad_scale) {
+                double host_denominator, scalar_t* __restrict__ loss, acc_t* __restrict__ grad_scale) {
   double s = 0, c = 0;
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
     s += double(partials[i]);
@@ -111,7 +105,7 @@ finalize_kernel(const acc_t* __restrict__ partials, const acc_t* __restrict__ co
   if (threadIdx.x == 0) {
     const double denom = count_partials ? c : host_denominator;
     *loss = scalar_t(s / denom);
-    *grad_scale = denom != 0.0 ? float(1.0 / denom) : 0.f;
+    *grad_scale = denom != 0.0 ? acc_t(1.0 / denom) : acc_t(0);
   }
 }
 
@@ -126,10 +120,10 @@ void launch_sigmoid(const at::Tensor& logits, const at::Tensor& targets, int64_t
                       aligned_to(gout, 16);
   if (vec_ok)
     sigmoid_focal_kernel<scalar_t, target_t, true, NEED_GRAD, REDUCE>
-        <<<grid, kThreads, 0, stream>>>(x, t, N, P, lout, gout, partials);
+        <<<grid, kFocalThreads, 0, stream>>>(x, t, N, P, lout, gout, partials);
   else
     sigmoid_focal_kernel<scalar_t, target_t, false, NEED_GRAD, REDUCE>
-        <<<grid, kThreads, 0, stream>>>(x, t, N, P, lout, gout, partials);
+        <<<grid, kFocalThreads, 0, stream>>>(x, t, N, P, lout, gout, partials);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -144,14 +138,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sigmoid_focal_cuda(const at::Tens
   const int64_t N = logits.numel();
   at::Tensor loss = loss_output(logits, reduction, logits.options());
   at::Tensor grad = need_grad ? at::empty_like(logits) : at::empty({0}, logits.options());
-  at::Tensor grad_scale = at::empty({}, logits.options().dtype(at::kFloat));
+  at::Tensor grad_scale = at::empty({}, focal_scale_options(logits));
   if (N == 0) {  // torch's convention: sum 0, mean NaN
     if (reduction != 0) loss.fill_(reduction == 1 ? NAN : 0.0);
     grad_scale.fill_(reduction == 1 ? INFINITY : 1.0);
     return {loss, grad, grad_scale};
   }
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const int grid = grid_for((N + 3) / 4);
+  const int grid = static_cast<int>(
+      sigmoid_focal_launch(N, logits.scalar_type() == at::kDouble ? 8 : 4, current_device_limits()).grid_x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "sigmoid_focal_cuda", [&] {
     using logit_t = scalar_t;
     using acc_t = at::opmath_type<logit_t>;
@@ -169,9 +164,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sigmoid_focal_cuda(const at::Tens
       else launch_sigmoid<logit_t, target_t, false, false>(logits, targets, N, P, lout, gout, pp, grid, stream);
     });
     if (reduction != 0) {
-      finalize_kernel<logit_t, acc_t><<<1, kFinalThreads, 0, stream>>>(
+      finalize_kernel<logit_t, acc_t><<<1, kFocalFinalThreads, 0, stream>>>(
           pp, nullptr, grid, reduction == 1 ? double(N) : 1.0, loss.mutable_data_ptr<logit_t>(),
-          grad_scale.mutable_data_ptr<float>());
+          grad_scale.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
@@ -183,7 +178,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sigmoid_focal_cuda(const at::Tens
 // softmax focal: one thread per row (o, s); the row's C logits sit at stride S.
 
 template <typename scalar_t, bool NEED_GRAD, bool REDUCE>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kFocalThreads)
 softmax_focal_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ target,
                      const at::opmath_type<scalar_t>* __restrict__ weight, int64_t R, int64_t C, int64_t S,
                      at::opmath_type<scalar_t> gamma, int two_gamma, at::opmath_type<scalar_t> eps,
@@ -240,14 +235,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_focal_cuda(const at::Tens
   const int64_t R = N * S;
   at::Tensor loss = loss_output(target, reduction, logits.options());
   at::Tensor grad = need_grad ? at::empty_like(logits) : at::empty({0}, logits.options());
-  at::Tensor grad_scale = at::empty({}, logits.options().dtype(at::kFloat));
+  at::Tensor grad_scale = at::empty({}, focal_scale_options(logits));
   if (R == 0) {  // (C == 0 runs the kernel: every counted row is then out of range, so NaN)
     if (reduction != 0) loss.fill_(reduction == 1 ? NAN : 0.0);
     grad_scale.fill_(reduction == 1 ? 0.0 : 1.0);
     return {loss, grad, grad_scale};
   }
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const int grid = grid_for(R);
+  const int grid = static_cast<int>(
+      softmax_focal_launch(R, logits.scalar_type() == at::kDouble ? 8 : 4, current_device_limits()).grid_x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "softmax_focal_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_opts = logits.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
@@ -263,7 +259,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_focal_cuda(const at::Tens
     const acc_t gm = acc_t(gamma), eps = acc_t(label_smoothing);
     auto launch = [&](auto need_grad_c, auto reduce_c) {
       softmax_focal_kernel<scalar_t, decltype(need_grad_c)::value, decltype(reduce_c)::value>
-          <<<grid, kThreads, 0, stream>>>(x, t, w, R, C, S, gm, two_gamma_code(gamma), eps, ignore_index, lout,
+          <<<grid, kFocalThreads, 0, stream>>>(x, t, w, R, C, S, gm, two_gamma_code(gamma), eps, ignore_index, lout,
                                           gout, lp, cp);
     };
     using yes = std::true_type;
@@ -275,9 +271,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_focal_cuda(const at::Tens
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (reduction != 0) {
       // "sum" divides by 1: counts are still summed but ignored (count_partials = nullptr).
-      finalize_kernel<scalar_t, acc_t><<<1, kFinalThreads, 0, stream>>>(
+      finalize_kernel<scalar_t, acc_t><<<1, kFocalFinalThreads, 0, stream>>>(
           lp, reduction == 1 ? cp : nullptr, grid, 1.0, loss.mutable_data_ptr<scalar_t>(),
-          grad_scale.mutable_data_ptr<float>());
+          grad_scale.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });

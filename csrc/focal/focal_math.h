@@ -8,6 +8,10 @@
 
 namespace fastcascade {
 
+// x - mx for the softmax kernels (mx the row's maximum), 0 where x == mx: also when both are +inf or
+// -inf, where the difference would be NaN. NaN stays NaN.
+template <typename T> FC_HD T fc_shifted(T x, T mx) { return x == mx ? T(0) : x - mx; }
+
 // TWO_GAMMA code of a runtime gamma: 2 gamma when that is an integer in [0, kMaxTwoGamma], else -1.
 constexpr int kMaxTwoGamma = 10;
 inline int two_gamma_code(double gamma) {
@@ -117,8 +121,10 @@ FC_HD T softmax_focal_row(const X* x, int64_t stride, int64_t C, int64_t t, int6
     const T v = T(x[c * stride]);
     if (v > mx) mx = v, am = c;
   }
+  // x - mx is taken as 0 where x == mx: also for x = mx = +-inf, where the difference would be NaN (a
+  // row [inf, 0] is then p = [1, 0], [inf, inf] is [1/2, 1/2], as fastcascade/reference.py has them)
   T s = T(0);
-  for (int64_t c = 0; c < C; ++c) s += c == am ? T(0) : fc_exp(T(x[c * stride]) - mx);
+  for (int64_t c = 0; c < C; ++c) s += c == am ? T(0) : fc_exp(fc_shifted(T(x[c * stride]), mx));
   const T log_s = fc_log1p(s);  // log p_c = (x_c - mx) - log_s: never form mx + log_s, which rounds
   const T inv = T(1) / (T(1) + s);
   const T q_off = eps / T(C), q_on = T(1) - eps + q_off;
@@ -127,7 +133,7 @@ FC_HD T softmax_focal_row(const X* x, int64_t stride, int64_t C, int64_t t, int6
   T loss = T(0), a_am = T(0), rest = T(0);
   for (int64_t pass = 0; pass < (NEED_GRAD ? 2 : 1); ++pass) {
     for (int64_t c = 0; c < C; ++c) {
-      const T d = T(x[c * stride]) - mx;
+      const T d = fc_shifted(T(x[c * stride]), mx);
       const T lp = d - log_s;
       const T wq = (weight ? T(weight[c]) : T(1)) * (c == t ? q_on : q_off);
       // 1 - p without expm1: only the arg-max class can have p > 1/2, and its 1 - p is s / (1 + s).

@@ -3,9 +3,12 @@
 // A fixed number of chunks, each counting into its own C x C histogram, then one sum in chunk order:
 // integer counts, so the result is exact whatever the thread count. Ids outside [0, C) raise (no sync
 // to avoid here); each chunk remembers its first such element, so the error names the first one.
+// at::Tensor methods and the per-operator headers below only (enforced where torch has per-operator headers)
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <limits>

@@ -5,23 +5,21 @@
 // few classes), then adds each non-zero cell to the output once. Larger C: atomics on the int64
 // output directly. Elements whose ids lie outside [0, C) are skipped (no memory fault, no sync); the
 // Python API raises for them under FASTCASCADE_CHECK=1.
+#include <ATen/ATen.h>  // CUDA files keep all of ATen: the common headers now include only what the C++ files need
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "common/cuda_launch.cuh"
+#include "metrics/metrics_launch.h"
 #include "metrics/metrics_math.h"
 
 namespace fastcascade {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-constexpr int kUnroll = 4;                    // elements per thread per step: independent loads in flight
-constexpr int64_t kSmemCells = 48 * 1024 / 4;  // uint32 counters in the default 48 KiB of shared memory
-
 template <typename p_t, typename t_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kConfusionThreads)
 confusion_kernel(const p_t* __restrict__ pred, const t_t* __restrict__ target, int64_t N, int64_t C,
                  bool has_ignore, int64_t ignore, int replicas, unsigned long long* __restrict__ out) {
   extern __shared__ uint32_t hist[];  // replicas x C * C, or unused (replicas == 0: global atomics)
@@ -31,17 +29,17 @@ confusion_kernel(const p_t* __restrict__ pred, const t_t* __restrict__ target, i
     __syncthreads();
   }
   uint32_t* mine = replicas > 0 ? hist + ((threadIdx.x >> 5) % replicas) * cells : nullptr;
-  const int64_t step = int64_t(gridDim.x) * blockDim.x * kUnroll;
-  for (int64_t base = int64_t(blockIdx.x) * blockDim.x * kUnroll + threadIdx.x; base < N; base += step) {
-    int64_t t[kUnroll], p[kUnroll];
+  const int64_t step = int64_t(gridDim.x) * blockDim.x * kConfusionUnroll;
+  for (int64_t base = int64_t(blockIdx.x) * blockDim.x * kConfusionUnroll + threadIdx.x; base < N; base += step) {
+    int64_t t[kConfusionUnroll], p[kConfusionUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kConfusionUnroll; ++u) {
       const int64_t i = base + int64_t(u) * blockDim.x;
       t[u] = i < N ? int64_t(target[i]) : -1;
       p[u] = i < N ? int64_t(pred[i]) : -1;
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kConfusionUnroll; ++u) {
       const int64_t cell = confusion_cell(t[u], p[u], C, has_ignore, ignore);
       if (cell < 0) continue;
       if (mine) atomicAdd(mine + cell, 1u);
@@ -62,24 +60,17 @@ at::Tensor confusion_matrix_cuda(const at::Tensor& pred_in, const at::Tensor& ta
                                  std::optional<int64_t> ignore_index) {
   const int64_t N = check_confusion(pred_in, target_in, num_classes);
   const c10::cuda::CUDAGuard guard(pred_in.device());
-  const int64_t C = num_classes, cells = C * C;
+  const int64_t C = num_classes;
   at::Tensor out = at::zeros({C, C}, pred_in.options().dtype(at::kLong));
   if (N == 0) return out;
   const at::Tensor pred = pred_in.contiguous().view({N}), target = target_in.contiguous().view({N});
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  int replicas = 0;
-  for (int r = kWarps; r >= 1 && replicas == 0; r /= 2)
-    if (r * cells <= kSmemCells) replicas = r;
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t per_block = int64_t(kThreads) * kUnroll;
-  // enough blocks to fill the device; and at least N / 2^31, so no uint32 shared counter can overflow
-  const int64_t blocks = std::max<int64_t>(std::min<int64_t>((N + per_block - 1) / per_block, int64_t(sms) * 8),
-                                           (N >> 31) + 1);
-  const size_t smem = size_t(replicas) * size_t(cells) * sizeof(uint32_t);
+  const ConfusionLaunch L = confusion_launch(N, C, current_device_limits());
+  const int replicas = static_cast<int>(L.replicas);
   AT_DISPATCH_INDEX_TYPES(pred.scalar_type(), "confusion_matrix_cuda", [&] {
     using p_t = index_t;
     AT_DISPATCH_INDEX_TYPES(target.scalar_type(), "confusion_matrix_cuda", [&] {
-      confusion_kernel<p_t, index_t><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(
+      confusion_kernel<p_t, index_t><<<grid_of(L.cfg), block_of(L.cfg), dynamic_smem_of(L.cfg), stream>>>(
           pred.const_data_ptr<p_t>(), target.const_data_ptr<index_t>(), N, C, ignore_index.has_value(),
           ignore_index.value_or(0), replicas, reinterpret_cast<unsigned long long*>(out.mutable_data_ptr<int64_t>()));
       C10_CUDA_KERNEL_LAUNCH_CHECK();

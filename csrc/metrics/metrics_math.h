@@ -1,6 +1,6 @@
 // Shared by the CPU and CUDA metrics kernels (fastcascade/reference.py: confusion_matrix).
 #pragma once
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <optional>
 

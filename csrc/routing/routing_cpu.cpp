@@ -6,10 +6,14 @@
 // its rows; a stable counting sort has one answer, so the thread count cannot change it. gather and
 // scatter are one row-copy loop parameterised by which side is indexed. Values a CUDA kernel would
 // drop (branch ids, indices out of range, duplicate scatter targets) raise here: no sync to avoid.
+// at::Tensor methods and the per-operator headers below only (enforced where torch has per-operator headers)
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 
 #include <cstring>
 #include <vector>

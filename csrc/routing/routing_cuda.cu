@@ -7,34 +7,30 @@
 // 32 rows by __match_any_sync). Branch ids outside [0, num_branches) go to a last, uncounted bin
 // after offsets[-1]: no memory fault and no sync (the Python API raises under FASTCASCADE_CHECK=1).
 // gather_rows and scatter_rows are one row-copy kernel parameterised by which side is indexed, with
-// the widest vector (up to 16 bytes) that the row length and the pointers allow.
+// the widest vector (up to 16 bytes) that the row length and the pointers allow. Grids, blocks and
+// shared bytes come from routing/routing_launch.h.
+#include <ATen/ATen.h>  // CUDA files keep all of ATen: the common headers now include only what the C++ files need
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "common/cuda_launch.cuh"
+#include "routing/routing_launch.h"
 #include "routing/routing_math.h"
 
 namespace fastcascade {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kTile = 512;                    // rows per warp in partition
-constexpr int kTileWarps = kThreads / 32;
-constexpr int64_t kMaxSmemBins = 1024;        // branches + 1 that fit the per-warp shared counters
-
-int grid_for(int64_t items, int per_block = kThreads) {
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t blocks = (items + per_block - 1) / per_block;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(blocks, int64_t(sms) * 16)));
-}
+// One thread per row over n rows (route_*, vote, partition_offsets).
+dim3 rows_grid(int64_t n) { return grid_of(route_rows_launch(n, current_device_limits())); }
 
 // ---------------------------------------------------------------------------------------------
 // decisions: one thread per row
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kRouteThreads)
 route_threshold_kernel(const scalar_t* __restrict__ x, int64_t N, double c64, float c32, int32_t* __restrict__ out) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < N; i += int64_t(gridDim.x) * blockDim.x) {
     if constexpr (std::is_same_v<scalar_t, double>) out[i] = x[i] > c64;
@@ -43,7 +39,7 @@ route_threshold_kernel(const scalar_t* __restrict__ x, int64_t N, double c64, fl
 }
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kRouteThreads)
 route_argmax_kernel(const scalar_t* __restrict__ x, int64_t N, int64_t C, int32_t* __restrict__ out) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < N; i += int64_t(gridDim.x) * blockDim.x)
@@ -51,7 +47,7 @@ route_argmax_kernel(const scalar_t* __restrict__ x, int64_t N, int64_t C, int32_
 }
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kRouteThreads)
 route_confident_kernel(const scalar_t* __restrict__ x, int64_t N, int64_t C, double temperature, double max_sum,
                        int32_t* __restrict__ out) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < N; i += int64_t(gridDim.x) * blockDim.x)
@@ -67,7 +63,7 @@ at::Tensor route_threshold_cuda(const at::Tensor& logits, double logit_threshold
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const float c32 = round_down_to_float(logit_threshold);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "route_threshold_cuda", [&] {
-    route_threshold_kernel<scalar_t><<<grid_for(N), kThreads, 0, stream>>>(
+    route_threshold_kernel<scalar_t><<<rows_grid(N), kRouteThreads, 0, stream>>>(
         x.const_data_ptr<scalar_t>(), N, logit_threshold, c32, out.mutable_data_ptr<int32_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -83,7 +79,7 @@ at::Tensor route_argmax_cuda(const at::Tensor& logits) {
   if (N == 0) return out;
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "route_argmax_cuda", [&] {
-    route_argmax_kernel<scalar_t><<<grid_for(N), kThreads, 0, stream>>>(x.const_data_ptr<scalar_t>(), N, C,
+    route_argmax_kernel<scalar_t><<<rows_grid(N), kRouteThreads, 0, stream>>>(x.const_data_ptr<scalar_t>(), N, C,
                                                                         out.mutable_data_ptr<int32_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -100,7 +96,7 @@ at::Tensor route_confident_cuda(const at::Tensor& logits, double temperature, do
   if (N == 0) return out;
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "route_confident_cuda", [&] {
-    route_confident_kernel<scalar_t><<<grid_for(N), kThreads, 0, stream>>>(
+    route_confident_kernel<scalar_t><<<rows_grid(N), kRouteThreads, 0, stream>>>(
         x.const_data_ptr<scalar_t>(), N, C, temperature, max_sum, out.mutable_data_ptr<int32_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -110,22 +106,22 @@ at::Tensor route_confident_cuda(const at::Tensor& logits, double temperature, do
 // ---------------------------------------------------------------------------------------------
 // partition
 
-// One warp per tile of kTile rows; bin B collects the out-of-range ids. COUNT: writes the tile's
+// One warp per tile of kPartitionTile rows; bin B collects the out-of-range ids. COUNT: writes the tile's
 // per-bin counts to table[bin * ntiles + tile]. PLACE: table holds each (bin, tile)'s first slot,
 // and each row i goes to order[first + (rows of its bin before it in the tile)].
 template <typename idx_t, bool PLACE>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kRouteThreads)
 partition_tiles_kernel(const idx_t* __restrict__ branch, int64_t N, int64_t B, int64_t ntiles,
                        int64_t* __restrict__ table, int64_t* __restrict__ order) {
   extern __shared__ int32_t run_smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t nb = B + 1;
   int32_t* run = run_smem + warp * nb;  // rows of each bin seen so far in this tile
-  const int64_t tile = int64_t(blockIdx.x) * kTileWarps + warp;
+  const int64_t tile = int64_t(blockIdx.x) * kPartitionTileWarps + warp;
   if (tile >= ntiles) return;  // the whole warp: nothing below synchronises the block
   for (int64_t j = lane; j < nb; j += 32) run[j] = 0;
   __syncwarp();
-  const int64_t start = tile * kTile, end = min(N, start + kTile);
+  const int64_t start = tile * kPartitionTile, end = min(N, start + kPartitionTile);
   const unsigned lower = (1u << lane) - 1u;
   for (int64_t base = start; base < end; base += 32) {  // the same trip count for every lane
     const int64_t i = base + lane;
@@ -148,7 +144,7 @@ partition_tiles_kernel(const idx_t* __restrict__ branch, int64_t N, int64_t B, i
 }
 
 // offsets[j] = first slot of bin j (tile 0's); counts[j] = offsets[j + 1] - offsets[j].
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kRouteThreads)
 partition_offsets_kernel(const int64_t* __restrict__ first, int64_t B, int64_t ntiles, int64_t* __restrict__ counts,
                          int64_t* __restrict__ offsets) {
   for (int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; j <= B; j += int64_t(gridDim.x) * blockDim.x) {
@@ -164,7 +160,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partition_cuda(const at::Tensor& 
   const int64_t N = branch.size(0), B = num_branches;
   const auto opts = branch.options().dtype(at::kLong);
   if (N == 0) return {at::empty({0}, opts), at::zeros({B}, opts), at::zeros({B + 1}, opts)};
-  if (B + 1 > kMaxSmemBins) {
+  const PartitionLaunch L = partition_launch(N, B, current_device_limits());
+  if (L.by_sort) {
     // Many branches: a stable device sort of the ids (out-of-range ones as B), bins by binary search.
     const at::Tensor key = at::where((branch >= 0) & (branch < B), branch.to(at::kLong), at::Scalar(B));
     auto [sorted, order] = at::sort(key, /*stable=*/true, /*dim=*/0, /*descending=*/false);
@@ -172,22 +169,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partition_cuda(const at::Tensor& 
     return {order, offsets.narrow(0, 1, B) - offsets.narrow(0, 0, B), offsets};
   }
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const int64_t ntiles = (N + kTile - 1) / kTile;
-  const int blocks = static_cast<int>((ntiles + kTileWarps - 1) / kTileWarps);
-  const size_t smem = size_t(kTileWarps) * size_t(B + 1) * sizeof(int32_t);
+  const int64_t ntiles = L.ntiles;
+  const dim3 blocks = grid_of(L.cfg), threads = block_of(L.cfg);
+  const size_t smem = dynamic_smem_of(L.cfg);
   at::Tensor table = at::empty({(B + 1) * ntiles}, opts);
   at::Tensor order = at::empty({N}, opts), counts = at::empty({B}, opts), offsets = at::empty({B + 1}, opts);
   AT_DISPATCH_INDEX_TYPES(branch.scalar_type(), "partition_cuda", [&] {
     const index_t* b = branch.const_data_ptr<index_t>();
-    partition_tiles_kernel<index_t, false><<<blocks, kThreads, smem, stream>>>(b, N, B, ntiles,
+    partition_tiles_kernel<index_t, false><<<blocks, threads, smem, stream>>>(b, N, B, ntiles,
                                                                                table.mutable_data_ptr<int64_t>(), nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     table = at::cumsum(table, 0).sub_(table);  // exclusive scan in (bin, tile) order
-    partition_tiles_kernel<index_t, true><<<blocks, kThreads, smem, stream>>>(
+    partition_tiles_kernel<index_t, true><<<blocks, threads, smem, stream>>>(
         b, N, B, ntiles, table.mutable_data_ptr<int64_t>(), order.mutable_data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  partition_offsets_kernel<<<grid_for(B + 1), kThreads, 0, stream>>>(
+  partition_offsets_kernel<<<rows_grid(B + 1), kRouteThreads, 0, stream>>>(
       table.const_data_ptr<int64_t>(), B, ntiles, counts.mutable_data_ptr<int64_t>(), offsets.mutable_data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {order, counts, offsets};
@@ -199,7 +196,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partition_cuda(const at::Tensor& 
 // (gather); an out-of-range destination row is skipped (scatter): never a memory fault.
 
 template <typename vec_t, typename idx_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kRouteThreads)
 copy_rows_kernel(const vec_t* __restrict__ src, int64_t src_rows, const idx_t* __restrict__ src_idx,
                  vec_t* __restrict__ dst, int64_t dst_rows, const idx_t* __restrict__ dst_idx, int64_t M,
                  int64_t row_vecs) {
@@ -220,13 +217,9 @@ void launch_copy_rows(const at::Tensor& src, const idx_t* src_idx, at::Tensor& d
   for (int64_t d = 1; d < src.dim(); ++d) row_bytes *= src.size(d);
   if (M == 0 || row_bytes == 0) return;
   const auto sp = reinterpret_cast<uintptr_t>(src.const_data_ptr()), dp = reinterpret_cast<uintptr_t>(dst.data_ptr());
-  int vec = 16;  // the widest vector that divides the row and both base addresses
-  while (vec > 1 && (row_bytes % vec != 0 || sp % vec != 0 || dp % vec != 0)) vec /= 2;
-  const int64_t row_vecs = row_bytes / vec;
-  int tx = 1;
-  while (tx < row_vecs && tx < kThreads) tx *= 2;
-  const dim3 block(tx, kThreads / tx);
-  const int grid = grid_for(M, kThreads / tx);
+  const CopyRowsLaunch L = copy_rows_launch(M, row_bytes, int64_t(sp % 16), int64_t(dp % 16), current_device_limits());
+  const int64_t row_vecs = L.row_vecs;
+  const dim3 block = block_of(L.cfg), grid = grid_of(L.cfg);
   const int64_t src_rows = src.size(0), dst_rows = dst.size(0);
   auto launch = [&](auto vec_tag) {
     using vec_t = decltype(vec_tag);
@@ -234,7 +227,7 @@ void launch_copy_rows(const at::Tensor& src, const idx_t* src_idx, at::Tensor& d
         static_cast<const vec_t*>(src.const_data_ptr()), src_rows, src_idx, static_cast<vec_t*>(dst.data_ptr()),
         dst_rows, dst_idx, M, row_vecs);
   };
-  switch (vec) {
+  switch (L.vec) {
     case 16: launch(uint4{}); break;
     case 8: launch(uint2{}); break;
     case 4: launch(uint32_t{}); break;
@@ -280,7 +273,7 @@ at::Tensor scatter_rows_cuda(const at::Tensor& src_in, const at::Tensor& index_i
 // vote: one thread per row; the summed probabilities live in `sum` (N, C), the votes in (N, C) int32.
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kRouteThreads)
 vote_kernel(const scalar_t* __restrict__ x, int64_t K, int64_t N, int64_t C, at::opmath_type<scalar_t>* __restrict__ sum,
             int32_t* __restrict__ votes, bool write_mean, int64_t* __restrict__ labels) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -315,7 +308,7 @@ std::tuple<at::Tensor, at::Tensor> vote_cuda(const at::Tensor& member_logits, in
     cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "vote_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      vote_kernel<scalar_t><<<grid_for(N), kThreads, 0, stream>>>(
+      vote_kernel<scalar_t><<<rows_grid(N), kRouteThreads, 0, stream>>>(
           x.const_data_ptr<scalar_t>(), K, N, C, sum.mutable_data_ptr<acc_t>(),
           mode == 0 ? votes.mutable_data_ptr<int32_t>() : nullptr, need_probs, labels.mutable_data_ptr<int64_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();

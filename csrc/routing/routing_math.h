@@ -1,7 +1,7 @@
 // Per-row decisions of the routing ops, shared by the CPU and CUDA kernels
 // (fastcascade/reference.py: route_threshold, route_argmax, route_confident, vote).
 #pragma once
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <cmath>
 #include <limits>

@@ -15,6 +15,7 @@ from .augment import RandomDihedral, hflip, mixup, random_dihedral, transpose, v
 from .blockfile import load_block_dataset, save_block_dataset
 from .dataset import (
     IMAGES,
+    TEST_IMAGES,
     VAL_IMAGES,
     PartitionDataset,
     build_partition_dataset,
@@ -55,7 +56,7 @@ from .partition import DEFAULT_QP, LABELLER_VERSION, label_blocks, labeller_para
 __all__ = [
     "BLOCK_SIZE", "DEFAULT_QP", "HFLIP_LABELS", "HORZ", "HORZ_4", "HORZ_A", "HORZ_B", "IGNORE_INDEX",
     "IMAGES", "LABELLER_VERSION", "LABEL_NAMES", "NONE", "NUM_CLASSES", "NUM_MAIN_CLASSES",
-    "PARTITION_RECTS", "SPLIT", "STAGES", "STAGE_CLASS_NAMES", "TRANSPOSE_LABELS", "VAL_IMAGES", "VERT",
+    "PARTITION_RECTS", "SPLIT", "STAGES", "STAGE_CLASS_NAMES", "TEST_IMAGES", "TRANSPOSE_LABELS", "VAL_IMAGES", "VERT",
     "VERT_4", "VERT_A", "VERT_B", "VFLIP_LABELS", "PartitionDataset", "RandomDihedral",
     "build_partition_dataset", "default_cache_dir", "format_distribution", "hflip", "label_blocks",
     "label_distribution", "labeller_params", "labels_from_stages", "load_block_dataset",

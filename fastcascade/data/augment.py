@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .labels import HFLIP_LABELS, TRANSPOSE_LABELS, VFLIP_LABELS, _check_labels
+from .labels import HFLIP_LABELS, TRANSPOSE_LABELS, VFLIP_LABELS, check_labels
 
 
 def _check_blocks(blocks: torch.Tensor) -> None:
@@ -20,7 +20,7 @@ def _check_blocks(blocks: torch.Tensor) -> None:
 
 
 def _map(table: torch.Tensor, labels):
-    return None if labels is None else table.to(labels.device)[_check_labels(labels)]
+    return None if labels is None else table.to(labels.device)[check_labels(labels)]
 
 
 def hflip(blocks: torch.Tensor, labels: torch.Tensor | None = None):
@@ -50,7 +50,7 @@ def random_dihedral(blocks: torch.Tensor, labels: torch.Tensor, generator: torch
     so a seeded generator gives the same batch every time. Returns new (blocks, labels).
     """
     _check_blocks(blocks)
-    labels = _check_labels(labels)
+    labels = check_labels(labels)
     n = blocks.shape[0]
     if labels.shape != (n,):
         raise ValueError(f"labels: expected shape ({n},) to match blocks, got {tuple(labels.shape)}")

@@ -13,7 +13,10 @@ Each split file holds a dict:
 * ``"blocks"``: uint8 pixels, or floating pixels in [0, 1], shape (N, 1, S, S) (S = block size);
 * ``"labels"``: int64 (N,), partition labels in libaom order, in [0, num_classes);
 * ``"meta"`` (optional): a dict of anything torch.load(weights_only=True) can read;
-* ``"image_ids"`` (optional): int64 (N,), the source image of each block (for split hygiene checks).
+* ``"image_ids"`` (optional): int64 (N,), the source image of each block (for split hygiene checks);
+* ``"checksum"`` (optional): written by save_block_dataset, fastcascade._io.checksum of the other entries;
+  a file that does not match it is refused as damaged. Files without one (e.g. written with torch.save)
+  load as they are: their integrity cannot be checked.
 
 ``num_classes`` is the argument if given, else metadata.json's, else 10 (all AV1 partition types).
 """
@@ -23,10 +26,12 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 
 import torch
 
-from .dataset import PartitionDataset, atomic_torch_save
+from .._io import check_loadable, checksum, checksum_problem, save_torch
+from .dataset import PartitionDataset
 from .labels import BLOCK_SIZE, NUM_CLASSES
 
 
@@ -74,6 +79,19 @@ def _validate(obj, where: str, block_size: int, num_classes: int) -> dict:
     return {"blocks": blocks, "labels": labels, "image_ids": image_ids, "meta": meta}
 
 
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def _check_split(split) -> str:
+    """A split is a file name in the dataset folder: a plain name, never a path ("../x", "a/b", "/x")."""
+    if not isinstance(split, str) or not _PLAIN_NAME.fullmatch(split) or ".." in split:
+        raise ValueError(f"split must be a plain name such as 'train' or 'val' (letters, digits, '_', '-', "
+                         f"'.'; no path), got {split!r}")
+    if split.endswith(".pt"):
+        raise ValueError(f"split is the name without '.pt', got {split!r}")
+    return split
+
+
 def _read_metadata(folder: pathlib.Path) -> dict:
     path = folder / "metadata.json"
     if not path.exists():
@@ -87,17 +105,23 @@ def _read_metadata(folder: pathlib.Path) -> dict:
     return meta
 
 
-def load_block_dataset(path: str | os.PathLike, split: str = "train", block_size: int = BLOCK_SIZE,
+def load_block_dataset(path: str | os.PathLike, split: str | None = None, block_size: int = BLOCK_SIZE,
                        num_classes: int | None = None, as_float: bool = True) -> PartitionDataset:
     """Load one split of a dataset in the format above.
 
-    ``path`` is a folder holding ``{S}x{S}/{split}.pt`` or ``{split}.pt``, or a .pt file itself
-    (then ``split`` is not used). Raises FileNotFoundError for a missing folder or file and ValueError
-    for anything malformed (wrong keys, shapes, dtypes, labels out of range, bad metadata.json), each
-    naming the file and what was expected. Nothing is written.
+    ``path`` is a folder holding ``{S}x{S}/{split}.pt`` or ``{split}.pt`` (``split`` defaults to
+    "train"), or a .pt file itself; then ``split``, if given, must be that file's name (a file stands
+    for one split: ``load_block_dataset(".../train.pt", "val")`` raises instead of returning the train
+    rows as val). ``split`` is a plain name, not a path. Raises FileNotFoundError for a missing folder
+    or file and ValueError for anything malformed (wrong keys, shapes, dtypes, labels out of range, a
+    checksum that does not match, bad metadata.json), each naming the file and what was expected.
+    Nothing is written.
     """
+    if split is not None:
+        _check_split(split)
     path = pathlib.Path(path).expanduser()
     if path.is_dir():
+        split = split or "train"
         folder = path / f"{block_size}x{block_size}"
         folder = folder if folder.is_dir() else path
         file = folder / f"{split}.pt"
@@ -105,16 +129,20 @@ def load_block_dataset(path: str | os.PathLike, split: str = "train", block_size
             raise FileNotFoundError(f"{file}: no such file; expected {path}/{block_size}x{block_size}/"
                                     f"{split}.pt or {path}/{split}.pt (see fastcascade.data.blockfile)")
     elif path.is_file():
+        if split is not None and path.name != f"{split}.pt":
+            raise ValueError(f"{path} is a file, the {path.stem!r} split; split={split!r} asks for another "
+                             f"one: pass the dataset folder ({path.parent}) to choose a split")
         folder, file = path.parent, path
     else:
         raise FileNotFoundError(f"{path}: no such file or folder")
     meta_json = _read_metadata(folder)
-    if "block_size" in meta_json and meta_json["block_size"] != block_size:
+    if "block_size" in meta_json and (isinstance(meta_json["block_size"], bool)
+                                      or meta_json["block_size"] != block_size):
         raise ValueError(f"{folder / 'metadata.json'}: block_size {meta_json['block_size']!r} does not match "
                          f"the requested block_size={block_size}")
     if num_classes is None:
         num_classes = meta_json.get("num_classes", NUM_CLASSES)
-        if not isinstance(num_classes, int) or num_classes < 1:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"{folder / 'metadata.json'}: num_classes must be a positive int, "
                              f"got {num_classes!r}")
     try:
@@ -122,6 +150,10 @@ def load_block_dataset(path: str | os.PathLike, split: str = "train", block_size
     except Exception as e:
         raise ValueError(f"{file}: could not be read as a torch.save file of tensors ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if isinstance(obj, dict) and "checksum" in obj:
+        problem = checksum_problem({k: v for k, v in obj.items() if k != "checksum"}, obj["checksum"])
+        if problem:
+            raise ValueError(f"{file} is damaged: {problem}; nothing was loaded")
     d = _validate(obj, str(file), block_size, num_classes)
     return PartitionDataset(d["blocks"], d["labels"], d["image_ids"], num_classes=num_classes,
                             meta={**meta_json, **d["meta"], "file": str(file)}, as_float=as_float)
@@ -130,14 +162,18 @@ def load_block_dataset(path: str | os.PathLike, split: str = "train", block_size
 def save_block_dataset(path: str | os.PathLike, blocks: torch.Tensor, labels: torch.Tensor,
                        meta: dict | None = None, image_ids: torch.Tensor | None = None,
                        num_classes: int = NUM_CLASSES) -> pathlib.Path:
-    """Write one split file (e.g. ``my_dataset/16x16/train.pt``) in the format above, after checking
-    it as the loader would; atomically (a failed save leaves no file behind). Returns the path."""
+    """Write one split file (e.g. ``my_dataset/16x16/train.pt``) in the format above, with a checksum,
+    after checking it as the loader would: a ``meta`` value that torch.load(weights_only=True) cannot read
+    back (a numpy scalar, a path) raises TypeError naming its key. Atomic: a failed save leaves no file
+    behind. Returns the path."""
     path = pathlib.Path(path).expanduser()
     obj = {"blocks": blocks, "labels": labels, "meta": dict(meta or {})}
     if image_ids is not None:
         obj["image_ids"] = image_ids
     block_size = blocks.shape[-1] if isinstance(blocks, torch.Tensor) and blocks.dim() == 4 else BLOCK_SIZE
     _validate(obj, str(path), block_size, num_classes)
+    check_loadable(obj["meta"], "meta")
     obj = {k: (v.detach().cpu().contiguous() if isinstance(v, torch.Tensor) else v) for k, v in obj.items()}
-    atomic_torch_save(obj, path)
+    obj["checksum"] = checksum(obj)
+    save_torch(obj, path)
     return path

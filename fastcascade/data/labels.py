@@ -83,7 +83,7 @@ _RECT_TO_LABEL = torch.tensor([HORZ, VERT, HORZ_4, VERT_4])
 _AB_TO_LABEL = torch.tensor([HORZ_A, HORZ_B, VERT_A, VERT_B])
 
 
-def _check_labels(labels: torch.Tensor, name: str = "labels") -> torch.Tensor:
+def check_labels(labels: torch.Tensor, name: str = "labels") -> torch.Tensor:
     if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32, torch.int16,
                                                                        torch.uint8, torch.int8):
         raise ValueError(f"{name}: expected an integer tensor, got "
@@ -97,7 +97,7 @@ def _check_labels(labels: torch.Tensor, name: str = "labels") -> torch.Tensor:
 def stage_targets(labels: torch.Tensor) -> dict:
     """Per-stage targets of final labels: {"stage1", "stage2", "rect", "ab"} -> int64 tensors shaped like
     ``labels``, IGNORE_INDEX where the label does not reach that stage."""
-    labels = _check_labels(labels)
+    labels = check_labels(labels)
     table = _STAGE_TABLE.to(labels.device)[labels]
     return {stage: table[..., i] for i, stage in enumerate(STAGES)}
 

@@ -1,0 +1,79 @@
+"""Fused focal losses (sigmoid_focal, softmax_focal): fake kernels and autograd.
+
+The forward already wrote d loss / d logits (need_grad=True); backward multiplies it by the upstream
+gradient (and by grad_scale, the 1 / normaliser of "mean", a device tensor of the same pass). Under
+backward(create_graph=True) the gradient is recomputed through the reference instead, as a graph.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import reference
+from .common import REDUCTION_CODES, acc_dtype, graph_grads, refuse_constant_grads
+
+_REDUCTIONS = {code: name for name, code in REDUCTION_CODES.items()}
+
+
+def _grad_output(logits: torch.Tensor, need_grad: bool) -> torch.Tensor:
+    return torch.empty_like(logits) if need_grad else logits.new_empty((0,))
+
+
+def _sigmoid_focal_fake(logits, targets, alpha, gamma, label_smoothing, reduction, need_grad):
+    loss = torch.empty_like(logits) if reduction == 0 else logits.new_empty(())
+    return loss, _grad_output(logits, need_grad), logits.new_empty((), dtype=acc_dtype(logits))
+
+
+def _softmax_focal_fake(logits, target, weight, gamma, label_smoothing, ignore_index, reduction, need_grad):
+    loss = logits.new_empty(target.shape) if reduction == 0 else logits.new_empty(())
+    return loss, _grad_output(logits, need_grad), logits.new_empty((), dtype=acc_dtype(logits))
+
+
+def _sigmoid_reference(logits, targets, alpha, gamma, label_smoothing, reduction, _need_grad):
+    x = logits.to(acc_dtype(logits))
+    return reference.sigmoid_focal_loss(x, targets, None if alpha < 0 else alpha, gamma, _REDUCTIONS[reduction],
+                                        label_smoothing)
+
+
+def _softmax_reference(logits, target, weight, gamma, label_smoothing, ignore_index, reduction, _need_grad):
+    x = logits.to(acc_dtype(logits))
+    return reference.softmax_focal_loss(x, target, gamma, weight, ignore_index, label_smoothing,
+                                        _REDUCTIONS[reduction])
+
+
+def _fused_autograd(reduction_arg: int, need_grad_arg: int, n_inputs: int, unsqueeze_none: bool, ref, constants):
+    """(backward, setup_context): backward(g) = grad_logits * g * grad_scale; with create_graph=True the
+    gradient is recomputed through the reference as a graph (second derivatives)."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.reduction = inputs[reduction_arg]
+        ctx.need_grad = inputs[need_grad_arg]
+        ctx.params = inputs[len(constants) + 1:]
+        # d loss / d logits and the normaliser are saved for backward only: no gradient flows into them
+        ctx.mark_non_differentiable(output[1], output[2])
+        ctx.save_for_backward(output[1], output[2], *inputs[:len(constants) + 1])
+
+    def backward(ctx, grad_loss, _grad_grad, _grad_scale):
+        refuse_constant_grads(ctx, constants)
+        if not ctx.need_grad:
+            raise RuntimeError("fastcascade loss op was called with need_grad=False; call it with need_grad=True")
+        grad_logits, grad_scale, *tensors = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
+            (grad,) = graph_grads(lambda x: ref(x, *tensors[1:], *ctx.params), tensors[:1],
+                                  ctx.needs_input_grad[:1], grad_loss)
+            return (grad,) + (None,) * (n_inputs - 1)
+        if ctx.reduction == 0:
+            g = grad_loss.unsqueeze(1) if unsqueeze_none else grad_loss
+        else:
+            g = grad_loss * grad_scale
+        return (grad_logits * g.to(grad_logits.dtype),) + (None,) * (n_inputs - 1)
+
+    return backward, setup_context
+
+
+FAKES = {"sigmoid_focal": _sigmoid_focal_fake, "softmax_focal": _softmax_focal_fake}
+# (index of `reduction`, index of `need_grad`, number of inputs, the "none" loss lacks the class dim)
+AUTOGRAD = {
+    "sigmoid_focal": lambda op: _fused_autograd(5, 6, 7, False, _sigmoid_reference, {1: "targets"}),
+    "softmax_focal": lambda op: _fused_autograd(6, 7, 8, True, _softmax_reference, {1: "target", 2: "weight"}),
+}

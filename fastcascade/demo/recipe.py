@@ -1,0 +1,216 @@
+"""The demo recipe (``python -m fastcascade demo``): train the AV1 partition cascades on the embedded dataset and
+compare them with the flat model.
+
+Trains the seed's v6 hierarchy with its own backbones (fastcascade.demo.hierarchy), a flat 8-class model on as
+many rows, and heads on the flat model's frozen backbone used as a shared trunk (fastcascade.demo.heads); then
+compares five designs (fastcascade.demo.designs) on the test split at operating points tuned on val: macro F1,
+accuracy, FLOPs per block and measured blocks/s. Prints the tables and writes the run folder (metrics.json,
+frontier.png and the other PNGs, checkpoints); the folder appears only once the run is complete.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.util
+import pathlib
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+
+import torch
+from torch.utils.data import Subset
+
+from .. import data as fd
+from .._checks import device_arg, file_in_the_way
+from .._io import write_json
+from ..cascade import split_backbone
+from ..metrics import classification_report
+from ..train import evaluate
+from .context import LABEL_NAMES, NUM_LABELS, STAGE_NAMES, Run, labels_of, stage_target
+from .designs import build_designs, measure
+from .heads import train_trunk_heads
+from .hierarchy import train_flat, train_own_hierarchy
+from .plots import plot_confusion, plot_curves, plot_frontier
+from .report import format_stages, format_table, target_check
+
+__all__ = ["run_demo"]
+
+# where the flat model's backbone is cut into the shared trunk's segments
+SEGMENT_ENDS = {"small-cnn": ["layer1", "layer2"], "resnet18": ["layer1", "layer2"]}
+
+
+def _load_data(args) -> tuple[fd.PartitionDataset, fd.PartitionDataset, fd.PartitionDataset]:
+    if args.data is not None:
+        if pathlib.Path(args.data).expanduser().is_file():
+            raise ValueError(f"--data {args.data}: a file; pass the dataset folder, which holds "
+                             f"16x16/train.pt and 16x16/val.pt (one file would serve as both splits)")
+        train = fd.load_block_dataset(args.data, "train", num_classes=NUM_LABELS)
+        val = fd.load_block_dataset(args.data, "val", num_classes=NUM_LABELS)
+        try:
+            test = fd.load_block_dataset(args.data, "test", num_classes=NUM_LABELS)
+        except FileNotFoundError:
+            print("no test.pt: the numbers are reported on val, which also chose the operating points")
+            test = val
+    else:
+        train, val, test = (fd.load_partition_dataset(s) for s in ("train", "val", "test"))
+    for name, ds in (("train", train), ("val", val), ("test", test)):
+        if len(ds) == 0:
+            raise ValueError(f"the {name} split is empty")
+        if int(ds.labels.max()) >= NUM_LABELS:
+            raise ValueError(f"the {name} split holds labels >= {NUM_LABELS} (HORZ_4 / VERT_4): the demo "
+                             f"cascade predicts the 8 main partition types only")
+    return train, val, test
+
+
+def _subset(ds, n: int, seed: int):
+    if n >= len(ds):
+        return ds
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return Subset(ds, idx.tolist())
+
+
+def run_demo(args) -> dict:
+    t_start = time.perf_counter()
+    device = (device_arg(args.device, "--device") if args.device
+              else torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    backbone = args.backbone or ("resnet18" if device.type == "cuda" else "small-cnn")
+    # what the run needs at its end, checked before it starts
+    needed = {"matplotlib": "the plots"}
+    if backbone == "resnet18":
+        needed["timm"] = "the resnet18 backbone"
+    for module, why in needed.items():
+        if importlib.util.find_spec(module) is None:
+            raise ImportError(f"{module} is not installed, and the demo needs it for {why}: pip install {module}")
+    quick = args.quick
+    epochs = args.epochs or (2 if quick else 8)
+    args.batch_size = args.batch_size or (64 if quick else 128)
+    if device.type == "cpu" or args.threads:
+        torch.set_num_threads(args.threads or 1)
+    amp = torch.bfloat16 if device.type == "cuda" else None
+    out = pathlib.Path(args.out or f"runs/demo-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    blocker = file_in_the_way(out)
+    if blocker is not None:
+        raise ValueError(f"--out {out}: " + ("is a file" if blocker == out else f"{blocker} is a file")
+                         + "; the run folder must be a new or empty folder")
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"--out {out}: the folder exists and is not empty; pick another")
+
+    train, val, test = _load_data(args)  # data errors come before anything is written
+    if quick:
+        train, val, test = _subset(train, 4000, args.seed), _subset(val, 2000, args.seed + 1), _subset(test, 2000, args.seed + 2)
+    y_train = labels_of(train)
+    print(f"fastcascade demo: {len(train)} train / {len(val)} val / {len(test)} test blocks, backbone {backbone}, device "
+          f"{device}, {epochs} epochs per model{' (quick)' if quick else ''}")
+    print(fd.format_distribution(y_train, NUM_LABELS))
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # SIGTERM (`kill`) raises SystemExit(143) as Ctrl-C raises KeyboardInterrupt, so the cleanup below runs
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum)) if in_main else None
+    work = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        result = _train_and_report(args, train, val, test, device, backbone, epochs, amp, quick, work)
+        result["timing"]["total_s"] = time.perf_counter() - t_start
+        write_json(result, work / "metrics.json")
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        work.rename(out)  # the run folder appears complete or not at all
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
+    print(f"\nrun folder: {out} (metrics.json, frontier.png, confusion_*.png, learning_curves.png, checkpoints/)")
+    print(f"total time: {result['timing']['total_s']:.1f} s")
+    return result
+
+
+def _train_and_report(args, train, val, test, device, backbone, epochs, amp, quick, work: pathlib.Path) -> dict:
+    run = Run(args, train, val, test, device, backbone, epochs, amp, quick, work)
+    print("\n== training ==")
+    t = time.perf_counter()
+    own = train_own_hierarchy(run)
+    run.timing["train_cascade_s"] = time.perf_counter() - t
+    cascade_rows = sum(run.rows.values())
+    # the flat 8-class model with the same budget: as many training rows as the own-backbone hierarchy
+    t = time.perf_counter()
+    flat = train_flat(run, cascade_rows)
+    run.timing["train_flat_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    trunk, flat_head = split_backbone(flat, at=SEGMENT_ENDS[backbone])
+    heads = train_trunk_heads(run, trunk)
+    run.timing["train_trunk_heads_s"] = time.perf_counter() - t
+
+    print("\n== per-stage models of the own-backbone hierarchy, standalone on the test rows of each stage ==")
+    standalone = {}
+    for k, m in own.models().items():
+        stage = "ab" if k.startswith("ab") else k
+        standalone[k] = evaluate(m, test, target_fn=stage_target(stage), class_names=STAGE_NAMES[stage],
+                                 device=device).final
+        print(f"  {k:<7} macro F1 {standalone[k].macro_f1:.4f}, accuracy {standalone[k].accuracy:.4f}")
+
+    t = time.perf_counter()
+    designs = build_designs(run, own, flat, trunk, flat_head, heads)
+    results = measure(run, designs)
+    run.timing["compare_s"] = time.perf_counter() - t
+    y_test = labels_of(test)
+    none = classification_report(torch.zeros_like(y_test), y_test, NUM_LABELS)
+    always_none = {"macro_f1": none.macro_f1, "accuracy": none.accuracy}
+    check = target_check(results)
+    _print_results(results, always_none, check, len(test))
+
+    plot_frontier(results, work / "frontier.png")
+    for d in designs:
+        rep = results[d.name]["test"]["final"]
+        cm = torch.tensor(rep["confusion"])
+        plot_confusion(cm, LABEL_NAMES, f"{d.name} (test)", work / f"confusion_{d.name}.png")
+    for name, rep in results["v6-trunk"]["test"]["stages"].items():
+        plot_confusion(torch.tensor(rep["confusion"]), rep["class_names"], f"v6-trunk stage {name} (test, in cascade)",
+                       work / f"confusion_v6-trunk_stage_{name}.png")
+    plot_curves(run.histories, work / "learning_curves.png")
+
+    return {
+        "config": {"epochs": epochs, "flat_epochs": len(run.histories["flat"]), "backbone": backbone,
+                   "device": str(device), "seed": args.seed, "quick": quick, "batch_size": args.batch_size,
+                   "width": args.width, "threads": torch.get_num_threads(),
+                   "data": "embedded" if args.data is None else "own", "train_blocks": len(train),
+                   "val_blocks": len(val), "test_blocks": len(test), "segments": list(trunk),
+                   "adapter_trainable_params": own.adapter_params},
+        "designs": results,
+        "always_none": always_none,
+        "target": check,
+        "standalone": {k: v.to_dict() for k, v in standalone.items()},
+        "summary": {"flat_macro_f1": results["flat"]["macro_f1"], "flat_accuracy": results["flat"]["accuracy"],
+                    "cascade_training_rows": cascade_rows, "flat_training_rows": run.rows["flat"],
+                    **{f"{k}_macro_f1": v["macro_f1"] for k, v in results.items() if k != "flat"}},
+        "throughput_blocks_per_s": {k: v["blocks_per_s"] for k, v in results.items()},
+        "routing_matches_dense": all(v.get("routing_matches_dense", True) for v in results.values()),
+        "history": run.histories,
+        "timing": run.timing,
+    }
+
+
+def _print_results(results: dict, always_none: dict, check: dict, n_test: int) -> None:
+    print(f"\n== designs on the {n_test} test blocks, at operating points tuned on val (dynamic mode, batch = all) ==")
+    print(format_table(results, always_none))
+    for name, r in results.items():
+        print(f"\n-- {name}: {r['description']} --")
+        if "setting" in r:
+            print(f"  val (tuning split): macro F1 {r['val']['macro_f1']:.4f} at {r['val']['flops_per_block']:,.0f} FLOPs "
+                  f"per block, the best of a frontier of {len(r['frontier_val'])} points")
+            print(format_stages(r))
+    same = all(r.get("routing_matches_dense", True) for r in results.values())
+    print(f"\ndynamic and static labels equal the dense oracle for every design: {same}")
+    flat = results["flat"]
+    print(f"\n== summary (test) ==\n  flat: macro F1 {flat['macro_f1']:.4f}, accuracy {flat['accuracy']:.4f}; "
+          f"always NONE: macro F1 {always_none['macro_f1']:.4f}, accuracy {always_none['accuracy']:.4f}")
+    for name, ratio in check["ratios"].items():
+        print(f"  {name:<9} macro F1 {results[name]['macro_f1']:.4f} ({ratio['macro_f1_delta']:+.4f} vs flat), "
+              f"{ratio['flops_ratio']:.2f}x its FLOPs, {ratio['throughput_ratio']:.2f}x its blocks/s")
+    t = check["target"]
+    print(f"  target (flat's macro F1 at <= {t['flops_ratio']}x FLOPs and >= {t['throughput_ratio']}x blocks/s): "
+          + (f"met by {', '.join(check['designs_meeting'])}" if check["met"] else "not met"))

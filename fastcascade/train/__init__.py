@@ -1,0 +1,18 @@
+"""Training and evaluation: :func:`fit`, verified checkpoints, :func:`evaluate`; plain PyTorch underneath.
+
+``fit`` is one AdamW loop over a map-style dataset of ``(input, label)`` items (a
+:class:`fastcascade.data.PartitionDataset`, a ``TensorDataset`` or any dataset of that shape):
+discriminative learning rates (fastcascade.param_groups), a per-step cosine or one-cycle schedule,
+freeze-then-unfreeze, bf16 autocast, gradient clipping, class-balanced / oversampling samplers, early
+stopping on a validation metric, tqdm progress, checkpoints that are verified on save, and exact
+resume. Under ``torchrun`` it runs unchanged as DDP (gloo on the CPU, NCCL on CUDA): each rank trains
+on its shard, validation confusion matrices and losses are summed over ranks, rank 0 writes files.
+
+Validation metrics come from fastcascade.metrics (confusion_matrix, ClassificationReport).
+"""
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .evaluate import evaluate
+from .fit import fit
+
+__all__ = ["evaluate", "fit", "load_checkpoint", "save_checkpoint"]
