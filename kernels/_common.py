@@ -26,7 +26,8 @@ from torch.library import wrap_triton
 from triton.language.extra import libdevice
 
 __all__ = [
-    "FLOAT_DTYPES", "HOST_FUNCTIONS", "INTERPRETED", "act_fwd_bwd", "check_activation", "check_param", "check_scale",
+    "FLOAT_DTYPES", "HOST_FUNCTIONS", "INTERPRETED", "act_fwd_bwd", "check_activation", "check_adapter_params",
+    "check_param", "check_scale",
     "device_guard", "dropout_args", "dropped", "launch", "log1p_01", "precise_softmax", "softmax_terms", "split_float",
     "triton_op",
 ]
@@ -111,6 +112,16 @@ def check_param(name: str, what: str, t: Tensor, shape, dev) -> None:
         raise RuntimeError(f"{name}: {what} must have shape {tuple(shape)}, got {tuple(t.shape)}")
     if t.device != dev:
         raise RuntimeError(f"{name}: {what} is on {t.device}, expected {dev}")
+
+
+def check_adapter_params(name: str, down_w: Tensor, down_b: Tensor, up_w: Tensor, up_b: Tensor,
+                         scale: Tensor | None, C: int, R: int, dev) -> None:
+    """The adapters' weights: down (R, C) + (R,), up (C, R) + (C,), scale one element or None, on dev."""
+    check_param(name, "down_w", down_w, (R, C), dev)
+    check_param(name, "down_b", down_b, (R,), dev)
+    check_param(name, "up_w", up_w, (C, R), dev)
+    check_param(name, "up_b", up_b, (C,), dev)
+    check_scale(name, scale, dev)
 
 
 def check_scale(name: str, scale: Tensor | None, dev) -> None:

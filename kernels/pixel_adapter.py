@@ -38,8 +38,7 @@ from ._common import (
     INTERPRETED,
     act_fwd_bwd,
     check_activation,
-    check_param,
-    check_scale,
+    check_adapter_params,
     dropout_args,
     dropped,
     launch,
@@ -314,11 +313,7 @@ def _checks(name, x, down_w, down_b, up_w, up_b, scale, activation, dropout):
     if C * R > _INT32_MAX:
         raise RuntimeError(f"{name}: down_w (r, C) must have fewer than 2^31 elements, got r = {R}, C = {C}")
     dev = x.device
-    check_param(name, "down_w", down_w, (R, C), dev)
-    check_param(name, "down_b", down_b, (R,), dev)
-    check_param(name, "up_w", up_w, (C, R), dev)
-    check_param(name, "up_b", up_b, (C,), dev)
-    check_scale(name, scale, dev)
+    check_adapter_params(name, down_w, down_b, up_w, up_b, scale, C, R, dev)
     return R
 
 

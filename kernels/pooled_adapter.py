@@ -45,6 +45,7 @@ from ._common import (
     FLOAT_DTYPES,
     act_fwd_bwd,
     check_activation,
+    check_adapter_params,
     check_param,
     check_scale,
     dropout_args,
@@ -376,11 +377,7 @@ def pooled_adapter_triton(
         raise RuntimeError(f"{name}: down_w must be 2-D (r, C), got shape {tuple(down_w.shape)}")
     R = down_w.shape[0]
     dev = x.device
-    check_param(name, "down_w", down_w, (R, C), dev)
-    check_param(name, "down_b", down_b, (R,), dev)
-    check_param(name, "up_w", up_w, (C, R), dev)
-    check_param(name, "up_b", up_b, (C,), dev)
-    check_scale(name, scale, dev)
+    check_adapter_params(name, down_w, down_b, up_w, up_b, scale, C, R, dev)
 
     use_fp64 = x.dtype == torch.float64
     acc_dtype = torch.float64 if use_fp64 else torch.float32
