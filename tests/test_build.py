@@ -2,8 +2,10 @@
 
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
+import sysconfig
 
 import pytest
 import torch
@@ -65,3 +67,19 @@ def test_every_op_runs_on_meta_tensors_and_records_autograd():
         loss, grad, scale = getattr(torch.ops.fastcascade, "softmax_focal" + suffix)(
             x, torch.empty(4, dtype=torch.long, device="meta"), None, 2.0, 0.0, -100, 0, True)
         assert loss.shape == (4,) and grad.shape == (4, 3) and loss.grad_fn is not None
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="needs a C++ compiler")
+def test_cpu_sources_compile_as_one_translation_unit(tmp_path):
+    """setup.py compiles groups of CPU sources as one translation unit (which group depends on MAX_JOBS):
+    no two sources may define the same name outside their own namespace."""
+    from torch.utils.cpp_extension import include_paths
+
+    sources = [REPO / "csrc" / "fastcascade.cpp", *sorted((REPO / "csrc").glob("*/*_cpu.cpp"))]
+    unit = tmp_path / "all_cpu.cpp"
+    unit.write_text("".join(f'#include "{s.relative_to(REPO / "csrc")}"\n' for s in sources))
+    cmd = ["c++", "-std=c++20", "-fsyntax-only", "-fopenmp", "-fPIC", "-DTORCH_API_INCLUDE_EXTENSION_H",
+           "-DTORCH_EXTENSION_NAME=_C", f"-I{REPO / 'csrc'}", f"-I{sysconfig.get_paths()['include']}",
+           *(f"-I{p}" for p in include_paths()), str(unit)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]

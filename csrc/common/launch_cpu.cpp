@@ -15,7 +15,8 @@
 #include "pooled_adapter/pooled_adapter_launch.h"
 #include "routing/routing_launch.h"
 
-namespace fastcascade {
+// Its own namespace: setup.py may compile several CPU sources as one translation unit.
+namespace fastcascade::launch_cpu {
 namespace {
 
 namespace py = pybind11;
@@ -121,8 +122,12 @@ const std::map<std::string, Config>& configs() {
 }
 
 }  // namespace
+}  // namespace fastcascade::launch_cpu
 
-void define_launch_config(py::module_& m) {
+namespace fastcascade {
+
+void define_launch_config(pybind11::module_& m) {
+  using namespace launch_cpu;
   m.def(
       "_launch_config",
       [](const std::string& kernel, const Args& args) {

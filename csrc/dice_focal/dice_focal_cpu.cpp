@@ -22,7 +22,8 @@
 #include "dice_focal/dice_focal_checks.h"
 #include "dice_focal/dice_focal_math.h"
 
-namespace fastcascade {
+// Its own namespace: setup.py may compile several CPU sources as one translation unit.
+namespace fastcascade::dice_focal_cpu {
 namespace {
 
 constexpr int64_t kChunk = 1024;         // pixels per partial
@@ -306,4 +307,4 @@ TORCH_LIBRARY_IMPL(fastcascade, CPU, m) {
   m.impl("_dice_focal_backward", &dice_focal_backward_cpu);
 }
 
-}  // namespace fastcascade
+}  // namespace fastcascade::dice_focal_cpu

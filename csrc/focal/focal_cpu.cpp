@@ -23,7 +23,8 @@
 #include "common/cpu.h"
 #include "focal/focal_math.h"
 
-namespace fastcascade {
+// Its own namespace: setup.py may compile several CPU sources as one translation unit.
+namespace fastcascade::focal_cpu {
 namespace {
 
 constexpr int64_t kBlock = 2048;     // elements per partial (sigmoid)
@@ -344,4 +345,4 @@ TORCH_LIBRARY_IMPL(fastcascade, CPU, m) {
   m.impl("softmax_focal", &softmax_focal_cpu);
 }
 
-}  // namespace fastcascade
+}  // namespace fastcascade::focal_cpu

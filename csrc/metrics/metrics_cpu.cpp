@@ -16,7 +16,8 @@
 
 #include "metrics/metrics_math.h"
 
-namespace fastcascade {
+// Its own namespace: setup.py may compile several CPU sources as one translation unit.
+namespace fastcascade::metrics_cpu {
 namespace {
 
 constexpr int64_t kChunk = 1 << 16;          // elements per chunk (one chunk below that)
@@ -76,4 +77,4 @@ at::Tensor confusion_matrix_cpu(const at::Tensor& pred_in, const at::Tensor& tar
 
 TORCH_LIBRARY_IMPL(fastcascade, CPU, m) { m.impl("confusion_matrix", &confusion_matrix_cpu); }
 
-}  // namespace fastcascade
+}  // namespace fastcascade::metrics_cpu

@@ -25,7 +25,8 @@
 #include "common/adapter_checks.h"
 #include "common/adapter_math.h"
 
-namespace fastcascade {
+// Its own namespace: setup.py may compile several CPU sources as one translation unit.
+namespace fastcascade::pixel_adapter_cpu {
 namespace {
 
 constexpr int64_t kTile = 128;       // positions per tile
@@ -242,4 +243,4 @@ TORCH_LIBRARY_IMPL(fastcascade, CPU, m) {
   m.impl("_pixel_adapter_backward", &pixel_adapter_backward_cpu);
 }
 
-}  // namespace fastcascade
+}  // namespace fastcascade::pixel_adapter_cpu

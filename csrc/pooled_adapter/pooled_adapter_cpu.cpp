@@ -20,7 +20,8 @@
 #include "common/adapter_math.h"
 #include "common/cpu.h"
 
-namespace fastcascade {
+// Its own namespace: setup.py may compile several CPU sources as one translation unit.
+namespace fastcascade::pooled_adapter_cpu {
 namespace {
 
 template <typename acc_t>
@@ -280,4 +281,4 @@ TORCH_LIBRARY_IMPL(fastcascade, CPU, m) {
   m.impl("_pooled_adapter_backward", &pooled_adapter_backward_cpu);
 }
 
-}  // namespace fastcascade
+}  // namespace fastcascade::pooled_adapter_cpu

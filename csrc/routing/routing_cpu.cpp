@@ -20,7 +20,8 @@
 
 #include "routing/routing_math.h"
 
-namespace fastcascade {
+// Its own namespace: setup.py may compile several CPU sources as one translation unit.
+namespace fastcascade::routing_cpu {
 namespace {
 
 constexpr int64_t kRowGrain = 4096;         // rows per parallel task for the per-row decisions
@@ -239,4 +240,4 @@ TORCH_LIBRARY_IMPL(fastcascade, CPU, m) {
   m.impl("vote", &vote_cpu);
 }
 
-}  // namespace fastcascade
+}  // namespace fastcascade::routing_cpu
