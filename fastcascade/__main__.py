@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     demo.add_argument("--out", default=None,
                       help="run folder (default: ./runs/demo-<timestamp>); must not exist or be empty")
     demo.add_argument("--epochs", type=_positive, default=None,
-                      help="epochs per model (default 8; 2 with --quick)")
+                      help="epochs per model (default 6; 2 with --quick)")
     demo.add_argument("--quick", action="store_true",
                       help="CI-sized run: 4000 train / 2000 val blocks, 2 epochs")
     demo.add_argument("--backbone", choices=("small-cnn", "resnet18"), default=None,

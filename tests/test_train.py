@@ -6,6 +6,7 @@ import pathlib
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -523,6 +524,7 @@ def test_demo_quick_end_to_end(tmp_path):
         final = d["test"]["final"]
         assert final["class_names"] == list(fd.LABEL_NAMES[:8]) and sum(map(sum, final["confusion"])) == 2000
         assert 0 <= d["macro_f1"] <= 1 and d["flops_per_block"] > 0 and d["blocks_per_s"] > 0, name
+        assert d["batch_size"] == 512, name  # --quick times one batch size
         if name == "flat":
             continue
         assert d["routing_matches_dense"] is True and d["setting"] and d["frontier_val_timed"]
@@ -587,3 +589,74 @@ def test_demo_bad_input(tmp_path, capsys):
     fails(["--data", str(tmp_path / "lab" / "16x16" / "val.pt"), *o], "a file; pass the dataset folder")
     assert sorted(_files(tmp_path)) == ["afile", "bad", "full", "lab"]  # nothing written for any failed run
     assert _files(tmp_path / "full") == ["keep.txt"]
+
+
+def test_demo_throughputs_time_every_row_in_batches_and_keep_the_fastest_size():
+    from fastcascade.demo.context import throughputs
+
+    seen = {}
+
+    def record(name):
+        def fn(x):
+            seen.setdefault(name, []).append(x.shape[0])
+            if name == "slow_big" and x.shape[0] > 100:
+                time.sleep(0.02)  # big batches are slow for this one: its best size is the small one
+            return x
+        return fn
+
+    x = torch.zeros(250, 3)
+    out = throughputs({"slow_big": record("slow_big"), "plain": record("plain")}, x, torch.device("cpu"), 2, (100, 4096))
+    assert out["slow_big"][1] == 100 and set(out) == {"slow_big", "plain"}
+    # each call of a size covers all 250 rows: 100, 100, 50 and one of 250 (4096 capped at the split)
+    assert sorted(set(seen["plain"])) == [50, 100, 250] and sum(seen["plain"]) == 3 * (250 + 250)
+    assert all(v[0] > 0 for v in out.values())
+    one = throughputs({"plain": record("plain")}, x, torch.device("cpu"), 1, 64)
+    assert one["plain"][1] == 64
+
+
+@pytest.mark.parametrize("shape,cells", [((5, 3, 8, 8), 4), ((2, 64, 4, 4), 2), ((3, 2, 6, 9), 3), ((1, 1, 5, 5), 2)])
+def test_demo_grid_pool_equals_adaptive_average_pooling(shape, cells):
+    from fastcascade.demo.models import GridPool
+
+    x = torch.randn(*shape, dtype=torch.float64)
+    torch.testing.assert_close(GridPool(cells)(x), nn.functional.adaptive_avg_pool2d(x, cells))  # (5, 5): fallback
+    x32 = x.float().contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(GridPool(cells)(x32), nn.functional.adaptive_avg_pool2d(x32, cells))
+
+
+def test_demo_fold_batchnorm_keeps_outputs_and_refuses_what_it_cannot_check():
+    from fastcascade.demo.models import SmallCNN, fold_batchnorm
+
+    torch.manual_seed(0)
+    model = SmallCNN(8)
+    with torch.no_grad():  # running statistics other than the defaults, so that folding changes the weights
+        for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+            bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.uniform_(0.5, 2)
+    x = torch.rand(16, 1, 16, 16)
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batchnorm(model, x)
+    model.eval()
+    trunk, head = fc.split_backbone(model, at=["layer1"])
+    ref = model(x)
+    assert fold_batchnorm(model, x) == 4
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-5)
+    h = x
+    for seg in trunk.values():  # the trunk shares the folded modules
+        h = seg(h)
+    torch.testing.assert_close(head(h), ref, rtol=1e-4, atol=1e-5)
+    assert fold_batchnorm(model, x) == 0  # nothing left to fold
+
+    class BatchNormFirst(nn.Module):  # a Sequential lists conv then bn, but forward applies them the other way
+        def __init__(self):
+            super().__init__()
+            self.seq = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4))
+            with torch.no_grad():
+                self.seq[1].running_mean.fill_(3.0)
+            self.shift = self.seq[1].running_mean[:1].clone()
+
+        def forward(self, x):  # normalises the input itself and runs only the convolution of the Sequential
+            return self.seq[0](x - self.shift.view(1, 1, 1, 1))
+
+    with pytest.raises(RuntimeError, match="outputs changed"):
+        fold_batchnorm(BatchNormFirst().eval(), x)

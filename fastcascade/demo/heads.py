@@ -1,6 +1,7 @@
 """Heads on the frozen shared trunk (the flat model's backbone): small MLPs on pooled segment features.
 
-Each head is pool -> flatten -> MLP on one trunk segment's output. The pooling has no parameters, so the
+Each head is pool (GridPool: adaptive average pooling as a matrix product) -> flatten -> MLP on one trunk
+segment's output. The pooling has no parameters, so the
 MLPs train on features pooled once per block and cached (no trunk pass per epoch, no augmentation): a
 head costs a few seconds to train and, at run time, a few percent of a backbone pass. Heads on frozen
 trunk features were the seed's best Stage-2 result (frozen 48.5% vs adapters 47.7%).
@@ -11,13 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
 from ..losses import ClassBalancedFocalLoss, SoftmaxFocalLoss
 from .context import NUM_LABELS, Run, blocks_of, labels_of
 from .hierarchy import stage1_loss, stage_counts
+from .models import GridPool
 
 __all__ = ["TrunkHeads", "pooled_features", "train_trunk_heads"]
 
@@ -35,7 +36,7 @@ def pooled_features(trunk: nn.ModuleDict, x: torch.Tensor, pools: dict[str, int]
         for name, seg in trunk.items():
             h = seg(h)
             if name in pools:
-                out[name].append(F.adaptive_avg_pool2d(h, pools[name]).flatten(1).float())
+                out[name].append(GridPool(pools[name])(h).flatten(1).float())
     return {k: torch.cat(v) for k, v in out.items()}
 
 
@@ -90,6 +91,6 @@ def train_trunk_heads(run: Run, trunk: nn.ModuleDict) -> TrunkHeads:
         val = TensorDataset(feats["val"][seg], y["val"])
         mlp = _mlp(feats["train"][seg].shape[1], outs, seed + k, run.device)
         mlp = run.fit(f"trunk_{name}", mlp, loss, target, seed + k, train=train, val=val, lr=3e-3, batch_size=256, **kw)
-        heads[name] = nn.Sequential(nn.AdaptiveAvgPool2d(pools[seg]), nn.Flatten(1), *mlp).eval()
+        heads[name] = nn.Sequential(GridPool(pools[seg]), nn.Flatten(1), *mlp).eval()
         taps[name] = seg
     return TrunkHeads(heads, taps)

@@ -29,10 +29,11 @@ from .._io import write_json
 from ..cascade import split_backbone
 from ..metrics import classification_report
 from ..train import evaluate
-from .context import LABEL_NAMES, NUM_LABELS, STAGE_NAMES, Run, labels_of, stage_target
+from .context import BATCH_SIZES, LABEL_NAMES, NUM_LABELS, STAGE_NAMES, Run, blocks_of, labels_of, stage_target
 from .designs import build_designs, measure
 from .heads import train_trunk_heads
 from .hierarchy import train_flat, train_own_hierarchy
+from .models import fold_batchnorm
 from .plots import plot_confusion, plot_curves, plot_frontier
 from .report import format_stages, format_table, target_check
 
@@ -85,7 +86,7 @@ def run_demo(args) -> dict:
         if importlib.util.find_spec(module) is None:
             raise ImportError(f"{module} is not installed, and the demo needs it for {why}: pip install {module}")
     quick = args.quick
-    epochs = args.epochs or (2 if quick else 8)
+    epochs = args.epochs or (2 if quick else 6)
     args.batch_size = args.batch_size or (64 if quick else 128)
     if device.type == "cpu" or args.threads:
         torch.set_num_threads(args.threads or 1)
@@ -154,6 +155,11 @@ def _train_and_report(args, train, val, test, device, backbone, epochs, amp, qui
         print(f"  {k:<7} macro F1 {standalone[k].macro_f1:.4f}, accuracy {standalone[k].accuracy:.4f}")
 
     t = time.perf_counter()
+    # every design is timed in inference form: batch norm folded into the convolutions (the trunk shares the
+    # flat model's modules, so it is folded with it)
+    example = blocks_of(val)[:256].to(device)
+    folded = {k: fold_batchnorm(m.eval(), example) for k, m in {"flat": flat, **own.models()}.items()}
+    run.timing["batchnorms_folded"] = folded
     designs = build_designs(run, own, flat, trunk, flat_head, heads)
     results = measure(run, designs)
     run.timing["compare_s"] = time.perf_counter() - t
@@ -195,7 +201,8 @@ def _train_and_report(args, train, val, test, device, backbone, epochs, amp, qui
 
 
 def _print_results(results: dict, always_none: dict, check: dict, n_test: int) -> None:
-    print(f"\n== designs on the {n_test} test blocks, at operating points tuned on val (dynamic mode, batch = all) ==")
+    print(f"\n== designs on the {n_test} test blocks, at operating points tuned on val (dynamic mode; "
+          f"blocks/s at each design's fastest batch size of {', '.join(map(str, BATCH_SIZES))}, 512 with --quick) ==")
     print(format_table(results, always_none))
     for name, r in results.items():
         print(f"\n-- {name}: {r['description']} --")

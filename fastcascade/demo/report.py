@@ -14,17 +14,17 @@ def _setting(r: dict) -> str:
 
 def format_table(results: dict[str, dict], always_none: dict) -> str:
     """One row per design (test split): macro F1, accuracy, FLOPs per block and blocks/s, each also
-    relative to the flat model, and the operating point tuned on val."""
+    relative to the flat model, the batch size of its blocks/s, and the operating point tuned on val."""
     flat = results["flat"]
     head = (f"  {'design':<9} {'macro F1':>8} {'accuracy':>8} {'FLOPs/block':>12} {'x flat':>6} {'blocks/s':>9} "
-            f"{'x flat':>6}  operating point (tuned on val)")
+            f"{'x flat':>6} {'batch':>5}  operating point (tuned on val)")
     rows = [head]
     for name, r in results.items():
         rows.append(f"  {name:<9} {r['macro_f1']:8.4f} {r['accuracy']:8.4f} {r['flops_per_block']:12,.0f} "
                     f"{r['flops_per_block'] / flat['flops_per_block']:6.2f} {r['blocks_per_s']:9,.0f} "
-                    f"{r['blocks_per_s'] / flat['blocks_per_s']:6.2f}  {_setting(r)}")
+                    f"{r['blocks_per_s'] / flat['blocks_per_s']:6.2f} {r['batch_size']:5d}  {_setting(r)}")
     rows.append(f"  {'NONE':<9} {always_none['macro_f1']:8.4f} {always_none['accuracy']:8.4f} {0:12,} {0:6.2f} "
-                f"{'':>9} {'':>6}  always NONE")
+                f"{'':>9} {'':>6} {'':>5}  always NONE")
     return "\n".join(rows)
 
 
