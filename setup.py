@@ -85,7 +85,6 @@ if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.i
     os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
 
 
-
 def _cpu_units(sources: list[str], jobs: int) -> list[str]:
     """The CPU sources as `jobs` translation units (each #includes a group of sources), one compile job each.
 
@@ -106,7 +105,10 @@ def _cpu_units(sources: list[str], jobs: int) -> list[str]:
         unit = os.path.join("build", "units", f"cpu_{k}.cpp")
         text = "// Written by setup.py: CPU sources compiled as one translation unit.\n" + "".join(
             f'#include "{os.path.relpath(src, "csrc")}"\n' for src in sorted(group))
-        old = open(unit).read() if os.path.exists(unit) else None
+        old = None
+        if os.path.exists(unit):
+            with open(unit) as f:
+                old = f.read()
         if old != text:  # an unchanged unit keeps its mtime, so ninja does not rebuild it
             with open(unit, "w") as f:
                 f.write(text)

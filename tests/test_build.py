@@ -81,5 +81,5 @@ def test_cpu_sources_compile_as_one_translation_unit(tmp_path):
     cmd = ["c++", "-std=c++20", "-fsyntax-only", "-fopenmp", "-fPIC", "-DTORCH_API_INCLUDE_EXTENSION_H",
            "-DTORCH_EXTENSION_NAME=_C", f"-I{REPO / 'csrc'}", f"-I{sysconfig.get_paths()['include']}",
            *(f"-I{p}" for p in include_paths()), str(unit)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     assert r.returncode == 0, r.stderr[-4000:]

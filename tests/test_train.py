@@ -605,7 +605,8 @@ def test_demo_throughputs_time_every_row_in_batches_and_keep_the_fastest_size():
         return fn
 
     x = torch.zeros(250, 3)
-    out = throughputs({"slow_big": record("slow_big"), "plain": record("plain")}, x, torch.device("cpu"), 2, (100, 4096))
+    fns = {"slow_big": record("slow_big"), "plain": record("plain")}
+    out = throughputs(fns, x, torch.device("cpu"), 2, (100, 4096))
     assert out["slow_big"][1] == 100 and set(out) == {"slow_big", "plain"}
     # each call of a size covers all 250 rows: 100, 100, 50 and one of 250 (4096 capped at the split)
     assert sorted(set(seen["plain"])) == [50, 100, 250] and sum(seen["plain"]) == 3 * (250 + 250)

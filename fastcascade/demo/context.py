@@ -13,7 +13,8 @@ from torch.utils.data import Subset
 from .. import data as fd
 from ..train import fit
 
-__all__ = ["BATCH_SIZES", "LABEL_NAMES", "NUM_LABELS", "STAGE_NAMES", "Run", "blocks_of", "labels_of", "stage_target", "throughputs"]
+__all__ = ["BATCH_SIZES", "LABEL_NAMES", "NUM_LABELS", "STAGE_NAMES", "Run", "blocks_of", "labels_of", "stage_target",
+           "throughputs"]
 
 NUM_LABELS = fd.NUM_MAIN_CLASSES
 LABEL_NAMES = list(fd.LABEL_NAMES[:NUM_LABELS])
@@ -66,12 +67,12 @@ def throughputs(fns: dict, x: torch.Tensor, device: torch.device, rounds: int,
         for b in sizes:
             once(fn, b)
     for _ in range(rounds):
-        for (k, b) in best:
+        for k, b in list(best):
             sync()
             t = time.perf_counter()
             once(fns[k], b)
             sync()
-            best[(k, b)] = min(best[(k, b)], time.perf_counter() - t)
+            best[k, b] = min(best[k, b], time.perf_counter() - t)
     out = {}
     for k in fns:
         b = min(sizes, key=lambda s: best[(k, s)])

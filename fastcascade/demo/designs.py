@@ -35,7 +35,16 @@ from ..cascade import (
 from ..data.labels import NONE
 from ..metrics import classification_report
 from ..train import evaluate
-from .context import BATCH_SIZES, LABEL_NAMES, NUM_LABELS, Run, blocks_of, labels_of, stage_target, throughputs
+from .context import (
+    BATCH_SIZES,
+    LABEL_NAMES,
+    NUM_LABELS,
+    Run,
+    blocks_of,
+    labels_of,
+    stage_target,
+    throughputs,
+)
 from .heads import TrunkHeads
 from .hierarchy import OwnHierarchy
 
@@ -134,9 +143,9 @@ def _spread(frontier, k: int) -> list:
 @torch.no_grad()
 def measure(run: Run, designs: list[Design]) -> dict:
     """Tune each cascade on val (its best val macro F1, ties to the lower cost), then report every design on
-    test: the EvaluationReport, FLOPs per block, blocks/s (dynamic mode, the test split in batches, each design
-    at its fastest of context.BATCH_SIZES, all designs timed in turns) and agreement with the dense oracle; and the val frontier, with blocks/s at a few of its
-    points."""
+    test: the EvaluationReport, FLOPs per block, blocks/s (dynamic mode, the test split in batches, each
+    design at its fastest of context.BATCH_SIZES, all designs timed in turns) and agreement with the dense
+    oracle; and the val frontier, with blocks/s at a few of its points."""
     dev, clock = run.device, _Clock(run.timing)
     xv, yv = blocks_of(run.val).to(dev), labels_of(run.val).to(dev)
     xt = blocks_of(run.test).to(dev)

@@ -29,7 +29,16 @@ from .._io import write_json
 from ..cascade import split_backbone
 from ..metrics import classification_report
 from ..train import evaluate
-from .context import BATCH_SIZES, LABEL_NAMES, NUM_LABELS, STAGE_NAMES, Run, blocks_of, labels_of, stage_target
+from .context import (
+    BATCH_SIZES,
+    LABEL_NAMES,
+    NUM_LABELS,
+    STAGE_NAMES,
+    Run,
+    blocks_of,
+    labels_of,
+    stage_target,
+)
 from .designs import build_designs, measure
 from .heads import train_trunk_heads
 from .hierarchy import train_flat, train_own_hierarchy
