@@ -14,7 +14,7 @@ from .. import data as fd
 from ..train import fit
 
 __all__ = ["BATCH_SIZES", "LABEL_NAMES", "NUM_LABELS", "STAGE_NAMES", "Run", "blocks_of", "labels_of", "stage_target",
-           "throughputs"]
+           "throughputs", "timed_batch_sizes"]
 
 NUM_LABELS = fd.NUM_MAIN_CLASSES
 LABEL_NAMES = list(fd.LABEL_NAMES[:NUM_LABELS])
@@ -40,6 +40,11 @@ def blocks_of(ds) -> torch.Tensor:
 # batch sizes each design is timed at (its fastest is reported): on one CPU core the flat model runs 2.2x
 # faster in 512-row batches than in one 2,760-row batch (its 16x16 feature maps then stay in cache)
 BATCH_SIZES = (128, 512, 2048)
+
+
+def timed_batch_sizes(quick: bool) -> tuple[int, ...]:
+    """The batch sizes the demo times designs at: BATCH_SIZES, or 512 alone with --quick."""
+    return (512,) if quick else BATCH_SIZES
 
 
 @torch.no_grad()

@@ -36,7 +36,6 @@ from ..data.labels import NONE
 from ..metrics import classification_report
 from ..train import evaluate
 from .context import (
-    BATCH_SIZES,
     LABEL_NAMES,
     NUM_LABELS,
     Run,
@@ -44,6 +43,7 @@ from .context import (
     labels_of,
     stage_target,
     throughputs,
+    timed_batch_sizes,
 )
 from .heads import TrunkHeads
 from .hierarchy import OwnHierarchy
@@ -144,7 +144,7 @@ def _spread(frontier, k: int) -> list:
 def measure(run: Run, designs: list[Design]) -> dict:
     """Tune each cascade on val (its best val macro F1, ties to the lower cost), then report every design on
     test: the EvaluationReport, FLOPs per block, blocks/s (dynamic mode, the test split in batches, each
-    design at its fastest of context.BATCH_SIZES, all designs timed in turns) and agreement with the dense
+    design at its fastest of context.timed_batch_sizes, all designs timed in turns) and agreement with the dense
     oracle; and the val frontier, with blocks/s at a few of its points."""
     dev, clock = run.device, _Clock(run.timing)
     xv, yv = blocks_of(run.val).to(dev), labels_of(run.val).to(dev)
@@ -162,8 +162,7 @@ def measure(run: Run, designs: list[Design]) -> dict:
         out[d.name] = {"description": DESCRIPTIONS[d.name], "test": rep.to_dict(), "macro_f1": rep.macro_f1,
                        "accuracy": rep.accuracy, "flops_per_block": rep.flops_per_row}
     clock("tune_and_evaluate")
-    sizes = BATCH_SIZES[1:2] if run.quick else BATCH_SIZES  # --quick: 512 only
-    for name, (bps, batch) in throughputs(predict, xt, dev, rounds, sizes).items():
+    for name, (bps, batch) in throughputs(predict, xt, dev, rounds, timed_batch_sizes(run.quick)).items():
         out[name].update(blocks_per_s=bps, batch_size=batch)
     clock("throughput")
     timed = {}
@@ -177,7 +176,7 @@ def measure(run: Run, designs: list[Design]) -> dict:
             timed[(d.name, k)] = (c, m, d.model.with_setting(s).predict)
     clock("oracle")
     bps = {}  # each design's frontier timed at the batch size it was fastest at on test
-    for name in {n for n, _ in timed}:
+    for name in dict.fromkeys(n for n, _ in timed):  # design order, not a set's
         fns = {key: v[2] for key, v in timed.items() if key[0] == name}
         bps.update(throughputs(fns, xv, dev, max(1, rounds - 2), out[name]["batch_size"]))
     for (name, k), (c, m, _) in timed.items():

@@ -30,7 +30,6 @@ from ..cascade import split_backbone
 from ..metrics import classification_report
 from ..train import evaluate
 from .context import (
-    BATCH_SIZES,
     LABEL_NAMES,
     NUM_LABELS,
     STAGE_NAMES,
@@ -38,6 +37,7 @@ from .context import (
     blocks_of,
     labels_of,
     stage_target,
+    timed_batch_sizes,
 )
 from .designs import build_designs, measure
 from .heads import train_trunk_heads
@@ -176,7 +176,7 @@ def _train_and_report(args, train, val, test, device, backbone, epochs, amp, qui
     none = classification_report(torch.zeros_like(y_test), y_test, NUM_LABELS)
     always_none = {"macro_f1": none.macro_f1, "accuracy": none.accuracy}
     check = target_check(results)
-    _print_results(results, always_none, check, len(test))
+    _print_results(results, always_none, check, len(test), quick)
 
     plot_frontier(results, work / "frontier.png")
     for d in designs:
@@ -209,9 +209,9 @@ def _train_and_report(args, train, val, test, device, backbone, epochs, amp, qui
     }
 
 
-def _print_results(results: dict, always_none: dict, check: dict, n_test: int) -> None:
+def _print_results(results: dict, always_none: dict, check: dict, n_test: int, quick: bool) -> None:
     print(f"\n== designs on the {n_test} test blocks, at operating points tuned on val (dynamic mode; "
-          f"blocks/s at each design's fastest batch size of {', '.join(map(str, BATCH_SIZES))}, 512 with --quick) ==")
+          f"blocks/s at each design's fastest batch size of {', '.join(map(str, timed_batch_sizes(quick)))}) ==")
     print(format_table(results, always_none))
     for name, r in results.items():
         print(f"\n-- {name}: {r['description']} --")
