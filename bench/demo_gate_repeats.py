@@ -35,7 +35,7 @@ def main() -> None:
         raise SystemExit("the run must use the small-cnn backbone and the embedded data")
     torch.set_num_threads(1)
     x = blocks_of(fd.load_partition_dataset("test"))
-    flat = SmallCNN(NUM_LABELS, m["config"]["width"])
+    flat = SmallCNN(NUM_LABELS, m["config"]["width"], stem_stride=m["config"].get("stem_stride", 1))
     fc.load_checkpoint(args.run / "checkpoints" / "flat" / "best.pt", flat)
     fold_batchnorm(flat.eval(), x[:256])
     trunk, head = fc.split_backbone(flat, at=m["config"]["segments"][:-1])

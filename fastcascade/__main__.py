@@ -32,6 +32,9 @@ def main(argv=None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--batch-size", type=_positive, default=None, help="default 128; 64 with --quick")
     demo.add_argument("--width", type=_positive, default=16, help="channels of the small CNN's first layer")
+    demo.add_argument("--stem-stride", type=int, choices=(1, 2), default=1,
+                      help="stride of the small CNN's stem (default 1: full resolution; 2 moves layer1's "
+                           "stride into the stem: as many FLOPs, faster on the CPU, less accurate)")
     demo.add_argument("--threads", type=_positive, default=None,
                       help="CPU threads (default 1 on the CPU: the convolutions on 16x16 blocks are too "
                            "small for intra-op threads to pay, and on a busy machine they cost several "

@@ -578,6 +578,10 @@ def test_demo_bad_input(tmp_path, capsys):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("x")
     fails(["--out", str(tmp_path / "full")], "not empty")
+    fails(["--backbone", "resnet18", "--stem-stride", "2", *o], "--stem-stride applies to the small-cnn backbone only")
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--stem-stride", "3"])
+    assert e.value.code == 2 and "argument --stem-stride: invalid choice: 3" in capsys.readouterr().err
     if not torch.cuda.is_available():
         fails(["--device", "cuda", *o], "--device cuda: no CUDA device is visible")
     for device, message in (("tpu", "not a device torch knows"), ("meta", "meta tensors"), ("mps", "this machine")):
@@ -623,6 +627,27 @@ def test_demo_grid_pool_equals_adaptive_average_pooling(shape, cells):
     torch.testing.assert_close(GridPool(cells)(x), nn.functional.adaptive_avg_pool2d(x, cells))  # (5, 5): fallback
     x32 = x.float().contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(GridPool(cells)(x32), nn.functional.adaptive_avg_pool2d(x32, cells))
+
+
+def test_demo_small_cnn_stem_stride_moves_layer1s_stride_into_the_stem():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fastcascade.demo.models import SmallCNN
+
+    x = torch.rand(2, 1, 16, 16)
+    flops, shapes = {}, {}
+    for stride in (1, 2):
+        model = SmallCNN(8, stem_stride=stride).eval()
+        shapes[stride] = (model.stem(x).shape, model.layer1(model.stem(x)).shape, model(x).shape)
+        with FlopCounterMode(display=False) as counter:
+            model(x)
+        flops[stride] = counter.get_total_flops()
+    assert shapes[1] == ((2, 16, 16, 16), (2, 32, 8, 8), (2, 8))
+    assert shapes[2] == ((2, 16, 8, 8), (2, 32, 8, 8), (2, 8))  # the taps after layer1 see the same shapes
+    assert abs(flops[2] / flops[1] - 1) < 0.03
+    for bad in (0, 3, 1.5):
+        with pytest.raises(ValueError, match="stem_stride must be 1 or 2"):
+            SmallCNN(8, stem_stride=bad)
 
 
 def test_demo_fold_batchnorm_keeps_outputs_and_refuses_what_it_cannot_check():

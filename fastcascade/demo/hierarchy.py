@@ -62,7 +62,7 @@ class OwnHierarchy:
 def train_own_hierarchy(run: Run) -> OwnHierarchy:
     args, seed = run.args, run.args.seed
     counts = stage_counts(labels_of(run.train))
-    s1 = make_backbone(run.backbone, 1, seed, args.width)
+    s1 = make_backbone(run.backbone, 1, seed, args.width, args.stem_stride)
     s1 = run.fit("stage1", s1, stage1_loss, "stage1", seed, lr=3e-3, augment=fd.RandomDihedral(seed=seed))
 
     # Stage 2: adapters on the frozen Stage-1 backbone, class-balanced focal with label smoothing
@@ -95,7 +95,7 @@ def train_flat(run: Run, rows: int) -> nn.Module:
     """The flat 8-class model, trained on `rows` training rows (the own hierarchy's budget)."""
     seed, y = run.args.seed + 9, labels_of(run.train)
     epochs = max(1, round(rows / len(run.train)))
-    flat = make_backbone(run.backbone, NUM_LABELS, seed, run.args.width)
+    flat = make_backbone(run.backbone, NUM_LABELS, seed, run.args.width, run.args.stem_stride)
     loss = ClassBalancedFocalLoss(torch.bincount(y, minlength=NUM_LABELS), beta=0.9999, gamma=2.0,
                                   label_smoothing=0.1).to(run.device)
     return run.fit("flat", flat, loss, None, seed, lr=2e-3, epochs=epochs, augment=fd.RandomDihedral(seed=seed))

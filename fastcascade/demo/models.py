@@ -54,12 +54,19 @@ class SmallCNN(nn.Module):
     """A small CNN for 16x16 luma blocks: stem (16x16), layer1 (8x8), layer2 and layer3 (4x4), then an
     average pool to 2x2 (one cell per quadrant: where the detail is decides the partition, so the head
     keeps the layout instead of pooling it away) and fc. Stages are named like a ResNet's so
-    fastcascade.add_adapters finds them and fastcascade.freeze_backbone / param_groups know the head."""
+    fastcascade.add_adapters finds them and fastcascade.freeze_backbone / param_groups know the head.
 
-    def __init__(self, num_outputs: int, width: int = 16, in_chans: int = 1):
+    stem_stride=2 moves layer1's stride into the stem (stem and layer1 both at 8x8; FLOPs within 3%): on
+    one CPU core the full-resolution stem is memory-bound and costs far more time than its FLOPs, which an
+    exit after layer1 can never skip, so the strided stem makes early exits pay more, at a cost in accuracy
+    (measured in the README's demo section)."""
+
+    def __init__(self, num_outputs: int, width: int = 16, in_chans: int = 1, stem_stride: int = 1):
         super().__init__()
-        self.stem = _conv(in_chans, width)
-        self.layer1 = _conv(width, 2 * width, 2)
+        if stem_stride not in (1, 2):
+            raise ValueError(f"stem_stride must be 1 or 2, got {stem_stride!r}")
+        self.stem = _conv(in_chans, width, stem_stride)
+        self.layer1 = _conv(width, 2 * width, 3 - stem_stride)
         self.layer2 = _conv(2 * width, 4 * width, 2)
         self.layer3 = _conv(4 * width, 4 * width)
         self.pool = GridPool(2)
@@ -70,10 +77,10 @@ class SmallCNN(nn.Module):
         return self.fc(self.pool(x).flatten(1))
 
 
-def make_backbone(kind: str, num_outputs: int, seed: int, width: int = 16) -> nn.Module:
+def make_backbone(kind: str, num_outputs: int, seed: int, width: int = 16, stem_stride: int = 1) -> nn.Module:
     torch.manual_seed(seed)
     if kind == "small-cnn":
-        return SmallCNN(num_outputs, width)
+        return SmallCNN(num_outputs, width, stem_stride=stem_stride)
     import timm
 
     return timm.create_model("resnet18", pretrained=False, num_classes=num_outputs, in_chans=1)

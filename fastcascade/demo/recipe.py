@@ -91,6 +91,8 @@ def run_demo(args) -> dict:
     needed = {"matplotlib": "the plots"}
     if backbone == "resnet18":
         needed["timm"] = "the resnet18 backbone"
+        if args.stem_stride != 1:
+            raise ValueError("--stem-stride applies to the small-cnn backbone only (resnet18 keeps timm's stem)")
     for module, why in needed.items():
         if importlib.util.find_spec(module) is None:
             raise ImportError(f"{module} is not installed, and the demo needs it for {why}: pip install {module}")
@@ -191,7 +193,7 @@ def _train_and_report(args, train, val, test, device, backbone, epochs, amp, qui
     return {
         "config": {"epochs": epochs, "flat_epochs": len(run.histories["flat"]), "backbone": backbone,
                    "device": str(device), "seed": args.seed, "quick": quick, "batch_size": args.batch_size,
-                   "width": args.width, "threads": torch.get_num_threads(),
+                   "width": args.width, "stem_stride": args.stem_stride, "threads": torch.get_num_threads(),
                    "data": "embedded" if args.data is None else "own", "train_blocks": len(train),
                    "val_blocks": len(val), "test_blocks": len(test), "segments": list(trunk),
                    "adapter_trainable_params": own.adapter_params},
