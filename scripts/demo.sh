@@ -4,6 +4,11 @@
 # (--quick, --device cuda, --epochs N, --out DIR, ...; see --help); relative paths are from where you call it.
 set -euo pipefail
 here=$PWD
+# Without a visible GPU the demo needs only requirements.txt (no Triton, timm or CUDA libraries); a venv
+# that already holds torch keeps it.
+if [ -z "${FASTCASCADE_REQUIREMENTS:-}" ] && ! nvidia-smi -L >/dev/null 2>&1; then
+    export FASTCASCADE_REQUIREMENTS=requirements.txt
+fi
 . "$(dirname "$0")/setup_env.sh"
 cd "$here"
 # Import the installed build (with fastcascade._C), not ./fastcascade when called from the source tree:

@@ -488,13 +488,15 @@ def test_sigterm_removes_the_demo_partial_folder(tmp_path):
     assert _partial_folders(tmp_path) == [] and not out.exists()
 
 
-def test_demo_checks_matplotlib_before_training(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("module,package", [("matplotlib", "matplotlib"), ("skimage", "scikit-image")])
+def test_demo_checks_its_dependencies_before_training(tmp_path, capsys, monkeypatch, module, package):
     from fastcascade.__main__ import main
 
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    monkeypatch.setitem(sys.modules, module, None)  # as if it were not installed
     t = time.perf_counter()
     assert main(["demo", "--quick", "--no-progress", "--out", str(tmp_path / "run")]) == 2
     captured = capsys.readouterr()
-    assert "matplotlib is not installed" in captured.err and len(captured.err.strip().splitlines()) == 1
+    assert f"{module} is not installed" in captured.err and f"pip install {package}" in captured.err
+    assert len(captured.err.strip().splitlines()) == 1
     assert "training" not in captured.out and time.perf_counter() - t < 30
     assert list(tmp_path.iterdir()) == []

@@ -87,15 +87,17 @@ def run_demo(args) -> dict:
     device = (device_arg(args.device, "--device") if args.device
               else torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     backbone = args.backbone or ("resnet18" if device.type == "cuda" else "small-cnn")
-    # what the run needs at its end, checked before it starts
-    needed = {"matplotlib": "the plots"}
+    # what the run needs, checked before it starts: module -> (what for, its pip name)
+    needed = {"matplotlib": ("the plots", "matplotlib")}
+    if args.data is None:
+        needed["skimage"] = ("the embedded dataset's photographs", "scikit-image")
     if backbone == "resnet18":
-        needed["timm"] = "the resnet18 backbone"
+        needed["timm"] = ("the resnet18 backbone", "timm")
         if args.stem_stride != 1:
             raise ValueError("--stem-stride applies to the small-cnn backbone only (resnet18 keeps timm's stem)")
-    for module, why in needed.items():
+    for module, (why, package) in needed.items():
         if importlib.util.find_spec(module) is None:
-            raise ImportError(f"{module} is not installed, and the demo needs it for {why}: pip install {module}")
+            raise ImportError(f"{module} is not installed, and the demo needs it for {why}: pip install {package}")
     quick = args.quick
     epochs = args.epochs or (2 if quick else 6)
     args.batch_size = args.batch_size or (64 if quick else 128)
