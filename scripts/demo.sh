@@ -4,10 +4,12 @@
 # (--quick, --device cuda, --epochs N, --out DIR, ...; see --help); relative paths are from where you call it.
 set -euo pipefail
 here=$PWD
-# Without a visible GPU the demo needs only requirements.txt (no Triton, timm or CUDA libraries); a venv
-# that already holds torch keeps it.
+# Without a visible GPU the demo needs only requirements.txt (no Triton, timm or CUDA libraries), and a
+# venv without torch gets torch's CPU-only build (where pip can find one: ~180 MB, unpacked to 1 GB,
+# against 5 GB with the CUDA libraries that nothing here could use); a venv that holds torch keeps it.
 if [ -z "${FASTCASCADE_REQUIREMENTS:-}" ] && ! nvidia-smi -L >/dev/null 2>&1; then
     export FASTCASCADE_REQUIREMENTS=requirements.txt
+    export FASTCASCADE_CPU_TORCH=${FASTCASCADE_CPU_TORCH:-torch==2.13.0}
 fi
 . "$(dirname "$0")/setup_env.sh"
 cd "$here"
