@@ -33,7 +33,7 @@ def _cascade(x: torch.Tensor) -> fc.Cascade:
     with torch.no_grad():
         p = torch.sigmoid(stage1(x).float().reshape(-1))
     threshold = torch.quantile(p, 0.65).item()
-    return fc.Cascade.av1_partition(stage1, _backbone(3, 1), _backbone(2, 2), [_backbone(4, s) for s in (3, 4, 5)],
+    return fc.data.av1_partition_cascade(stage1, _backbone(3, 1), _backbone(2, 2), [_backbone(4, s) for s in (3, 4, 5)],
                                     threshold=threshold)
 
 

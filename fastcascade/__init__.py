@@ -21,6 +21,7 @@ from . import (  # noqa: F401
 from .adapters import *  # noqa: F403
 from .calibration import *  # noqa: F403
 from .cascade import *  # noqa: F403
+from .data import AV1_TTA_LABEL_MAPS  # the domain's TTA maps, exported here since tta_predict's first release
 from .losses import *  # noqa: F403
 from .metrics import *  # noqa: F403
 from .routing import *  # noqa: F403
@@ -31,4 +32,4 @@ from .train import *  # noqa: F403
 __version__ = "0.1.0"
 
 __all__ = [name for module in (losses, routing, metrics, calibration, segmentation, adapters, cascade, train)
-           for name in module.__all__] + ["selftest"]
+           for name in module.__all__] + ["AV1_TTA_LABEL_MAPS", "selftest"]

@@ -27,7 +27,10 @@ import torch
 from . import _ops, reference
 from ._checks import value_checks_on
 
-__all__ = ["ClassificationReport", "EvaluationReport", "classification_report", "confusion_matrix"]
+__all__ = ["IGNORE_INDEX", "ClassificationReport", "classification_report", "confusion_matrix"]
+
+# The target id that losses, metrics and training skip: F.cross_entropy's default ignore_index.
+IGNORE_INDEX = -100
 
 _INT_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
@@ -219,71 +222,3 @@ def classification_report(pred: torch.Tensor, target: torch.Tensor, num_classes:
     cm = confusion_matrix(pred, target, num_classes, ignore_index, backend=backend)
     return ClassificationReport.from_confusion(cm, class_names)
 
-
-
-@dataclasses.dataclass(frozen=True)
-class EvaluationReport:
-    """What an evaluation returns: the report of the final labels and, for a cascade, per stage the
-    report of its decisions (on the rows that reached it and whose true label lies under it), the
-    fraction of rows reaching it, and its standalone vs in-cascade accuracy (Cascade.evaluate's).
-
-    accuracy, macro_f1, weighted_f1 and confusion are the final report's. loss is free for a trainer
-    to fill (None otherwise). flops_per_row: the mean FLOPs per row (torch.utils.flop_counter: for a
-    cascade as routed, for a model its forward on one row); dense_flops_per_row: a cascade's every part
-    on one row (the model's own for a model); parts_reached: per cascade part (trunk segment, stage,
-    ensemble member "<name>.<k>") the fraction of rows that ran it.
-    """
-
-    final: ClassificationReport
-    stages: dict[str, ClassificationReport] = dataclasses.field(default_factory=dict)
-    reached: dict[str, float] = dataclasses.field(default_factory=dict)
-    cascade_error: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
-    loss: float | None = None
-    flops_per_row: float | None = None
-    dense_flops_per_row: float | None = None
-    parts_reached: dict[str, float] = dataclasses.field(default_factory=dict)
-
-    accuracy = property(lambda self: self.final.accuracy)
-    macro_f1 = property(lambda self: self.final.macro_f1)
-    weighted_f1 = property(lambda self: self.final.weighted_f1)
-    confusion = property(lambda self: self.final.confusion)
-
-    @classmethod
-    @torch.no_grad()
-    def from_cascade(cls, cascade, x: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str] | None = None,
-                     mode: str = "dynamic", *, backend: str = "auto") -> EvaluationReport:
-        """Runs cascade (a fastcascade.Cascade) on x and reports against the true final labels (N,).
-        Stage reports name their branches by index."""
-        labels = labels.to(x.device, torch.int64) if isinstance(labels, torch.Tensor) else labels
-        ev = cascade.evaluate(x, labels, mode=mode)  # checks labels; per-stage confusions and routing
-        pred = cascade.predict(x, mode=mode)
-        final = classification_report(pred, labels.to(pred.device), cascade.num_classes, class_names, backend=backend)
-        stages = {name: ClassificationReport.from_confusion(cm) for name, cm in ev["confusion"].items()}
-        return cls(final=final, stages=stages, reached=dict(ev["reached"]), cascade_error=dict(ev["cascade_error"]),
-                   flops_per_row=ev["flops_per_row"], dense_flops_per_row=ev["dense_flops_per_row"],
-                   parts_reached=dict(ev["parts_reached"]))
-
-    def to_dict(self) -> dict:
-        """JSON-serialisable (NaN, for stages no row reached, stays a float: json.dumps writes NaN)."""
-        return {"final": self.final.to_dict(), "stages": {k: r.to_dict() for k, r in self.stages.items()},
-                "reached": dict(self.reached), "cascade_error": {k: dict(v) for k, v in self.cascade_error.items()},
-                "loss": self.loss, "flops_per_row": self.flops_per_row, "dense_flops_per_row": self.dense_flops_per_row,
-                "parts_reached": dict(self.parts_reached)}
-
-    def __str__(self) -> str:
-        parts = [str(self.final)]
-        if self.loss is not None:
-            parts.append(f"loss {self.loss:.6g}")
-        if self.flops_per_row is not None:
-            line = f"FLOPs per row {self.flops_per_row:,.0f}"
-            if self.dense_flops_per_row is not None and self.dense_flops_per_row != self.flops_per_row:
-                line += f" (every part on every row: {self.dense_flops_per_row:,.0f})"
-            parts.append(line)
-        for name, rep in self.stages.items():
-            line = f"stage {name}: reached {self.reached.get(name, float('nan')):.1%}"
-            err = self.cascade_error.get(name)
-            if err:
-                line += (f", accuracy standalone {err['standalone_accuracy']:.4f}, in cascade "
-                         f"{err['in_cascade_accuracy']:.4f}")
-            parts += ["", line, str(rep)]
-        return "\n".join(parts)

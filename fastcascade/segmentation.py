@@ -2,15 +2,16 @@
 
     report = segmentation_report(logits.argmax(1), masks, num_classes=16, ignore_index=255)
     probs = tta_predict(model.eval(), images)                          # (B, K, H, W), dihedral TTA
-    probs = tta_predict(block_classifier, blocks, task="classification", label_maps=AV1_TTA_LABEL_MAPS)
+    probs = tta_predict(block_classifier, blocks, task="classification", label_maps=maps)  # maps: tta_label_map
     for train_idx, val_idx in kfold_splits(image_ids, k=3): ...        # no image in both sides
     weights = class_weights_from_pixel_counts(pixel_class_counts(masks, 16), "median_frequency")
 
 Transforms are the symmetries of the square, named as torch calls them: "hflip" = x.flip(-1), "vflip" =
 x.flip(-2), "transpose" = x.transpose(-1, -2), "rot90" / "rot180" / "rot270" = torch.rot90(x, k, (-2, -1))
 (counter-clockwise for k = 1). Each is a sequence of the three elementary ones, and so is its label map:
-an AV1 partition label follows its block through the same sequence of HFLIP_LABELS / VFLIP_LABELS /
-TRANSPOSE_LABELS (tests/test_segmentation.py checks every map against the partition geometry).
+a class whose meaning changes under a flip (an AV1 partition VERT_A block flipped left-right is VERT_B)
+follows its sample through the same sequence of the elementary ops' label tables (tta_label_map;
+fastcascade.data.AV1_TTA_LABEL_MAPS are the AV1 partition labels' maps).
 """
 
 from __future__ import annotations
@@ -20,12 +21,10 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from ._checks import tensor_arg
-from .data.labels import HFLIP_LABELS, TRANSPOSE_LABELS, VFLIP_LABELS
 from .losses import class_balanced_weights, inverse_frequency_weights
 from .metrics import ClassificationReport, classification_report
 
 __all__ = [
-    "AV1_TTA_LABEL_MAPS",
     "TTA_TRANSFORMS",
     "class_weights_from_pixel_counts",
     "kfold_splits",
@@ -49,7 +48,6 @@ TTA_TRANSFORMS: dict[str, tuple[str, ...]] = {
 }
 _ELEMENTARY = {"hflip": lambda x: x.flip(-1), "vflip": lambda x: x.flip(-2),
                "transpose": lambda x: x.transpose(-1, -2)}
-_AV1_TABLES = {"hflip": HFLIP_LABELS, "vflip": VFLIP_LABELS, "transpose": TRANSPOSE_LABELS}
 
 
 def _check_tta_input(x, name: str) -> None:
@@ -80,13 +78,14 @@ def tta_inverse(y: torch.Tensor, name: str) -> torch.Tensor:
     return y
 
 
-def tta_label_map(name: str, tables: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+def tta_label_map(name: str, tables: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """int64 (K,) map m of transform `name`: a sample of class c becomes class m[c] once transformed.
 
-    tables: the maps of the elementary ops {"hflip", "vflip", "transpose"} (default: AV1 partition
-    labels, fastcascade.data.HFLIP_LABELS / VFLIP_LABELS / TRANSPOSE_LABELS); composed in the order the
-    ops are applied."""
-    tables = _AV1_TABLES if tables is None else tables
+    tables: the (K,) maps of the elementary ops {"hflip", "vflip", "transpose"} that `name` uses (e.g.
+    fastcascade.data.HFLIP_LABELS / VFLIP_LABELS / TRANSPOSE_LABELS for AV1 partition labels), composed
+    in the order the ops are applied."""
+    if not isinstance(tables, Mapping) or not tables:
+        raise TypeError(f"tables must be a non-empty dict elementary op -> (K,) label map, got {tables!r}")
     ops = TTA_TRANSFORMS[_transform_name(name)]
     k = len(next(iter(tables.values())))
     m = torch.arange(k)
@@ -95,9 +94,6 @@ def tta_label_map(name: str, tables: Mapping[str, torch.Tensor] | None = None) -
             raise ValueError(f"tables: transform {name!r} needs the {op!r} table, got keys {sorted(tables)}")
         m = torch.as_tensor(tables[op], dtype=torch.int64)[m]
     return m
-
-
-AV1_TTA_LABEL_MAPS: dict[str, torch.Tensor] = {name: tta_label_map(name) for name in TTA_TRANSFORMS}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,7 +160,7 @@ def tta_predict(model, x: torch.Tensor, transforms: Sequence[str] = ("identity",
         rotated back) to (B, K, H, W);
       task="classification": out (B, K); the class of a transformed sample is label_maps[name][class of
         the original], so column c of the result is column label_maps[name][c] of out (e.g.
-        AV1_TTA_LABEL_MAPS for partition classifiers: an hflipped VERT_A block is a VERT_B block).
+        fastcascade.data.AV1_TTA_LABEL_MAPS for partition classifiers: an hflipped VERT_A block is VERT_B).
         label_maps=None: classes that do not change under the transforms.
     reduce: "mean" (of the probabilities) or "max". Returns float probabilities (B, K[, H, W]) on x's
     device, without gradient. The model's train/eval mode is left as it is: call model.eval() first.

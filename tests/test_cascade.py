@@ -7,8 +7,8 @@ from torch import nn
 
 import fastcascade as fc
 from fastcascade import reference
+from fastcascade.data import LABEL_NAMES, av1_partition_cascade
 from fastcascade.cascade import (
-    AV1_PARTITION_NAMES,
     Argmax,
     Cascade,
     Confident,
@@ -30,7 +30,7 @@ def _head(out: int, gen: torch.Generator, bias=None) -> nn.Module:
 
 def _av1(seed: int, threshold=0.5, stage2_bias=None, vote="hard") -> Cascade:
     gen = torch.Generator().manual_seed(seed)
-    return Cascade.av1_partition(_head(1, gen), _head(3, gen, stage2_bias), _head(2, gen),
+    return av1_partition_cascade(_head(1, gen), _head(3, gen, stage2_bias), _head(2, gen),
                                  [_head(4, gen) for _ in range(3)], threshold=threshold, vote=vote)
 
 
@@ -98,7 +98,7 @@ def test_details_exit_stage_and_probs():
         names = [c.node_names[i] for i in out.exit_stage.tolist()]
         for lab, name in zip(out.labels.tolist(), names):
             expected = {0: "stage1", 3: "stage2", 1: "rect", 2: "rect"}.get(lab, "ab")
-            assert name == expected, (AV1_PARTITION_NAMES[lab], name)
+            assert name == expected, (LABEL_NAMES[lab], name)
         assert torch.isfinite(out.probs["stage1"]).all()
         reached_rect = out.reached(c, "rect")
         assert torch.isnan(out.probs["rect"][~reached_rect]).all()
@@ -111,20 +111,21 @@ def test_evaluate_reports_routing_and_stage_quality():
     c = _av1(9, 0.5)
     x = _blocks(400, 10)
     truth = torch.randint(0, 8, (400,), generator=torch.Generator().manual_seed(1))
-    rep = c.evaluate(x, truth)
+    rep = c.evaluate(x, truth, batch_size=128)  # four batches, the last one short
     pred = c.predict(x)
-    assert rep["accuracy"] == pytest.approx((pred == truth).float().mean().item())
-    assert rep["reached"]["stage1"] == 1.0
-    assert rep["reached"]["stage2"] == pytest.approx((pred != 0).float().mean().item())
-    assert rep["reached"]["rect"] + rep["reached"]["ab"] <= rep["reached"]["stage2"] + 1e-9
-    cm = rep["confusion"]["stage1"]
+    assert rep.accuracy == pytest.approx((pred == truth).float().mean().item())
+    assert rep.reached["stage1"] == 1.0
+    assert rep.reached["stage2"] == pytest.approx((pred != 0).float().mean().item())
+    assert rep.reached["rect"] + rep.reached["ab"] <= rep.reached["stage2"] + 1e-9
+    cm = rep.stages["stage1"].confusion
     assert cm.shape == (2, 2) and cm.sum() == 400  # every row reaches stage 1 and its truth is under it
-    assert rep["confusion"]["ab"].shape == (4, 4)
-    for name, v in rep["cascade_error"].items():
+    assert rep.stages["ab"].confusion.shape == (4, 4)
+    assert rep.stages["stage2"].class_names == ("SPLIT", "RECT", "AB")
+    for name, v in rep.cascade_error.items():
         assert 0 <= v["standalone_accuracy"] <= 1 and 0 <= v["in_cascade_accuracy"] <= 1, name
     # the stage-1 standalone accuracy is its binary accuracy on all rows
     s1 = reference.route_threshold(c.root.module(x).reshape(-1), 0.5)
-    assert rep["cascade_error"]["stage1"]["standalone_accuracy"] == pytest.approx(
+    assert rep.cascade_error["stage1"]["standalone_accuracy"] == pytest.approx(
         (s1.long() == (truth != 0).long()).float().mean().item())
 
 
@@ -140,13 +141,13 @@ def test_stage_targets_follow_the_tree():
 def test_bad_input_names_the_stage():
     gen = torch.Generator().manual_seed(0)
     x = _blocks(5)
-    c = Cascade.av1_partition(_head(2, gen), _head(3, gen), _head(2, gen), [_head(4, gen)])
+    c = av1_partition_cascade(_head(2, gen), _head(3, gen), _head(2, gen), [_head(4, gen)])
     with pytest.raises(ValueError, match="stage 'stage1'.*one logit"):
         c.predict(x)
-    c = Cascade.av1_partition(_head(1, gen), _head(4, gen), _head(2, gen), [_head(4, gen)], threshold=0.0)
+    c = av1_partition_cascade(_head(1, gen), _head(4, gen), _head(2, gen), [_head(4, gen)], threshold=0.0)
     with pytest.raises(ValueError, match="stage 'stage2'.*3 children"):
         c.predict(x)
-    c = Cascade.av1_partition(_head(1, gen), _head(3, gen), _head(2, gen), [_head(3, gen)], threshold=0.0)
+    c = av1_partition_cascade(_head(1, gen), _head(3, gen), _head(2, gen), [_head(3, gen)], threshold=0.0)
     c.root.kids[1].module[1].bias.data = torch.tensor([-9.0, -9.0, 9.0])  # everything to AB
     with pytest.raises(ValueError, match="ensemble 'ab'.*member 0 must output"):
         c.predict(x * 0.01)
@@ -362,7 +363,7 @@ def test_bad_trunks_and_taps_name_the_stage():
     with pytest.raises(ValueError, match="trunk segment 'a' is on cpu"):
         no_params.predict(torch.randn(5, 16, device="meta"))
     with pytest.raises(ValueError, match="taps: unknown stages \\['stage3'\\]"):
-        Cascade.av1_partition(_head(1, gen), _head(3, gen), _head(2, gen), [_head(4, gen)], taps={"stage3": "a"})
+        av1_partition_cascade(_head(1, gen), _head(3, gen), _head(2, gen), [_head(4, gen)], taps={"stage3": "a"})
 
 
 def test_with_setting_shares_the_modules():
@@ -388,7 +389,7 @@ def test_av1_hierarchy_with_heads_on_a_trunk():
         m.weight.data *= 4
         return m.eval()
 
-    c = Cascade.av1_partition(lin(12, 1), lin(12, 3), lin(12, 2), [lin(12, 4) for _ in range(3)], threshold=0.45,
+    c = av1_partition_cascade(lin(12, 1), lin(12, 3), lin(12, 2), [lin(12, 4) for _ in range(3)], threshold=0.45,
                               trunk=trunk, taps={"stage1": "early", "stage2": "late", "rect": "late", "ab": "late"})
     assert c.segments == ["early", "late"] and c.plan["stage2"].run == (1,) and c.plan["rect"].run == ()
     x = _blocks(400, 9)
@@ -428,3 +429,96 @@ def test_stage_targets_prefer_the_leaf_when_two_branches_lead_to_a_label():
                                                                         name="late")], name="early"))
     t = exits.stage_targets(torch.tensor([0, 1, 2]))
     assert t["early"].tolist() == [0, 1, 2] and t["late"].tolist() == [2, 1, 0]
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation: one path, one routed and one dense pass per batch
+
+
+def test_evaluation_report_matches_sklearn_and_names_the_branches():
+    json = pytest.importorskip("json")
+    skm = pytest.importorskip("sklearn.metrics")
+    c = _av1(3, 0.5)
+    x = _blocks(300, 4)
+    truth = torch.randint(0, 8, (300,), generator=torch.Generator().manual_seed(3))
+    rep = fc.evaluate(c, (x, truth), batch_size=64)
+    pred = c.predict(x)
+    assert torch.equal(rep.confusion, torch.from_numpy(skm.confusion_matrix(truth, pred, labels=list(range(8)))))
+    assert rep.accuracy == pytest.approx(skm.accuracy_score(truth, pred), rel=1e-12)
+    assert rep.macro_f1 == pytest.approx(skm.f1_score(truth, pred, average="macro", zero_division=0), rel=1e-12)
+    assert rep.final.class_names == LABEL_NAMES[:8]  # the hierarchy names its labels
+    assert rep.stages["stage1"].class_names == ("NONE", "PARTITION")
+    assert rep.stages["rect"].class_names == ("HORZ", "VERT")
+    assert rep.stages["ab"].class_names == ("HORZ_A", "HORZ_B", "VERT_A", "VERT_B")
+    # the stage-2 confusion, from the definition: rows that reached stage 2 and whose truth is a partition
+    reached = c.predict(x, return_details=True).reached(c, "stage2")
+    t2 = c.stage_targets(truth)["stage2"]
+    sel = reached & (t2 >= 0)
+    own = c.root.kids[1].rule.decide(c.root.kids[1].module(x), "torch")
+    assert torch.equal(rep.stages["stage2"].confusion,
+                       torch.from_numpy(skm.confusion_matrix(t2[sel], own[sel], labels=[0, 1, 2])))
+    d = json.loads(json.dumps(rep.to_dict()))
+    assert d["final"]["class_names"][1] == "HORZ" and d["reached"]["stage1"] == 1.0 and d["loss"] is None
+    assert "stage stage2: reached" in str(rep)
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_evaluation_does_not_depend_on_the_batch_size(mode):
+    c = _av1(5, 0.45)
+    x = _blocks(257, 6)
+    truth = torch.randint(0, 8, (257,), generator=torch.Generator().manual_seed(5))
+    whole = c.evaluate(x, truth, mode=mode, batch_size=257).to_dict()
+    for bs in (1, 7, 100):
+        assert c.evaluate(x, truth, mode=mode, batch_size=bs).to_dict() == whole, bs
+    # an iterable of batches (a DataLoader, say) gives the same report
+    batches = [(x[i:i + 50], truth[i:i + 50]) for i in range(0, 257, 50)]
+    assert fc.evaluate_cascade(c, batches, mode=mode).to_dict() == whole
+
+
+def _count_calls(c: Cascade) -> dict:
+    calls = {}
+    parts = [(n.name, n.module) for n in c.nodes if isinstance(n, Stage)]
+    parts += [(f"{n.name}.{k}", m) for n in c.nodes if isinstance(n, Ensemble) for k, m in enumerate(n.members)]
+    parts += [(name, seg) for name, seg in (c.trunk or {}).items()]
+    for name, m in parts:
+        calls[name] = []
+        m.register_forward_hook(lambda mod, inp, out, name=name: calls[name].append(inp[0].shape[0]))
+    return calls
+
+
+def test_evaluation_runs_each_part_once_routed_and_once_dense_per_batch():
+    gen = torch.Generator().manual_seed(11)
+    lin = lambda i, o: nn.Linear(i, o)  # noqa: E731
+    trunk = nn.ModuleDict({"a": nn.Sequential(nn.Flatten(), lin(16, 12)), "b": lin(12, 12)})
+    c = av1_partition_cascade(lin(12, 1), lin(12, 3), lin(12, 2), [lin(12, 4) for _ in range(3)], threshold=0.45,
+                              trunk=trunk, taps={"stage1": "a", "stage2": "b", "rect": "b", "ab": "b"})
+    calls = _count_calls(c)
+    x = torch.randn(300, 1, 4, 4, generator=gen)
+    truth = torch.randint(0, 8, (300,), generator=gen)
+    c.evaluate(x, truth, batch_size=100)
+    for name, rows in calls.items():
+        one_row = [n for n in rows if n == 1]  # the FLOP count's pass, once per evaluation
+        assert len(one_row) == 1, (name, rows)
+        others = [n for n in rows if n != 1]
+        dense = [n for n in others if n == 100]
+        # per batch one dense call on all 100 rows and at most one routed call on the rows routed there
+        assert len(others) <= 6 and len(dense) >= 3, (name, rows)
+        if name in ("a", "stage1"):  # the root's part sees every row in both passes
+            assert others == [100] * 6, (name, rows)
+
+
+def test_evaluate_bad_input():
+    c = _av1(0)
+    x = _blocks(5)
+    with pytest.raises(ValueError, match=r"labels must be \(N,\)"):
+        c.evaluate(x, torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+        c.evaluate(x, torch.zeros(5, dtype=torch.int64), batch_size=0)
+    with pytest.raises(ValueError, match="holds no batch"):
+        fc.evaluate_cascade(c, [])
+    with pytest.raises(TypeError, match="data must be a tuple"):
+        fc.evaluate_cascade(c, x)
+    with pytest.raises(ValueError, match="branch_names must name each of the 2 branches"):
+        Stage(_head(1, torch.Generator()), Threshold(), [0, 1], branch_names=["a"])
+    with pytest.raises(TypeError, match="class_names must be a sequence of str"):
+        Cascade(Stage(_head(2, torch.Generator()), Argmax(), [0, 1]), class_names="ab")

@@ -154,3 +154,29 @@ def test_triton_twin_has_the_cpp_schema(name):
     cpp = getattr(torch.ops.fastcascade, name).default._schema
     twin = getattr(torch.ops.fastcascade, name + "_triton").default._schema
     assert _signature(twin) == _signature(cpp), f"\n  C++:    {cpp}\n  Triton: {twin}"
+
+
+# the AV1 partition domain (fastcascade.data) and the demo built on it sit above every generic layer
+DOMAIN = ("fastcascade.data", "fastcascade.demo")
+ABOVE_THE_DOMAIN = ("fastcascade", "fastcascade.__main__")
+
+
+def _in(module: str, packages) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in packages)
+
+
+def test_no_generic_layer_imports_the_domain():
+    edges = _graph()
+    generic = [m for m in MODULES if not _in(m, DOMAIN) and m not in ABOVE_THE_DOMAIN]
+    assert "fastcascade.cascade.runner" in generic and "fastcascade.train.batches" in generic
+    bad = sorted(f"{m} imports {t}" for m in generic for t in edges[m] if _in(t, DOMAIN))
+    assert not bad, bad
+
+
+def test_the_domain_check_sees_an_import_of_the_domain(tmp_path, monkeypatch):
+    """The check above reads real imports: a generic module that imports the domain is reported."""
+    (tmp_path / "metrics.py").write_text("from .data.labels import NONE\n")
+    fake = dict(MODULES, **{"fastcascade.metrics": tmp_path / "metrics.py"})
+    monkeypatch.setitem(globals(), "MODULES", fake)
+    with pytest.raises(AssertionError, match="fastcascade.metrics imports fastcascade.data.labels"):
+        test_no_generic_layer_imports_the_domain()

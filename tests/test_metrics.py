@@ -192,37 +192,6 @@ def test_confusion_accumulates_over_batches():
     assert torch.equal(cm, fc.confusion_matrix(pred, target, 4))
 
 
-def test_evaluation_report_of_a_cascade():
-    from fastcascade.cascade import AV1_PARTITION_NAMES, Cascade
-
-    gen = torch.Generator().manual_seed(3)
-
-    def head(out):
-        m = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, out))
-        with torch.no_grad():
-            m[1].weight.copy_(torch.randn(out, 16, generator=gen))
-            m[1].bias.copy_(torch.randn(out, generator=gen))
-        return m.eval()
-
-    c = Cascade.av1_partition(head(1), head(3), head(2), [head(4) for _ in range(3)], threshold=0.5)
-    x = torch.randn(300, 1, 4, 4, generator=gen)
-    truth = torch.randint(0, 8, (300,), generator=gen)
-    names = list(AV1_PARTITION_NAMES)[: c.num_classes]
-    rep = fc.EvaluationReport.from_cascade(c, x, truth, class_names=names)
-    pred = c.predict(x)
-    assert torch.equal(rep.confusion, torch.from_numpy(skm.confusion_matrix(truth, pred, labels=np.arange(c.num_classes))))
-    assert rep.accuracy == pytest.approx(skm.accuracy_score(truth, pred), rel=1e-12)
-    assert rep.macro_f1 == pytest.approx(skm.f1_score(truth, pred, average="macro", zero_division=0), rel=1e-12)
-    ev = c.evaluate(x, truth)
-    assert set(rep.stages) == set(ev["confusion"]) and rep.reached == ev["reached"]
-    for name, cm in ev["confusion"].items():
-        assert torch.equal(rep.stages[name].confusion, cm)
-    d = json.loads(json.dumps(rep.to_dict()))
-    assert d["final"]["class_names"] == names and d["reached"]["stage1"] == 1.0 and d["loss"] is None
-    text = str(rep)
-    assert "stage stage2: reached" in text and names[1] in text
-
-
 # ---------------------------------------------------------------------------------------------
 # opcheck, compile, determinism
 

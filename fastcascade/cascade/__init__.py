@@ -2,10 +2,14 @@
 
 A cascade is a tree. A :class:`Stage` holds a module, a decision rule and one child per branch of the
 rule; a child is another Stage, a :class:`Leaf` (a final class id) or an :class:`Ensemble` (members
-that vote, each class mapped to a final id). The seed hierarchy, an AV1 partition predictor:
+that vote, each class mapped to a final id). A two-stage example, a cheap gate in front of a model:
 
-    cascade = Cascade.av1_partition(stage1, stage2, rect, [ab1, ab2, ab3], threshold=0.5)
-    labels = cascade.predict(blocks)                       # int64 (N,), libaom's partition ids
+    cascade = Cascade(Stage(gate, Threshold(0.5), [0, Stage(model, Argmax(), range(8), name="model")],
+                            name="gate"))
+    labels = cascade.predict(x)                            # int64 (N,) final ids
+    report = fastcascade.evaluate(cascade, (x, y))         # final and per-stage scores, FLOPs per row
+
+(The AV1 partition hierarchy the package grew from is built by fastcascade.data.av1_partition_cascade.)
 
 Modes of :meth:`Cascade.predict`:
 
@@ -26,18 +30,12 @@ in every mode.
 
 from .cost import CascadeCost, cascade_cost, flops_per_row
 from .dense import cascade_dense, dense_outputs  # noqa: F401  (the oracle, for tests and benchmarks)
+from .evaluate import EvaluationReport, evaluate_cascade
 from .runner import Cascade, CascadeOutput
-from .tree import (
-    AV1_PARTITION_NAMES,  # noqa: F401  (libaom's partition names, label order)
-    Argmax,
-    Confident,
-    Ensemble,
-    Leaf,
-    Stage,
-    Threshold,
-)
+from .tree import Argmax, Confident, Ensemble, Leaf, Stage, Threshold
 from .trunk import split_backbone
 from .tuning import TuneResult, tune_cascade
 
-__all__ = ["Argmax", "Cascade", "CascadeCost", "CascadeOutput", "Confident", "Ensemble", "Leaf", "Stage", "Threshold",
-           "TuneResult", "cascade_cost", "flops_per_row", "split_backbone", "tune_cascade"]
+__all__ = ["Argmax", "Cascade", "CascadeCost", "CascadeOutput", "Confident", "Ensemble", "EvaluationReport", "Leaf",
+           "Stage", "Threshold", "TuneResult", "cascade_cost", "evaluate_cascade", "flops_per_row", "split_backbone",
+           "tune_cascade"]

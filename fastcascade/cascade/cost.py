@@ -90,20 +90,32 @@ class CascadeCost:
         table = torch.tensor(self.path_flops, dtype=torch.int64, device=exit_stage.device)
         return table[exit_stage]
 
+    def exit_counts(self, exit_stage: torch.Tensor) -> torch.Tensor:
+        """int64 (nodes,) on the CPU: how many rows exited at each node (a histogram of exit_stage)."""
+        return torch.bincount(exit_stage.reshape(-1).cpu(), minlength=len(self.path_flops))
+
     def reached(self, exit_stage: torch.Tensor) -> dict[str, float]:
         """Per part, the fraction of rows that ran it (NaN for no rows)."""
-        n = exit_stage.numel()
-        per_exit = torch.bincount(exit_stage.cpu(), minlength=len(self.path_flops)).tolist() if n else []
+        return self.reached_from_counts(self.exit_counts(exit_stage))
+
+    def reached_from_counts(self, counts: torch.Tensor) -> dict[str, float]:
+        """reached() from exit_counts() (summed over batches, say)."""
+        n = int(counts.sum())
         out = {p: 0 for p in self.parts}
-        for node_id, count in enumerate(per_exit):
+        for node_id, count in enumerate(counts.tolist()):
             for p in self.parts_of_exit[node_id]:
                 out[p] += count
         return {p: c / n if n else float("nan") for p, c in out.items()}
 
     def mean_flops(self, exit_stage: torch.Tensor) -> float:
         """Mean FLOPs per row (NaN for no rows); summed exactly in int64."""
-        n = exit_stage.numel()
-        return int(self.row_flops(exit_stage).sum()) / n if n else float("nan")
+        return self.mean_flops_from_counts(self.exit_counts(exit_stage))
+
+    def mean_flops_from_counts(self, counts: torch.Tensor) -> float:
+        """mean_flops() from exit_counts()."""
+        n = int(counts.sum())
+        table = torch.tensor(self.path_flops, dtype=torch.int64)
+        return int((counts.to(torch.int64).cpu() * table).sum()) / n if n else float("nan")
 
     def expected(self, x: torch.Tensor, mode: str = "dynamic") -> float:
         """Mean FLOPs per row of cascade.predict(x, mode): each part counted for the rows that reach it."""

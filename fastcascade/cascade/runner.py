@@ -9,11 +9,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .. import metrics, routing
-from ..data.labels import HORZ, HORZ_A, HORZ_B, NONE, SPLIT, VERT, VERT_A, VERT_B
-from .cost import cascade_cost
-from .dense import dense_outputs
-from .tree import Argmax, Confident, Ensemble, Leaf, Stage, Threshold
+from .. import routing
+from .evaluate import EvaluationReport, evaluate_cascade
+from .tree import Confident, Ensemble, Leaf, Stage, Threshold, names_of
 from .trunk import as_trunk, call_segment, plan_trunk
 
 __all__ = ["Cascade", "CascadeOutput"]
@@ -38,9 +36,11 @@ class Cascade(nn.Module):
     """An early-exit cascade over a tree of stages (see the package docstring), optionally over a shared
     trunk: an ordered nn.ModuleDict (or nn.Sequential with named children) of segments that stages tap
     by name (Stage(..., tap="layer1")). Each segment runs at most once per row, only for the rows routed
-    to a stage that needs it, resuming from the deepest features already computed for those rows."""
+    to a stage that needs it, resuming from the deepest features already computed for those rows.
+    class_names (optional, one per final label 0..num_classes-1) name the labels in evaluation reports."""
 
-    def __init__(self, root: Stage, trunk: nn.ModuleDict | nn.Sequential | None = None, backend: str = "auto"):
+    def __init__(self, root: Stage, trunk: nn.ModuleDict | nn.Sequential | None = None, backend: str = "auto",
+                 class_names: Sequence[str] | None = None):
         super().__init__()
         if not isinstance(root, Stage):
             raise TypeError(f"root must be a Stage, got {type(root).__name__}")
@@ -64,6 +64,7 @@ class Cascade(nn.Module):
         self.plan = plan_trunk(root, self.segments)  # checks every tap
         labels = sorted(self._labels_under(root))
         self.num_classes = labels[-1] + 1
+        self.class_names = names_of(class_names, self.num_classes, "class_names", "final labels")
 
     def _walk(self, node, path):
         self.nodes.append(node)
@@ -81,26 +82,6 @@ class Cascade(nn.Module):
         return set().union(*(self._labels_under(c) for c in node.kids))
 
     # -----------------------------------------------------------------------------------------
-    @classmethod
-    def av1_partition(cls, stage1: nn.Module, stage2: nn.Module, rect: nn.Module, ab_members: Sequence[nn.Module],
-                      threshold: float = 0.5, temperature: float = 1.0, vote: str = "hard",
-                      backend: str = "auto", trunk: nn.ModuleDict | nn.Sequential | None = None,
-                      taps: dict[str, str] | None = None) -> Cascade:
-        """The seed hierarchy: stage1 (one logit: PARTITION if sigmoid > threshold, else NONE exits);
-        stage2 (3 logits [SPLIT, RECT, AB]; SPLIT exits); rect (2 logits [HORZ, VERT]); ab_members
-        (each 4 logits [HORZ_A, HORZ_B, VERT_A, VERT_B]) vote. Labels in libaom's order (NONE=0 ...
-        VERT_B=7). With a trunk, taps maps stage names ("stage1", "stage2", "rect", "ab") to the
-        segment each one's module reads (the others read the input)."""
-        taps = dict(taps or {})
-        unknown = sorted(set(taps) - {"stage1", "stage2", "rect", "ab"})
-        if unknown:
-            raise ValueError(f"taps: unknown stages {unknown}; the hierarchy's stages are stage1, stage2, rect, ab")
-        ab = Ensemble(ab_members, [HORZ_A, HORZ_B, VERT_A, VERT_B], mode=vote, name="ab", tap=taps.get("ab"))
-        rect_stage = Stage(rect, Argmax(), [HORZ, VERT], name="rect", tap=taps.get("rect"))
-        s2 = Stage(stage2, Argmax(), [SPLIT, rect_stage, ab], name="stage2", tap=taps.get("stage2"))
-        s1 = Stage(stage1, Threshold(threshold, temperature), [NONE, s2], name="stage1", tap=taps.get("stage1"))
-        return cls(s1, trunk=trunk, backend=backend)
-
     def with_setting(self, setting: dict[str, float]) -> Cascade:
         """A cascade over the same modules and trunk whose rules take the given operating point: stage name
         -> threshold (a Threshold rule) or tau (a Confident rule); other rules are kept."""
@@ -121,9 +102,10 @@ class Cascade(nn.Module):
                 else:
                     raise ValueError(f"setting: stage {node.name!r} has an {type(rule).__name__} rule, which has no "
                                      f"threshold or tau")
-            return Stage(node.module, rule, [rebuild(c) for c in node.kids], name=node.name, tap=node.tap)
+            return Stage(node.module, rule, [rebuild(c) for c in node.kids], name=node.name, tap=node.tap,
+                         branch_names=node.branch_names)
 
-        return Cascade(rebuild(self.root), trunk=self.trunk, backend=self.backend)
+        return Cascade(rebuild(self.root), trunk=self.trunk, backend=self.backend, class_names=self.class_names)
 
     # -----------------------------------------------------------------------------------------
     def _check_input(self, x: torch.Tensor) -> None:
@@ -344,58 +326,10 @@ class Cascade(nn.Module):
             targets[node.name] = t
         return targets
 
-    @torch.no_grad()
-    def evaluate(self, x: torch.Tensor, labels: torch.Tensor, mode: str = "dynamic") -> dict:
-        """Routing statistics and per-stage quality on (x, true final labels):
-
-        - "accuracy": of the final labels; "reached": per stage, the fraction of rows that reach it;
-        - "confusion": per stage, the (branches x branches) confusion matrix of its decisions on the
-          rows that reached it and whose true label lies under it (rows: truth, columns: decision);
-        - "cascade_error": per stage, its standalone accuracy (run on every row whose true label lies
-          under it) and its accuracy inside the cascade (the final label on those rows), the gap
-          being the errors of the stages above it;
-        - "flops_per_row": the mean FLOPs per row as routed, "dense_flops_per_row": every part on a row,
-          "parts_reached": per part (segment, stage, ensemble member) the fraction of rows that ran it
-          (fastcascade.cascade_cost; NaN for no rows).
-        """
-        out = self.predict(x, mode=mode, return_details=True)
-        labels = labels.to(device=out.labels.device, dtype=torch.int64)
-        if labels.shape != out.labels.shape:
-            raise ValueError(f"labels must be (N,) = {tuple(out.labels.shape)}, got {tuple(labels.shape)}")
-        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
-            raise ValueError(f"labels must be in [0, {self.num_classes}), got range "
-                             f"[{int(labels.min())}, {int(labels.max())}]")
-        targets = self.stage_targets(labels)
-        report = {"accuracy": (out.labels == labels).float().mean().item() if labels.numel() else float("nan"),
-                  "reached": {}, "confusion": {}, "cascade_error": {}}
-        if labels.numel():
-            cost = cascade_cost(self, x)
-            report.update(flops_per_row=cost.mean_flops(out.exit_stage), dense_flops_per_row=float(cost.dense),
-                          parts_reached=cost.reached(out.exit_stage))
-        else:
-            report.update(flops_per_row=float("nan"), dense_flops_per_row=float("nan"), parts_reached={})
-        dense = dense_outputs(self, x)  # decisions are per row: one dense pass serves both views of each stage
-        for node in self.nodes:
-            reached = out.reached(self, node.name)
-            report["reached"][node.name] = int(reached.sum()) / labels.numel() if labels.numel() else float("nan")
-            t = targets[node.name]
-            under = t >= 0
-            if isinstance(node, Ensemble):
-                pred = routing.vote(dense[node.name], node.mode, backend=self.backend)
-                k = len(node.label_table)
-            else:
-                pred = node.rule.decide(dense[node.name], self.backend).to(torch.int64)
-                k = len(node.kids)
-            # standalone: the node on every row whose truth is under it; in cascade: the final labels there
-            standalone = (pred[under] == t[under]).float().mean().item() if under.any() else float("nan")
-            inside = (out.labels[under] == labels[under]).float().mean().item() if under.any() else float("nan")
-            report["cascade_error"][node.name] = {"standalone_accuracy": standalone,
-                                                  "in_cascade_accuracy": inside}
-            # confusion of the decisions the node made in the cascade
-            sel = reached & under
-            report["confusion"][node.name] = metrics.confusion_matrix(pred[sel], t[sel], k,
-                                                                      backend=self.backend).cpu()
-        return report
+    def evaluate(self, x: torch.Tensor, labels: torch.Tensor, mode: str = "dynamic",
+                 batch_size: int = 1024) -> EvaluationReport:
+        """fastcascade.cascade.evaluate_cascade(self, (x, labels), ...): the cascade's report on true final labels."""
+        return evaluate_cascade(self, (x, labels), batch_size=batch_size, mode=mode)
 
     def extra_repr(self) -> str:
         return f"stages={self.node_names}, num_classes={self.num_classes}"

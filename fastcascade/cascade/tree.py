@@ -9,9 +9,8 @@ import torch
 from torch import nn
 
 from .. import routing
-from ..data.labels import LABEL_NAMES as AV1_PARTITION_NAMES  # libaom's enum order of partition types
 
-__all__ = ["AV1_PARTITION_NAMES", "Argmax", "Confident", "Ensemble", "Leaf", "Stage", "Threshold"]
+__all__ = ["Argmax", "Confident", "Ensemble", "Leaf", "Stage", "Threshold"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,10 +96,11 @@ class Leaf:
 class Ensemble(nn.Module):
     """K member modules with C outputs each; their vote (fastcascade.routing.vote: "hard" majority with
     the mean probability breaking ties, or "soft") picks class c, whose final id is labels[c]. The
-    members read the cascade's input, or with tap="<segment>" the output of that trunk segment."""
+    members read the cascade's input, or with tap="<segment>" the output of that trunk segment.
+    class_names (optional, one per class) name the classes in evaluation reports."""
 
     def __init__(self, members: Sequence[nn.Module], labels: Sequence[int], mode: str = "hard", name: str = "ensemble",
-                 tap: str | None = None):
+                 tap: str | None = None, class_names: Sequence[str] | None = None):
         super().__init__()
         if len(members) < 1:
             raise ValueError(f"ensemble {name!r} needs at least one member")
@@ -109,6 +109,7 @@ class Ensemble(nn.Module):
         self.members = nn.ModuleList(members)
         self.name, self.mode, self.tap = name, mode, _tap(tap, f"ensemble {name!r}")
         self.register_buffer("label_table", _label_table(labels, name), persistent=False)
+        self.class_names = names_of(class_names, len(self.label_table), f"ensemble {name!r}: class_names", "classes")
 
     def member_logits(self, x: torch.Tensor) -> torch.Tensor:
         outs = [_call(m, x, f"ensemble {self.name!r} member {k}", self.tap) for k, m in enumerate(self.members)]
@@ -141,6 +142,17 @@ def _call(module: nn.Module, x: torch.Tensor, owner: str, tap: str | None) -> to
         raise RuntimeError(f"{owner} failed on {where}, shape {tuple(x.shape)}: {e}") from e
 
 
+def names_of(names, count: int, what: str, per: str) -> tuple[str, ...] | None:
+    """names as a tuple of `count` str (None stays None); errors name `what` and say `count` `per` are expected."""
+    if names is None:
+        return None
+    if isinstance(names, str) or not isinstance(names, Sequence) or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"{what} must be a sequence of str, got {names!r}")
+    if len(names) != count:
+        raise ValueError(f"{what} must name each of the {count} {per}, got {len(names)} names")
+    return tuple(names)
+
+
 def _label_table(labels: Sequence[int], name: str) -> torch.Tensor:
     labels = [int(v) for v in labels]
     if not labels or min(labels) < 0:
@@ -153,11 +165,13 @@ class Stage(nn.Module):
 
     The module reads the cascade's input (tap=None) or the output of the trunk segment named by tap
     (see fastcascade.Cascade's trunk). A whole model with an Argmax over its classes and the leaves
-    0..C-1 is the flat fallback: Stage(model, Argmax(), range(C)).
+    0..C-1 is the flat fallback: Stage(model, Argmax(), range(C)). branch_names (optional, one per
+    child) name the branches in evaluation reports.
     """
 
     def __init__(self, module: nn.Module, rule: Threshold | Argmax | Confident,
-                 children: Sequence[Stage | Ensemble | Leaf | int], name: str = "stage", tap: str | None = None):
+                 children: Sequence[Stage | Ensemble | Leaf | int], name: str = "stage", tap: str | None = None,
+                 branch_names: Sequence[str] | None = None):
         super().__init__()
         if not isinstance(rule, (Threshold, Argmax, Confident)):
             raise TypeError(f"stage {name!r}: rule must be Threshold, Argmax or Confident, got {type(rule).__name__}")
@@ -178,6 +192,7 @@ class Stage(nn.Module):
         if not isinstance(module, nn.Module):
             raise TypeError(f"stage {name!r}: module must be an nn.Module, got {type(module).__name__}")
         self.module, self.rule, self.name, self.tap = module, rule, name, _tap(tap, f"stage {name!r}")
+        self.branch_names = names_of(branch_names, len(kids), f"stage {name!r}: branch_names", "branches")
         self.kids = kids  # Leaf entries are plain data; Stage/Ensemble children are registered below
         self.child_modules = nn.ModuleList([c for c in kids if isinstance(c, nn.Module)])
 

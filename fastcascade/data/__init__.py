@@ -5,13 +5,19 @@
 * :func:`load_partition_dataset`: the embedded dataset (scikit-image's photographs, split by image,
   cached on disk); ``python -m fastcascade.data`` builds it and prints the label distribution.
 * Label-aware augmentation (:func:`random_dihedral`, :func:`hflip`, :func:`vflip`, :func:`transpose`,
-  :func:`mixup`) and the cascade's stage targets (:func:`stage_targets`, :func:`labels_from_stages`).
+  :func:`mixup`), the TTA label maps (``AV1_TTA_LABEL_MAPS``) and the cascade's stage targets
+  (:func:`stage_targets`, :func:`labels_from_stages`, ``STAGE_CLASS_NAMES``).
+* :func:`av1_partition_cascade`: the seed hierarchy (Stage 1 -> Stage 2 -> RECT / AB ensemble) as a
+  fastcascade.Cascade with named labels and branches.
+
+This package is the AV1 partition domain: it builds on the generic layers (cascade, train, losses,
+metrics, segmentation), none of which imports it.
 * :func:`load_block_dataset` / :func:`save_block_dataset`: your own blocks in a documented .pt format.
 
 scikit-image is imported only when the embedded dataset is built.
 """
 
-from .augment import RandomDihedral, hflip, mixup, random_dihedral, transpose, vflip
+from .augment import AV1_TTA_LABEL_MAPS, RandomDihedral, hflip, mixup, random_dihedral, transpose, vflip
 from .blockfile import load_block_dataset, save_block_dataset
 from .dataset import (
     IMAGES,
@@ -51,13 +57,14 @@ from .labels import (
     partition_map,
     stage_targets,
 )
+from .hierarchy import av1_partition_cascade
 from .partition import DEFAULT_QP, LABELLER_VERSION, label_blocks, labeller_params, qp_to_step
 
 __all__ = [
-    "BLOCK_SIZE", "DEFAULT_QP", "HFLIP_LABELS", "HORZ", "HORZ_4", "HORZ_A", "HORZ_B", "IGNORE_INDEX",
+    "AV1_TTA_LABEL_MAPS", "BLOCK_SIZE", "DEFAULT_QP", "HFLIP_LABELS", "HORZ", "HORZ_4", "HORZ_A", "HORZ_B", "IGNORE_INDEX",
     "IMAGES", "LABELLER_VERSION", "LABEL_NAMES", "NONE", "NUM_CLASSES", "NUM_MAIN_CLASSES",
     "PARTITION_RECTS", "SPLIT", "STAGES", "STAGE_CLASS_NAMES", "TEST_IMAGES", "TRANSPOSE_LABELS", "VAL_IMAGES", "VERT",
-    "VERT_4", "VERT_A", "VERT_B", "VFLIP_LABELS", "PartitionDataset", "RandomDihedral",
+    "VERT_4", "VERT_A", "VERT_B", "VFLIP_LABELS", "PartitionDataset", "RandomDihedral", "av1_partition_cascade",
     "build_partition_dataset", "default_cache_dir", "format_distribution", "hflip", "label_blocks",
     "label_distribution", "labeller_params", "labels_from_stages", "load_block_dataset",
     "load_partition_dataset", "mixup", "partition_map", "qp_to_step", "random_dihedral",

@@ -2,7 +2,8 @@
 
 A flip or transpose of a block changes which partition fits it: hflip swaps VERT_A <-> VERT_B,
 vflip swaps HORZ_A <-> HORZ_B, transpose swaps HORZ <-> VERT, HORZ_A <-> VERT_A, HORZ_B <-> VERT_B
-and HORZ_4 <-> VERT_4. The functions here move blocks and labels together.
+and HORZ_4 <-> VERT_4. The functions here move blocks and labels together; AV1_TTA_LABEL_MAPS are the
+same label maps for fastcascade.tta_predict's transforms (test-time augmentation of partition classifiers).
 """
 
 from __future__ import annotations
@@ -10,7 +11,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..segmentation import TTA_TRANSFORMS, tta_label_map
 from .labels import HFLIP_LABELS, TRANSPOSE_LABELS, VFLIP_LABELS, check_labels
+
+# transform name -> int64 (10,) map of partition labels, for tta_predict(..., label_maps=AV1_TTA_LABEL_MAPS)
+AV1_TTA_LABEL_MAPS: dict[str, torch.Tensor] = {
+    name: tta_label_map(name, {"hflip": HFLIP_LABELS, "vflip": VFLIP_LABELS, "transpose": TRANSPOSE_LABELS})
+    for name in TTA_TRANSFORMS}
 
 
 def _check_blocks(blocks: torch.Tensor) -> None:

@@ -157,7 +157,10 @@ class PartitionDataset(torch.utils.data.Dataset):
 
     Attributes: ``blocks`` uint8 or float (N, 1, S, S), ``labels`` int64 (N,), ``image_ids`` int64
     (N,) (-1 when unknown), ``image_names`` (list indexed by image id), ``num_classes``, ``meta``.
+    ``ds[list of indices]`` is a whole batch (fastcascade.train's LabelledDataset protocol).
     """
+
+    batch_indexing = True
 
     def __init__(self, blocks: torch.Tensor, labels: torch.Tensor, image_ids: torch.Tensor | None = None,
                  image_names=(), num_classes: int = NUM_CLASSES, meta: dict | None = None,

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from ..metrics import IGNORE_INDEX
+
 NONE, HORZ, VERT, SPLIT, HORZ_A, HORZ_B, VERT_A, VERT_B, HORZ_4, VERT_4 = range(10)
 LABEL_NAMES = ("NONE", "HORZ", "VERT", "SPLIT", "HORZ_A", "HORZ_B", "VERT_A", "VERT_B", "HORZ_4", "VERT_4")
 NUM_MAIN_CLASSES = 8
@@ -57,7 +59,6 @@ TRANSPOSE_LABELS = torch.tensor([NONE, VERT, HORZ, SPLIT, VERT_A, VERT_B, HORZ_A
 # HORZ_B=1 | VERT_A=2 | VERT_B=3. A label that never reaches a stage gets IGNORE_INDEX there, the
 # default ignore_index of F.cross_entropy and fastcascade.softmax_focal_loss.
 # ---------------------------------------------------------------------------------------------------
-IGNORE_INDEX = -100
 STAGES = ("stage1", "stage2", "rect", "ab")
 STAGE_CLASS_NAMES = {
     "stage1": ("NONE", "PARTITION"),

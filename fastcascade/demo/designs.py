@@ -32,6 +32,7 @@ from ..cascade import (
     flops_per_row,
     tune_cascade,
 )
+from ..data import av1_partition_cascade
 from ..data.labels import NONE
 from ..metrics import classification_report
 from ..train import evaluate
@@ -99,10 +100,10 @@ def build_designs(run: Run, own: OwnHierarchy, flat: nn.Module, trunk: nn.Module
     # the exits keep temperature 1: trained class-balanced, their softmax is no calibrated probability on the
     # natural distribution (fitting T on val can run off to a uniform softmax); tau is tuned on val instead
     t_e1 = t_e2 = 1.0
-    v6_trunk = Cascade.av1_partition(h["stage1"], h["stage2"], h["rect"], th.ab(), temperature=t_s1, trunk=trunk,
+    v6_trunk = av1_partition_cascade(h["stage1"], h["stage2"], h["rect"], th.ab(), temperature=t_s1, trunk=trunk,
                                      taps={"stage1": taps["stage1"], "stage2": taps["stage2"], "rect": taps["rect"],
                                            "ab": taps["ab1"]})
-    v6_own = Cascade.av1_partition(own.stage1, own.stage2, own.rect, own.ab, temperature=t_own)
+    v6_own = av1_partition_cascade(own.stage1, own.stage2, own.rect, own.ab, temperature=t_own)
 
     def flat_stage():
         return Stage(flat_head, Argmax(), range(NUM_LABELS), name="flat", tap=last)

@@ -1,22 +1,49 @@
 """Batches for training and evaluation: labels of a dataset, a loader over given rows, stage targets and
-predicted class ids. Shared by fit and evaluate."""
+predicted class ids. Shared by fit and evaluate.
+
+Any map-style dataset of (input, label) items works. Two optional attributes make it fast (the
+LabelledDataset protocol; fastcascade.data.PartitionDataset and TensorDataset follow it):
+
+* ``labels``: int64 (N,), item i's label, read instead of loading every item to learn the labels;
+* ``batch_indexing = True``: ``ds[list of indices]`` returns a whole batch (inputs (B, ...), labels (B,)),
+  one indexing op instead of B items and a collate.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Subset, TensorDataset
 
-from ..data.dataset import PartitionDataset
-from ..data.labels import IGNORE_INDEX
+from ..metrics import IGNORE_INDEX
 
-__all__ = ["kept_rows", "labels_of", "loader", "num_output_classes", "predicted_labels", "targets_of"]
+__all__ = ["LabelledDataset", "kept_rows", "labels_of", "loader", "num_output_classes", "predicted_labels",
+           "targets_of"]
+
+
+@runtime_checkable
+class LabelledDataset(Protocol):
+    """A dataset whose labels are an int64 (N,) tensor attribute and that returns whole batches for a
+    list of indices when its batch_indexing is True (see the module docstring)."""
+
+    labels: torch.Tensor
+    batch_indexing: bool
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index): ...
+
+
+def _has_labels(ds) -> bool:
+    labels = getattr(ds, "labels", None)
+    return isinstance(labels, torch.Tensor) and labels.dim() == 1 and labels.shape[0] == len(ds)
 
 
 def labels_of(ds: Dataset) -> torch.Tensor:
     """int64 (N,) labels of a dataset of (input, label) items, without touching the inputs when it can."""
-    if isinstance(ds, PartitionDataset):
+    if _has_labels(ds):
         return ds.labels
     if isinstance(ds, TensorDataset):
         return ds.tensors[1]
@@ -29,7 +56,7 @@ def _batched(ds: Dataset) -> bool:
     """Whether ds[list of indices] returns a whole batch (one indexing op instead of N items + collate)."""
     if isinstance(ds, Subset):
         return _batched(ds.dataset)
-    return isinstance(ds, (PartitionDataset, TensorDataset))
+    return isinstance(ds, TensorDataset) or getattr(ds, "batch_indexing", False) is True
 
 
 def loader(ds: Dataset, order: Sequence[int], batch_size: int, num_workers: int) -> DataLoader:

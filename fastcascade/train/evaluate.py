@@ -8,9 +8,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..cascade import Cascade, flops_per_row
-from ..data.labels import STAGE_CLASS_NAMES
-from ..metrics import ClassificationReport, EvaluationReport, confusion_matrix
+from ..cascade import Cascade, EvaluationReport, evaluate_cascade, flops_per_row
+from ..metrics import ClassificationReport, confusion_matrix
 from .batches import kept_rows, loader, num_output_classes, predicted_labels, targets_of
 from .checkpoint import unwrap
 from .distributed import all_sum, as_count
@@ -48,35 +47,39 @@ def validate(model, loss_fn, val, order, target_fn, batch_size, device, amp_dtyp
     return (totals[0] / totals[1]).item(), ClassificationReport.from_confusion(cm.cpu(), class_names)
 
 
-def _tensors_of(data) -> tuple[torch.Tensor, torch.Tensor]:
+def _batches(data, batch_size: int, device: torch.device):
+    """(inputs on device, float in [0, 1] for uint8; labels) batches of data, in order."""
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        return data[0], data[1]
-    if isinstance(data, Dataset) and hasattr(data, "__len__"):
-        idx = list(range(len(data)))
-        xs, ys = zip(*loader(data, idx, 4096, 0)) if idx else ((), ())
-        if not xs:
-            raise ValueError("data is empty")
-        return torch.cat(xs), torch.cat(ys)
-    raise TypeError(f"data must be a dataset of (input, label) items or a tuple (inputs, labels), got "
-                    f"{type(data).__name__}")
+        x, y = data
+        if y.shape[:1] != x.shape[:1]:
+            raise ValueError(f"data: labels must have one row per input ({x.shape[0]}), got {tuple(y.shape)}")
+        parts = ((x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, x.shape[0], batch_size))
+    elif isinstance(data, Dataset) and hasattr(data, "__len__"):
+        parts = loader(data, list(range(len(data))), batch_size, 0)
+    else:
+        raise TypeError(f"data must be a dataset of (input, label) items or a tuple (inputs, labels), got "
+                        f"{type(data).__name__}")
+    for xb, yb in parts:  # own names: the slices above read x and y lazily
+        xb = xb.to(device)
+        yield (xb.float() / 255 if xb.dtype == torch.uint8 else xb), torch.as_tensor(yb)
 
 
 @torch.no_grad()
 def evaluate(model_or_cascade: nn.Module, data, *, batch_size: int = 1024, device=None,
              num_classes: int | None = None, target_fn: Callable | None = None,
-             class_names: Sequence[str] | None = None, mode: str = "dynamic"):
-    """Evaluate a model or a Cascade on data (a dataset of (input, label) items or a tuple (inputs, labels)).
+             class_names: Sequence[str] | None = None, mode: str = "dynamic") -> EvaluationReport:
+    """Evaluate a model or a Cascade on data (a dataset of (input, label) items or a tuple (inputs, labels)),
+    batch by batch (memory bounded by batch_size rows, not by the split). Returns a
+    fastcascade.EvaluationReport (accuracy, macro_f1, weighted_f1, confusion; .final is the
+    ClassificationReport).
 
     A model: its predictions (argmax, or logit > 0 for one logit per row) against target_fn(labels)
-    (rows with IGNORE_INDEX dropped); returns a fastcascade.metrics.ClassificationReport over
-    num_classes (default: the output width, 2 for one logit). A Cascade: labels are final labels;
-    the report adds, per stage, the report of the decisions it made on the rows that reached it (its
-    branches named as in fastcascade.data.STAGE_CLASS_NAMES for the AV1 stages), the fraction of rows
-    reaching it and its standalone vs in-cascade accuracy (Cascade.predict(mode=mode) and
-    Cascade.evaluate), with the mean FLOPs per row as routed and per part the fraction of rows that ran
-    it; a model's report holds its FLOPs per row, to put next to a cascade's. Returns a fastcascade.metrics.EvaluationReport (accuracy, macro_f1,
-    weighted_f1, confusion; .final is the ClassificationReport). Runs in eval mode (restored after),
-    on `device` (default: the model's).
+    (rows with IGNORE_INDEX dropped), over num_classes (default: the output width, 2 for one logit); the
+    report holds its FLOPs per row, to put next to a cascade's. A Cascade: labels are final labels, and
+    the report is fastcascade.cascade.evaluate_cascade's (per stage, the report of the decisions it made
+    on the rows that reached it, the fraction of rows reaching it, its standalone vs in-cascade accuracy;
+    FLOPs per row as routed; mode is Cascade.predict's); class_names default to the cascade's. Runs in
+    eval mode (restored after), on `device` (default: the model's).
     """
     if not isinstance(model_or_cascade, nn.Module):
         raise TypeError(f"model_or_cascade must be an nn.Module or a fastcascade.Cascade, got "
@@ -88,43 +91,36 @@ def evaluate(model_or_cascade: nn.Module, data, *, batch_size: int = 1024, devic
         p = next(model.parameters(), None)
         device = p.device if p is not None else torch.device("cpu")
     device = torch.device(device)
-    x, labels = _tensors_of(data)
-    if x.dtype == torch.uint8:
-        x = x.float() / 255
     modes = {m: m.training for m in model.modules()}
     model.to(device).eval()
     try:
+        batches = _batches(data, batch_size, device)
         if isinstance(model, Cascade):
-            return _evaluate_cascade(model, x.to(device), labels.to(device), batch_size, class_names, mode)
-        t = targets_of(labels, target_fn)
-        keep = kept_rows(t)
-        x, t = x[keep], t[keep]
-        starts = range(0, x.shape[0], batch_size)
-        preds = [predicted_labels(model(x[i:i + batch_size].to(device)).float()) for i in starts]
-        pred = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.int64)
-        if num_classes is None:
-            num_classes = num_output_classes(model(x[:1].to(device)))
-        cm = confusion_matrix(pred.cpu(), t.cpu(), num_classes)
-        flops = float(flops_per_row(model, x[:1].to(device))) if x.shape[0] else None
-        return EvaluationReport(final=ClassificationReport.from_confusion(cm, class_names), flops_per_row=flops,
-                                dense_flops_per_row=flops)
+            return evaluate_cascade(model, batches, mode=mode, class_names=class_names)
+        return _evaluate_model(model, batches, target_fn, num_classes, class_names)
     finally:
         for m, m_mode in modes.items():
             m.training = m_mode
 
 
-def _evaluate_cascade(cascade: Cascade, x, labels, batch_size, class_names, mode) -> EvaluationReport:
-    starts = range(0, x.shape[0], batch_size)
-    pred = torch.cat([cascade.predict(x[i:i + batch_size], mode=mode) for i in starts])
-    cm = confusion_matrix(pred.cpu(), labels.cpu(), cascade.num_classes)
-    final = ClassificationReport.from_confusion(cm, class_names)
-    ev = cascade.evaluate(x, labels, mode=mode)
-    stages = {}
-    for node in cascade.nodes:
-        cm = ev["confusion"][node.name]
-        k = cm.shape[0]
-        names = STAGE_CLASS_NAMES.get(node.name)
-        stages[node.name] = ClassificationReport.from_confusion(cm, list(names[:k]) if names else None)
-    return EvaluationReport(final=final, stages=stages, reached=dict(ev["reached"]),
-                            cascade_error=dict(ev["cascade_error"]), flops_per_row=ev["flops_per_row"],
-                            dense_flops_per_row=ev["dense_flops_per_row"], parts_reached=dict(ev["parts_reached"]))
+def _evaluate_model(model: nn.Module, batches, target_fn, num_classes, class_names) -> EvaluationReport:
+    cm, flops = None, None
+    for x, y in batches:
+        t = targets_of(y, target_fn)
+        keep = kept_rows(t)
+        x, t = x[keep.to(x.device)], t[keep].to(x.device)
+        if x.shape[0] == 0:
+            continue
+        out = model(x).float()
+        if cm is None:
+            num_classes = num_output_classes(out) if num_classes is None else num_classes
+            cm = torch.zeros((num_classes, num_classes), dtype=torch.int64, device=x.device)
+            flops = float(flops_per_row(model, x[:1]))
+        cm += confusion_matrix(predicted_labels(out), t, num_classes)
+    if cm is None:  # no row with a target
+        if num_classes is None:
+            raise ValueError("data holds no row with a target, so num_classes cannot be read off the model's "
+                             "output: pass num_classes")
+        cm = torch.zeros((num_classes, num_classes), dtype=torch.int64)
+    return EvaluationReport(final=ClassificationReport.from_confusion(cm, class_names), flops_per_row=flops,
+                            dense_flops_per_row=flops)
