@@ -25,9 +25,9 @@ def python_blocks(text: str) -> list[str]:
 
 
 def relative_links(text: str) -> list[str]:
-    """Link targets outside code, without URLs (scheme:), page anchors (#...) or absolute paths."""
+    """Link targets outside code, without URLs (scheme:) or absolute paths."""
     prose = INLINE_CODE.sub("", FENCE.sub("", text))
-    return [t for t in LINK.findall(prose) if not re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*:|#|/", t)]
+    return [t for t in LINK.findall(prose) if not re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*:|/", t)]
 
 
 CODE_PAGES = [p for p in PAGES if python_blocks(p.read_text())]
@@ -49,17 +49,26 @@ def test_readme_has_an_example_per_capability():
         assert f"fc.{name}(" in code, name
 
 
+def anchors(text: str) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    headings = re.findall(r"^#+ +(.+?) *$", FENCE.sub("", text), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+
+
 @pytest.mark.parametrize("page", PAGES, ids=PAGE_IDS)
 def test_relative_links_exist(page):
     missing = []
     for target in relative_links(page.read_text()):
-        path = target.split("#", 1)[0]
-        if path and not (page.parent / path).exists():
+        path, _, anchor = target.partition("#")
+        file = page.parent / path if path else page
+        if not file.exists() or (anchor and file.suffix == ".md" and anchor not in anchors(file.read_text())):
             missing.append(target)
-    assert not missing, f"{page.relative_to(ROOT)} links to missing files: {missing}"
+    assert not missing, f"{page.relative_to(ROOT)} links to missing files or headings: {missing}"
 
 
 def test_link_check_sees_links_and_ignores_code():
     text = "[a](docs/x.md) ![p](frontier.png \"t\") [u](https://e.org) [h](#top)\n`[c](no.md)`\n```text\n[d](no.md)\n```\n"
-    assert relative_links(text) == ["docs/x.md", "frontier.png"]
+    assert relative_links(text) == ["docs/x.md", "frontier.png", "#top"]
     assert python_blocks("```python\nx = 1\n```\n```py\ny = 2\n```\n") == ["x = 1\n"]
+    assert anchors("# Dice + focal for segmentation\n## fit\n```text\n# not a heading\n```\n") == {
+        "dice--focal-for-segmentation", "fit"}
