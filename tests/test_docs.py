@@ -67,7 +67,8 @@ def test_relative_links_exist(page):
 
 
 def test_link_check_sees_links_and_ignores_code():
-    text = "[a](docs/x.md) ![p](frontier.png \"t\") [u](https://e.org) [h](#top)\n`[c](no.md)`\n```text\n[d](no.md)\n```\n"
+    text = ("[a](docs/x.md) ![p](frontier.png \"t\") [u](https://e.org) [h](#top)\n"
+            "`[c](no.md)`\n```text\n[d](no.md)\n```\n")
     assert relative_links(text) == ["docs/x.md", "frontier.png", "#top"]
     assert python_blocks("```python\nx = 1\n```\n```py\ny = 2\n```\n") == ["x = 1\n"]
     assert anchors("# Dice + focal for segmentation\n## fit\n```text\n# not a heading\n```\n") == {
