@@ -103,7 +103,7 @@ def test_dice_focal_bad_weight_gives_nan_where_values_are_not_read_back(backend,
     """On CUDA (or while compiling) weights are not read back to the host: the loss is NaN instead."""
     gen = torch.Generator().manual_seed(9)
     x, t = _case(3, gen)
-    monkeypatch.setattr(fc.losses, "value_checks_on", lambda _t: False)
+    monkeypatch.setattr(fc.losses.dice_focal, "value_checks_on", lambda _t: False)
     loss = fc.dice_focal_loss(x.to(device), t.to(device), torch.tensor([1.0, -1.0, 1.0]).to(device),
                               backend=backend)
     assert torch.isnan(loss)

@@ -1,5 +1,7 @@
 """fastcascade.train (fit, checkpoints, evaluate, DDP) and the demo, `python -m fastcascade demo`."""
 
+import dataclasses
+import inspect
 import json
 import os
 import pathlib
@@ -323,6 +325,67 @@ def test_samplers_balance_classes(sampler):
 def test_plain_shuffle_keeps_the_distribution():
     seen, y = _seen_targets(None)
     assert torch.equal(seen.sort().values, y.sort().values)  # each row exactly once
+
+
+def test_sampling_settings_carry_fits_keywords_and_check_them():
+    """Sampling and Checkpointing group fit's keywords: same names, same defaults, the same errors."""
+    defaults = {k: p.default for k, p in inspect.signature(T.fit).parameters.items()}
+    for group in (T.Sampling, T.Checkpointing):
+        fields = {f.name: f.default for f in dataclasses.fields(group)}
+        assert fields == {k: defaults[k] for k in fields}, group
+    for kw, match in [({"sampler": "balanced"}, "sampler"), ({"beta": 1.0}, "beta"),
+                      ({"batch_size": 0}, "batch_size"), ({"num_workers": -1}, "num_workers"),
+                      ({"seed": 1.5}, "seed")]:
+        with pytest.raises(ValueError, match=match):
+            T.Sampling(**kw)
+    train, val = _linear_task(200)
+    with pytest.raises(ValueError, match="beta"):  # checked before the first step, sampler or not
+        T.fit(_mlp(), nn.functional.cross_entropy, train, val, 1, beta=1.5, progress=False)
+
+
+def test_sampling_weights_and_epoch_order():
+    y = torch.tensor([0] * 30 + [1] * 10 + [2] * 0 + [3] * 5)
+    over = T.Sampling("oversample").row_weights(y)
+    mass = torch.zeros(4, dtype=torch.float64).index_add_(0, y, over)
+    assert torch.allclose(mass[[0, 1, 3]], torch.ones(3, dtype=torch.float64))  # every present class alike
+    cb = T.Sampling("class_balanced", beta=0.9).row_weights(y)
+    assert torch.allclose(cb, fc.class_balanced_weights(torch.bincount(y), 0.9).double()[y])
+    assert T.Sampling().row_weights(y) is None
+    with pytest.raises(ValueError, match="class-id targets"):
+        T.Sampling("oversample").row_weights(torch.rand(5, 2))
+    s = T.Sampling(seed=3)
+    # the plain shuffle: each row once per epoch, the same order from the same seed, another from another
+    first = s.epoch_order(None, 45, 1, 0, 0, s.seed_all())
+    assert torch.equal(first.sort().values, torch.arange(45))
+    assert torch.equal(first, s.epoch_order(None, 45, 1, 0, 0, s.seed_all()))
+    other = T.Sampling(seed=4)
+    assert not torch.equal(first, other.epoch_order(None, 45, 1, 0, 0, other.seed_all()))
+    # weighted, two ranks: the shards of one global draw of ceil(45 / 2) * 2 rows
+    shards = [s.epoch_order(over, 45, 2, r, 0, s.seed_all()) for r in (0, 1)]
+    assert shards[0].numel() == shards[1].numel() == 23 and not torch.equal(shards[0], shards[1])
+    gen = s.seed_all()
+    drawn = torch.cat([s.epoch_order(over, 45, 1, 0, e, gen) for e in range(20)])
+    assert 0 <= drawn.min() and drawn.max() < 45
+    share = torch.bincount(y[drawn], minlength=4).double() / drawn.numel()
+    assert torch.allclose(share[[0, 1, 3]], torch.full((3,), 1 / 3, dtype=torch.float64), atol=0.07), share
+    assert s.steps_per_epoch(45, 2) == 1 and T.Sampling(batch_size=10).steps_per_epoch(45, 2) == 3
+
+
+def test_checkpointing_settings(tmp_path):
+    (tmp_path / "f").write_text("x")
+    c = T.Checkpointing(str(tmp_path / "run"), checkpoint_every=2)
+    assert c.out_dir == tmp_path / "run" and c.best_path == tmp_path / "run" / "best.pt" and c.resume is None
+    assert [e for e in range(1, 7) if c.archives(e)] == [2, 4, 6]
+    assert T.Checkpointing().best_path is None and not T.Checkpointing().archives(2)
+    with pytest.raises(ValueError, match="out_dir=.* is a file"):
+        T.Checkpointing(tmp_path / "f")
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        T.Checkpointing(tmp_path, checkpoint_every=0)
+    with pytest.raises(TypeError, match="resume must be a path"):
+        T.Checkpointing(resume=3)
+    with pytest.raises(TypeError, match="out_dir must be a path"):
+        T.Checkpointing(out_dir=3)
+    assert not (tmp_path / "run").exists()  # settings create nothing; fit's lock makes the folder
 
 
 def test_target_fn_drops_rows_that_do_not_reach_a_stage(blocks):

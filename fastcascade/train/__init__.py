@@ -8,11 +8,20 @@ stopping on a validation metric, tqdm progress, checkpoints that are verified on
 resume. Under ``torchrun`` it runs unchanged as DDP (gloo on the CPU, NCCL on CUDA): each rank trains
 on its shard, validation confusion matrices and losses are summed over ranks, rank 0 writes files.
 
-Validation metrics come from fastcascade.metrics (confusion_matrix, ClassificationReport).
+Validation metrics come from fastcascade.metrics (confusion_matrix, ClassificationReport). fit's sampling
+keywords (sampler, beta, batch_size, num_workers, seed) and checkpoint keywords (out_dir,
+checkpoint_every, resume) are checked and carried as the settings groups :class:`Sampling` and
+:class:`Checkpointing`.
+
+Modules: fit.py (the epoch loop), sampling.py, step.py (optimizer, schedule, freeze phase, one epoch of
+steps), history.py (best epoch, early stopping, progress), resume.py (fit's checkpoint files and resume),
+checkpoint.py (save / load / verify a checkpoint file), evaluate.py, batches.py, distributed.py, rng.py.
 """
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .evaluate import evaluate
 from .fit import fit
+from .resume import Checkpointing
+from .sampling import Sampling
 
-__all__ = ["evaluate", "fit", "load_checkpoint", "save_checkpoint"]
+__all__ = ["Checkpointing", "Sampling", "evaluate", "fit", "load_checkpoint", "save_checkpoint"]
