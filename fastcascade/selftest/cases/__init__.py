@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch
 
 from . import dice_focal, focal, metrics, pixel_adapter, pooled_adapter, routing
-from .common import DTYPE_NAMES, Case, GateCase, Meta, Shape, public_api
+from .common import DTYPE_NAMES, EDGE_SIZES, Case, GateCase, Meta, Shape, for_tests, in_tiers, public_api
 
-__all__ = ["DTYPE_NAMES", "FAMILIES", "Case", "GateCase", "Meta", "Shape", "all_cases", "gate_cases",
-           "public_api"]
+__all__ = ["DTYPE_NAMES", "EDGE_SIZES", "FAMILIES", "Case", "GateCase", "Meta", "Shape", "all_cases",
+           "for_tests", "gate_cases", "in_tiers", "public_api"]
 
 # stem -> case table, in the order the self-test runs them; the keys are fastcascade._ops.FAMILIES's
 FAMILIES = {"focal": focal, "dice_focal": dice_focal, "pooled_adapter": pooled_adapter,

@@ -41,7 +41,7 @@ class Shape:
         return "x".join(map(str, self.shape))
 
 
-def tested(rows) -> list:
+def for_tests(rows) -> list:
     """The rows tests/test_<stem>.py runs."""
     return [r for r in rows if r.test]
 

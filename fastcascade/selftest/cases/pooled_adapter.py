@@ -10,7 +10,6 @@ from .common import DROPOUT_EDGES, GateCase, Meta, Shape, adapter_case, adapter_
 f16, bf16, f32, f64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 
 DTYPES = (f32, bf16)  # the tests' dtypes
-ACTIVATIONS = ("relu", "gelu", "silu")
 
 # (B, C, H, W), kw r (the bottleneck) and act (the self-test's activation; the tests run every one, in
 # both memory formats)
