@@ -415,16 +415,16 @@ def test_layouts_give_the_same_result(backend, device):
 
 @pytest.mark.parametrize("backend,device", backend_params())
 def test_empty_inputs_follow_torch(backend, device):
-    x = torch.empty(0, 3, device=device, requires_grad=True)
-    t = torch.empty(0, 3, device=device)
+    x = torch.empty(table.EMPTY, device=device, requires_grad=True)
+    t = torch.empty(table.EMPTY, device=device)
     assert fc.sigmoid_focal_loss(x, t, reduction="sum", backend=backend).item() == 0
     assert torch.isnan(fc.sigmoid_focal_loss(x, t, reduction="mean", backend=backend))
-    assert fc.sigmoid_focal_loss(x, t, reduction="none", backend=backend).shape == (0, 3)
-    tc = torch.empty(0, dtype=torch.long, device=device)
+    assert fc.sigmoid_focal_loss(x, t, reduction="none", backend=backend).shape == table.EMPTY
+    tc = torch.empty(table.EMPTY[0], dtype=torch.long, device=device)
     loss = fc.softmax_focal_loss(x, tc, backend=backend)
     assert torch.isnan(loss)
     loss.backward()
-    assert x.grad.shape == (0, 3)
+    assert x.grad.shape == table.EMPTY
     assert fc.softmax_focal_loss(x, tc, reduction="sum", backend=backend).item() == 0
 
 

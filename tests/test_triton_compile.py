@@ -3,11 +3,11 @@
 Each case (the GATE table of each family's fastcascade/selftest/cases/<stem>.py) runs an op's own host
 code (fastcascade.kernels._common.HOST_FUNCTIONS) on meta tensors with the launch path recording instead
 of launching, so the kernels, grids, constexprs, num_warps and scalar arguments are exactly the ones
-that call would launch, at any size (meta tensors take no memory). Each recorded launch is then specialised as Triton's runtime would specialise it (its
-own binder: integer arguments equal to 1 become constants, 16-divisible ones get divisibility
-hints) and compiled for sm_90 with the bundled ptxas. Asserted per case: it compiles, the grid is
-within CUDA's limits, shared memory is within the H100/H200 per-block limit; at the benchmark shapes
-also that ptxas reports no register spills.
+that call would launch, at any size (meta tensors take no memory). Each recorded launch is then
+specialised as Triton's runtime would specialise it (its own binder: integer arguments equal to 1
+become constants, 16-divisible ones get divisibility hints) and compiled for sm_90 with the bundled
+ptxas. Asserted per case: it compiles, the grid is within CUDA's limits, shared memory is within the
+H100/H200 per-block limit; at the benchmark shapes also that ptxas reports no register spills.
 
 The interpreter (TRITON_INTERPRET=1, how the rest of the suite runs Triton here) defines kernels that
 cannot be compiled, so the compilation runs in one subprocess without it, for all cases at once,

@@ -37,6 +37,8 @@ SOFTMAX = (  # (N, C) or (N, C, d1, ...)
     Shape((1 << 22, 10), "bench", test=False),
 )
 
+EMPTY = (0, 3)  # no rows of 3 classes: "sum" is 0 and "mean" NaN, as in torch
+
 # saturated and infinite logits: with matching hard targets the loss and gradient are ~0, never NaN
 SIGMOID_SATURATED = (1e4, -1e4, 80.0, -80.0, 30.0, -30.0, math.inf, -math.inf, 17.0, -17.0)
 SOFTMAX_SATURATED = (((1e4, -1e4, 0.0), 0), ((-1e4, 1e4, 5.0), 1), ((60.0, -60.0, -60.0), 0),
