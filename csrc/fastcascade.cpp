@@ -1,5 +1,5 @@
-// Every fastcascade op schema, in one place. Backends live in csrc/<area>/<area>_{cpu.cpp,cuda.cu};
-// fake kernels and autograd are registered in fastcascade/_ops.py.
+// Every fastcascade op schema, in one place. Backends live in csrc/<stem>/<stem>_{cpu.cpp,cuda.cu};
+// fake kernels and autograd are registered in fastcascade/_ops/<stem>.py (docs/adding-an-op.md).
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 

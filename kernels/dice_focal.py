@@ -11,7 +11,7 @@ writes one partial row [focal sum, normaliser, inter (C), card (C)]; the partial
 then added with ``torch.sum`` over a fixed layout. No atomics. The backward recomputes the softmax
 over the same tiles and writes the gradient.
 
-Fake kernels and autograd are registered in fastcascade/_ops.py.
+Fake kernels and autograd are registered in fastcascade/_ops/dice_focal.py.
 """
 
 from typing import Optional

@@ -27,7 +27,7 @@ kernel and the chunked (C > 4096) softmax use the fast forms, a few ulp per oper
 tolerance model (2x the fp32 reference's own error) absorbs. The interpreter (TRITON_INTERPRET=1)
 runs numpy's correctly rounded functions everywhere.
 
-Fake kernels and autograd are registered elsewhere (fastcascade/_ops.py).
+Fake kernels and autograd are registered elsewhere (fastcascade/_ops/focal.py).
 """
 
 from typing import Optional

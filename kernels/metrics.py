@@ -13,7 +13,7 @@ costs each thread O(bins / 32 * log2(bins)) operations per element (ballots over
 bin index), so more cells take int64 atomics on the output instead. Both are exact integer counts:
 bitwise reproducible.
 
-Fake kernels are registered elsewhere (fastcascade/_ops.py).
+Fake kernels are registered elsewhere (fastcascade/_ops/metrics.py).
 """
 
 from typing import Optional

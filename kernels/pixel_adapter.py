@@ -1,7 +1,7 @@
 """Triton kernels for the pixel (token) residual adapter (fastcascade.reference.pixel_adapter).
 
 Two custom ops, defined with ``torch.library.triton_op`` (fake kernels and autograd are registered
-in fastcascade/_ops.py, shared with the C++ twins):
+in fastcascade/_ops/pixel_adapter.py, shared with the C++ twins):
 
 * ``fastcascade::pixel_adapter_triton``
     (x, down_w, down_b, up_w, up_b, scale, activation, dropout, seed) -> y

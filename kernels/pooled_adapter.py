@@ -31,7 +31,7 @@ depend only on the shapes and dtypes, so results are bitwise reproducible. The w
 gradients of the backward are torch.mm / torch.sum over small (B, C) and (B, r) scratch
 matrices written by the kernel.
 
-Fake kernels and autograd are registered elsewhere (fastcascade/_ops.py).
+Fake kernels and autograd are registered elsewhere (fastcascade/_ops/pooled_adapter.py).
 """
 
 from typing import Optional

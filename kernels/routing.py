@@ -17,7 +17,7 @@ each row's rank within its bin (stable); torch's cumsum between the two launches
 (bin, tile) counts. gather and scatter are one row-copy kernel over rows viewed as the widest integer
 type that divides them. No atomics anywhere: results are bitwise reproducible.
 
-Fake kernels and autograd are registered elsewhere (fastcascade/_ops.py).
+Fake kernels and autograd are registered elsewhere (fastcascade/_ops/routing.py).
 """
 
 import math

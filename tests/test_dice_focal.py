@@ -15,8 +15,10 @@ from conftest import (
 
 import fastcascade as fc
 from fastcascade import reference
+from fastcascade.selftest.cases import dice_focal as table
+from fastcascade.selftest.cases import for_tests
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DTYPES = list(table.DTYPES)
 
 
 def _fwd_bwd(fn, logits, *args, **kw):
@@ -37,24 +39,13 @@ def _case(shape, gen, ignore_index=None, C_from=0):
     return x, t
 
 
-# (weight, include_background, ignore_index, batch_dice, smooth, gamma, lambda_dice, lambda_focal)
-OPTIONS = [
-    (False, True, None, True, 1.0, 2.0, 0.5, 0.5),
-    (True, False, 255, False, 1e-5, 0.5, 1.0, 0.3),
-    (True, True, -100, True, 0.0, 0.0, 0.7, 1.0),
-    (False, False, None, False, 2.0, 5.0, 1.0, 0.0),
-    (True, True, 1, False, 1.0, 2.5, 0.0, 1.0),
-]
-
-
 @pytest.mark.parametrize("backend,device", backend_params())
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 2, 5, 7), (3, 16, 9, 11), (2, 3, 33), (2, 4, 3, 5, 3), (4, 1, 6, 5)],
-                         ids=str)
+@pytest.mark.parametrize("shape", [r.shape for r in for_tests(table.SHAPES)], ids=str)
 def test_matches_reference(backend, device, dtype, shape):
     gen = seeded("dice", shape)
     C = shape[1]
-    for wgt, inc_bg, ignore, batch, smooth, gamma, ld, lf in OPTIONS:
+    for wgt, inc_bg, ignore, batch, smooth, gamma, ld, lf in table.OPTIONS:
         if C == 1:
             if not inc_bg:
                 continue  # needs 2 classes (refused, tested in bad input)

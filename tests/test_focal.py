@@ -19,8 +19,10 @@ from conftest import (
 
 import fastcascade as fc
 from fastcascade import reference
+from fastcascade.selftest.cases import focal as table
+from fastcascade.selftest.cases import for_tests
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DTYPES = list(table.DTYPES)
 
 
 def _targets(shape, kind, device, gen=None):
@@ -52,8 +54,8 @@ def _fwd_bwd(fn, logits, *args, **kw):
 
 @pytest.mark.parametrize("backend,device", backend_params())
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1,), (7,), (4097,), (3, 5, 33)], ids=str)
-@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("shape", [r.shape for r in for_tests(table.SIGMOID)], ids=str)
+@pytest.mark.parametrize("reduction", table.REDUCTIONS)
 def test_sigmoid_matches_reference(backend, device, dtype, shape, reduction):
     gen = seeded(shape, reduction)
     combos = [(0.25, 2.0, 0.0, "float"), (None, 0.5, 0.1, "soft"), (0.6, 5.0, 0.0, "bool"), (-1.0, 0.0, 0.2, "uint8")]
@@ -101,7 +103,7 @@ def test_sigmoid_gamma0_is_bce(backend, device):
 @pytest.mark.parametrize("backend,device", fused_backend_params())
 @pytest.mark.parametrize("gamma", [0.0, 0.3, 0.5, 1.0, 2.0, 5.0])
 def test_sigmoid_saturated_and_infinite_logits(backend, device, gamma):
-    x = torch.tensor([1e4, -1e4, 80.0, -80.0, 30.0, -30.0, float("inf"), -float("inf"), 17.0, -17.0])
+    x = torch.tensor(table.SIGMOID_SATURATED)
     t = (x > 0).float()  # matching hard targets: loss ~ 0, no NaN, no inf
     for dtype in [torch.float32, torch.bfloat16, torch.float16]:
         for alpha in [0.25, None]:
@@ -126,8 +128,8 @@ def test_sigmoid_saturated_and_infinite_logits(backend, device, gamma):
 
 @pytest.mark.parametrize("backend,device", backend_params())
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 3), (7, 1), (33, 10), (5, 17), (2, 4, 3, 5)], ids=str)
-@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("shape", [r.shape for r in for_tests(table.SOFTMAX)], ids=str)
+@pytest.mark.parametrize("reduction", table.REDUCTIONS)
 def test_softmax_matches_reference(backend, device, dtype, shape, reduction):
     gen = seeded(shape, reduction)
     C = shape[1]
@@ -213,8 +215,8 @@ def test_softmax_confident_rows_keep_relative_precision(backend, device):
 @pytest.mark.parametrize("backend,device", fused_backend_params())
 @pytest.mark.parametrize("gamma", [0.0, 0.3, 2.0, 5.0])
 def test_softmax_saturated_logits(backend, device, gamma):
-    x = torch.tensor([[1e4, -1e4, 0.0], [-1e4, 1e4, 5.0], [60.0, -60.0, -60.0], [0.0, -float("inf"), 30.0]])
-    t = torch.tensor([0, 1, 0, 2])
+    x = torch.tensor([row for row, _ in table.SOFTMAX_SATURATED])
+    t = torch.tensor([target for _, target in table.SOFTMAX_SATURATED])
     for dtype in [torch.float32, torch.bfloat16]:
         for eps in [0.0, 0.1]:
             out, grad = _fwd_bwd(fc.softmax_focal_loss, x.to(device, dtype), t.to(device), gamma,
@@ -413,16 +415,16 @@ def test_layouts_give_the_same_result(backend, device):
 
 @pytest.mark.parametrize("backend,device", backend_params())
 def test_empty_inputs_follow_torch(backend, device):
-    x = torch.empty(0, 3, device=device, requires_grad=True)
-    t = torch.empty(0, 3, device=device)
+    x = torch.empty(table.EMPTY, device=device, requires_grad=True)
+    t = torch.empty(table.EMPTY, device=device)
     assert fc.sigmoid_focal_loss(x, t, reduction="sum", backend=backend).item() == 0
     assert torch.isnan(fc.sigmoid_focal_loss(x, t, reduction="mean", backend=backend))
-    assert fc.sigmoid_focal_loss(x, t, reduction="none", backend=backend).shape == (0, 3)
-    tc = torch.empty(0, dtype=torch.long, device=device)
+    assert fc.sigmoid_focal_loss(x, t, reduction="none", backend=backend).shape == table.EMPTY
+    tc = torch.empty(table.EMPTY[0], dtype=torch.long, device=device)
     loss = fc.softmax_focal_loss(x, tc, backend=backend)
     assert torch.isnan(loss)
     loss.backward()
-    assert x.grad.shape == (0, 3)
+    assert x.grad.shape == table.EMPTY
     assert fc.softmax_focal_loss(x, tc, reduction="sum", backend=backend).item() == 0
 
 

@@ -156,6 +156,176 @@ def test_triton_twin_has_the_cpp_schema(name):
     assert _signature(twin) == _signature(cpp), f"\n  C++:    {cpp}\n  Triton: {twin}"
 
 
+# ---------------------------------------------------------------------------------------------
+# the add-an-op checklist (docs/adding-an-op.md): every family has every file
+
+
+def _includes(folder: pathlib.Path, pattern: str) -> bool:
+    """Whether a file of the folder includes a header whose path matches the pattern."""
+    return any(re.search(rf'#include "{pattern}"', p.read_text()) for p in folder.glob("*") if p.is_file())
+
+
+def _registered(init: pathlib.Path, stem: str) -> bool:
+    """Whether a FAMILIES table (stem -> module) in this __init__.py has the stem."""
+    return init.is_file() and re.search(rf'"{stem}":\s*{stem}\b', init.read_text()) is not None
+
+
+def checklist_gaps(root: pathlib.Path, stem: str, ops) -> list:
+    """The items of docs/adding-an-op.md that family `stem`, with these op names (its FAKES), lacks in the
+    tree at root: one "<item as the checklist names it>: <what is missing>" per gap."""
+    gaps = []
+
+    def need(ok: bool, item: str, what: str = "missing"):
+        if not ok:
+            gaps.append(f"{item.replace('<stem>', stem)}: {what}")
+
+    def text(rel: str) -> str:
+        path = root / rel
+        return path.read_text() if path.is_file() else ""
+
+    public = [op for op in ops if not op.startswith("_")]
+    schemas = set(re.findall(r'm\.def\("(\w+)\(', text("csrc/fastcascade.cpp")))
+    for op in ops:
+        need(op in schemas, "csrc/fastcascade.cpp", f"no schema for {op}")
+    for op in public:
+        need(re.search(rf"^def {op}(_loss)?\(", text("fastcascade/reference.py"), re.M) is not None,
+             "fastcascade/reference.py", f"no reference {op} (or {op}_loss)")
+    folder = root / "csrc" / stem
+    for name in ("_launch.h", "_cpu.cpp", "_cuda.cu"):
+        need((folder / f"{stem}{name}").is_file(), f"csrc/<stem>/<stem>{name}")
+    need((folder / f"{stem}_math.h").is_file() or (folder.is_dir() and _includes(folder, r"common/\w+_math\.h")),
+         "csrc/<stem>/<stem>_math.h", "missing, and no common/*_math.h included")
+    need((folder / f"{stem}_checks.h").is_file() or (folder.is_dir() and _includes(folder, r"[\w/]*checks\.h")),
+         "csrc/<stem>/<stem>_checks.h", "missing, and no file of the family includes a *checks.h")
+    table = text("csrc/common/launch_cpu.cpp")
+    need(f'#include "{stem}/{stem}_launch.h"' in table, "csrc/common/launch_cpu.cpp", f"does not include {stem}_launch.h")
+    launchers = re.findall(r"^inline\s+[\w:<>]+\s+(\w+)\(", text(f"csrc/{stem}/{stem}_launch.h"), re.M)
+    need(any(re.search(rf"\b{f}\(", table) for f in launchers), "csrc/common/launch_cpu.cpp",
+         f"no configs() entry calls a function of {stem}_launch.h")
+    need((root / "kernels" / f"{stem}.py").is_file(), "kernels/<stem>.py")
+    need((root / "fastcascade" / "_ops" / f"{stem}.py").is_file(), "fastcascade/_ops/<stem>.py")
+    need(_registered(root / "fastcascade" / "_ops" / "__init__.py", stem), "fastcascade/_ops/__init__.py",
+         "no FAMILIES entry")
+    api = "\n".join(p.read_text() for p in sorted((root / "fastcascade").rglob("*.py"))
+                    if not {"_ops", "selftest"} & set(p.relative_to(root / "fastcascade").parts))
+    for op in public:
+        need(f'op("{op}"' in api, "public API", f'no module outside _ops/ and selftest/ calls op("{op}", backend)')
+    cases = text(f"fastcascade/selftest/cases/{stem}.py")
+    need(bool(cases), "fastcascade/selftest/cases/<stem>.py")
+    need(not cases or "def selftest_cases(" in cases, "fastcascade/selftest/cases/<stem>.py", "no selftest_cases()")
+    need(not cases or re.search(r"^GATE\b", cases, re.M) is not None, "fastcascade/selftest/cases/<stem>.py",
+         "no GATE (the compile gate's cases)")
+    need(_registered(root / "fastcascade" / "selftest" / "cases" / "__init__.py", stem),
+         "fastcascade/selftest/cases/__init__.py", "no FAMILIES entry (the self-test does not run the family)")
+    tests = text(f"tests/test_{stem}.py")
+    need(bool(tests), "tests/test_<stem>.py")
+    need(not tests or re.search(rf"selftest\.cases import .*\b{stem}\b", tests) is not None, "tests/test_<stem>.py",
+         "does not import its case table")
+    need((root / "bench" / f"test_bench_{stem}.py").is_file(), "bench/test_bench_<stem>.py")
+    need((root / "bench" / f"{stem}_notes.md").is_file(), "bench/<stem>_notes.md")
+    return gaps
+
+
+@pytest.mark.parametrize("stem", list(_ops.FAMILIES))
+def test_every_family_has_its_checklist(stem):
+    gaps = checklist_gaps(REPO, stem, list(_ops.FAMILIES[stem].FAKES))
+    assert not gaps, f"{stem} lacks items of docs/adding-an-op.md: {gaps}"
+
+
+@pytest.mark.parametrize("stem", list(_ops.FAMILIES))
+def test_every_op_has_selftest_and_gate_cases(stem):
+    """The family's case table feeds the self-test every public op, and the compile gate every op."""
+    from fastcascade.selftest import cases
+
+    ops = list(_ops.FAMILIES[stem].FAKES)
+    table = cases.FAMILIES[stem]
+    selftested = {c.op for c in table.selftest_cases([torch.float32], ("small", "awkward"), True)}
+    assert {op for op in ops if not op.startswith("_")} <= selftested, selftested
+    assert {f"{op}_triton" for op in ops} <= {c.op for c in table.GATE}
+    assert set(cases.FAMILIES) == set(_ops.FAMILIES)
+
+
+def test_the_checklist_page_names_every_checked_item():
+    page = (REPO / "docs" / "adding-an-op.md").read_text()
+    # the items as templates: the checker run on the stem "<stem>" names them as the page does
+    items = {g.split(":")[0] for g in checklist_gaps(REPO, "<stem>", ["<op>"])} - {"public API"}
+    assert len(items) >= 15, items
+    assert all(f"`{i}`" in page for i in items), sorted(i for i in items if f"`{i}`" not in page)
+
+
+def test_the_checker_reports_every_item_of_a_family_that_is_not_there():
+    gaps = checklist_gaps(REPO, "toy", ["toy_op", "_toy_backward"])
+    want = ["csrc/fastcascade.cpp: no schema for toy_op", "csrc/fastcascade.cpp: no schema for _toy_backward",
+            "fastcascade/reference.py: no reference toy_op", "csrc/toy/toy_launch.h", "csrc/toy/toy_cpu.cpp",
+            "csrc/toy/toy_cuda.cu", "csrc/toy/toy_math.h", "csrc/toy/toy_checks.h",
+            "csrc/common/launch_cpu.cpp: does not include", "csrc/common/launch_cpu.cpp: no configs() entry",
+            "kernels/toy.py", "fastcascade/_ops/toy.py", "fastcascade/_ops/__init__.py: no FAMILIES entry",
+            'public API: no module outside _ops/ and selftest/ calls op("toy_op"',
+            "fastcascade/selftest/cases/toy.py: missing", "fastcascade/selftest/cases/__init__.py: no FAMILIES",
+            "tests/test_toy.py: missing", "bench/test_bench_toy.py", "bench/toy_notes.md"]
+    for w in want:
+        assert any(g.startswith(w) for g in gaps), (w, gaps)
+    assert not any("_toy_backward" in g for g in gaps if not g.startswith("csrc/fastcascade.cpp")), gaps
+    assert len(gaps) == len(want), gaps
+
+
+# each mutation of the metrics family's files, and the item the checker must then report
+_METRICS_BREAKS = [
+    ("csrc/fastcascade.cpp", 'm.def("confusion_matrix(', 'm.def("confusion_matrix_old(', "schema for confusion_matrix"),
+    ("fastcascade/reference.py", "def confusion_matrix(", "def confusion_matrix_ref(", "fastcascade/reference.py"),
+    ("csrc/metrics/metrics_math.h", None, None, "csrc/metrics/metrics_math.h"),
+    ("csrc/metrics/metrics_launch.h", None, None, "csrc/metrics/metrics_launch.h"),
+    ("csrc/metrics/metrics_cpu.cpp", None, None, "csrc/metrics/metrics_cpu.cpp"),
+    ("csrc/metrics/metrics_cuda.cu", None, None, "csrc/metrics/metrics_cuda.cu"),
+    ("csrc/common/launch_cpu.cpp", '#include "metrics/metrics_launch.h"', "", "does not include metrics_launch.h"),
+    ("csrc/common/launch_cpu.cpp", "confusion_launch(", "no_launch(", "no configs() entry"),
+    ("kernels/metrics.py", None, None, "kernels/metrics.py"),
+    ("fastcascade/_ops/metrics.py", None, None, "fastcascade/_ops/metrics.py"),
+    ("fastcascade/_ops/__init__.py", '"metrics": metrics', "", "fastcascade/_ops/__init__.py: no FAMILIES"),
+    ("fastcascade/metrics.py", '_ops.op("confusion_matrix"', '_ops.op(NAME', "public API"),
+    ("fastcascade/selftest/cases/metrics.py", None, None, "fastcascade/selftest/cases/metrics.py: missing"),
+    ("fastcascade/selftest/cases/metrics.py", "def selftest_cases(", "def cases(", "no selftest_cases"),
+    ("fastcascade/selftest/cases/metrics.py", "\nGATE = [", "\nCOMPILE = [", "no GATE"),
+    ("fastcascade/selftest/cases/__init__.py", '"metrics": metrics', "", "cases/__init__.py: no FAMILIES"),
+    ("tests/test_metrics.py", None, None, "tests/test_metrics.py: missing"),
+    ("tests/test_metrics.py", "selftest.cases import metrics", "selftest import cases", "case table"),
+    ("bench/test_bench_metrics.py", None, None, "bench/test_bench_metrics.py"),
+    ("bench/metrics_notes.md", None, None, "bench/metrics_notes.md"),
+]
+
+
+@pytest.fixture(scope="module")
+def metrics_tree(tmp_path_factory):
+    """A copy of the files the checker reads (the source, no build outputs)."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("tree")
+    for rel in ("csrc", "kernels", "fastcascade", "bench"):
+        shutil.copytree(REPO / rel, root / rel, symlinks=True,
+                        ignore=shutil.ignore_patterns("*.so", "__pycache__", "kernels", "*.png"))
+    (root / "tests").mkdir()
+    shutil.copy(REPO / "tests" / "test_metrics.py", root / "tests")
+    return root
+
+
+@pytest.mark.parametrize("rel,old,new,reported", _METRICS_BREAKS, ids=[f"{b[0]}:{b[3]}" for b in _METRICS_BREAKS])
+def test_the_checker_catches_each_missing_item(metrics_tree, rel, old, new, reported):
+    ops = list(_ops.FAMILIES["metrics"].FAKES)
+    assert checklist_gaps(metrics_tree, "metrics", ops) == []
+    path = metrics_tree / rel
+    saved = path.read_text()
+    try:
+        if old is None:
+            path.unlink()
+        else:
+            assert old in saved, f"{rel} no longer holds {old!r}: update _METRICS_BREAKS"
+            path.write_text(saved.replace(old, new))
+        gaps = checklist_gaps(metrics_tree, "metrics", ops)
+    finally:
+        path.write_text(saved)
+    assert any(reported in g for g in gaps), (reported, gaps)
+
+
 # the AV1 partition domain (fastcascade.data) and the demo built on it sit above every generic layer
 DOMAIN = ("fastcascade.data", "fastcascade.demo")
 ABOVE_THE_DOMAIN = ("fastcascade", "fastcascade.__main__")

@@ -12,6 +12,7 @@ from sklearn import metrics as skm
 
 import fastcascade as fc
 from fastcascade import _ops, reference
+from fastcascade.selftest.cases import metrics as table
 
 BACKENDS = backend_params()
 FUSED = fused_backend_params()
@@ -34,13 +35,10 @@ def _sk_confusion(pred, target, C, ignore_index=None):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
-@pytest.mark.parametrize("pdtype,tdtype", [(torch.int64, torch.int64), (torch.int32, torch.int64),
-                                           (torch.int64, torch.int32), (torch.int32, torch.int32)], ids=str)
+@pytest.mark.parametrize("pdtype,tdtype", table.DTYPE_PAIRS, ids=str)
 def test_confusion_matrix_matches_sklearn(backend, device, pdtype, tdtype):
     gen = seeded("confusion", pdtype, tdtype)
-    cases = [(0, 3), (1, 1), (7, 3), (4097, 8), (3000, 16), (1000, 32), (2000, 70)]  # C > 32: Triton atomics
-    if backend != "triton":
-        cases.append((140000, 5))  # several CPU chunks
+    cases = list(table.SIZES) + ([table.CPU_CHUNKED] if backend != "triton" else [])
     for n, C in cases:
         target = torch.randint(0, C, (n,), generator=gen)
         pred = torch.where(torch.rand(n, generator=gen) < 0.6, target, torch.randint(0, C, (n,), generator=gen))

@@ -16,13 +16,14 @@ from conftest import assert_within_model, reference_errors, seeded
 
 import fastcascade as fc
 from fastcascade import _ops, reference
+from fastcascade.selftest.cases import for_tests
+from fastcascade.selftest.cases import pixel_adapter as table
 
 # ---------------------------------------------------------------------------------------------
 # pixel (token) adapter op
 
 # (shape, memory format or None for tokens (T, C), r)
-PIXEL_CASES = [((3, 12, 5, 7), torch.contiguous_format, 5), ((3, 12, 5, 7), torch.channels_last, 16),
-               ((1, 3, 1, 1), torch.contiguous_format, 1), ((37, 12), None, 5), ((130, 20), None, 64)]
+PIXEL_CASES = [(row.shape, table.memory_format(row), row["r"]) for row in for_tests(table.SHAPES)]
 
 
 def _pixel_x(shape, fmt, dtype=torch.float64, gen=None):
@@ -41,7 +42,7 @@ def _pixel_ref(act, with_scale, p, seed, cdim):
 
 
 @pytest.mark.parametrize("backend,device", ADAPTER_BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", table.DTYPES)
 @pytest.mark.parametrize("shape,fmt,r", PIXEL_CASES, ids=str)
 def test_pixel_op_matches_reference(backend, device, dtype, shape, fmt, r):
     gen = seeded(shape, r, str(fmt))
@@ -239,7 +240,8 @@ def test_pixel_triton_channel_offsets_are_int64_when_asked(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", TRITON_INTERP)
-@pytest.mark.parametrize("shape,fmt", [((2, 12, 3, 5), torch.contiguous_format), ((37, 12), None)], ids=str)
+@pytest.mark.parametrize("shape,fmt", [(row.shape, table.memory_format(row)) for row in table.WIDE_R_SHAPES],
+                         ids=str)
 def test_pixel_triton_wide_r_in_chunks_matches_reference(backend, device, shape, fmt, monkeypatch):
     """r = 40 over column chunks of 16 (the chunked path of r > _MAX_BLOCK_R, at a size the interpreter
     runs): forward, all gradients, dropout and scale as the reference."""

@@ -17,12 +17,13 @@ from conftest import assert_within_model, reference_errors, seeded
 
 import fastcascade as fc
 from fastcascade import _ops, reference
+from fastcascade.selftest.cases import for_tests
+from fastcascade.selftest.cases import pooled_adapter as table
 
 
 @pytest.mark.parametrize("backend,device", ADAPTER_BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape,r", [((3, 12, 5, 7), 5), ((1, 3, 1, 1), 1), ((7, 64, 4, 4), 64), ((2, 130, 2, 3), 16)],
-                         ids=str)
+@pytest.mark.parametrize("dtype", table.DTYPES)
+@pytest.mark.parametrize("shape,r", [(row.shape, row["r"]) for row in for_tests(table.SHAPES)], ids=str)
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 def test_pooled_op_matches_reference(backend, device, dtype, shape, r, fmt):
     gen = seeded(shape, r)

@@ -11,14 +11,15 @@ from conftest import backend_params, fused_backend_params, seeded
 
 import fastcascade as fc
 from fastcascade import _ops, reference
+from fastcascade.selftest.cases import routing as table
 
 BACKENDS = backend_params()
 FUSED = fused_backend_params()
 CPU_BACKENDS = [p for p in BACKENDS if p.values[1] == "cpu"]
 INTERPRETED_AOT = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
                                      reason="AOT tracing of Triton kernels needs a GPU (not the interpreter)")
-FLOATS = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
-SIZES = [0, 1, 7, 4097]
+FLOATS = list(table.FLOATS)
+SIZES = list(table.SIZES)
 
 
 def _on(device, *ts):
@@ -195,12 +196,6 @@ def test_partition_refuses_out_of_range_ids_on_cpu(backend, device):
 # gather_rows / scatter_rows
 
 
-ROW_CASES = [  # (shape, dtype): 1 KiB fp16 rows (16-byte words), odd byte rows, scalars per row, empty rows
-    ((37, 512), torch.float16), ((9, 3, 5), torch.bfloat16), ((11,), torch.float32), ((6, 0), torch.float32),
-    ((8, 3), torch.int64), ((13, 7), torch.int8), ((5, 4), torch.bool), ((4, 3), torch.complex64),
-    ((0, 4), torch.float32), ((1, 4), torch.float64)]
-
-
 def _rows(shape, dtype, gen):
     v = torch.randn(shape, generator=gen, dtype=torch.float64) * 50
     if dtype == torch.bool:
@@ -214,7 +209,7 @@ def _rows(shape, dtype, gen):
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=str)
 def test_gather_scatter_rows_match_indexing(backend, device, index_dtype):
     gen = seeded("rows", index_dtype)
-    for shape, dtype in ROW_CASES:
+    for shape, dtype in table.ROW_CASES:
         R = shape[0]
         x = _rows(shape, dtype, gen)
         for src in [x, x[1:] if R > 1 else x, x.transpose(0, 1).contiguous().transpose(0, 1) if x.dim() > 1 else x]:

@@ -1,13 +1,13 @@
 """sm_90 compile gate for the Triton kernels, on a machine without a GPU; and their launch path.
 
-Each case runs an op's own host code (fastcascade.kernels._common.HOST_FUNCTIONS) on meta tensors with
-the launch path recording instead of launching, so the kernels, grids, constexprs, num_warps and
-scalar arguments are exactly the ones that call would launch, at any size (meta tensors take no
-memory). Each recorded launch is then specialised as Triton's runtime would specialise it (its
-own binder: integer arguments equal to 1 become constants, 16-divisible ones get divisibility
-hints) and compiled for sm_90 with the bundled ptxas. Asserted per case: it compiles, the grid is
-within CUDA's limits, shared memory is within the H100/H200 per-block limit; at the benchmark shapes
-also that ptxas reports no register spills.
+Each case (the GATE table of each family's fastcascade/selftest/cases/<stem>.py) runs an op's own host
+code (fastcascade.kernels._common.HOST_FUNCTIONS) on meta tensors with the launch path recording instead
+of launching, so the kernels, grids, constexprs, num_warps and scalar arguments are exactly the ones
+that call would launch, at any size (meta tensors take no memory). Each recorded launch is then
+specialised as Triton's runtime would specialise it (its own binder: integer arguments equal to 1
+become constants, 16-divisible ones get divisibility hints) and compiled for sm_90 with the bundled
+ptxas. Asserted per case: it compiles, the grid is within CUDA's limits, shared memory is within the
+H100/H200 per-block limit; at the benchmark shapes also that ptxas reports no register spills.
 
 The interpreter (TRITON_INTERPRET=1, how the rest of the suite runs Triton here) defines kernels that
 cannot be compiled, so the compilation runs in one subprocess without it, for all cases at once,
@@ -25,7 +25,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import NamedTuple
 
 import pytest
 import torch
@@ -33,191 +32,15 @@ import torch
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
+from fastcascade.selftest.cases import GateCase, Meta, gate_cases  # noqa: E402
+
 SHARED_LIMIT = 232_448  # bytes of shared memory per block, H100 / H200 (sm_90), with the opt-in
 GRID_LIMITS = (2**31 - 1, 65535, 65535)
 COMPILE_BUDGET_S = 180  # per distinct compile; the slowest here takes ~25 s on a loaded 2-core machine
-I32 = 2**31
 
 
-class Case(NamedTuple):
-    id: str
-    op: str            # key of HOST_FUNCTIONS
-    args: tuple        # meta tensors are written as _T(...) specs, built in the subprocess
-    bench: bool = False
-
-
-class _T(NamedTuple):
-    """A meta tensor: shape, dtype, and "cl" for channels_last."""
-    shape: tuple
-    dtype: torch.dtype = torch.float32
-    fmt: str = ""
-
-
-f16, bf16, f32, f64, i32, i64 = torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int32, torch.int64
-
-
-def _pooled(B, C, H, W, r, dtype=f32, fmt="cl", act=0, scale=False, p=0.0, seed=0):
-    w = dtype if dtype == f64 else f32
-    return (_T((B, C, H, W), dtype, fmt), _T((r, C), w), _T((r,), w), _T((C, r), w), _T((C,), w),
-            _T((), w) if scale else None, act, p, seed)
-
-
-def _pooled_bwd(B, C, H, W, r, dtype=f32, fmt="cl", act=0, scale=False, p=0.0, seed=0):
-    acc = f64 if dtype == f64 else f32
-    x, dw, db, uw, ub, s, act, p, seed = _pooled(B, C, H, W, r, dtype, fmt, act, scale, p, seed)
-    return (x, _T((B, C), acc), _T((B, r), acc), dw, uw, ub, s, act, p, seed)
-
-
-def _pixel(shape, r, dtype=f32, fmt="", act=0, scale=False, p=0.0, seed=0):
-    C = shape[1] if len(shape) == 4 else shape[-1]
-    w = dtype if dtype == f64 else f32
-    return (_T(shape, dtype, fmt), _T((r, C), w), _T((r,), w), _T((C, r), w), _T((C,), w),
-            _T((), w) if scale else None, act, p, seed)
-
-
-def _pixel_bwd(shape, r, dtype=f32, fmt="", act=0, scale=False, p=0.0, seed=0):
-    x, *rest = _pixel(shape, r, dtype, fmt, act, scale, p, seed)
-    return (x, x, *rest)
-
-
-def _sigmoid(n, dtype=f32, tdtype=None, reduction=1, need_grad=True):
-    return (_T((n,), dtype), _T((n,), tdtype or dtype), 0.25, 2.0, 0.0, reduction, need_grad)
-
-
-def _softmax(shape, dtype=f32, weight=False, reduction=1, need_grad=True, ignore=-100, smoothing=0.0):
-    N, C = shape[0], shape[1]
-    tshape = (N, shape[2]) if len(shape) == 3 else (N,)
-    return (_T(shape, dtype), _T(tshape, i64), _T((C,), f32) if weight else None, 2.0, smoothing, ignore,
-            reduction, need_grad)
-
-
-def _dice(B, C, S, dtype=f32, weight=False, ignore=-100):
-    return (_T((B, C, S), dtype), _T((B, S), i64), _T((C,), f32) if weight else None, 2.0, 1.0, 0.5, 0.5, ignore,
-            True, True)
-
-
-def _dice_bwd(B, C, S, dtype=f32, weight=False, ignore=-100):
-    acc = f64 if dtype == f64 else f32
-    x, t, w = _dice(B, C, S, dtype, weight, ignore)[:3]
-    return (_T((), acc), x, t, w, _T((B, C), acc), _T((B, C), acc), _T((2,), acc), 2.0, 1.0, 0.5, 0.5, ignore,
-            True, True)
-
-
-def _dropout_edges():
-    """seed_lo, seed_hi and threshold each equal to 1 (constants in compiled Triton), and none."""
-    return [(2**-32, 2**32 + 1), (0.25, 2**32 * 7 + 12345)]
-
-
-CASES = [
-    # ---- sigmoid focal ----
-    Case("sigmoid-16M-fp32", "sigmoid_focal_triton", _sigmoid(1 << 24), bench=True),
-    Case("sigmoid-16M-bf16", "sigmoid_focal_triton", _sigmoid(1 << 24, bf16), bench=True),
-    Case("sigmoid-n1-fp64-none", "sigmoid_focal_triton", _sigmoid(1, f64, reduction=0)),
-    Case("sigmoid-fp16-bool-sum-nograd", "sigmoid_focal_triton", _sigmoid(4097, f16, torch.bool, 2, False)),
-    Case("sigmoid-uint8-targets", "sigmoid_focal_triton", _sigmoid(1 << 31, f32, torch.uint8)),
-    # ---- softmax focal ----
-    Case("softmax-4M-C3-fp32", "softmax_focal_triton", _softmax((1 << 22, 3)), bench=True),
-    Case("softmax-4M-C10-fp32", "softmax_focal_triton", _softmax((1 << 22, 10)), bench=True),
-    Case("softmax-4M-C3-bf16", "softmax_focal_triton", _softmax((1 << 22, 3), bf16), bench=True),
-    Case("softmax-4M-C10-bf16", "softmax_focal_triton", _softmax((1 << 22, 10), bf16), bench=True),
-    Case("softmax-C1-N1-ignore1", "softmax_focal_triton", _softmax((1, 1), ignore=1, reduction=0)),
-    Case("softmax-C4096-fp64-weight", "softmax_focal_triton", _softmax((7, 4096), f64, weight=True, smoothing=0.1)),
-    Case("softmax-C4096-spatial-fp16", "softmax_focal_triton", _softmax((3, 4096, 5), f16, reduction=2)),
-    Case("softmax-C4097-chunked", "softmax_focal_triton", _softmax((5, 4097), weight=True, reduction=0)),
-    Case("softmax-C4097-chunked-spatial-fp64", "softmax_focal_triton",
-         _softmax((2, 5000, 3), f64, need_grad=False)),
-    Case("softmax-spatial-huge", "softmax_focal_triton", _softmax((3, 10, I32 // 8), bf16)),
-    # ---- Dice + focal ----
-    Case("dice-16x16x384^2-fp32", "dice_focal_triton", _dice(16, 16, 384 * 384), bench=True),
-    Case("dice-16x16x384^2-bf16", "dice_focal_triton", _dice(16, 16, 384 * 384, bf16), bench=True),
-    Case("dice-bwd-16x16x384^2-fp32", "_dice_focal_backward_triton", _dice_bwd(16, 16, 384 * 384), bench=True),
-    Case("dice-bwd-16x16x384^2-bf16", "_dice_focal_backward_triton", _dice_bwd(16, 16, 384 * 384, bf16),
-         bench=True),
-    Case("dice-B1-C1-S1-ignore1", "dice_focal_triton", _dice(1, 1, 1, ignore=1)),
-    Case("dice-bwd-B1-C1-S1-ignore1", "_dice_focal_backward_triton", _dice_bwd(1, 1, 1, ignore=1)),
-    Case("dice-C4096-fp64-weight", "dice_focal_triton", _dice(2, 4096, 33, f64, weight=True)),
-    Case("dice-bwd-C4096-fp16-weight", "_dice_focal_backward_triton", _dice_bwd(2, 4096, 33, f16, weight=True)),
-    # ---- pooled adapter ----
-    Case("pooled-4096x64x4x4-fp32", "pooled_adapter_triton", _pooled(4096, 64, 4, 4, 64), bench=True),
-    Case("pooled-4096x64x4x4-bf16", "pooled_adapter_triton", _pooled(4096, 64, 4, 4, 64, bf16), bench=True),
-    Case("pooled-bwd-4096x64x4x4-fp32", "_pooled_adapter_backward_triton", _pooled_bwd(4096, 64, 4, 4, 64),
-         bench=True),
-    Case("pooled-bwd-4096x64x4x4-bf16", "_pooled_adapter_backward_triton",
-         _pooled_bwd(4096, 64, 4, 4, 64, bf16), bench=True),
-    Case("pooled-256x256x14x14-fp32", "pooled_adapter_triton", _pooled(256, 256, 14, 14, 64)),
-    Case("pooled-bwd-256x256x14x14-fp32", "_pooled_adapter_backward_triton", _pooled_bwd(256, 256, 14, 14, 64)),
-    Case("pooled-B1-C1-r1-HW1-nchw", "pooled_adapter_triton", _pooled(1, 1, 1, 1, 1, fmt="")),
-    Case("pooled-bwd-B1-C1-r1-HW1-nchw", "_pooled_adapter_backward_triton", _pooled_bwd(1, 1, 1, 1, 1, fmt="")),
-    Case("pooled-C4096-r1024-fp64-gelu-scale", "pooled_adapter_triton",
-         _pooled(3, 4096, 2, 2, 1024, f64, act=1, scale=True)),
-    Case("pooled-bwd-C4096-r1024-fp16-silu-scale", "_pooled_adapter_backward_triton",
-         _pooled_bwd(8192, 4096, 1, 1, 1024, f16, act=2, scale=True)),
-    Case("pooled-huge-sample-nchw", "pooled_adapter_triton", _pooled(2, 1 << 16, 256, 256, 8, bf16, fmt="")),
-    Case("pooled-bwd-huge-sample-cl", "_pooled_adapter_backward_triton", _pooled_bwd(2, 1 << 16, 256, 256, 8)),
-    *[Case(f"pooled-dropout-p{p:g}-seed{seed}", "pooled_adapter_triton", _pooled(4096, 64, 4, 4, 64, p=p, seed=seed))
-      for p, seed in _dropout_edges()],
-    *[Case(f"pooled-bwd-dropout-p{p:g}-seed{seed}", "_pooled_adapter_backward_triton",
-           _pooled_bwd(64, 64, 4, 4, 64, p=p, seed=seed)) for p, seed in _dropout_edges()],
-    # ---- pixel (token) adapter ----
-    Case("token-1M-C768-r64-bf16-relu", "pixel_adapter_triton", _pixel((1 << 20, 768), 64, bf16), bench=True),
-    Case("token-bwd-1M-C768-r64-bf16-relu", "_pixel_adapter_backward_triton", _pixel_bwd((1 << 20, 768), 64, bf16),
-         bench=True),
-    Case("token-bwd-1M-C768-r64-bf16-gelu", "_pixel_adapter_backward_triton",
-         _pixel_bwd((1 << 20, 768), 64, bf16, act=1), bench=True),
-    Case("token-bwd-1M-C768-r64-fp32-gelu", "_pixel_adapter_backward_triton",
-         _pixel_bwd((1 << 20, 768), 64, f32, act=1), bench=True),
-    Case("token-bwd-1M-C768-r64-fp32-silu-scale", "_pixel_adapter_backward_triton",
-         _pixel_bwd((1 << 20, 768), 64, f32, act=2, scale=True), bench=True),
-    Case("pixel-T1-C1-r1", "pixel_adapter_triton", _pixel((1, 1), 1)),
-    Case("pixel-bwd-B1-C1-r1-nchw", "_pixel_adapter_backward_triton", _pixel_bwd((1, 1, 1, 1), 1)),
-    Case("pixel-C4096-r1000-fp32-cl", "pixel_adapter_triton", _pixel((2, 4096, 3, 3), 1000, fmt="cl")),
-    Case("pixel-bwd-C4096-r1000-fp32-gelu-scale", "_pixel_adapter_backward_triton",
-         _pixel_bwd((4096, 4096), 1000, act=1, scale=True)),
-    Case("pixel-r4096-bf16", "pixel_adapter_triton", _pixel((4096, 768), 4096, bf16, act=1)),
-    Case("pixel-bwd-r4096-bf16", "_pixel_adapter_backward_triton", _pixel_bwd((4096, 768), 4096, bf16, act=2)),
-    Case("pixel-r256-fp64-scale", "pixel_adapter_triton", _pixel((3, 40, 9, 11), 256, f64, scale=True)),
-    Case("pixel-bwd-r16-fp64", "_pixel_adapter_backward_triton", _pixel_bwd((3, 40, 9, 11), 16, f64, act=1)),
-    Case("pixel-fp16-nchw", "pixel_adapter_triton", _pixel((2, 64, 7, 7), 64, f16)),
-    Case("pixel-huge-sample-nchw", "pixel_adapter_triton", _pixel((1, 1 << 16, 256, 256), 16, bf16)),
-    Case("pixel-bwd-huge-sample-nchw", "_pixel_adapter_backward_triton", _pixel_bwd((1, 1 << 16, 256, 256), 16)),
-    *[Case(f"pixel-dropout-p{p:g}-seed{seed}", "pixel_adapter_triton", _pixel((4096, 768), 64, p=p, seed=seed))
-      for p, seed in _dropout_edges()],
-    *[Case(f"pixel-bwd-dropout-p{p:g}-seed{seed}", "_pixel_adapter_backward_triton",
-           _pixel_bwd((4096, 768), 64, p=p, seed=seed)) for p, seed in _dropout_edges()],
-    # ---- routing (the cascade's shapes: B = 8192 rows, 2/3/4 classes, 3 ensemble members) ----
-    Case("route-threshold-8192-fp32", "route_threshold_triton", (_T((8192,)), 0.3), bench=True),
-    Case("route-threshold-n1-bf16", "route_threshold_triton", (_T((1, 1), bf16), 0.3)),
-    Case("route-threshold-fp64", "route_threshold_triton", (_T((77,), f64), 0.3)),
-    Case("route-argmax-8192x3-fp32", "route_argmax_triton", (_T((8192, 3)),), bench=True),
-    Case("route-argmax-C1-n1-fp64", "route_argmax_triton", (_T((1, 1), f64),)),
-    Case("route-argmax-C5000-fp16", "route_argmax_triton", (_T((9, 5000), f16),)),
-    Case("route-confident-8192x3-fp32", "route_confident_triton", (_T((8192, 3)), 1.0, 1.25), bench=True),
-    Case("route-confident-8192x4-fp64", "route_confident_triton", (_T((8192, 4), f64), 1.0, 1.25), bench=True),
-    Case("route-confident-C1-n1-bf16", "route_confident_triton", (_T((1, 1), bf16), 0.5, 1.0)),
-    Case("route-confident-C5000-fp64", "route_confident_triton", (_T((9, 5000), f64), 2.0, 1.5), bench=True),
-    Case("partition-1M-3", "partition_triton", (_T((1 << 20,), i64), 3), bench=True),
-    Case("partition-n1-B1-int32", "partition_triton", (_T((1,), i32), 1)),
-    Case("partition-B63", "partition_triton", (_T((5000,), i64), 63)),
-    Case("gather-1M-x512-fp16", "gather_rows_triton", (_T((1 << 20, 512), f16), _T((1 << 20,), i64)), bench=True),
-    Case("scatter-1M-x512-fp16", "scatter_rows_triton", (_T((1 << 20, 512), f16), _T((1 << 20,), i64), 1 << 20),
-         bench=True),
-    Case("gather-M1-bytes-int32-index", "gather_rows_triton", (_T((3, 1), torch.uint8), _T((1,), i32))),
-    Case("gather-int16-words", "gather_rows_triton", (_T((4, 3), f16), _T((5,), i64))),
-    Case("scatter-huge-rows", "scatter_rows_triton", (_T((2, 1 << 27), f64), _T((2,), i64), 3)),
-    Case("vote-8192-K3-C4-hard", "vote_triton", (_T((3, 8192, 4)), 0, False), bench=True),
-    Case("vote-8192-K3-C4-soft-probs", "vote_triton", (_T((3, 8192, 4)), 1, True), bench=True),
-    Case("vote-K1-N1-C1-fp64", "vote_triton", (_T((1, 1, 1), f64), 0, True)),
-    Case("vote-C4096-fp64", "vote_triton", (_T((3, 5, 4096), f64), 0, True)),
-    Case("vote-KN-over-2^31", "vote_triton", (_T((3, I32 // 2, 2), bf16), 1, True)),
-    # ---- metrics ----
-    Case("confusion-16M-C8", "confusion_matrix_triton", (_T((1 << 24,), i64), _T((1 << 24,), i64), 8, None),
-         bench=True),
-    Case("confusion-16M-C16", "confusion_matrix_triton", (_T((1 << 24,), i64), _T((1 << 24,), i64), 16, -1),
-         bench=True),
-    Case("confusion-n1-C1-ignore1-int32", "confusion_matrix_triton", (_T((1,), i32), _T((1,), i32), 1, 1)),
-    Case("confusion-C32", "confusion_matrix_triton", (_T((999,), i64), _T((999,), i64), 32, None)),
-    Case("confusion-C33-atomic", "confusion_matrix_triton", (_T((999,), i32), _T((999,), i64), 33, 1)),
-]
+# the cases: every family's compile-gate table (fastcascade/selftest/cases/<stem>.py, GATE)
+CASES = gate_cases()
 
 
 # ----------------------------------------------------------------------------
@@ -252,7 +75,7 @@ class _Fake:
         return self._ptr
 
 
-def _meta_tensor(spec: _T):
+def _meta_tensor(spec: Meta):
     t = torch.empty(spec.shape, dtype=spec.dtype, device="meta")
     if spec.fmt == "cl":
         t = t.contiguous(memory_format=torch.channels_last)
@@ -285,7 +108,7 @@ def _record_launches(op: str, args: tuple):
     real = _common.wrap_triton
     _common.wrap_triton = wrap
     try:
-        host[op](*[_meta_tensor(a) if isinstance(a, _T) else a for a in args])
+        host[op](*[_meta_tensor(a) if isinstance(a, Meta) else a for a in args])
     finally:
         _common.wrap_triton = real
     return launches
@@ -438,7 +261,7 @@ def gate(request):
         pytest.skip(reason)
     # compile only the cases this session runs
     ids = sorted({item.callspec.params["case"].id for item in request.session.items
-                  if getattr(item, "callspec", None) is not None and isinstance(item.callspec.params.get("case"), Case)})
+                  if getattr(item, "callspec", None) is not None and isinstance(item.callspec.params.get("case"), GateCase)})
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         t0 = time.perf_counter()
@@ -497,7 +320,7 @@ def test_precise_softmax_uses_libdevice_exp_and_ieee_division(gate):
 # ----------------------------------------------------------------------------
 
 
-def _first_case(op: str) -> Case:
+def _first_case(op: str) -> GateCase:
     return next(c for c in CASES if c.op == op)
 
 
@@ -554,7 +377,7 @@ def test_launches_run_under_the_tensors_device(op, monkeypatch):
     case = _first_case(op)
     host = _host_functions()
     with FakeTensorMode():
-        args = [torch.empty(a.shape, dtype=a.dtype, device="cuda:1") if isinstance(a, _T) else a for a in case.args]
+        args = [torch.empty(a.shape, dtype=a.dtype, device="cuda:1") if isinstance(a, Meta) else a for a in case.args]
         host[op](*args)
     assert seen, f"{op} launched nothing"
     assert all(dev == 1 for _, dev in seen), f"{op}: launches and the device current at each: {seen}"

@@ -5,7 +5,10 @@ An op family has one stem everywhere: its schemas in csrc/fastcascade.cpp, its k
 its Triton twins in kernels/<stem>.py (installed as fastcascade.kernels.<stem>, each op ``<name>_triton``
 with the C++ op's schema), and here a module ``<stem>.py`` with two tables: FAKES (op name -> fake
 kernel) and AUTOGRAD (op name -> factory(op) -> (backward, setup_context), where op(name) is the sibling
-op of the same backend). Adding a family is one entry in FAMILIES.
+op of the same backend), listed in FAMILIES below. A new family touches more than this package: its C++
+schema and backends, the CPU launch table, the reference, a case table, the self-test, the public API,
+tests and benchmarks. docs/adding-an-op.md lists every file in order, and tests/test_layout.py fails
+while one is missing.
 """
 
 from __future__ import annotations

@@ -41,39 +41,54 @@ def _softmax_reference(logits, target, weight, gamma, label_smoothing, ignore_in
                                         _REDUCTIONS[reduction])
 
 
-def _fused_autograd(reduction_arg: int, need_grad_arg: int, n_inputs: int, unsqueeze_none: bool, ref, constants):
+def _sigmoid_inputs(inputs):
+    logits, targets, alpha, gamma, label_smoothing, reduction, need_grad = inputs
+    return (logits, targets), (alpha, gamma, label_smoothing, reduction, need_grad)
+
+
+def _softmax_inputs(inputs):
+    logits, target, weight, gamma, label_smoothing, ignore_index, reduction, need_grad = inputs
+    return (logits, target, weight), (gamma, label_smoothing, ignore_index, reduction, need_grad)
+
+
+def _fused_autograd(unpack, ref, constants: dict, unsqueeze_none: bool):
     """(backward, setup_context): backward(g) = grad_logits * g * grad_scale; with create_graph=True the
-    gradient is recomputed through the reference as a graph (second derivatives)."""
+    gradient is recomputed through the reference as a graph (second derivatives). unpack(inputs) names the
+    op's inputs: (tensors, with logits first; scalar parameters, ending with reduction and need_grad);
+    constants: index -> name of the tensors that get no gradient; unsqueeze_none: the "none" loss lacks the
+    class dim of the logits."""
 
     def setup_context(ctx, inputs, output):
-        ctx.reduction = inputs[reduction_arg]
-        ctx.need_grad = inputs[need_grad_arg]
-        ctx.params = inputs[len(constants) + 1:]
+        tensors, params = unpack(inputs)
+        ctx.n_inputs = len(inputs)
+        ctx.params = params
+        ctx.reduction, ctx.need_grad = params[-2], params[-1]
         # d loss / d logits and the normaliser are saved for backward only: no gradient flows into them
         ctx.mark_non_differentiable(output[1], output[2])
-        ctx.save_for_backward(output[1], output[2], *inputs[:len(constants) + 1])
+        ctx.save_for_backward(output[1], output[2], *tensors)
 
     def backward(ctx, grad_loss, _grad_grad, _grad_scale):
         refuse_constant_grads(ctx, constants)
         if not ctx.need_grad:
             raise RuntimeError("fastcascade loss op was called with need_grad=False; call it with need_grad=True")
-        grad_logits, grad_scale, *tensors = ctx.saved_tensors
+        grad_logits, grad_scale, logits, *others = ctx.saved_tensors
+        nones = (None,) * (ctx.n_inputs - 1)
         if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
-            (grad,) = graph_grads(lambda x: ref(x, *tensors[1:], *ctx.params), tensors[:1],
-                                  ctx.needs_input_grad[:1], grad_loss)
-            return (grad,) + (None,) * (n_inputs - 1)
+            (grad,) = graph_grads(lambda x: ref(x, *others, *ctx.params), (logits,), ctx.needs_input_grad[:1],
+                                  grad_loss)
+            return (grad,) + nones
         if ctx.reduction == 0:
             g = grad_loss.unsqueeze(1) if unsqueeze_none else grad_loss
         else:
             g = grad_loss * grad_scale
-        return (grad_logits * g.to(grad_logits.dtype),) + (None,) * (n_inputs - 1)
+        return (grad_logits * g.to(grad_logits.dtype),) + nones
 
     return backward, setup_context
 
 
 FAKES = {"sigmoid_focal": _sigmoid_focal_fake, "softmax_focal": _softmax_focal_fake}
-# (index of `reduction`, index of `need_grad`, number of inputs, the "none" loss lacks the class dim)
 AUTOGRAD = {
-    "sigmoid_focal": lambda op: _fused_autograd(5, 6, 7, False, _sigmoid_reference, {1: "targets"}),
-    "softmax_focal": lambda op: _fused_autograd(6, 7, 8, True, _softmax_reference, {1: "target", 2: "weight"}),
+    "sigmoid_focal": lambda op: _fused_autograd(_sigmoid_inputs, _sigmoid_reference, {1: "targets"}, False),
+    "softmax_focal": lambda op: _fused_autograd(_softmax_inputs, _softmax_reference, {1: "target", 2: "weight"},
+                                                True),
 }

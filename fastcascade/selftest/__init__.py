@@ -23,11 +23,12 @@ the Triton kernels are imported) so that the Triton kernels run under the interp
 All correctness rows run before any timing, so a run cut short still names a broken kernel; with a JSON
 path the file is rewritten (atomically) after every row.
 
-Modules: tolerance (the tolerance model, shared with the test suite), cases (the inputs of every op),
-execute (running one case on one backend), run (selftest() itself and the timing), report (rows, table,
-JSON), cli (``python -m fastcascade selftest``). Note: ``fastcascade.selftest`` is the function, which
-shadows this package on the fastcascade namespace; ``import fastcascade.selftest.tolerance`` and
-``from fastcascade.selftest import ...`` still reach the package.
+Modules: tolerance (the tolerance model, shared with the test suite), cases (one case table per op
+family, shared with the tests and the compile gate), execute (running one case on one backend), run
+(selftest() itself and the timing), report (rows, table, JSON), cli (``python -m fastcascade selftest``).
+Note: ``fastcascade.selftest`` is the function, which shadows this package on the fastcascade namespace;
+``import fastcascade.selftest.tolerance`` and ``from fastcascade.selftest import ...`` still reach the
+package.
 """
 
 from .report import SelftestResult, SelftestRow
