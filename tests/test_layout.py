@@ -350,3 +350,54 @@ def test_the_domain_check_sees_an_import_of_the_domain(tmp_path, monkeypatch):
     monkeypatch.setitem(globals(), "MODULES", fake)
     with pytest.raises(AssertionError, match="fastcascade.metrics imports fastcascade.data.labels"):
         test_no_generic_layer_imports_the_domain()
+
+
+# sizes a reader can hold: no module of fastcascade/ over 500 lines, no function of the training loop over
+# 60 lines of code (docstrings, comments and blank lines not counted)
+MAX_MODULE_LINES, MAX_TRAIN_FUNCTION_LINES = 500, 60
+
+
+def _code_lines(node: ast.AST, source_lines: list[str]) -> int:
+    """Lines of node that hold code: not blank, not a comment, not inside a docstring."""
+    doc = set()
+    for n in ast.walk(node):
+        body = getattr(n, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+            doc.update(range(body[0].lineno, body[0].end_lineno + 1))
+    lines = range(node.lineno, node.end_lineno + 1)
+    return sum(1 for i in lines if i not in doc and source_lines[i - 1].strip()
+               and not source_lines[i - 1].strip().startswith("#"))
+
+
+def _long_functions(path: pathlib.Path, limit: int, root: pathlib.Path = REPO) -> list[str]:
+    text = path.read_text()
+    lines = text.splitlines()
+    return [f"{path.relative_to(root)}:{n.lineno} {n.name} ({_code_lines(n, lines)} lines)"
+            for n in ast.walk(ast.parse(text)) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and _code_lines(n, lines) > limit]
+
+
+def test_no_module_is_too_long():
+    long = [f"{p.relative_to(REPO)} ({n} lines)" for p in sorted((REPO / "fastcascade").rglob("*.py"))
+            if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES]
+    assert not long, long
+
+
+def test_no_function_of_the_training_loop_is_too_long():
+    long = [f for p in sorted((REPO / "fastcascade" / "train").glob("*.py"))
+            for f in _long_functions(p, MAX_TRAIN_FUNCTION_LINES)]
+    assert not long, long
+
+
+def test_the_size_checks_count_code_not_docstrings(tmp_path):
+    """61 statements under an 80-line docstring and a comment: 62 lines of code (the def too), reported; 59
+    statements are not."""
+    doc = "doc line\n" * 80
+    for n, reported in ((61, True), (59, False)):
+        body = "\n".join(f"    x{i} = {i}  # why" for i in range(n))
+        path = tmp_path / f"f{n}.py"
+        path.write_text(f'def f():\n    """{doc}"""\n    # a comment\n\n{body}\n')
+        fn = ast.parse(path.read_text()).body[0]
+        assert _code_lines(fn, path.read_text().splitlines()) == n + 1
+        assert bool(_long_functions(path, MAX_TRAIN_FUNCTION_LINES, root=tmp_path)) == reported
