@@ -59,7 +59,7 @@ class SmallCNN(nn.Module):
     stem_stride=2 moves layer1's stride into the stem (stem and layer1 both at 8x8; FLOPs within 3%): on
     one CPU core the full-resolution stem is memory-bound and costs far more time than its FLOPs, which an
     exit after layer1 can never skip, so the strided stem makes early exits pay more, at a cost in accuracy
-    (measured in the README's demo section)."""
+    (measured in docs/demo.md)."""
 
     def __init__(self, num_outputs: int, width: int = 16, in_chans: int = 1, stem_stride: int = 1):
         super().__init__()
