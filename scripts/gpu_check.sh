@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (no package registry there; time on it is short): build against its
 # torch, `python -m fastcascade selftest` first (a broken kernel is named within minutes), then the
-# gpu-marked tests, then the headline benchmarks. Each phase runs under its own time budget (`timeout`);
+# gpu-marked tests, then compute-sanitizer (memcheck and racecheck on one small case of every op: the
+# hardware twin of the CUDA emulation in tests/), then the headline benchmarks. Each phase runs under its own time budget (`timeout`);
 # a phase that fails or overruns is recorded in summary.txt and the script goes on to the next one.
 # Everything is written under $OUT as it goes, at most these 8 files:
 #   device.txt      GPU, driver, versions, which optional packages are importable
 #   build.log       pip install output
 #   selftest.json   python -m fastcascade selftest --json (rewritten after every row: a cut run keeps its rows)
 #   selftest.txt    its table and summary
-#   tests.log       pytest -m gpu, then the benchmark runs' pytest output
+#   tests.log       pytest -m gpu, compute-sanitizer's output, then the benchmark runs' pytest output
 #   bench.json      pytest-benchmark JSON of the headline benchmarks (merged after each benchmark file)
 #   bench_table.md  bench/report.py of bench.json
 #   summary.txt     each phase's outcome, time and budget; failing selftest rows and tests; PASS / FAIL
@@ -19,12 +20,13 @@
 # tests/test_selftest.py parses these lines and checks it, so the total cannot grow unnoticed. Each can be
 # overridden from the environment (BUDGET_BUILD=300 ...) for a slower machine.
 BUDGET_DEVICE=${BUDGET_DEVICE:-10}      # nvidia-smi, torch / triton versions, optional packages
-BUDGET_BUILD=${BUDGET_BUILD:-160}       # pip install with MAX_JOBS=16: 6 .cu and 7 .cpp files in parallel
-BUDGET_SELFTEST=${BUDGET_SELFTEST:-110} # correctness of every op and backend first, then CUDA-event timing
+BUDGET_BUILD=${BUDGET_BUILD:-150}       # pip install with MAX_JOBS=16: 6 .cu and 7 .cpp files in parallel
+BUDGET_SELFTEST=${BUDGET_SELFTEST:-95}  # correctness of every op and backend first, then CUDA-event timing
                                         # (torch.compile of the reference only at the benchmark shapes),
                                         # which stops starting new timings 30 s before the budget ends
-BUDGET_TESTS=${BUDGET_TESTS:-75}        # pytest -m gpu (pytest-xdist workers when it is installed)
-BUDGET_BENCH=${BUDGET_BENCH:-90}        # pytest -m headline, one bench file after another until spent
+BUDGET_TESTS=${BUDGET_TESTS:-65}        # pytest -m gpu (pytest-xdist workers when it is installed)
+BUDGET_SANITIZE=${BUDGET_SANITIZE:-60}  # compute-sanitizer memcheck, then racecheck: scripts/sanitize_cases.py
+BUDGET_BENCH=${BUDGET_BENCH:-70}        # pytest -m headline, one bench file after another until spent
 BUDGET_REPORT=${BUDGET_REPORT:-5}       # summary.txt
 GRACE=${GRACE:-3}                       # seconds between timeout's SIGTERM and its SIGKILL
 set -uo pipefail
@@ -43,6 +45,7 @@ record() {  # record NAME RC SECONDS BUDGET: one line of summary.txt
     0) outcome=ok ;;
     124 | 137) outcome="OVERRAN its budget" ;;
     skip) outcome="skipped (no time left)" ;;
+    absent) outcome="skipped (no compute-sanitizer)" ;;
     *) outcome="FAILED (exit $2)" ;;
   esac
   [ "$2" = 0 ] || status=1
@@ -98,12 +101,26 @@ phase tests "$BUDGET_TESTS" "$out/tests.log" \
   python3 -P -m pytest tests -m gpu -v -p no:cacheprovider -rfE --continue-on-collection-errors "${workers[@]}"
 tail -15 "$out/tests.log"
 
+# Out-of-bounds accesses and shared-memory races that only the hardware shows (the emulation in tests/
+# runs the same kernels on the CPU); one small case of every op, forward and backward.
+sanitize() {
+  compute-sanitizer --tool memcheck --error-exitcode 1 python3 -P scripts/sanitize_cases.py \
+    && compute-sanitizer --tool racecheck --racecheck-report all --error-exitcode 1 \
+      python3 -P scripts/sanitize_cases.py
+}
+export -f sanitize
+if command -v compute-sanitizer > /dev/null; then
+  phase sanitize "$BUDGET_SANITIZE" "$out/tests.log" bash -c sanitize
+else
+  record sanitize absent 0 "$BUDGET_SANITIZE"
+fi
+
 # Headline benchmarks, one file at a time so that a file cut off by the budget keeps the ones before it.
 bench_tmp=$(mktemp -d)
 bench_end=$((SECONDS + BUDGET_BENCH))
 t0=$SECONDS
 bench_rc=0
-for name in focal adapter dice_focal cascade; do
+for name in focal pooled_adapter pixel_adapter dice_focal cascade; do
   left=$((bench_end - SECONDS))
   if [ "$left" -le 0 ]; then
     record "  $name" skip 0 0

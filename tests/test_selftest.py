@@ -264,7 +264,7 @@ def test_unknown_op_lists_the_ops():
 # ---------------------------------------------------------------------------------------------
 # scripts/gpu_check.sh
 
-PHASES = {"DEVICE", "BUILD", "SELFTEST", "TESTS", "BENCH", "REPORT"}
+PHASES = {"DEVICE", "BUILD", "SELFTEST", "TESTS", "SANITIZE", "BENCH", "REPORT"}
 OUT_FILES = {"device.txt", "build.log", "selftest.json", "selftest.txt", "tests.log", "bench.json", "bench_table.md",
              "summary.txt"}
 
@@ -317,10 +317,13 @@ esac
 """
 
 
-def _fake_run(tmp_path, **env):
+def _fake_run(tmp_path, sanitizer=True, **env):
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
+    bin_dir.mkdir(parents=True)
     (bin_dir / "python3").write_text(FAKE_PYTHON)
+    if sanitizer:  # (none is installed on the CPU machines: without this one, the phase is skipped)
+        (bin_dir / "compute-sanitizer").write_text(
+            "#!/usr/bin/env bash\necho \"fake compute-sanitizer $*\"; [ \"${FAKE_SANITIZER_RC:-0}\" = 0 ]\n")
     (bin_dir / "nvidia-smi").write_text("#!/usr/bin/env bash\necho 'name, memory.total'; echo 'Fake GPU, 1 MiB'\n")
     for f in bin_dir.iterdir():
         f.chmod(0o755)
@@ -340,12 +343,12 @@ def test_gpu_check_records_an_overrun_and_goes_on(tmp_path):
     assert files == OUT_FILES
     summary = (out / "summary.txt").read_text()
     assert re.search(r"^selftest\s+OVERRAN its budget\s+\d+ / 1$", summary, re.M), summary
-    for phase in ("device", "build", "tests", "bench"):  # the phases after the overrun still ran
+    for phase in ("device", "build", "tests", "sanitize", "bench"):  # the phases after the overrun still ran
         assert re.search(rf"^{phase}\s+ok\b", summary, re.M), summary
     assert "fake tests: 3 passed" in (out / "tests.log").read_text()
     assert "selftest: 1 rows, 1 failing, run cut short" in summary  # the rows written before the cut are named
     table = (out / "bench_table.md").read_text()
-    for name in ("focal", "adapter", "dice_focal", "cascade"):  # one row per benchmark file, merged as it went
+    for name in ("focal", "pooled_adapter", "pixel_adapter", "dice_focal", "cascade"):  # one row per file, merged
         assert f"bench/test_bench_{name}.py" in table
     assert summary.rstrip().endswith("gpu_check: FAIL")
 
@@ -358,6 +361,49 @@ def test_gpu_check_passes_when_every_phase_does_and_reports_failing_rows(tmp_pat
     # the failing row of selftest.json is named in the summary (here the fake run exits 0 regardless)
     assert "DISAGREES: vote cuda 3x4 fp32: labels: 1 of 12 elements differ" in summary
     assert "Fake GPU" in (out / "device.txt").read_text()
+    log = (out / "tests.log").read_text()
+    for tool in ("memcheck", "racecheck"):  # both tools, each on the sanitize cases
+        assert f"fake compute-sanitizer --tool {tool}" in log and "scripts/sanitize_cases.py" in log
+
+
+def test_gpu_check_names_a_missing_or_failing_sanitizer(tmp_path):
+    proc, out = _fake_run(tmp_path / "absent", sanitizer=False)
+    summary = (out / "summary.txt").read_text()
+    assert proc.returncode == 1 and re.search(r"^sanitize\s+skipped \(no compute-sanitizer\)", summary, re.M), summary
+    proc, out = _fake_run(tmp_path / "failing", FAKE_SANITIZER_RC="1")
+    summary = (out / "summary.txt").read_text()
+    assert proc.returncode == 1 and re.search(r"^sanitize\s+FAILED \(exit 1\)", summary, re.M), summary
+    assert re.search(r"^bench\s+ok\b", summary, re.M)  # the phases after it still ran
+
+
+def test_gpu_check_names_only_paths_and_markers_that_exist():
+    """A renamed bench file or test marker must fail here, not silently on the GPU machine."""
+    text = SCRIPT.read_text()
+    loop = re.search(r"^for name in ([\w ]+); do\n(?:.*\n){0,8}?.*bench/test_bench_\$name\.py", text, re.M)
+    assert loop, "the bench loop"
+    names = loop[1].split()
+    for name in names:
+        assert (ROOT / "bench" / f"test_bench_{name}.py").is_file(), name
+        assert "headline" in (ROOT / "bench" / f"test_bench_{name}.py").read_text(), name
+    with_headline = {p.stem.removeprefix("test_bench_") for p in (ROOT / "bench").glob("test_bench_*.py")
+                     if "headline" in p.read_text()}
+    assert with_headline == set(names)  # and no headline benchmark is left out of the GPU check
+    paths = set(re.findall(r"\b((?:scripts|bench|tests)/[\w./]+\.(?:py|sh))\b", text))
+    assert "scripts/sanitize_cases.py" in paths and "bench/report.py" in paths
+    for path in paths:
+        assert (ROOT / path).is_file(), path
+    declared = {m.split(":")[0] for m in __import__("tomllib").loads((ROOT / "pyproject.toml").read_text())
+                ["tool"]["pytest"]["ini_options"]["markers"]}
+    for marker in re.findall(r"-m pytest [^\n]*?-m (\w+)", text):
+        assert marker in declared, marker
+
+
+def test_sanitize_cases_run_one_small_case_of_every_op():
+    proc = subprocess.run([sys.executable, "-P", str(ROOT / "scripts" / "sanitize_cases.py"), "--backend", "cpu"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ops = [ln.split()[1] for ln in proc.stdout.splitlines()]
+    assert sorted(ops) == sorted(ALL_OPS)
 
 
 def test_headline_marker_selects_the_gpu_check_benchmarks():
