@@ -1,0 +1,167 @@
+"""Build and call the CUDA emulation (cuda_emulation.h + emulated_ops.cpp) from the tests.
+
+build(mutation) compiles the kernels of csrc/*/*_kernels.cuh for the host, once: the shared library is
+cached under build/emulation/ keyed by a hash of every source it reads, the flags, the compiler and
+torch, so a rerun with unchanged sources loads it without compiling. Mutation builds (-DFC_MUTATE_<name>=1)
+are narrowed to float32 / int64 to keep their compile short.
+
+The op functions mirror the CUDA ops' host code after their checks: the caller's tensors are the op's
+buffers, exactly as large as the op allocates them; outputs start poisoned (NaN, or the op's zeros
+where the op zero-fills), so an element the kernels never write shows."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+CSRC = REPO / "csrc"
+CACHE = REPO / "build" / "emulation"
+
+SCHEDULES = {"forward": 0, "reverse": 1, "random": 2}
+# DeviceLimits (csrc/common/launch.h) of the launch shapes the emulated runs take
+H100 = (132, 227 * 1024)
+SMALL_GPU = (2, 48 * 1024)
+DEVICES = {"h100": H100, "small": SMALL_GPU}
+
+# The mutants the kernels carry under FC_MUTATION(name) (csrc/common/device_shared.cuh).
+MUTATIONS = ("BLOCK_SUM_SECOND_SYNC", "TAIL_OFF_BY_ONE", "SHUFFLE_OFFSET", "HIST_NOT_ZEROED")
+
+_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3, torch.uint8: 4, torch.bool: 5,
+          torch.int32: 6, torch.int64: 7}
+
+
+class EmulationError(RuntimeError):
+    """A fault the emulation caught: a deadlock, a lane missing from a warp operation, a shared index out
+    of range, shared memory beyond the launch configuration's count."""
+
+
+def _compiler() -> str:
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        raise RuntimeError("the CUDA emulation needs a C++ compiler (g++); set CXX")
+    return cxx
+
+
+def _flags(mutation: str | None) -> list[str]:
+    from torch.utils.cpp_extension import include_paths
+
+    flags = ["-std=c++20", "-O1", "-fPIC", "-shared", "-Wno-unknown-pragmas", "-DFASTCASCADE_EMULATION"]
+    if mutation is not None:
+        if mutation not in MUTATIONS:
+            raise ValueError(f"mutation must be one of {MUTATIONS}, got {mutation!r}")
+        flags += [f"-DFC_MUTATE_{mutation}=1", "-DFC_EMU_NARROW"]
+    flags += [f"-I{p}" for p in include_paths()] + [f"-I{CSRC}", f"-I{HERE}"]
+    return flags
+
+
+def _key(cxx: str, flags: list[str]) -> str:
+    h = hashlib.sha256()
+    for p in sorted([*CSRC.rglob("*.h"), *CSRC.rglob("*.cuh"), *HERE.glob("*.h"), *HERE.glob("*.cpp")]):
+        h.update(str(p.relative_to(REPO)).encode() + b"\0" + p.read_bytes() + b"\0")
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    h.update(" ".join(flags).encode() + version.encode() + torch.__version__.encode())
+    return h.hexdigest()[:16]
+
+
+_LOADED: dict = {}
+
+
+def build(mutation: str | None = None) -> "Emulated":
+    """The emulated kernels (with one mutant switched on, or none), compiled once and cached."""
+    if mutation in _LOADED:
+        return _LOADED[mutation]
+    cxx, flags = _compiler(), _flags(mutation)
+    lib_dir = Path(torch.__file__).parent / "lib"
+    link = [f"-L{lib_dir}", "-lc10", f"-Wl,-rpath,{lib_dir}"]
+    so = CACHE / f"emulated_{(mutation or 'kernels').lower()}_{_key(cxx, flags)}.so"
+    if not so.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=CACHE)
+        os.close(fd)
+        cmd = [cxx, *flags, str(HERE / "emulated_ops.cpp"), "-o", tmp, *link]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            os.unlink(tmp)
+            raise RuntimeError(f"building the CUDA emulation failed:\n{' '.join(cmd)}\n{res.stderr[-6000:]}")
+        os.replace(tmp, so)  # atomic: a concurrent build of the same key writes the same bytes
+    _LOADED[mutation] = Emulated(ctypes.CDLL(str(so)))
+    return _LOADED[mutation]
+
+
+def _ptr(t: torch.Tensor | None):
+    return ctypes.c_void_p(t.data_ptr() if t is not None and t.numel() > 0 else None)
+
+
+def _i64(v: int):
+    return ctypes.c_int64(int(v))
+
+
+class Emulated:
+    """The CUDA ops under the emulation. Every call takes device=(sms, opt-in shared bytes), a schedule
+    name and a seed (random schedule); inputs are CPU tensors in the layout the op's .cu passes to its
+    kernels (contiguous)."""
+
+    def __init__(self, lib: ctypes.CDLL):
+        self.lib = lib
+        lib.fc_emu_error.restype = ctypes.c_char_p
+
+    def _check(self, rc: int):
+        if rc != 0:
+            raise EmulationError(self.lib.fc_emu_error().decode())
+
+    def confusion_matrix(self, pred, target, num_classes, ignore_index=None, *, device=H100, schedule="forward",
+                         seed=0):
+        pred, target = pred.contiguous(), target.contiguous()
+        out = torch.zeros(num_classes, num_classes, dtype=torch.int64)  # the op allocates zeros
+        self._check(self.lib.fc_emu_confusion(
+            _CODES[pred.dtype], _ptr(pred), _CODES[target.dtype], _ptr(target), _i64(pred.numel()),
+            _i64(num_classes), ctypes.c_int(ignore_index is not None), _i64(ignore_index or 0), _i64(device[0]),
+            _i64(device[1]), ctypes.c_int(SCHEDULES[schedule]), ctypes.c_uint64(seed), _ptr(out)))
+        return out
+
+    def sigmoid_focal(self, logits, targets, alpha, gamma, label_smoothing, reduction, need_grad, *, device=H100,
+                      schedule="forward", seed=0):
+        """(loss, grad, grad_scale) as the sigmoid_focal op returns them; reduction 0 none, 1 mean, 2 sum.
+        Alignment is the caller's: a view at an odd offset takes the scalar path, as on the device."""
+        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        loss = torch.full(logits.shape if reduction == 0 else (), float("nan"), dtype=logits.dtype)
+        grad = torch.full(logits.shape if need_grad else (0,), float("nan"), dtype=logits.dtype)
+        grad_scale = torch.full((), float("nan"), dtype=acc)
+        self._check(self.lib.fc_emu_sigmoid_focal(
+            _CODES[logits.dtype], _ptr(logits), _CODES[targets.dtype], _ptr(targets), _i64(logits.numel()),
+            ctypes.c_double(alpha), ctypes.c_double(gamma), ctypes.c_double(label_smoothing), ctypes.c_int(reduction),
+            ctypes.c_int(need_grad), _i64(device[0]), _i64(device[1]), ctypes.c_int(SCHEDULES[schedule]),
+            ctypes.c_uint64(seed), _ptr(loss), _ptr(grad), _ptr(grad_scale)))
+        return loss, grad, grad_scale
+
+    def softmax_focal(self, logits, target, weight, gamma, label_smoothing, ignore_index, reduction, need_grad, *,
+                      device=H100, schedule="forward", seed=0):
+        """(loss, grad, grad_scale) of the softmax_focal op on (N, C) or (N, C, S) logits."""
+        logits, target = logits.contiguous(), target.contiguous()
+        N, C = logits.shape[0], logits.shape[1]
+        S = logits.shape[2] if logits.dim() == 3 else 1
+        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        w = None if weight is None else weight.to(acc).contiguous()
+        loss = torch.full(target.shape if reduction == 0 else (), float("nan"), dtype=logits.dtype)
+        grad = torch.full(logits.shape if need_grad else (0,), float("nan"), dtype=logits.dtype)
+        grad_scale = torch.full((), float("nan"), dtype=acc)
+        self._check(self.lib.fc_emu_softmax_focal(
+            _CODES[logits.dtype], _ptr(logits), _ptr(target), _ptr(w), _i64(N), _i64(C), _i64(S),
+            ctypes.c_double(gamma), ctypes.c_double(label_smoothing), _i64(ignore_index), ctypes.c_int(reduction),
+            ctypes.c_int(need_grad), _i64(device[0]), _i64(device[1]), ctypes.c_int(SCHEDULES[schedule]),
+            ctypes.c_uint64(seed), _ptr(loss), _ptr(grad), _ptr(grad_scale)))
+        return loss, grad, grad_scale
+
+
+if __name__ == "__main__":  # python tests/emulation [MUTATION]: build, print the cached library
+    print(build(sys.argv[1] if len(sys.argv) > 1 else None).lib._name)

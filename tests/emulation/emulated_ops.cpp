@@ -1,0 +1,242 @@
+// The ops' CUDA chains run under the emulation (cuda_emulation.h), with a C interface for ctypes
+// (tests/emulation/__init__.py). The kernels come from csrc/<stem>/<stem>_kernels.cuh, the text nvcc
+// compiles; the launch configurations from csrc/<stem>/<stem>_launch.h with the DeviceLimits the test
+// names. What this file re-writes of each <stem>_cuda.cu is the host sequence between launches: the
+// partials' allocation, the choice of the vector path, the finalize launch and the empty-input values.
+//
+// Every buffer is the caller's, exactly as large as the op allocates it; partials between kernels
+// are allocated here at their exact size and poisoned with NaN.
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "cuda_emulation.h"
+// the kernels, after the emulation
+#include "focal/focal_kernels.cuh"
+#include "metrics/metrics_kernels.cuh"
+
+namespace {
+
+using namespace fastcascade;
+
+std::string g_error;
+
+// dtype codes shared with tests/emulation/__init__.py
+enum Code : int { kF32 = 0, kF64 = 1, kF16 = 2, kBF16 = 3, kU8 = 4, kBool = 5, kI32 = 6, kI64 = 7 };
+
+template <typename T> struct Tag { using type = T; };
+
+// FC_EMU_NARROW (the mutation builds): float32 and int64 only, to keep their compile short.
+template <typename F>
+void with_logits(int code, F&& f) {
+  switch (code) {
+    case kF32: return f(Tag<float>{});
+#ifndef FC_EMU_NARROW
+    case kF64: return f(Tag<double>{});
+    case kF16: return f(Tag<c10::Half>{});
+    case kBF16: return f(Tag<c10::BFloat16>{});
+#endif
+    default: throw fc_emu::Error("logits dtype code " + std::to_string(code) + " is not built");
+  }
+}
+
+// Sigmoid targets: float32, uint8, bool, or the logits' own dtype.
+template <typename logit_t, typename F>
+void with_targets(int code, F&& f) {
+  switch (code) {
+    case kF32: return f(Tag<float>{});
+#ifndef FC_EMU_NARROW
+    case kU8: return f(Tag<uint8_t>{});
+    case kBool: return f(Tag<bool>{});
+#endif
+    default:
+      if constexpr (!std::is_same_v<logit_t, float>) {
+#ifndef FC_EMU_NARROW
+        if ((code == kF64 && std::is_same_v<logit_t, double>) || (code == kF16 && std::is_same_v<logit_t, c10::Half>) ||
+            (code == kBF16 && std::is_same_v<logit_t, c10::BFloat16>))
+          return f(Tag<logit_t>{});
+#endif
+      }
+      throw fc_emu::Error("targets dtype code " + std::to_string(code) + " is not built with these logits");
+  }
+}
+
+template <typename F>
+void with_ids(int code, F&& f) {
+  switch (code) {
+    case kI64: return f(Tag<int64_t>{});
+#ifndef FC_EMU_NARROW
+    case kI32: return f(Tag<int32_t>{});
+#endif
+    default: throw fc_emu::Error("id dtype code " + std::to_string(code) + " is not built");
+  }
+}
+
+fc_emu::LaunchShape shape_of(const LaunchConfig& c) {
+  if (!c.ok()) throw fc_emu::Error("launch configuration: " + c.error);
+  fc_emu::LaunchShape s;
+  s.grid = fc_emu::dim3(unsigned(c.grid_x), unsigned(c.grid_y), unsigned(c.grid_z));
+  s.block = fc_emu::dim3(unsigned(c.block_x), unsigned(c.block_y), unsigned(c.block_z));
+  s.dynamic_smem = size_t(c.dynamic_smem);
+  s.static_smem = c.static_smem;
+  s.smem_limit = c.smem_limit;
+  return s;
+}
+
+fc_emu::Options options(int schedule, uint64_t seed) {
+  if (schedule < 0 || schedule > 2) throw fc_emu::Error("schedule must be 0, 1 or 2, got " + std::to_string(schedule));
+  return {static_cast<fc_emu::Schedule>(schedule), seed};
+}
+
+template <typename T>
+std::vector<T> poisoned(int64_t n) {
+  return std::vector<T>(size_t(n), T(NAN));
+}
+
+bool aligned_to(const void* p, int64_t bytes) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+template <typename F>
+int guarded(F&& f) {
+  try {
+    f();
+    return 0;
+  } catch (const std::exception& e) {
+    g_error = e.what();
+    return 1;
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+const char* fc_emu_error() { return g_error.c_str(); }
+
+// The last launch's static shared bytes are checked inside launch(); this reports the pass kernel's grid.
+int fc_emu_confusion(int p_code, const void* pred, int t_code, const void* target, int64_t N, int64_t C, int has_ignore,
+                     int64_t ignore, int64_t sms, int64_t smem_optin, int schedule, uint64_t seed, int64_t* out) {
+  return guarded([&] {
+    if (N == 0) return;  // out holds the zeros the op allocates
+    const ConfusionLaunch L = confusion_launch(N, C, DeviceLimits{sms, smem_optin});
+    with_ids(p_code, [&](auto pt) {
+      using p_t = typename decltype(pt)::type;
+      with_ids(t_code, [&](auto tt) {
+        using t_t = typename decltype(tt)::type;
+        fc_emu::launch(shape_of(L.cfg), options(schedule, seed), &confusion_kernel<p_t, t_t>,
+                       static_cast<const p_t*>(pred), static_cast<const t_t*>(target), N, C, bool(has_ignore), ignore,
+                       int(L.replicas), reinterpret_cast<unsigned long long*>(out));
+      });
+    });
+  });
+}
+
+// focal_cuda.cu's sigmoid_focal_cuda after its checks: loss (N elements for reduction 0, else one),
+// grad (N elements, or null), grad_scale (one acc_t).
+int fc_emu_sigmoid_focal(int x_code, const void* x_in, int t_code, const void* t_in, int64_t N, double alpha,
+                         double gamma, double eps, int reduction, int need_grad, int64_t sms, int64_t smem_optin,
+                         int schedule, uint64_t seed, void* loss, void* grad, void* grad_scale) {
+  return guarded([&] {
+    with_logits(x_code, [&](auto xt) {
+      using logit_t = typename decltype(xt)::type;
+      using acc_t = at::opmath_type<logit_t>;
+      acc_t* gs = static_cast<acc_t*>(grad_scale);
+      logit_t* lo = static_cast<logit_t*>(loss);
+      if (N == 0) {
+        if (reduction != 0) *lo = logit_t(reduction == 1 ? NAN : 0.0);
+        *gs = acc_t(reduction == 1 ? INFINITY : 1.0);
+        return;
+      }
+      const DeviceLimits dev{sms, smem_optin};
+      const LaunchConfig pass = sigmoid_focal_launch(N, sizeof(acc_t) == 8 ? 8 : 4, dev);
+      const int grid = int(pass.grid_x);
+      const SigmoidFocalParams<acc_t> P{acc_t(alpha), acc_t(gamma), acc_t(eps), two_gamma_code(gamma)};
+      std::vector<acc_t> partials = poisoned<acc_t>(reduction == 0 ? 0 : grid);
+      acc_t* pp = reduction == 0 ? nullptr : partials.data();
+      logit_t* lout = reduction == 0 ? lo : nullptr;
+      logit_t* gout = need_grad ? static_cast<logit_t*>(grad) : nullptr;
+      const fc_emu::Options o = options(schedule, seed);
+      with_targets<logit_t>(t_code, [&](auto tt) {
+        using target_t = typename decltype(tt)::type;
+        constexpr int VEC = 16 / sizeof(logit_t);
+        const logit_t* x = static_cast<const logit_t*>(x_in);
+        const target_t* t = static_cast<const target_t*>(t_in);
+        const bool vec_ok = aligned_to(x, 16) && aligned_to(t, VEC * sizeof(target_t)) && aligned_to(lout, 16) &&
+                            aligned_to(gout, 16);
+        auto go = [&](auto vec_c, auto grad_c, auto reduce_c) {
+          fc_emu::launch(shape_of(pass), o,
+                         &sigmoid_focal_kernel<logit_t, target_t, decltype(vec_c)::value, decltype(grad_c)::value,
+                                               decltype(reduce_c)::value>,
+                         x, t, N, P, lout, gout, pp);
+        };
+        using yes = std::true_type;
+        using no = std::false_type;
+        auto by_mode = [&](auto vec_c) {
+          if (need_grad && reduction != 0) go(vec_c, yes{}, yes{});
+          else if (need_grad) go(vec_c, yes{}, no{});
+          else if (reduction != 0) go(vec_c, no{}, yes{});
+          else go(vec_c, no{}, no{});
+        };
+        if (vec_ok) by_mode(yes{});
+        else by_mode(no{});
+      });
+      if (reduction != 0)
+        fc_emu::launch(shape_of(focal_finalize_launch()), o, &finalize_kernel<logit_t, acc_t>, pp,
+                       static_cast<const acc_t*>(nullptr), grid, reduction == 1 ? double(N) : 1.0, lo, gs);
+      else
+        *gs = acc_t(1);
+    });
+  });
+}
+
+// focal_cuda.cu's softmax_focal_cuda after its checks, on contiguous (N, C, S) logits and (N, S) int64
+// targets; weight (C acc_t, or null) already in the accumulator dtype, as the .cu converts it.
+int fc_emu_softmax_focal(int x_code, const void* x_in, const int64_t* target, const void* weight, int64_t N, int64_t C,
+                         int64_t S, double gamma, double eps, int64_t ignore_index, int reduction, int need_grad,
+                         int64_t sms, int64_t smem_optin, int schedule, uint64_t seed, void* loss, void* grad,
+                         void* grad_scale) {
+  return guarded([&] {
+    with_logits(x_code, [&](auto xt) {
+      using scalar_t = typename decltype(xt)::type;
+      using acc_t = at::opmath_type<scalar_t>;
+      acc_t* gs = static_cast<acc_t*>(grad_scale);
+      scalar_t* lo = static_cast<scalar_t*>(loss);
+      const int64_t R = N * S;
+      if (R == 0) {
+        if (reduction != 0) *lo = scalar_t(reduction == 1 ? NAN : 0.0);
+        *gs = acc_t(reduction == 1 ? 0.0 : 1.0);
+        return;
+      }
+      const LaunchConfig pass = softmax_focal_launch(R, sizeof(acc_t) == 8 ? 8 : 4, DeviceLimits{sms, smem_optin});
+      const int grid = int(pass.grid_x);
+      std::vector<acc_t> parts = poisoned<acc_t>(reduction == 0 ? 0 : 2 * grid);
+      acc_t* lp = reduction == 0 ? nullptr : parts.data();
+      acc_t* cp = reduction == 0 ? nullptr : lp + grid;
+      const scalar_t* x = static_cast<const scalar_t*>(x_in);
+      const acc_t* w = static_cast<const acc_t*>(weight);
+      scalar_t* lout = reduction == 0 ? lo : nullptr;
+      scalar_t* gout = need_grad ? static_cast<scalar_t*>(grad) : nullptr;
+      const acc_t gm = acc_t(gamma), ep = acc_t(eps);
+      const fc_emu::Options o = options(schedule, seed);
+      auto go = [&](auto grad_c, auto reduce_c) {
+        fc_emu::launch(shape_of(pass), o,
+                       &softmax_focal_kernel<scalar_t, decltype(grad_c)::value, decltype(reduce_c)::value>, x, target,
+                       w, R, C, S, gm, two_gamma_code(gamma), ep, ignore_index, lout, gout, lp, cp);
+      };
+      using yes = std::true_type;
+      using no = std::false_type;
+      if (need_grad && reduction != 0) go(yes{}, yes{});
+      else if (need_grad) go(yes{}, no{});
+      else if (reduction != 0) go(no{}, yes{});
+      else go(no{}, no{});
+      if (reduction != 0)
+        fc_emu::launch(shape_of(focal_finalize_launch()), o, &finalize_kernel<scalar_t, acc_t>,
+                       static_cast<const acc_t*>(lp), static_cast<const acc_t*>(reduction == 1 ? cp : nullptr), grid,
+                       1.0, lo, gs);
+      else
+        *gs = acc_t(1);
+    });
+  });
+}
+
+}  // extern "C"
