@@ -36,6 +36,8 @@ DEVICES = {"h100": H100, "small": SMALL_GPU}
 # The mutants the kernels carry under FC_MUTATION(name) (csrc/common/device_shared.cuh).
 MUTATIONS = ("BLOCK_SUM_SECOND_SYNC", "TAIL_OFF_BY_ONE", "SHUFFLE_OFFSET", "HIST_NOT_ZEROED")
 
+SOURCES = ("emulated_ops.cpp", "runtime_checks.cpp")
+
 _CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3, torch.uint8: 4, torch.bool: 5,
           torch.int32: 6, torch.int64: 7}
 
@@ -76,25 +78,46 @@ def _key(cxx: str, flags: list[str]) -> str:
 _LOADED: dict = {}
 
 
-def build(mutation: str | None = None) -> "Emulated":
-    """The emulated kernels (with one mutant switched on, or none), compiled once and cached."""
-    if mutation in _LOADED:
-        return _LOADED[mutation]
+def _target(mutation: str | None) -> tuple[Path, list[str]]:
+    """The cached library of this variant, and the command that builds it (its output path last but the links)."""
     cxx, flags = _compiler(), _flags(mutation)
     lib_dir = Path(torch.__file__).parent / "lib"
-    link = [f"-L{lib_dir}", "-lc10", f"-Wl,-rpath,{lib_dir}"]
     so = CACHE / f"emulated_{(mutation or 'kernels').lower()}_{_key(cxx, flags)}.so"
-    if not so.exists():
+    cmd = [cxx, *flags, *(str(HERE / f) for f in SOURCES), "-o", "{out}", f"-L{lib_dir}", "-lc10",
+           f"-Wl,-rpath,{lib_dir}"]
+    return so, cmd
+
+
+def prebuild(mutations) -> None:
+    """Compile the variants not cached yet, all at once (a compile is one process: they use the cores in
+    parallel)."""
+    jobs = []
+    for m in mutations:
+        so, cmd = _target(m)
+        if so.exists():
+            continue
         CACHE.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=CACHE)
         os.close(fd)
-        cmd = [cxx, *flags, str(HERE / "emulated_ops.cpp"), "-o", tmp, *link]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
+        cmd = [tmp if c == "{out}" else c for c in cmd]
+        jobs.append((so, tmp, cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+    errors = []
+    for so, tmp, cmd, proc in jobs:
+        _, err = proc.communicate()
+        if proc.returncode != 0:
             os.unlink(tmp)
-            raise RuntimeError(f"building the CUDA emulation failed:\n{' '.join(cmd)}\n{res.stderr[-6000:]}")
-        os.replace(tmp, so)  # atomic: a concurrent build of the same key writes the same bytes
-    _LOADED[mutation] = Emulated(ctypes.CDLL(str(so)))
+            errors.append(f"{' '.join(cmd)}\n{err[-6000:]}")
+        else:
+            os.replace(tmp, so)  # atomic: a concurrent build of the same key writes the same bytes
+    if errors:
+        raise RuntimeError("building the CUDA emulation failed:\n" + "\n".join(errors))
+
+
+def build(mutation: str | None = None) -> "Emulated":
+    """The emulated kernels (with one mutant switched on, or none), compiled once and cached."""
+    if mutation not in _LOADED:
+        prebuild([mutation])
+        _LOADED[mutation] = Emulated(ctypes.CDLL(str(_target(mutation)[0])))
     return _LOADED[mutation]
 
 
@@ -118,6 +141,15 @@ class Emulated:
     def _check(self, rc: int):
         if rc != 0:
             raise EmulationError(self.lib.fc_emu_error().decode())
+
+    def runtime_check(self, which: int, schedule: str = "forward", seed: int = 0, out=None, out2=None, out3=None):
+        """One of runtime_checks.cpp's toy kernels (see fc_emu_runtime_check); raises EmulationError with
+        the fault the runtime reports."""
+        self.lib.fc_emu_runtime_error.restype = ctypes.c_char_p
+        rc = self.lib.fc_emu_runtime_check(ctypes.c_int(which), ctypes.c_int(SCHEDULES[schedule]),
+                                           ctypes.c_uint64(seed), _ptr(out), _ptr(out2), _ptr(out3))
+        if rc != 0:
+            raise EmulationError(self.lib.fc_emu_runtime_error().decode())
 
     def confusion_matrix(self, pred, target, num_classes, ignore_index=None, *, device=H100, schedule="forward",
                          seed=0):

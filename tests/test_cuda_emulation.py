@@ -1,0 +1,349 @@
+"""The CUDA kernels run on the CPU: csrc/<stem>/<stem>_kernels.cuh, the text nvcc compiles, under the
+emulation of CUDA's execution model in tests/emulation/ (a fiber per thread, barriers, 32-lane warp
+operations, shared memory poisoned at every block and bounds-checked, forward / reverse / seeded random
+schedules). Launch shapes come from the ops' <stem>_launch.h with the limits of an H100 (132 SMs, 227 KB
+opt-in) and of a small GPU (2 SMs, 48 KB), where grid-stride loops go round at these test sizes.
+
+Each kernel runs at the shapes below against fastcascade.reference (integer outputs exact, floats within
+the tolerance model), with bitwise-equal outputs under the three schedules; the mutation tests build
+kernels with a known defect and check that the same checks catch it.
+
+Families emulated so far: metrics (confusion_kernel) and focal (sigmoid_focal_kernel,
+softmax_focal_kernel, finalize_kernel, block_sum). The shapes are a local list: the per-family case
+tables in fastcascade/selftest/ are not wired in yet. FASTCASCADE_EMULATION_SWEEP=1 runs larger shapes.
+
+One kernel by hand:  pytest tests/test_cuda_emulation.py -k confusion
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import emulation as emu
+import pytest
+import torch
+from conftest import assert_within_model, reference_errors, seeded
+
+from fastcascade import reference
+
+REPO = Path(__file__).resolve().parent.parent
+SWEEP = os.environ.get("FASTCASCADE_EMULATION_SWEEP") == "1"
+SCHEDULES = [("forward", 0), ("reverse", 0), ("random", 1234)]
+REDUCTIONS = {0: "none", 1: "mean", 2: "sum"}
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    return emu.build()
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """t's bit pattern (NaN-safe equality)."""
+    if t.dtype == torch.bool or not t.is_floating_point():
+        return t
+    return t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def same_bits(a, b) -> bool:
+    return all(x.shape == y.shape and torch.equal(bits(x), bits(y)) for x, y in zip(a, b))
+
+
+def under_all_schedules(run):
+    """run(schedule, seed) under the three schedules; asserts the outputs are bitwise equal, returns them."""
+    outs = [run(s, seed) for s, seed in SCHEDULES]
+    for (s, _), o in zip(SCHEDULES[1:], outs[1:]):
+        assert same_bits(outs[0], o), f"the {s} schedule gives other bits than the forward one"
+    return outs[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# the runtime itself, on toy kernels (tests/emulation/runtime_checks.cpp)
+
+NEIGHBOURS = torch.tensor([(i + 1) % 64 + 1 for i in range(64)], dtype=torch.int32)
+
+
+def test_barrier_makes_every_schedule_agree(kernels):
+    for s, seed in SCHEDULES:
+        out = torch.zeros(64, dtype=torch.int32)
+        kernels.runtime_check(0, s, seed, out)
+        assert torch.equal(out, NEIGHBOURS), s
+
+
+def test_missing_barrier_gives_schedule_dependent_results(kernels):
+    outs = {}
+    for s, seed in SCHEDULES:
+        out = torch.zeros(64, dtype=torch.int32)
+        kernels.runtime_check(1, s, seed, out)
+        outs[s] = out
+    # forward: each thread reads its neighbour's slot before the neighbour runs (the poison, -1);
+    # reverse: the neighbour has run, except for the wrap-around
+    assert (outs["forward"][:-1] == -1).all()
+    assert torch.equal(outs["reverse"][:-1], NEIGHBOURS[:-1]) and outs["reverse"][-1] == -1
+    assert not torch.equal(outs["random"], outs["forward"]) and not torch.equal(outs["random"], outs["reverse"])
+
+
+def test_warp_operations(kernels):
+    lane = torch.arange(64) % 32
+    tid = torch.arange(64)
+    expect = torch.stack([
+        torch.where(lane + 3 < 32, tid + 3, tid),                       # __shfl_down_sync(., tid, 3)
+        torch.tensor([sum(1 << k for k in range(32) if k % 4 == i % 4) for i in range(64)]).to(torch.int32),
+        torch.full((64,), 8),                                           # __popc of 8 peers
+        torch.where(lane + 16 < 32, lane + 16, lane),                    # a double through offset 16
+    ], 1).to(torch.int32).reshape(-1)
+    for s, seed in SCHEDULES:
+        out = torch.zeros(256, dtype=torch.int32)
+        kernels.runtime_check(2, s, seed, out)
+        assert torch.equal(out, expect), s
+
+
+def test_exited_lane_named_by_a_mask_is_an_error(kernels):
+    # forward: lanes 0..15 wait when lane 16 exits; reverse: the exited lanes are seen by the shuffle
+    with pytest.raises(emu.EmulationError, match=r"exited while lanes of its warp wait for it in __shfl_down_sync"):
+        kernels.runtime_check(3, out=torch.zeros(64, dtype=torch.int32))
+    with pytest.raises(emu.EmulationError, match=r"__shfl_down_sync\(mask 0xffffffff\) names lane 16, which has exited"):
+        kernels.runtime_check(3, "reverse", out=torch.zeros(64, dtype=torch.int32))
+
+
+def test_returned_threads_count_as_arrived(kernels):
+    out = torch.zeros(64, dtype=torch.int32)
+    kernels.runtime_check(4, "reverse", 0, out)
+    assert torch.equal(out, torch.tensor([0 if i % 3 == 0 else 7 for i in range(64)], dtype=torch.int32))
+
+
+def test_deadlock_is_reported(kernels):
+    with pytest.raises(emu.EmulationError, match="__syncthreads while lanes of its warp wait in __syncwarp|deadlock"):
+        kernels.runtime_check(5, out=torch.zeros(64, dtype=torch.int32))
+
+
+def test_shared_indices_are_checked(kernels):
+    with pytest.raises(emu.EmulationError, match=r"shared array slot\[32\] indexed at 32"):
+        kernels.runtime_check(6, out=torch.zeros(64, dtype=torch.int32))
+    with pytest.raises(emu.EmulationError, match=r"shared array buf\[16\] indexed at 16"):
+        kernels.runtime_check(7, out=torch.zeros(1, dtype=torch.int32))
+
+
+def test_shared_memory_is_poisoned_at_every_block(kernels):
+    f = torch.zeros(8, dtype=torch.float32)
+    u = torch.zeros(4, dtype=torch.int32)
+    kernels.runtime_check(8, out=f, out2=u)  # two blocks: the second sees poison, not the first's writes
+    assert torch.isnan(f).all() and (u == -1).all()
+
+
+def test_indices_and_atomics_cover_a_3d_grid(kernels):
+    for s, seed in SCHEDULES:
+        total = torch.zeros(1, dtype=torch.int64)
+        per_block = torch.zeros(12, dtype=torch.int32)
+        seen = torch.zeros(12 * 48, dtype=torch.int32)
+        kernels.runtime_check(9, s, seed, total, per_block, seen)
+        assert total.item() == 12 * 48 and (per_block == 48).all() and (seen == 1).all(), s
+
+
+def test_static_shared_beyond_the_launch_configuration_is_an_error(kernels):
+    with pytest.raises(emu.EmulationError, match="256 bytes of static shared memory, its launch configuration counts 16"):
+        kernels.runtime_check(10, out=torch.zeros(64, dtype=torch.int32))
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics: confusion_kernel
+
+# (N, C): one block, tails, several blocks, grid-stride on the small GPU (16 blocks of 1024 elements);
+# C = 40 keeps 4 shared histograms, C = 120 none (global atomics)
+CONFUSION_SHAPES = [(0, 3), (1, 1), (37, 5), (5000, 40), (20000, 3), (3000, 120)]
+if SWEEP:
+    CONFUSION_SHAPES += [(200_000, 7), (50_000, 100)]
+
+
+def confusion_inputs(N, C, pdt, tdt, gen):
+    t = torch.randint(-1, C + 1, (N,), generator=gen)  # ids outside [0, C) count nowhere
+    p = torch.randint(0, C, (N,), generator=gen)
+    return p.to(pdt), t.to(tdt)
+
+
+def check_confusion(k, N, C, pdt=torch.int64, tdt=torch.int64, ignore=None, devices=emu.DEVICES):
+    p, t = confusion_inputs(N, C, pdt, tdt, seeded("confusion", N, C))
+    want = reference.confusion_matrix(p, t, C, ignore)
+    for name, dev in devices.items():
+        (out,) = under_all_schedules(lambda s, seed: (k.confusion_matrix(p, t, C, ignore, device=dev, schedule=s,
+                                                                          seed=seed),))
+        assert torch.equal(out, want), f"confusion {N}x{C} on {name}"
+
+
+@pytest.mark.parametrize("N,C", CONFUSION_SHAPES)
+def test_confusion_kernel(kernels, N, C):
+    check_confusion(kernels, N, C)
+
+
+@pytest.mark.parametrize("pdt,tdt", [(torch.int32, torch.int64), (torch.int32, torch.int32)])
+def test_confusion_kernel_id_dtypes_and_ignore(kernels, pdt, tdt):
+    check_confusion(kernels, 2000, 6, pdt, tdt, ignore=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# focal: sigmoid_focal_kernel, softmax_focal_kernel, finalize_kernel (block_sum)
+
+# N: scalar tail only, vector body and tail, several blocks (H100), grid-stride (small GPU)
+SIGMOID_SHAPES = [0, 1, 7, 1003, 20003]
+if SWEEP:
+    SIGMOID_SHAPES += [300_001]
+
+
+def sigmoid_reference(x, t, alpha, gamma, reduction, eps):
+    x64 = x.detach().double().requires_grad_()
+    loss = reference.sigmoid_focal_loss(x64, t.double(), alpha, gamma, REDUCTIONS[reduction], eps)
+    (g,) = torch.autograd.grad(loss.sum(), x64) if x.numel() else (torch.zeros_like(x64),)
+    return loss.detach(), g
+
+
+def check_sigmoid(k, N, dtype=torch.float32, tdt=torch.float32, alpha=0.25, gamma=2.0, eps=0.0, reduction=1,
+                  misaligned=False, devices=emu.DEVICES):
+    gen = seeded("sigmoid", N, dtype, tdt, alpha, gamma, eps, reduction)
+    base = (torch.randn(N + 1, generator=gen, dtype=torch.float64) * 3).to(dtype)
+    x = base[1:] if misaligned else base[:N].clone()  # at offset 1: the scalar path
+    t = (torch.rand(N, generator=gen) > 0.7).to(tdt)
+    want_loss, want_grad = sigmoid_reference(x, t, alpha, gamma, reduction, eps)
+    a = -1.0 if alpha is None else alpha
+    ref_err = reference_errors(
+        lambda xx, tt: list(sigmoid_reference(xx, tt, alpha, gamma, reduction, eps)), [x.double(), t.double()], dtype
+    ) if N and dtype != torch.float64 else [0.0, 0.0]
+    for name, dev in devices.items():
+        loss, grad, scale = under_all_schedules(
+            lambda s, seed: k.sigmoid_focal(x, t, a, gamma, eps, reduction, True, device=dev, schedule=s, seed=seed))
+        what = f"sigmoid focal N={N} {dtype} {REDUCTIONS[reduction]} on {name}"
+        if N == 0:
+            assert torch.allclose(loss, want_loss.to(dtype), equal_nan=True) if reduction else loss.numel() == 0, what
+            continue
+        assert_within_model(loss, want_loss, ref_err[0], what + ": loss")
+        assert_within_model((grad.double() * scale.double()).to(dtype), want_grad, ref_err[1], what + ": grad")
+
+
+@pytest.mark.parametrize("N", SIGMOID_SHAPES)
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+def test_sigmoid_focal_kernel(kernels, N, reduction):
+    check_sigmoid(kernels, N, reduction=reduction)
+
+
+@pytest.mark.parametrize("dtype,tdt,misaligned,alpha,gamma,eps", [
+    (torch.float32, torch.float32, True, 0.25, 2.0, 0.0),      # the scalar path
+    (torch.bfloat16, torch.uint8, False, None, 1.5, 0.1),      # 8-wide vectors, uint8 targets
+    (torch.float16, torch.bool, True, 0.5, 0.7, 0.0),          # generic pow, scalar path
+    (torch.float64, torch.float64, False, 0.25, 2.5, 0.05),    # double accumulators
+])
+def test_sigmoid_focal_kernel_dtypes_and_paths(kernels, dtype, tdt, misaligned, alpha, gamma, eps):
+    check_sigmoid(kernels, 5003, dtype, tdt, alpha, gamma, eps, reduction=1, misaligned=misaligned)
+
+
+def test_sigmoid_focal_loss_without_grad_matches_with(kernels):
+    x = torch.randn(1003, generator=seeded("nograd")) * 3
+    t = (torch.rand(1003, generator=seeded("nograd t")) > 0.5).float()
+    for reduction in (0, 1):
+        with_grad = kernels.sigmoid_focal(x, t, 0.25, 2.0, 0.0, reduction, True)
+        without = kernels.sigmoid_focal(x, t, 0.25, 2.0, 0.0, reduction, False)
+        assert same_bits([with_grad[0], with_grad[2]], [without[0], without[2]]) and without[1].numel() == 0
+
+
+# (N, C, S): rows R = N S; one block, several blocks, grid-stride on the small GPU (R > 16 x 256)
+SOFTMAX_SHAPES = [(0, 5, 1), (1, 3, 1), (37, 5, 1), (2000, 7, 1), (50, 4, 100)]
+if SWEEP:
+    SOFTMAX_SHAPES += [(300, 19, 64)]
+
+
+def softmax_reference(x, t, w, gamma, ignore, eps, reduction):
+    x64 = x.detach().double().requires_grad_()
+    loss = reference.softmax_focal_loss(x64, t, gamma, None if w is None else w.double(), ignore, eps,
+                                        REDUCTIONS[reduction])
+    (g,) = torch.autograd.grad(loss.sum(), x64) if x.numel() else (torch.zeros_like(x64),)
+    return loss.detach(), g
+
+
+def check_softmax(k, N, C, S, dtype=torch.float32, weighted=False, gamma=2.0, eps=0.0, reduction=1,
+                  devices=emu.DEVICES):
+    gen = seeded("softmax", N, C, S, dtype, weighted, gamma, eps, reduction)
+    shape = (N, C) if S == 1 else (N, C, S)
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 3).to(dtype)
+    t = torch.randint(0, C, (N,) if S == 1 else (N, S), generator=gen)
+    ignore = -100
+    t = torch.where(torch.rand(t.shape, generator=gen) < 0.2, torch.full_like(t, ignore), t)
+    w = torch.rand(C, generator=gen) + 0.5 if weighted else None
+    want_loss, want_grad = softmax_reference(x, t, w, gamma, ignore, eps, reduction)
+    ref_err = reference_errors(lambda xx: list(softmax_reference(xx, t, w, gamma, ignore, eps, reduction)),
+                               [x.double()], dtype) if N and dtype != torch.float64 else [0.0, 0.0]
+    for name, dev in devices.items():
+        loss, grad, scale = under_all_schedules(
+            lambda s, seed: k.softmax_focal(x, t, w, gamma, eps, ignore, reduction, True, device=dev, schedule=s,
+                                            seed=seed))
+        what = f"softmax focal {shape} {dtype} {REDUCTIONS[reduction]} on {name}"
+        if N == 0:
+            assert torch.allclose(loss, want_loss.to(dtype), equal_nan=True) if reduction else loss.numel() == 0, what
+            continue
+        assert_within_model(loss, want_loss, ref_err[0], what + ": loss")
+        assert_within_model((grad.double() * scale.double()).to(dtype), want_grad, ref_err[1], what + ": grad")
+
+
+@pytest.mark.parametrize("N,C,S", SOFTMAX_SHAPES)
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+def test_softmax_focal_kernel(kernels, N, C, S, reduction):
+    check_softmax(kernels, N, C, S, reduction=reduction)
+
+
+@pytest.mark.parametrize("dtype,weighted,gamma,eps", [
+    (torch.float32, True, 2.0, 0.1),
+    (torch.bfloat16, True, 1.3, 0.0),   # generic pow
+    (torch.float64, False, 0.5, 0.0),
+])
+def test_softmax_focal_kernel_dtypes_and_weights(kernels, dtype, weighted, gamma, eps):
+    check_softmax(kernels, 300, 6, 1, dtype, weighted, gamma, eps, reduction=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# the checks bite: each mutant (FC_MUTATION in csrc) fails the check that the real kernels pass
+
+MUTANT_CHECKS = {
+    # block_sum called twice in one kernel: softmax's pass (loss and count) and its mean finalize
+    "BLOCK_SUM_SECOND_SYNC": lambda k: check_softmax(k, 2000, 7, 1, reduction=1),
+    # the scalar tail of 3 elements loses its last one
+    "TAIL_OFF_BY_ONE": lambda k: check_sigmoid(k, 7, reduction=0),
+    # the first warp-shuffle stage starts at offset 8: lanes 16..31 never reach lane 0
+    "SHUFFLE_OFFSET": lambda k: check_sigmoid(k, 1003, reduction=1),
+    # the shared histograms are read without being zeroed
+    "HIST_NOT_ZEROED": lambda k: check_confusion(k, 5000, 40),
+}
+
+
+def test_every_mutant_has_a_check_and_a_switch():
+    uses = re.findall(r"^\s*#if\s+!?FC_MUTATION\((\w+)\)", "\n".join(
+        p.read_text() for p in (REPO / "csrc").rglob("*") if p.suffix in (".h", ".cuh", ".cu", ".cpp")), re.M)
+    assert sorted(set(uses)) == sorted(emu.MUTATIONS) == sorted(MUTANT_CHECKS)
+
+
+@pytest.mark.parametrize("mutation", emu.MUTATIONS)
+def test_mutant_fails_the_emulated_check(kernels, mutation):
+    MUTANT_CHECKS[mutation](kernels)  # the real kernels pass it
+    emu.prebuild(emu.MUTATIONS)  # the mutants compile in parallel, once
+    with pytest.raises((AssertionError, emu.EmulationError)):
+        MUTANT_CHECKS[mutation](emu.build(mutation))
+
+
+def _preprocess(*defines: str) -> subprocess.CompletedProcess:
+    src = '#include "common/device_shared.cuh"\n#if FC_MUTATION(TAIL_OFF_BY_ONE)\n#error mutant\n#endif\n'
+    return subprocess.run([emu._compiler(), "-E", "-x", "c++", f"-I{REPO / 'csrc'}", *defines, "-"], input=src,
+                          capture_output=True, text=True)
+
+
+def test_mutation_switches_do_not_exist_outside_the_emulation():
+    # a shipped build (no FASTCASCADE_EMULATION) ignores the switch even when someone defines it
+    assert _preprocess("-DFC_MUTATE_TAIL_OFF_BY_ONE=1").returncode == 0
+    on = _preprocess("-DFC_MUTATE_TAIL_OFF_BY_ONE=1", "-DFASTCASCADE_EMULATION", "-DFC_EMU_SHARED=x")
+    assert on.returncode != 0 and "mutant" in on.stderr
+    # nothing that builds the package defines the emulation or a mutant, and FC_MUTATION only appears in #if
+    for p in [REPO / "setup.py", REPO / "pyproject.toml", *(REPO / "csrc").rglob("*")]:
+        if p.is_file():
+            for line in p.read_text().splitlines():
+                if line.lstrip().startswith("//"):
+                    continue
+                assert not re.search(r"(#define|-D)\s*(FASTCASCADE_EMULATION|FC_MUTATE_)", line), f"{p}: {line}"
+                if "FC_MUTATION(" in line and p.name != "device_shared.cuh":
+                    assert re.match(r"\s*#if\s", line), f"{p}: {line}"
