@@ -2,9 +2,11 @@
 // (csrc/<stem>/<stem>_kernels.cuh, the text nvcc compiles) on the CPU, and only what those kernels use.
 //
 //   - A grid runs block after block; every thread of a block is a fiber (ucontext) with its own
-//     threadIdx. Fibers switch only at __syncthreads and warp operations, so the schedule (the order
-//     in which the runnable threads resume after each of those, and the order of the blocks) decides
-//     every interleaving: forward, reverse or seeded random.
+//     threadIdx. Fibers switch only at __syncthreads and warp operations, and the schedule picks which
+//     runnable thread resumes next: forward always resumes the lowest-numbered one, reverse the highest,
+//     random a seeded uniform choice (blocks run in the same order). Forward and reverse let a thread
+//     (and so its warp) run as far ahead of the others as the barriers allow, which is where a missing
+//     barrier shows: a warp reaches the next use of a shared array before another has read it.
 //   - __syncthreads is a barrier over the block's live threads (a thread that returned has arrived).
 //   - Warp operations have 32-lane semantics; every lane their mask names must take part with the
 //     same operation and mask (an exited, absent or diverged lane is an error, not a guess).
@@ -28,6 +30,7 @@
 #include <new>
 #include <numeric>
 #include <random>
+#include <set>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -121,6 +124,7 @@ struct Runtime {
   std::vector<Fiber> fibers;
   std::vector<char*> stacks;
   std::vector<Warp> warps;
+  std::set<int> ready;  // fibers that can resume
   int live = 0, at_barrier = 0;
   Fiber* cur = nullptr;
   ucontext_t main_ctx;
@@ -159,7 +163,10 @@ inline void release_barrier_if_complete() {
   Runtime& r = rt();
   if (r.at_barrier == 0 || r.at_barrier != r.live) return;
   for (Fiber& g : r.fibers)
-    if (g.state == State::barrier) g.state = State::ready;
+    if (g.state == State::barrier) {
+      g.state = State::ready;
+      r.ready.insert(g.linear);
+    }
   r.at_barrier = 0;
 }
 
@@ -222,6 +229,7 @@ T warp_collective(WarpOp op, unsigned mask, T v, int arg) {
         w.result[l] = same;
       }
       r.fibers[wi * kWarp + l].state = State::ready;
+      r.ready.insert(wi * kWarp + l);
     }
     w.arrived = 0;
     w.op = WarpOp::none;
@@ -348,25 +356,30 @@ inline void run_block(Runtime& r, const Options& o, std::mt19937_64& rng) {
   }
   r.live = n;
   r.at_barrier = 0;
-  std::vector<int> all(n);
-  std::iota(all.begin(), all.end(), 0);
+  r.ready.clear();
+  for (int i = 0; i < n; ++i) r.ready.insert(i);
   while (r.live > 0) {
-    std::vector<int> ready;
-    for (int i : all)
-      if (r.fibers[i].state == State::ready) ready.push_back(i);
-    if (ready.empty()) {
+    if (r.ready.empty()) {
       std::ostringstream s;
       s << "deadlock in block (" << r.block_idx.x << ", " << r.block_idx.y << ", " << r.block_idx.z << "): "
         << r.at_barrier << " of " << r.live << " live threads wait at __syncthreads, the others in warp operations";
       throw Error(s.str());
     }
-    for (int i : order(ready, o.schedule, rng)) {
-      if (r.fibers[i].state != State::ready) continue;
-      r.cur = &r.fibers[i];
-      swapcontext(&r.main_ctx, &r.fibers[i].ctx);
-      r.cur = nullptr;
-      if (!r.error.empty()) throw Error(r.error);
+    std::set<int>::iterator it;
+    if (o.schedule == Schedule::forward) {
+      it = r.ready.begin();
+    } else if (o.schedule == Schedule::reverse) {
+      it = std::prev(r.ready.end());
+    } else {
+      // a uniform pick; walking the set is cheap next to a context switch at these block sizes
+      it = std::next(r.ready.begin(), std::uniform_int_distribution<size_t>(0, r.ready.size() - 1)(rng));
     }
+    const int i = *it;
+    r.ready.erase(it);
+    r.cur = &r.fibers[i];
+    swapcontext(&r.main_ctx, &r.fibers[i].ctx);
+    r.cur = nullptr;
+    if (!r.error.empty()) throw Error(r.error);
   }
 }
 
