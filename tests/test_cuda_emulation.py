@@ -8,8 +8,9 @@ Each kernel runs at the shapes below against fastcascade.reference (integer outp
 the tolerance model), with bitwise-equal outputs under the three schedules; the mutation tests build
 kernels with a known defect and check that the same checks catch it.
 
-Families emulated so far: metrics (confusion_kernel) and focal (sigmoid_focal_kernel,
-softmax_focal_kernel, finalize_kernel, block_sum). The shapes are a local list: the per-family case
+Families emulated so far: metrics (confusion_kernel), focal (sigmoid_focal_kernel, softmax_focal_kernel,
+finalize_kernel, block_sum) and routing (route_threshold/argmax/confident, partition_tiles (count and
+place), partition_offsets, copy_rows, vote). The shapes are a local list: the per-family case
 tables in fastcascade/selftest/ are not wired in yet. FASTCASCADE_EMULATION_SWEEP=1 runs larger shapes.
 
 One kernel by hand:  pytest tests/test_cuda_emulation.py -k confusion
@@ -296,6 +297,96 @@ def test_softmax_focal_kernel(kernels, N, C, S, reduction):
 ])
 def test_softmax_focal_kernel_dtypes_and_weights(kernels, dtype, weighted, gamma, eps):
     check_softmax(kernels, 300, 6, 1, dtype, weighted, gamma, eps, reduction=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# routing: the decision kernels, partition (count, scan, place, offsets), copy_rows, vote
+
+# N: one block, several, grid-stride on the small GPU (32 blocks of 256 rows)
+ROW_COUNTS = [0, 1, 1000, 9000]
+ROUTE_DTYPES = [torch.float32, torch.bfloat16, torch.float64]
+
+
+def on_all_launch_shapes(run, want, what):
+    for name, dev in emu.DEVICES.items():
+        outs = under_all_schedules(lambda s, seed: run(dev, s, seed))
+        for o, w in zip(outs, want):
+            assert o.dtype == w.dtype and torch.equal(o, w), f"{what} on {name}"
+
+
+@pytest.mark.parametrize("N", ROW_COUNTS)
+@pytest.mark.parametrize("dtype", ROUTE_DTYPES)
+def test_route_threshold_kernel(kernels, N, dtype):
+    x = (torch.randn(N, generator=seeded("threshold", N)) * 4).to(dtype)
+    if N > 2:
+        x[0], x[1] = float("nan"), float("inf")
+    c = reference.logit_threshold(0.3, 1.5)
+    on_all_launch_shapes(lambda d, s, seed: (kernels.route_threshold(x, c, device=d, schedule=s, seed=seed),),
+                         [reference.route_threshold(x, 0.3, 1.5)], f"route_threshold N={N} {dtype}")
+
+
+@pytest.mark.parametrize("N", ROW_COUNTS)
+@pytest.mark.parametrize("dtype", ROUTE_DTYPES)
+def test_route_argmax_and_confident_kernels(kernels, N, dtype):
+    C = 7
+    x = (torch.randn(N, C, generator=seeded("route rows", N)) * 3).to(dtype)
+    if N > 2:
+        x[0, 3] = float("nan")
+        x[1, :] = x[1, 2]  # ties: the first maximum
+    on_all_launch_shapes(lambda d, s, seed: (kernels.route_rows(x, device=d, schedule=s, seed=seed),),
+                         [reference.route_argmax(x)], f"route_argmax N={N} {dtype}")
+    on_all_launch_shapes(lambda d, s, seed: (kernels.route_rows(x, 1.5, 1 / 0.4, device=d, schedule=s, seed=seed),),
+                         [reference.route_confident(x, 0.4, 1.5)], f"route_confident N={N} {dtype}")
+
+
+# (N, B): one tile, a tile and one row, several blocks of 8 tiles; ids outside [0, B) go last
+@pytest.mark.parametrize("N,B", [(1, 1), (511, 3), (513, 3), (20000, 5), (3000, 200)])
+@pytest.mark.parametrize("idt", [torch.int64, torch.int32])
+def test_partition_kernels(kernels, N, B, idt):
+    b = torch.randint(-1, B + 1, (N,), generator=seeded("partition", N, B)).to(idt)
+    on_all_launch_shapes(lambda d, s, seed: kernels.partition(b, B, device=d, schedule=s, seed=seed),
+                         reference.partition(b, B), f"partition N={N} B={B}")
+
+
+# rows of 28, 32, 3 and 10 bytes: 4-, 16-, 1- and 2-byte vectors; at an odd offset, 1-byte ones
+@pytest.mark.parametrize("row,dtype", [((7,), torch.float32), ((2, 4), torch.float32), ((3,), torch.uint8),
+                                       ((5,), torch.bfloat16)])
+@pytest.mark.parametrize("misaligned", [False, True])
+def test_copy_rows_kernel(kernels, row, dtype, misaligned):
+    gen = seeded("copy rows", row, dtype)
+    rows = 3000
+    base = (torch.randn((rows + 1, *row), generator=gen) * 100).to(dtype)
+    x = base[1:] if misaligned else base[:rows].clone()
+    index = torch.randint(0, rows, (2500,), generator=gen)
+    on_all_launch_shapes(lambda d, s, seed: (kernels.gather_rows(x, index, device=d, schedule=s, seed=seed),),
+                         [reference.gather_rows(x, index)], f"gather_rows {row} {dtype}")
+    perm = torch.randperm(rows + 100, generator=gen)[:rows].to(torch.int32)  # injective into rows + 100
+    on_all_launch_shapes(lambda d, s, seed: (kernels.scatter_rows(x, perm, rows + 100, device=d, schedule=s,
+                                                                  seed=seed),),
+                         [reference.scatter_rows(x, perm, rows + 100)], f"scatter_rows {row} {dtype}")
+
+
+def test_copy_rows_kernel_out_of_range_rows(kernels):
+    x = torch.arange(40, dtype=torch.float32).view(10, 4)
+    index = torch.tensor([3, -1, 10, 9])
+    out = kernels.gather_rows(x, index)
+    assert torch.equal(out, torch.stack([x[3], torch.zeros(4), torch.zeros(4), x[9]]))  # reads as zeros
+    out = kernels.scatter_rows(x[:3], torch.tensor([5, -2, 99]), 6)
+    assert torch.equal(out, torch.zeros(6, 4).index_copy(0, torch.tensor([5]), x[:1]))  # skipped
+
+
+@pytest.mark.parametrize("K,N,C", [(1, 1, 1), (3, 1000, 5), (4, 9000, 3)])
+@pytest.mark.parametrize("mode", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vote_kernel(kernels, K, N, C, mode, dtype):
+    x = (torch.randn(K, N, C, generator=seeded("vote", K, N, C)) * 2).to(dtype)
+    labels, probs = reference.vote(x, "hard" if mode == 0 else "soft", return_probs=True)
+    for name, dev in emu.DEVICES.items():
+        got, sums = under_all_schedules(lambda s, seed: kernels.vote(x, mode, True, device=dev, schedule=s, seed=seed))
+        assert torch.equal(got, labels), f"vote labels {K}x{N}x{C} on {name}"
+        torch.testing.assert_close(sums, probs, rtol=1e-6, atol=1e-7)
+        got_only, _ = kernels.vote(x, mode, False, device=dev)
+        assert torch.equal(got_only, labels)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -194,6 +194,72 @@ class Emulated:
             ctypes.c_uint64(seed), _ptr(loss), _ptr(grad), _ptr(grad_scale)))
         return loss, grad, grad_scale
 
+    # routing
+
+    def _rows_args(self, device, schedule, seed):
+        return (_i64(device[0]), _i64(device[1]), ctypes.c_int(SCHEDULES[schedule]), ctypes.c_uint64(seed))
+
+    def route_threshold(self, logits, logit_threshold, *, device=H100, schedule="forward", seed=0):
+        x = logits.reshape(logits.shape[0]).contiguous()
+        out = torch.full((x.shape[0],), -7, dtype=torch.int32)
+        self._check(self.lib.fc_emu_route_threshold(_CODES[x.dtype], _ptr(x), _i64(x.shape[0]),
+                                                    ctypes.c_double(logit_threshold),
+                                                    *self._rows_args(device, schedule, seed), _ptr(out)))
+        return out
+
+    def route_rows(self, logits, temperature=0.0, max_sum=0.0, *, device=H100, schedule="forward", seed=0):
+        """route_argmax (temperature 0) or route_confident (temperature > 0, max_sum = 1 / tau)."""
+        x = logits.contiguous()
+        out = torch.full((x.shape[0],), -7, dtype=torch.int32)
+        self._check(self.lib.fc_emu_route_rows(_CODES[x.dtype], _ptr(x), _i64(x.shape[0]), _i64(x.shape[1]),
+                                               ctypes.c_double(temperature), ctypes.c_double(max_sum),
+                                               *self._rows_args(device, schedule, seed), _ptr(out)))
+        return out
+
+    def partition(self, branch, num_branches, *, device=H100, schedule="forward", seed=0):
+        b = branch.contiguous()
+        N, B = b.shape[0], num_branches
+        if N == 0:
+            return torch.empty(0, dtype=torch.int64), torch.zeros(B, dtype=torch.int64), torch.zeros(B + 1, dtype=torch.int64)
+        order, counts, offsets = (torch.full((n,), -7, dtype=torch.int64) for n in (N, B, B + 1))
+        self._check(self.lib.fc_emu_partition(_CODES[b.dtype], _ptr(b), _i64(N), _i64(B),
+                                              *self._rows_args(device, schedule, seed), _ptr(order), _ptr(counts),
+                                              _ptr(offsets)))
+        return order, counts, offsets
+
+    def gather_rows(self, x, index, *, device=H100, schedule="forward", seed=0):
+        x, index = x.contiguous(), index.contiguous()
+        out = torch.empty((index.shape[0], *x.shape[1:]), dtype=x.dtype)
+        if out.numel():
+            out.view(torch.uint8).fill_(0xA5)  # poison: a row the kernel skips shows
+        row_bytes = x[0].numel() * x.element_size() if x.dim() > 1 else x.element_size()
+        self._check(self.lib.fc_emu_copy_rows(_CODES[index.dtype], _ptr(x), _i64(x.shape[0]), _ptr(index), _ptr(out),
+                                              _i64(out.shape[0]), _ptr(None), _i64(index.shape[0]), _i64(row_bytes),
+                                              *self._rows_args(device, schedule, seed)))
+        return out
+
+    def scatter_rows(self, src, index, num_rows, *, device=H100, schedule="forward", seed=0):
+        src, index = src.contiguous(), index.contiguous()
+        out = torch.zeros((num_rows, *src.shape[1:]), dtype=src.dtype)  # the op allocates zeros
+        row_bytes = src[0].numel() * src.element_size() if src.dim() > 1 else src.element_size()
+        self._check(self.lib.fc_emu_copy_rows(_CODES[index.dtype], _ptr(src), _i64(src.shape[0]), _ptr(None),
+                                              _ptr(out), _i64(num_rows), _ptr(index), _i64(index.shape[0]),
+                                              _i64(row_bytes), *self._rows_args(device, schedule, seed)))
+        return out
+
+    def vote(self, member_logits, mode, need_probs, *, device=H100, schedule="forward", seed=0):
+        """(labels, mean probabilities or sums) of vote_cuda; mode 0 hard, 1 soft."""
+        x = member_logits.contiguous()
+        K, N, C = x.shape
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        labels = torch.full((N,), -7, dtype=torch.int64)
+        sums = torch.full((N, C), float("nan"), dtype=acc)
+        votes = torch.full((N if mode == 0 else 0, C), -7, dtype=torch.int32)
+        self._check(self.lib.fc_emu_vote(_CODES[x.dtype], _ptr(x), _i64(K), _i64(N), _i64(C), ctypes.c_int(need_probs),
+                                         *self._rows_args(device, schedule, seed), _ptr(sums),
+                                         _ptr(votes) if mode == 0 else _ptr(None), _ptr(labels)))
+        return labels, sums
+
 
 if __name__ == "__main__":  # python tests/emulation [MUTATION]: build, print the cached library
     print(build(sys.argv[1] if len(sys.argv) > 1 else None).lib._name)

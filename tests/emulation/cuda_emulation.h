@@ -455,6 +455,14 @@ void launch(const LaunchShape& s, const Options& o, void (*kernel)(Params...), A
 
 using fc_emu::dim3;
 
+// the vector types the kernels copy with
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
+struct alignas(8) uint2 {
+  unsigned x, y;
+};
+
 inline void __syncthreads() { fc_emu::syncthreads(); }
 inline void __syncwarp(unsigned mask = 0xffffffffu) {
   fc_emu::warp_collective<int>(fc_emu::WarpOp::syncwarp, mask, 0, 0);

@@ -15,6 +15,7 @@
 // the kernels, after the emulation
 #include "focal/focal_kernels.cuh"
 #include "metrics/metrics_kernels.cuh"
+#include "routing/routing_kernels.cuh"
 
 namespace {
 
@@ -235,6 +236,111 @@ int fc_emu_softmax_focal(int x_code, const void* x_in, const int64_t* target, co
                        1.0, lo, gs);
       else
         *gs = acc_t(1);
+    });
+  });
+}
+
+// routing_cuda.cu's route_threshold_cuda: c = logit_threshold, x (N,) contiguous.
+int fc_emu_route_threshold(int x_code, const void* x, int64_t N, double c, int64_t sms, int64_t smem_optin,
+                           int schedule, uint64_t seed, int32_t* out) {
+  return guarded([&] {
+    if (N == 0) return;
+    with_logits(x_code, [&](auto xt) {
+      using scalar_t = typename decltype(xt)::type;
+      fc_emu::launch(shape_of(route_rows_launch(N, DeviceLimits{sms, smem_optin})), options(schedule, seed),
+                     &route_threshold_kernel<scalar_t>, static_cast<const scalar_t*>(x), N, c,
+                     round_down_to_float(c), out);
+    });
+  });
+}
+
+// route_argmax_cuda (temperature <= 0) or route_confident_cuda: x (N, C) contiguous.
+int fc_emu_route_rows(int x_code, const void* x, int64_t N, int64_t C, double temperature, double max_sum,
+                      int64_t sms, int64_t smem_optin, int schedule, uint64_t seed, int32_t* out) {
+  return guarded([&] {
+    if (N == 0) return;
+    const fc_emu::LaunchShape s = shape_of(route_rows_launch(N, DeviceLimits{sms, smem_optin}));
+    with_logits(x_code, [&](auto xt) {
+      using scalar_t = typename decltype(xt)::type;
+      const scalar_t* xp = static_cast<const scalar_t*>(x);
+      if (temperature <= 0)
+        fc_emu::launch(s, options(schedule, seed), &route_argmax_kernel<scalar_t>, xp, N, C, out);
+      else
+        fc_emu::launch(s, options(schedule, seed), &route_confident_kernel<scalar_t>, xp, N, C, temperature, max_sum,
+                       out);
+    });
+  });
+}
+
+// partition_cuda's counting-sort path: the count pass, the exclusive scan of the (bin, tile) table
+// (torch's cumsum on the device; a host loop here), the place pass, the offsets kernel.
+int fc_emu_partition(int id_code, const void* branch, int64_t N, int64_t B, int64_t sms, int64_t smem_optin,
+                     int schedule, uint64_t seed, int64_t* order, int64_t* counts, int64_t* offsets) {
+  return guarded([&] {
+    if (N == 0) return;  // the op returns zeros without a launch
+    const DeviceLimits dev{sms, smem_optin};
+    const PartitionLaunch L = partition_launch(N, B, dev);
+    if (L.by_sort) throw fc_emu::Error("partition: " + std::to_string(B) + " branches take the sort path (no kernel)");
+    const fc_emu::Options o = options(schedule, seed);
+    std::vector<int64_t> table(size_t((B + 1) * L.ntiles), int64_t(0x5a5a5a5a5a5a5a5a));  // poison
+    with_ids(id_code, [&](auto it) {
+      using idx_t = typename decltype(it)::type;
+      const idx_t* b = static_cast<const idx_t*>(branch);
+      fc_emu::launch(shape_of(L.cfg), o, &partition_tiles_kernel<idx_t, false>, b, N, B, L.ntiles, table.data(),
+                     static_cast<int64_t*>(nullptr));
+      int64_t run = 0;
+      for (int64_t& v : table) {
+        const int64_t c = v;
+        v = run;
+        run += c;
+      }
+      fc_emu::launch(shape_of(L.cfg), o, &partition_tiles_kernel<idx_t, true>, b, N, B, L.ntiles, table.data(), order);
+    });
+    fc_emu::launch(shape_of(route_rows_launch(B + 1, dev)), o, &partition_offsets_kernel,
+                   static_cast<const int64_t*>(table.data()), B, L.ntiles, counts, offsets);
+  });
+}
+
+// launch_copy_rows of routing_cuda.cu: gather (src_idx given) or scatter (dst_idx given).
+int fc_emu_copy_rows(int id_code, const void* src, int64_t src_rows, const void* src_idx, void* dst, int64_t dst_rows,
+                     const void* dst_idx, int64_t M, int64_t row_bytes, int64_t sms, int64_t smem_optin, int schedule,
+                     uint64_t seed) {
+  return guarded([&] {
+    if (M == 0 || row_bytes == 0) return;
+    const auto sp = reinterpret_cast<uintptr_t>(src), dp = reinterpret_cast<uintptr_t>(dst);
+    const CopyRowsLaunch L =
+        copy_rows_launch(M, row_bytes, int64_t(sp % 16), int64_t(dp % 16), DeviceLimits{sms, smem_optin});
+    const fc_emu::Options o = options(schedule, seed);
+    with_ids(id_code, [&](auto it) {
+      using idx_t = typename decltype(it)::type;
+      auto go = [&](auto vec_tag) {
+        using vec_t = decltype(vec_tag);
+        fc_emu::launch(shape_of(L.cfg), o, &copy_rows_kernel<vec_t, idx_t>, static_cast<const vec_t*>(src), src_rows,
+                       static_cast<const idx_t*>(src_idx), static_cast<vec_t*>(dst), dst_rows,
+                       static_cast<const idx_t*>(dst_idx), M, L.row_vecs);
+      };
+      switch (L.vec) {
+        case 16: return go(uint4{});
+        case 8: return go(uint2{});
+        case 4: return go(uint32_t{});
+        case 2: return go(uint16_t{});
+        default: return go(uint8_t{});
+      }
+    });
+  });
+}
+
+// vote_cuda: x (K, N, C) contiguous; sum (N, C) acc_t; votes (N, C) int32 for mode 0 (hard), else null.
+int fc_emu_vote(int x_code, const void* x, int64_t K, int64_t N, int64_t C, int need_probs, int64_t sms,
+                int64_t smem_optin, int schedule, uint64_t seed, void* sum, int32_t* votes, int64_t* labels) {
+  return guarded([&] {
+    if (N == 0) return;
+    with_logits(x_code, [&](auto xt) {
+      using scalar_t = typename decltype(xt)::type;
+      using acc_t = at::opmath_type<scalar_t>;
+      fc_emu::launch(shape_of(route_rows_launch(N, DeviceLimits{sms, smem_optin})), options(schedule, seed),
+                     &vote_kernel<scalar_t>, static_cast<const scalar_t*>(x), K, N, C, static_cast<acc_t*>(sum), votes,
+                     bool(need_probs), labels);
     });
   });
 }
