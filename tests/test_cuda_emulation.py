@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import emulation as emu
@@ -36,9 +38,13 @@ SCHEDULES = [("forward", 0), ("reverse", 0), ("random", 1234)]
 REDUCTIONS = {0: "none", 1: "mean", 2: "sum"}
 
 
+# Set by test_global_memory_stays_in_bounds for the subprocess it runs: every buffer next to a guard page.
+GUARD = os.environ.get("FASTCASCADE_EMULATION_GUARD") == "1"
+
+
 @pytest.fixture(scope="module")
 def kernels():
-    return emu.build()
+    return emu.build().guarded() if GUARD else emu.build()
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -146,6 +152,29 @@ def test_indices_and_atomics_cover_a_3d_grid(kernels):
 def test_static_shared_beyond_the_launch_configuration_is_an_error(kernels):
     with pytest.raises(emu.EmulationError, match="256 bytes of static shared memory, its launch configuration counts 16"):
         kernels.runtime_check(10, out=torch.zeros(64, dtype=torch.int32))
+
+
+def test_guarded_buffers_catch_an_access_past_the_end(kernels):
+    out, src = torch.zeros(1), torch.ones(4)
+    kernels.runtime_check(11, out=out, out2=torch.ones(5)[:4])  # in bounds of the unguarded storage
+    code = ("import torch, emulation; k = emulation.build().guarded(); "
+            "k.runtime_check(11, out=torch.zeros(1), out2=torch.ones(4)); print('survived')")
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO / "tests", capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])})
+    assert res.returncode == -signal.SIGSEGV and "survived" not in res.stdout, (res.returncode, res.stderr[-2000:])
+
+
+@pytest.mark.skipif(GUARD, reason="this is the test that runs the guarded subprocess")
+def test_global_memory_stays_in_bounds():
+    """The kernel tests again in a subprocess, every buffer next to a guard page (tests/emulation: _Guarded):
+    a read or write past the end of any buffer kills it. One launch shape and the forward schedule would
+    do, but the subset is cheap enough to run whole."""
+    subset = "confusion_kernel or sigmoid_focal_kernel or softmax_focal_kernel or route or partition or copy_rows or vote"
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", subset],
+                         cwd=REPO, capture_output=True, text=True,
+                         env={**os.environ, "FASTCASCADE_EMULATION_GUARD": "1",
+                              "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
+    assert res.returncode == 0, f"guarded run failed (rc {res.returncode}):\n{res.stdout[-4000:]}\n{res.stderr[-2000:]}"
 
 
 # ---------------------------------------------------------------------------------------------

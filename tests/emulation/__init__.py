@@ -125,6 +125,56 @@ def _ptr(t: torch.Tensor | None):
     return ctypes.c_void_p(t.data_ptr() if t is not None and t.numel() > 0 else None)
 
 
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+_POISON = 0xA5
+
+
+def _libc():
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    return libc
+
+
+class _Guarded:
+    """A copy of the contiguous tensor t that ends where a page no access is allowed to begins (within
+    the 15 bytes that keep t's address modulo 16, so the kernels take the same vector paths): a read or
+    write past the end faults. The bytes around the copy are poisoned and checked after the call.
+    Faults kill the process: run guarded calls in a subprocess."""
+
+    def __init__(self, libc, t: torch.Tensor):
+        self.libc, self.t = libc, t
+        self.nbytes = t.numel() * t.element_size()
+        self.span = (self.nbytes + 16 + _PAGE - 1) // _PAGE * _PAGE
+        self.base = libc.mmap(None, self.span + _PAGE, 3, 0x22, -1, 0)  # PROT_READ | PROT_WRITE, MAP_PRIVATE | ANON
+        if self.base in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), "mmap of a guarded buffer failed")
+        if libc.mprotect(self.base + self.span, _PAGE, 0) != 0:
+            raise OSError(ctypes.get_errno(), "mprotect of a guard page failed")
+        end = self.base + self.span
+        self.start = ((end - self.nbytes) & ~15) | (t.data_ptr() % 16)
+        if self.start + self.nbytes > end:
+            self.start -= 16
+        ctypes.memset(self.base, _POISON, self.span)
+        self.raw = torch.frombuffer((ctypes.c_char * self.span).from_address(self.base), dtype=torch.uint8)
+        self.off = self.start - self.base
+        self.raw[self.off: self.off + self.nbytes].copy_(self._bytes())
+
+    def _bytes(self) -> torch.Tensor:
+        return self.t.reshape(-1).view(torch.uint8)
+
+    def release(self) -> str | None:
+        """Copies the buffer back into t; returns what went wrong around it, if anything."""
+        self._bytes().copy_(self.raw[self.off: self.off + self.nbytes])
+        around = torch.cat([self.raw[: self.off], self.raw[self.off + self.nbytes:]])
+        bad = None if bool((around == _POISON).all()) else f"a write outside a buffer of {self.nbytes} bytes"
+        del self.raw
+        self.libc.munmap(self.base, self.span + _PAGE)
+        return bad
+
+
 def _i64(v: int):
     return ctypes.c_int64(int(v))
 
@@ -134,31 +184,53 @@ class Emulated:
     name and a seed (random schedule); inputs are CPU tensors in the layout the op's .cu passes to its
     kernels (contiguous)."""
 
-    def __init__(self, lib: ctypes.CDLL):
-        self.lib = lib
+    def __init__(self, lib: ctypes.CDLL, guard: bool = False):
+        self.lib, self.guard = lib, guard
         lib.fc_emu_error.restype = ctypes.c_char_p
+        self._live: list = []
+        self._libc = _libc() if guard else None
+
+    def guarded(self) -> "Emulated":
+        """The same kernels, every buffer they get copied next to a guard page (see _Guarded): run in a
+        subprocess, since an access out of bounds kills the process."""
+        return Emulated(self.lib, guard=True)
+
+    def _p(self, t: torch.Tensor | None):
+        if not self.guard or t is None or t.numel() == 0:
+            return _ptr(t)
+        g = _Guarded(self._libc, t)
+        self._live.append(g)
+        return ctypes.c_void_p(g.start)
 
     def _check(self, rc: int):
+        faults = [f for f in (g.release() for g in self._live) if f]
+        self._live.clear()
         if rc != 0:
             raise EmulationError(self.lib.fc_emu_error().decode())
+        if faults:
+            raise EmulationError("; ".join(faults))
 
     def runtime_check(self, which: int, schedule: str = "forward", seed: int = 0, out=None, out2=None, out3=None):
         """One of runtime_checks.cpp's toy kernels (see fc_emu_runtime_check); raises EmulationError with
         the fault the runtime reports."""
         self.lib.fc_emu_runtime_error.restype = ctypes.c_char_p
         rc = self.lib.fc_emu_runtime_check(ctypes.c_int(which), ctypes.c_int(SCHEDULES[schedule]),
-                                           ctypes.c_uint64(seed), _ptr(out), _ptr(out2), _ptr(out3))
+                                           ctypes.c_uint64(seed), self._p(out), self._p(out2), self._p(out3))
+        faults = [f for f in (g.release() for g in self._live) if f]
+        self._live.clear()
         if rc != 0:
             raise EmulationError(self.lib.fc_emu_runtime_error().decode())
+        if faults:
+            raise EmulationError("; ".join(faults))
 
     def confusion_matrix(self, pred, target, num_classes, ignore_index=None, *, device=H100, schedule="forward",
                          seed=0):
         pred, target = pred.contiguous(), target.contiguous()
         out = torch.zeros(num_classes, num_classes, dtype=torch.int64)  # the op allocates zeros
         self._check(self.lib.fc_emu_confusion(
-            _CODES[pred.dtype], _ptr(pred), _CODES[target.dtype], _ptr(target), _i64(pred.numel()),
+            _CODES[pred.dtype], self._p(pred), _CODES[target.dtype], self._p(target), _i64(pred.numel()),
             _i64(num_classes), ctypes.c_int(ignore_index is not None), _i64(ignore_index or 0), _i64(device[0]),
-            _i64(device[1]), ctypes.c_int(SCHEDULES[schedule]), ctypes.c_uint64(seed), _ptr(out)))
+            _i64(device[1]), ctypes.c_int(SCHEDULES[schedule]), ctypes.c_uint64(seed), self._p(out)))
         return out
 
     def sigmoid_focal(self, logits, targets, alpha, gamma, label_smoothing, reduction, need_grad, *, device=H100,
@@ -170,10 +242,10 @@ class Emulated:
         grad = torch.full(logits.shape if need_grad else (0,), float("nan"), dtype=logits.dtype)
         grad_scale = torch.full((), float("nan"), dtype=acc)
         self._check(self.lib.fc_emu_sigmoid_focal(
-            _CODES[logits.dtype], _ptr(logits), _CODES[targets.dtype], _ptr(targets), _i64(logits.numel()),
+            _CODES[logits.dtype], self._p(logits), _CODES[targets.dtype], self._p(targets), _i64(logits.numel()),
             ctypes.c_double(alpha), ctypes.c_double(gamma), ctypes.c_double(label_smoothing), ctypes.c_int(reduction),
             ctypes.c_int(need_grad), _i64(device[0]), _i64(device[1]), ctypes.c_int(SCHEDULES[schedule]),
-            ctypes.c_uint64(seed), _ptr(loss), _ptr(grad), _ptr(grad_scale)))
+            ctypes.c_uint64(seed), self._p(loss), self._p(grad), self._p(grad_scale)))
         return loss, grad, grad_scale
 
     def softmax_focal(self, logits, target, weight, gamma, label_smoothing, ignore_index, reduction, need_grad, *,
@@ -188,10 +260,10 @@ class Emulated:
         grad = torch.full(logits.shape if need_grad else (0,), float("nan"), dtype=logits.dtype)
         grad_scale = torch.full((), float("nan"), dtype=acc)
         self._check(self.lib.fc_emu_softmax_focal(
-            _CODES[logits.dtype], _ptr(logits), _ptr(target), _ptr(w), _i64(N), _i64(C), _i64(S),
+            _CODES[logits.dtype], self._p(logits), self._p(target), self._p(w), _i64(N), _i64(C), _i64(S),
             ctypes.c_double(gamma), ctypes.c_double(label_smoothing), _i64(ignore_index), ctypes.c_int(reduction),
             ctypes.c_int(need_grad), _i64(device[0]), _i64(device[1]), ctypes.c_int(SCHEDULES[schedule]),
-            ctypes.c_uint64(seed), _ptr(loss), _ptr(grad), _ptr(grad_scale)))
+            ctypes.c_uint64(seed), self._p(loss), self._p(grad), self._p(grad_scale)))
         return loss, grad, grad_scale
 
     # routing
@@ -202,18 +274,18 @@ class Emulated:
     def route_threshold(self, logits, logit_threshold, *, device=H100, schedule="forward", seed=0):
         x = logits.reshape(logits.shape[0]).contiguous()
         out = torch.full((x.shape[0],), -7, dtype=torch.int32)
-        self._check(self.lib.fc_emu_route_threshold(_CODES[x.dtype], _ptr(x), _i64(x.shape[0]),
+        self._check(self.lib.fc_emu_route_threshold(_CODES[x.dtype], self._p(x), _i64(x.shape[0]),
                                                     ctypes.c_double(logit_threshold),
-                                                    *self._rows_args(device, schedule, seed), _ptr(out)))
+                                                    *self._rows_args(device, schedule, seed), self._p(out)))
         return out
 
     def route_rows(self, logits, temperature=0.0, max_sum=0.0, *, device=H100, schedule="forward", seed=0):
         """route_argmax (temperature 0) or route_confident (temperature > 0, max_sum = 1 / tau)."""
         x = logits.contiguous()
         out = torch.full((x.shape[0],), -7, dtype=torch.int32)
-        self._check(self.lib.fc_emu_route_rows(_CODES[x.dtype], _ptr(x), _i64(x.shape[0]), _i64(x.shape[1]),
+        self._check(self.lib.fc_emu_route_rows(_CODES[x.dtype], self._p(x), _i64(x.shape[0]), _i64(x.shape[1]),
                                                ctypes.c_double(temperature), ctypes.c_double(max_sum),
-                                               *self._rows_args(device, schedule, seed), _ptr(out)))
+                                               *self._rows_args(device, schedule, seed), self._p(out)))
         return out
 
     def partition(self, branch, num_branches, *, device=H100, schedule="forward", seed=0):
@@ -222,9 +294,9 @@ class Emulated:
         if N == 0:
             return torch.empty(0, dtype=torch.int64), torch.zeros(B, dtype=torch.int64), torch.zeros(B + 1, dtype=torch.int64)
         order, counts, offsets = (torch.full((n,), -7, dtype=torch.int64) for n in (N, B, B + 1))
-        self._check(self.lib.fc_emu_partition(_CODES[b.dtype], _ptr(b), _i64(N), _i64(B),
-                                              *self._rows_args(device, schedule, seed), _ptr(order), _ptr(counts),
-                                              _ptr(offsets)))
+        self._check(self.lib.fc_emu_partition(_CODES[b.dtype], self._p(b), _i64(N), _i64(B),
+                                              *self._rows_args(device, schedule, seed), self._p(order), self._p(counts),
+                                              self._p(offsets)))
         return order, counts, offsets
 
     def gather_rows(self, x, index, *, device=H100, schedule="forward", seed=0):
@@ -233,8 +305,8 @@ class Emulated:
         if out.numel():
             out.view(torch.uint8).fill_(0xA5)  # poison: a row the kernel skips shows
         row_bytes = x[0].numel() * x.element_size() if x.dim() > 1 else x.element_size()
-        self._check(self.lib.fc_emu_copy_rows(_CODES[index.dtype], _ptr(x), _i64(x.shape[0]), _ptr(index), _ptr(out),
-                                              _i64(out.shape[0]), _ptr(None), _i64(index.shape[0]), _i64(row_bytes),
+        self._check(self.lib.fc_emu_copy_rows(_CODES[index.dtype], self._p(x), _i64(x.shape[0]), self._p(index), self._p(out),
+                                              _i64(out.shape[0]), self._p(None), _i64(index.shape[0]), _i64(row_bytes),
                                               *self._rows_args(device, schedule, seed)))
         return out
 
@@ -242,8 +314,8 @@ class Emulated:
         src, index = src.contiguous(), index.contiguous()
         out = torch.zeros((num_rows, *src.shape[1:]), dtype=src.dtype)  # the op allocates zeros
         row_bytes = src[0].numel() * src.element_size() if src.dim() > 1 else src.element_size()
-        self._check(self.lib.fc_emu_copy_rows(_CODES[index.dtype], _ptr(src), _i64(src.shape[0]), _ptr(None),
-                                              _ptr(out), _i64(num_rows), _ptr(index), _i64(index.shape[0]),
+        self._check(self.lib.fc_emu_copy_rows(_CODES[index.dtype], self._p(src), _i64(src.shape[0]), self._p(None),
+                                              self._p(out), _i64(num_rows), self._p(index), _i64(index.shape[0]),
                                               _i64(row_bytes), *self._rows_args(device, schedule, seed)))
         return out
 
@@ -255,9 +327,9 @@ class Emulated:
         labels = torch.full((N,), -7, dtype=torch.int64)
         sums = torch.full((N, C), float("nan"), dtype=acc)
         votes = torch.full((N if mode == 0 else 0, C), -7, dtype=torch.int32)
-        self._check(self.lib.fc_emu_vote(_CODES[x.dtype], _ptr(x), _i64(K), _i64(N), _i64(C), ctypes.c_int(need_probs),
-                                         *self._rows_args(device, schedule, seed), _ptr(sums),
-                                         _ptr(votes) if mode == 0 else _ptr(None), _ptr(labels)))
+        self._check(self.lib.fc_emu_vote(_CODES[x.dtype], self._p(x), _i64(K), _i64(N), _i64(C), ctypes.c_int(need_probs),
+                                         *self._rows_args(device, schedule, seed), self._p(sums),
+                                         self._p(votes) if mode == 0 else self._p(None), self._p(labels)))
         return labels, sums
 
 

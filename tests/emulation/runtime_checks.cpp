@@ -85,6 +85,11 @@ __global__ void index_kernel(unsigned long long* total, unsigned* per_block, int
   seen[block * nthreads + thread] += 1;
 }
 
+// Reads one element past the end of `in` (n elements): a fault under the guarded buffers.
+__global__ void read_past_end_kernel(const float* in, int n, float* out) {
+  if (threadIdx.x == 0) out[0] = in[n];
+}
+
 template <typename F>
 int guarded(F&& f) {
   try {
@@ -112,7 +117,7 @@ const char* fc_emu_runtime_error() { return g_error.c_str(); }
 
 // which: 0 neighbour with barrier, 1 neighbour without, 2 warp ops, 3 exited lane, 4 early return,
 // 5 deadlock, 6 static out of range, 7 dynamic out of range, 8 poison, 9 indices and atomics,
-// 10 static shared beyond the launch configuration's count. out: int32 of the size the test reads.
+// 10 static shared beyond the launch configuration's count, 11 a global read past the end of out2 (4 floats). out: int32 of the size the test reads.
 int fc_emu_runtime_check(int which, int schedule, uint64_t seed, void* out, void* out2, void* out3) {
   return guarded([&] {
     const fc_emu::Options o{static_cast<fc_emu::Schedule>(schedule), seed};
@@ -138,6 +143,9 @@ int fc_emu_runtime_check(int which, int schedule, uint64_t seed, void* out, void
         s.static_smem = 16;  // the kernel holds 64 ints
         return fc_emu::launch(s, o, &neighbour_kernel, true, io);
       }
+      case 11:
+        return fc_emu::launch(shape(1, 32), o, &read_past_end_kernel, static_cast<const float*>(out2), 4,
+                              static_cast<float*>(out));
       default: throw fc_emu::Error("no runtime check " + std::to_string(which));
     }
   });
