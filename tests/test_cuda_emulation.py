@@ -9,8 +9,8 @@ the tolerance model), with bitwise-equal outputs under the three schedules; the 
 kernels with a known defect and check that the same checks catch it.
 
 Families emulated so far: metrics (confusion_kernel), focal (sigmoid_focal_kernel, softmax_focal_kernel,
-finalize_kernel, block_sum) and routing (route_threshold/argmax/confident, partition_tiles (count and
-place), partition_offsets, copy_rows, vote). The shapes are a local list: the per-family case
+finalize_kernel, block_sum), routing (route_threshold/argmax/confident, partition_tiles (count and
+place), partition_offsets, copy_rows, vote) and dice_focal (forward, chunks, backward). The shapes are a local list: the per-family case
 tables in fastcascade/selftest/ are not wired in yet. FASTCASCADE_EMULATION_SWEEP=1 runs larger shapes.
 
 One kernel by hand:  pytest tests/test_cuda_emulation.py -k confusion
@@ -169,7 +169,8 @@ def test_global_memory_stays_in_bounds():
     """The kernel tests again in a subprocess, every buffer next to a guard page (tests/emulation: _Guarded):
     a read or write past the end of any buffer kills it. One launch shape and the forward schedule would
     do, but the subset is cheap enough to run whole."""
-    subset = "confusion_kernel or sigmoid_focal_kernel or softmax_focal_kernel or route or partition or copy_rows or vote"
+    subset = ("confusion_kernel or sigmoid_focal_kernel or softmax_focal_kernel or route or partition or copy_rows "
+              "or vote or dice_focal")
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", subset],
                          cwd=REPO, capture_output=True, text=True,
                          env={**os.environ, "FASTCASCADE_EMULATION_GUARD": "1",
@@ -416,6 +417,71 @@ def test_vote_kernel(kernels, K, N, C, mode, dtype):
         torch.testing.assert_close(sums, probs, rtol=1e-6, atol=1e-7)
         got_only, _ = kernels.vote(x, mode, False, device=dev)
         assert torch.equal(got_only, labels)
+
+
+# ---------------------------------------------------------------------------------------------
+# dice_focal: dice_focal_forward_kernel + dice_focal_chunks_kernel (the per-image sums), and
+# dice_focal_backward_kernel (given the Dice coefficients the .cu computes in ATen)
+
+def dice_stats(x, t, w, gamma, ignore):
+    """Per image [focal sum, normaliser, inter (C), card (C)] as the kernels sum them, in x's dtype;
+    x (B, C, S), t (B, S)."""
+    B, C = x.shape[:2]
+    xs, ts = x, t
+    keep = ts != ignore
+    p = torch.softmax(xs, 1) * keep.unsqueeze(1)
+    onehot = torch.nn.functional.one_hot(torch.where(keep, ts, 0), C).movedim(-1, 1).to(x.dtype) * keep.unsqueeze(1)
+    focal = torch.stack([reference.softmax_focal_loss(xs[b: b + 1], ts[b: b + 1], gamma, w, ignore, 0.0, "sum")
+                         for b in range(B)]) if B else x.new_zeros(0)
+    ww = torch.ones(C, dtype=x.dtype) if w is None else w.to(x.dtype)
+    norm = (ww[torch.where(keep, ts, 0)] * keep).sum(1)
+    return [torch.cat([focal.reshape(B, 1), norm.reshape(B, 1), (p * onehot).sum(2), (p + onehot).sum(2)], 1)]
+
+
+def dice_grad(x, t, w, gamma, ignore, coef, fs):
+    """The gradient the backward kernel writes: d/dx of fs * focal sum + sum_c alpha_c card_c + beta_c inter_c
+    (coef = [alpha (C), beta (C)] per image; the +1 of card has no gradient)."""
+    x64 = x.detach().double().requires_grad_()
+    B, C = x.shape[:2]
+    stats = dice_stats(x64, t, w, gamma, ignore)[0]
+    f = fs.double() * stats[:, 0].sum() + (coef.double()[:, :C] * stats[:, 2 + C:]).sum() \
+        + (coef.double()[:, C:] * stats[:, 2: 2 + C]).sum()
+    return torch.autograd.grad(f, x64)[0] if x.numel() else torch.zeros_like(x64)
+
+
+# (B, C, S): one pixel; two chunks of 4096 per image; 128-thread blocks (C = 30); 32-thread blocks
+# (C = 100); C = 200 opts in to more shared memory (H100) and is refused on the small GPU
+@pytest.mark.parametrize("B,C,S", [(0, 3, 4), (1, 3, 1), (2, 4, 5000), (3, 5, 700), (2, 30, 300), (1, 100, 300),
+                                   (1, 200, 100)])
+@pytest.mark.parametrize("dtype,weighted,gamma", [(torch.float32, True, 2.0), (torch.bfloat16, False, 1.3)])
+def test_dice_focal_kernels(kernels, B, C, S, dtype, weighted, gamma):
+    gen = seeded("dice", B, C, S, dtype)
+    x = (torch.randn(B, C, S, generator=gen, dtype=torch.float64) * 3).to(dtype)
+    t = torch.randint(0, C, (B, S), generator=gen)
+    t = torch.where(torch.rand(B, S, generator=gen) < 0.2, torch.full_like(t, -100), t)
+    w = torch.rand(C, generator=gen) + 0.5 if weighted else None
+    coef = torch.randn(B, 2 * C, generator=gen)
+    fs = torch.rand((), generator=gen) + 0.1
+    if x.numel():
+        want = dice_stats(x.double(), t, w, gamma, -100)[0]
+        want_grad = dice_grad(x, t, w, gamma, -100, coef, fs)
+        errs = reference_errors(lambda xx: dice_stats(xx, t, w, gamma, -100) + [dice_grad(xx, t, w, gamma, -100, coef,
+                                                                                          fs)], [x.double()], dtype)
+    for name, dev in emu.DEVICES.items():
+        what = f"dice_focal {B}x{C}x{S} {dtype} on {name}"
+        if C == 200 and name == "small":
+            with pytest.raises(emu.EmulationError, match="at most .* classes"):
+                kernels.dice_focal_forward(x, t, w, gamma, -100, device=dev)
+            continue
+        (sums,) = under_all_schedules(lambda s, seed: (kernels.dice_focal_forward(x, t, w, gamma, -100, device=dev,
+                                                                                  schedule=s, seed=seed),))
+        (grad,) = under_all_schedules(lambda s, seed: (kernels.dice_focal_backward(x, t, w, coef, fs, gamma, -100,
+                                                                                   device=dev, schedule=s, seed=seed),))
+        if not x.numel():
+            assert sums.shape == (B, 2 * C + 2) and grad.numel() == 0, what
+            continue
+        assert_within_model(sums.to(dtype), want, errs[0], what + ": sums")
+        assert_within_model(grad, want_grad, errs[1], what + ": grad")
 
 
 # ---------------------------------------------------------------------------------------------

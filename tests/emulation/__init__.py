@@ -332,6 +332,38 @@ class Emulated:
                                          self._p(votes) if mode == 0 else self._p(None), self._p(labels)))
         return labels, sums
 
+    # dice_focal
+
+    def dice_focal_forward(self, logits, target, weight, gamma, ignore_index, *, device=H100, schedule="forward",
+                           seed=0):
+        """The sums (B, 2C + 2) of dice_focal_cuda's forward and chunk kernels: per image [focal sum,
+        normaliser, inter (C), card (C)]."""
+        x, t = logits.contiguous(), target.contiguous()
+        B, C = x.shape[0], x.shape[1]
+        S = x[0, 0].numel() if B and C else int(torch.tensor(x.shape[2:]).prod())
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        w = None if weight is None else weight.to(acc).contiguous()
+        sums = torch.zeros(B, 2 * C + 2, dtype=acc)  # the op allocates zeros
+        self._check(self.lib.fc_emu_dice_focal_forward(
+            _CODES[x.dtype], self._p(x), self._p(t), self._p(w), _i64(B), _i64(C), _i64(S), ctypes.c_double(gamma),
+            _i64(ignore_index), *self._rows_args(device, schedule, seed), self._p(sums)))
+        return sums
+
+    def dice_focal_backward(self, logits, target, weight, coef, focal_scale, gamma, ignore_index, *, device=H100,
+                            schedule="forward", seed=0):
+        """dice_focal_backward_cuda's kernel: the logits' gradient given coef (B, 2C) and focal_scale ()."""
+        x, t = logits.contiguous(), target.contiguous()
+        B, C = x.shape[0], x.shape[1]
+        S = x[0, 0].numel() if B and C else 0
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        w = None if weight is None else weight.to(acc).contiguous()
+        grad = torch.full_like(x, float("nan"))
+        self._check(self.lib.fc_emu_dice_focal_backward(
+            _CODES[x.dtype], self._p(x), self._p(t), self._p(w), self._p(coef.to(acc).contiguous()),
+            self._p(focal_scale.to(acc).reshape(())), _i64(B), _i64(C), _i64(S), ctypes.c_double(gamma),
+            _i64(ignore_index), *self._rows_args(device, schedule, seed), self._p(grad)))
+        return grad
+
 
 if __name__ == "__main__":  # python tests/emulation [MUTATION]: build, print the cached library
     print(build(sys.argv[1] if len(sys.argv) > 1 else None).lib._name)

@@ -252,6 +252,10 @@ class Shared {
   T& operator*() const { return *at(0); }
   Shared operator+(int64_t d) const { return Shared(base_, count_, name_, off_ + d); }
   explicit operator bool() const { return base_ != nullptr; }
+  // the bytes from this view's position to the end of its array (FC_SHARED_CAST)
+  unsigned char* bytes() const { return reinterpret_cast<unsigned char*>(at(0)); }
+  int64_t bytes_left() const { return (count_ - off_) * int64_t(sizeof(T)); }
+  const char* name() const { return name_; }
   T* at(int64_t i) const {
     const int64_t k = off_ + i;
     if (base_ == nullptr) rt().fail(std::string("shared array ") + name_ + " is a null view");
@@ -285,6 +289,16 @@ struct StaticShared {
     return Shared<T>(reinterpret_cast<T*>(slot.bytes), count, name);
   }
 };
+
+// A typed view of shared bytes: as many whole elements as lie between the view and the array's end,
+// at an address aligned for T (nvcc's reinterpret_cast would fault on a misaligned one).
+template <typename T, typename U>
+Shared<T> shared_cast(const Shared<U>& p) {
+  unsigned char* b = p.bytes();
+  if (reinterpret_cast<uintptr_t>(b) % alignof(T) != 0)
+    rt().fail(std::string("shared array ") + p.name() + " cast to a misaligned element type");
+  return Shared<T>(reinterpret_cast<T*>(b), p.bytes_left() / int64_t(sizeof(T)), p.name());
+}
 
 template <typename T>
 Shared<T> dynamic_shared(const char* name) {

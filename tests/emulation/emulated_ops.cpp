@@ -13,6 +13,7 @@
 
 #include "cuda_emulation.h"
 // the kernels, after the emulation
+#include "dice_focal/dice_focal_kernels.cuh"
 #include "focal/focal_kernels.cuh"
 #include "metrics/metrics_kernels.cuh"
 #include "routing/routing_kernels.cuh"
@@ -341,6 +342,54 @@ int fc_emu_vote(int x_code, const void* x, int64_t K, int64_t N, int64_t C, int 
       fc_emu::launch(shape_of(route_rows_launch(N, DeviceLimits{sms, smem_optin})), options(schedule, seed),
                      &vote_kernel<scalar_t>, static_cast<const scalar_t*>(x), K, N, C, static_cast<acc_t*>(sum), votes,
                      bool(need_probs), labels);
+    });
+  });
+}
+
+// dice_focal_cuda's kernels: the forward pass into per-(image, chunk) partials, then the chunks added per
+// image into sums (B, 2C + 2), which the caller allocates as zeros like the op. What follows in the .cu
+// (dice_focal_combine, in ATen) is not device code.
+int fc_emu_dice_focal_forward(int x_code, const void* x, const int64_t* target, const void* weight, int64_t B,
+                              int64_t C, int64_t S, double gamma, int64_t ignore_index, int64_t sms,
+                              int64_t smem_optin, int schedule, uint64_t seed, void* sums) {
+  return guarded([&] {
+    with_logits(x_code, [&](auto xt) {
+      using scalar_t = typename decltype(xt)::type;
+      using acc_t = at::opmath_type<scalar_t>;
+      const DiceForwardLaunch L =
+          dice_focal_forward_launch(B, C, S, sizeof(acc_t) == 8 ? 8 : 4, DeviceLimits{sms, smem_optin});
+      const LaunchConfig chunks = dice_focal_chunks_launch(B);
+      const int64_t nchunk = L.nchunk, P = 2 * C + 2;
+      if (!L.cfg.ok()) throw fc_emu::Error(L.cfg.error);
+      if (nchunk == 0 || B == 0) return;
+      std::vector<acc_t> partials = poisoned<acc_t>(B * nchunk * P);
+      const fc_emu::Options o = options(schedule, seed);
+      fc_emu::launch(shape_of(L.cfg), o, &dice_focal_forward_kernel<scalar_t>, static_cast<const scalar_t*>(x), target,
+                     static_cast<const acc_t*>(weight), C, S, nchunk, acc_t(gamma), two_gamma_code(gamma),
+                     ignore_index, partials.data());
+      fc_emu::launch(shape_of(chunks), o, &dice_focal_chunks_kernel<acc_t>, static_cast<const acc_t*>(partials.data()),
+                     nchunk, P, static_cast<acc_t*>(sums));
+    });
+  });
+}
+
+// dice_focal_backward_cuda's kernel, given the Dice coefficients coef (B, 2C) and the focal scale (one
+// acc_t) that the .cu computes in ATen.
+int fc_emu_dice_focal_backward(int x_code, const void* x, const int64_t* target, const void* weight, const void* coef,
+                               const void* focal_scale, int64_t B, int64_t C, int64_t S, double gamma,
+                               int64_t ignore_index, int64_t sms, int64_t smem_optin, int schedule, uint64_t seed,
+                               void* grad) {
+  return guarded([&] {
+    const int64_t R = B * S;
+    if (R == 0) return;
+    with_logits(x_code, [&](auto xt) {
+      using scalar_t = typename decltype(xt)::type;
+      using acc_t = at::opmath_type<scalar_t>;
+      fc_emu::launch(shape_of(dice_focal_backward_launch(B, S, DeviceLimits{sms, smem_optin})),
+                     options(schedule, seed), &dice_focal_backward_kernel<scalar_t>, static_cast<const scalar_t*>(x),
+                     target, static_cast<const acc_t*>(weight), static_cast<const acc_t*>(coef),
+                     static_cast<const acc_t*>(focal_scale), R, C, S, acc_t(gamma), two_gamma_code(gamma),
+                     ignore_index, static_cast<scalar_t*>(grad));
     });
   });
 }
