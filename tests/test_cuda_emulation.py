@@ -10,7 +10,8 @@ kernels with a known defect and check that the same checks catch it.
 
 Families emulated so far: metrics (confusion_kernel), focal (sigmoid_focal_kernel, softmax_focal_kernel,
 finalize_kernel, block_sum), routing (route_threshold/argmax/confident, partition_tiles (count and
-place), partition_offsets, copy_rows, vote) and dice_focal (forward, chunks, backward). The shapes are a local list: the per-family case
+place), partition_offsets, copy_rows, vote), dice_focal (forward, chunks, backward) and pooled_adapter
+(forward, backward). The shapes are a local list: the per-family case
 tables in fastcascade/selftest/ are not wired in yet. FASTCASCADE_EMULATION_SWEEP=1 runs larger shapes.
 
 One kernel by hand:  pytest tests/test_cuda_emulation.py -k confusion
@@ -170,7 +171,7 @@ def test_global_memory_stays_in_bounds():
     a read or write past the end of any buffer kills it. One launch shape and the forward schedule would
     do, but the subset is cheap enough to run whole."""
     subset = ("confusion_kernel or sigmoid_focal_kernel or softmax_focal_kernel or route or partition or copy_rows "
-              "or vote or dice_focal")
+              "or vote or dice_focal or pooled_adapter")
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", subset],
                          cwd=REPO, capture_output=True, text=True,
                          env={**os.environ, "FASTCASCADE_EMULATION_GUARD": "1",
@@ -482,6 +483,72 @@ def test_dice_focal_kernels(kernels, B, C, S, dtype, weighted, gamma):
             continue
         assert_within_model(sums.to(dtype), want, errs[0], what + ": sums")
         assert_within_model(grad, want_grad, errs[1], what + ": grad")
+
+
+# ---------------------------------------------------------------------------------------------
+# pooled_adapter: pooled_adapter_fwd_kernel and pooled_adapter_bwd_kernel. The backward's weight
+# gradients (at::mm over the kernel's gu, gh, a in the .cu) are formed here the same way.
+
+def pooled_expected(x, wd, bd, wu, bu, act, scale, p, drop_seed, gy):
+    """Float64 oracle: the forward outputs, and the reference's gradients (x, down_w, down_b, up_w, up_b, scale)."""
+    leaves = [t.detach().double().requires_grad_() for t in (x, wd, bd, wu, bu, scale)]
+    x64, wd64, bd64, wu64, bu64, s64 = leaves
+    y = reference.pooled_adapter(x64, wd64, bd64, wu64, bu64, act, s64, p, drop_seed)
+    pooled = x64.mean((2, 3))
+    hidden = pooled @ wd64.T + bd64
+    grads = torch.autograd.grad((y * gy.double()).sum(), leaves)
+    return [y.detach(), pooled.detach(), hidden.detach(), *grads]
+
+
+# (B, C, H, W, r): one element; tails of the 256-thread loops; C above the block (channel loops)
+@pytest.mark.parametrize("B,C,H,W,r", [(1, 1, 1, 1, 1), (2, 5, 7, 9, 3), (3, 300, 2, 3, 40), (2, 16, 20, 20, 8)])
+@pytest.mark.parametrize("dtype,act,channels_last,dropout", [(torch.float32, "relu", False, 0.0),
+                                                             (torch.float32, "gelu", True, 0.3),
+                                                             (torch.bfloat16, "silu", True, 0.0)])
+def test_pooled_adapter_kernels(kernels, B, C, H, W, r, dtype, act, channels_last, dropout):
+    check_pooled(kernels, B, C, H, W, r, dtype, act, channels_last, dropout)
+
+
+def test_pooled_adapter_kernels_opt_in(kernels):
+    """C = 3100 float64 sums need 49.6 KB of shared memory: opted in on the H100, refused on the small GPU.
+    (float64: in fp32 at C = 7000, the fp32 size of this shape, the forward's C-long dot products, one thread
+    each, carry an error that d/d scale amplifies beyond the tolerance model: 9.4e-6 against 3.0e-6.)"""
+    check_pooled(kernels, 1, 3100, 1, 2, 4, torch.float64, "gelu", False, 0.0)
+
+
+def check_pooled(kernels, B, C, H, W, r, dtype, act, channels_last, dropout):
+    gen = seeded("pooled", B, C, H, W, r, dtype, act)
+    x = torch.randn(B, C, H, W, generator=gen).to(dtype)
+    gy = torch.randn(B, C, H, W, generator=gen).to(dtype)
+    if channels_last:
+        x, gy = x.to(memory_format=torch.channels_last), gy.to(memory_format=torch.channels_last)
+    wd, wu = torch.randn(r, C, generator=gen) / C ** 0.5, torch.randn(C, r, generator=gen) / r ** 0.5
+    bd, bu = torch.randn(r, generator=gen) * 0.1, torch.randn(C, generator=gen) * 0.1
+    scale, drop_seed = torch.tensor(0.7), 1234
+    want = pooled_expected(x, wd, bd, wu, bu, act, scale, dropout, drop_seed, gy)
+    errs = reference_errors(lambda *t: pooled_expected(*t[:5], act, t[5], dropout, drop_seed, t[6]),
+                            [x.double(), wd.double(), bd.double(), wu.double(), bu.double(), scale.double(),
+                             gy.double()], dtype)
+    for name, dev in emu.DEVICES.items():
+        what = f"pooled_adapter {B}x{C}x{H}x{W} r={r} {dtype} {act} on {name}"
+        if C == 3100 and name == "small":
+            with pytest.raises(emu.EmulationError, match="bytes of shared memory"):
+                kernels.pooled_adapter_forward(x, wd, bd, wu, bu, act, scale, dropout, drop_seed, device=dev)
+            continue
+        y, pooled, hidden = under_all_schedules(lambda s, seed: kernels.pooled_adapter_forward(
+            x, wd, bd, wu, bu, act, scale, dropout, drop_seed, device=dev, schedule=s, seed=seed))
+        assert y.is_contiguous(memory_format=torch.channels_last) == channels_last or C == 1, what
+        gx, gu, gh, a, gs = under_all_schedules(lambda s, seed: kernels.pooled_adapter_backward(
+            gy, hidden, wd, wu, bu, act, scale, dropout, drop_seed, device=dev, schedule=s, seed=seed))
+        got = [y, pooled.to(dtype), hidden.to(dtype), gx, (gh.T @ pooled).to(dtype), gh.sum(0).to(dtype),
+               (gu.T @ a).to(dtype), gu.sum(0).to(dtype), gs.sum().to(dtype)]
+        names = ["y", "pooled", "hidden", "grad x", "grad down_w", "grad down_b", "grad up_w", "grad up_b",
+                 "grad scale"]
+        for g, w_, e, n in zip(got, want, errs, names):
+            if dtype == torch.float64:  # the reference is the truth here: only the floor would be left
+                torch.testing.assert_close(g, w_, rtol=1e-11, atol=1e-13, msg=f"{what}: {n}")
+            else:
+                assert_within_model(g, w_, e, f"{what}: {n}")
 
 
 # ---------------------------------------------------------------------------------------------

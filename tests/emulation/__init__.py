@@ -163,7 +163,7 @@ class _Guarded:
         self.raw[self.off: self.off + self.nbytes].copy_(self._bytes())
 
     def _bytes(self) -> torch.Tensor:
-        return self.t.reshape(-1).view(torch.uint8)
+        return self.t.as_strided((self.t.numel(),), (1,)).view(torch.uint8)  # memory order (channels_last too)
 
     def release(self) -> str | None:
         """Copies the buffer back into t; returns what went wrong around it, if anything."""
@@ -363,6 +363,53 @@ class Emulated:
             self._p(focal_scale.to(acc).reshape(())), _i64(B), _i64(C), _i64(S), ctypes.c_double(gamma),
             _i64(ignore_index), *self._rows_args(device, schedule, seed), self._p(grad)))
         return grad
+
+    # pooled_adapter
+
+    ACTIVATIONS = {"relu": 0, "gelu": 1, "silu": 2}
+
+    @staticmethod
+    def _adapter_layout(x):
+        cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        return (x if cl else x.contiguous()), cl
+
+    def pooled_adapter_forward(self, x, down_w, down_b, up_w, up_b, activation, scale, dropout, drop_seed, *,
+                               device=H100, schedule="forward", seed=0):
+        """(y, pooled, hidden) of pooled_adapter_cuda; x (B, C, H, W) contiguous or channels_last."""
+        x, cl = self._adapter_layout(x)
+        B, C, H, W = x.shape
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        wd, bd, wu, bu = (t.to(acc).contiguous() for t in (down_w, down_b, up_w, up_b))
+        s = None if scale is None else scale.to(acc).reshape(())
+        y = torch.full_like(x, float("nan"))  # keeps x's memory format, like empty_like
+        pooled = torch.full((B, C), float("nan"), dtype=acc)
+        hidden = torch.full((B, wd.shape[0]), float("nan"), dtype=acc)
+        self._check(self.lib.fc_emu_pooled_adapter_forward(
+            _CODES[x.dtype], self._p(x), self._p(wd), self._p(bd), self._p(wu), self._p(bu), self._p(s), _i64(B),
+            _i64(C), _i64(H * W), _i64(wd.shape[0]), ctypes.c_int(cl), _i64(self.ACTIVATIONS[activation]),
+            ctypes.c_double(dropout), _i64(drop_seed), *self._rows_args(device, schedule, seed), self._p(y),
+            self._p(pooled), self._p(hidden)))
+        return y, pooled, hidden
+
+    def pooled_adapter_backward(self, grad_y, hidden, down_w, up_w, up_b, activation, scale, dropout, drop_seed, *,
+                                device=H100, schedule="forward", seed=0):
+        """(gx, gu, gh, a, gs_part) of pooled_adapter_backward_cuda's kernel."""
+        gy, cl = self._adapter_layout(grad_y)
+        B, C, H, W = gy.shape
+        acc = torch.float64 if gy.dtype == torch.float64 else torch.float32
+        wd, wu, bu, hd = (t.to(acc).contiguous() for t in (down_w, up_w, up_b, hidden))
+        s = None if scale is None else scale.to(acc).reshape(())
+        r = wd.shape[0]
+        gx = torch.full_like(gy, float("nan"))
+        gu = torch.full((B, C), float("nan"), dtype=acc)
+        gh, a = (torch.full((B, r), float("nan"), dtype=acc) for _ in range(2))
+        gs = torch.full((B if scale is not None else 0,), float("nan"), dtype=torch.float64)
+        self._check(self.lib.fc_emu_pooled_adapter_backward(
+            _CODES[gy.dtype], self._p(gy), self._p(hd), self._p(wd), self._p(wu), self._p(bu), self._p(s), _i64(B),
+            _i64(C), _i64(H * W), _i64(r), ctypes.c_int(cl), _i64(self.ACTIVATIONS[activation]),
+            ctypes.c_double(dropout), _i64(drop_seed), *self._rows_args(device, schedule, seed), self._p(gx),
+            self._p(gu), self._p(gh), self._p(a), self._p(gs)))
+        return gx, gu, gh, a, gs
 
 
 if __name__ == "__main__":  # python tests/emulation [MUTATION]: build, print the cached library

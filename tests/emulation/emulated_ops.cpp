@@ -12,10 +12,12 @@
 #include <c10/util/Half.h>
 
 #include "cuda_emulation.h"
+#include "common/adapter_checks.h"  // adapter_dropout
 // the kernels, after the emulation
 #include "dice_focal/dice_focal_kernels.cuh"
 #include "focal/focal_kernels.cuh"
 #include "metrics/metrics_kernels.cuh"
+#include "pooled_adapter/pooled_adapter_kernels.cuh"
 #include "routing/routing_kernels.cuh"
 
 namespace {
@@ -390,6 +392,53 @@ int fc_emu_dice_focal_backward(int x_code, const void* x, const int64_t* target,
                      target, static_cast<const acc_t*>(weight), static_cast<const acc_t*>(coef),
                      static_cast<const acc_t*>(focal_scale), R, C, S, acc_t(gamma), two_gamma_code(gamma),
                      ignore_index, static_cast<scalar_t*>(grad));
+    });
+  });
+}
+
+// pooled_adapter_cuda's kernel: x (B, C, H, W) in [C][HW] or (cl) [HW][C] memory; the weights, biases and
+// scale (or null) already in the accumulator dtype, as the .cu copies them.
+int fc_emu_pooled_adapter_forward(int x_code, const void* x, const void* wd, const void* bd, const void* wu,
+                                  const void* bu, const void* scale, int64_t B, int64_t C, int64_t HW, int64_t r,
+                                  int cl, int64_t act, double dropout, int64_t seed_drop, int64_t sms,
+                                  int64_t smem_optin, int schedule, uint64_t seed, void* y, void* pooled,
+                                  void* hidden) {
+  return guarded([&] {
+    const AdapterDropout drop = adapter_dropout(dropout, seed_drop);
+    if (B == 0) return;
+    with_logits(x_code, [&](auto xt) {
+      using scalar_t = typename decltype(xt)::type;
+      using acc_t = at::opmath_type<scalar_t>;
+      const LaunchConfig cfg =
+          pooled_adapter_launch(B, C, r, sizeof(acc_t) == 8 ? 8 : 4, false, DeviceLimits{sms, smem_optin});
+      fc_emu::launch(shape_of(cfg), options(schedule, seed), &pooled_adapter_fwd_kernel<scalar_t>,
+                     static_cast<const scalar_t*>(x), static_cast<const acc_t*>(wd), static_cast<const acc_t*>(bd),
+                     static_cast<const acc_t*>(wu), static_cast<const acc_t*>(bu), static_cast<const acc_t*>(scale), C,
+                     HW, r, bool(cl), act, drop, static_cast<scalar_t*>(y), static_cast<acc_t*>(pooled),
+                     static_cast<acc_t*>(hidden));
+    });
+  });
+}
+
+// pooled_adapter_backward_cuda's kernel; the weight gradients (at::mm over its outputs) are the caller's.
+int fc_emu_pooled_adapter_backward(int x_code, const void* gy, const void* hidden, const void* wd, const void* wu,
+                                   const void* bu, const void* scale, int64_t B, int64_t C, int64_t HW, int64_t r,
+                                   int cl, int64_t act, double dropout, int64_t seed_drop, int64_t sms,
+                                   int64_t smem_optin, int schedule, uint64_t seed, void* gx, void* gu, void* gh,
+                                   void* a, double* gs_part) {
+  return guarded([&] {
+    const AdapterDropout drop = adapter_dropout(dropout, seed_drop);
+    if (B == 0) return;
+    with_logits(x_code, [&](auto xt) {
+      using scalar_t = typename decltype(xt)::type;
+      using acc_t = at::opmath_type<scalar_t>;
+      const LaunchConfig cfg =
+          pooled_adapter_launch(B, C, r, sizeof(acc_t) == 8 ? 8 : 4, true, DeviceLimits{sms, smem_optin});
+      fc_emu::launch(shape_of(cfg), options(schedule, seed), &pooled_adapter_bwd_kernel<scalar_t>,
+                     static_cast<const scalar_t*>(gy), static_cast<const acc_t*>(hidden),
+                     static_cast<const acc_t*>(wd), static_cast<const acc_t*>(wu), static_cast<const acc_t*>(bu),
+                     static_cast<const acc_t*>(scale), C, HW, r, bool(cl), act, drop, static_cast<scalar_t*>(gx),
+                     static_cast<acc_t*>(gu), static_cast<acc_t*>(gh), static_cast<acc_t*>(a), gs_part);
     });
   });
 }
