@@ -10,8 +10,8 @@ kernels with a known defect and check that the same checks catch it.
 
 Families emulated so far: metrics (confusion_kernel), focal (sigmoid_focal_kernel, softmax_focal_kernel,
 finalize_kernel, block_sum), routing (route_threshold/argmax/confident, partition_tiles (count and
-place), partition_offsets, copy_rows, vote), dice_focal (forward, chunks, backward) and pooled_adapter
-(forward, backward). The shapes are a local list: the per-family case
+place), partition_offsets, copy_rows, vote), dice_focal (forward, chunks, backward), pooled_adapter
+(forward, backward) and pixel_adapter (forward, backward): every __global__ function of csrc/. The shapes are a local list: the per-family case
 tables in fastcascade/selftest/ are not wired in yet. FASTCASCADE_EMULATION_SWEEP=1 runs larger shapes.
 
 One kernel by hand:  pytest tests/test_cuda_emulation.py -k confusion
@@ -171,7 +171,7 @@ def test_global_memory_stays_in_bounds():
     a read or write past the end of any buffer kills it. One launch shape and the forward schedule would
     do, but the subset is cheap enough to run whole."""
     subset = ("confusion_kernel or sigmoid_focal_kernel or softmax_focal_kernel or route or partition or copy_rows "
-              "or vote or dice_focal or pooled_adapter")
+              "or vote or dice_focal or pooled_adapter or pixel_adapter")
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", subset],
                          cwd=REPO, capture_output=True, text=True,
                          env={**os.environ, "FASTCASCADE_EMULATION_GUARD": "1",
@@ -549,6 +549,57 @@ def check_pooled(kernels, B, C, H, W, r, dtype, act, channels_last, dropout):
                 torch.testing.assert_close(g, w_, rtol=1e-11, atol=1e-13, msg=f"{what}: {n}")
             else:
                 assert_within_model(g, w_, e, f"{what}: {n}")
+
+
+# ---------------------------------------------------------------------------------------------
+# pixel_adapter: pixel_adapter_fwd_kernel and pixel_adapter_bwd_kernel. The backward's weight gradients
+# and d/ds (at::mm, sums and a dot over the kernel's gh, a and per-block partials in the .cu) are formed
+# here the same way.
+
+def pixel_expected(x, wd, bd, wu, bu, act, scale, p, drop_seed, gy):
+    leaves = [t.detach().double().requires_grad_() for t in (x, wd, bd, wu, bu, scale)]
+    y = reference.pixel_adapter(*leaves[:5], act, leaves[5], 1 if x.dim() == 4 else -1, p, drop_seed)
+    return [y.detach(), *torch.autograd.grad((y * gy.double()).sum(), leaves)]
+
+
+# x: tokens (T, C) or (B, C, H, W) in either format; r = 4000 needs the opt-in shared memory backward
+# (3 x r floats per position) on the H100 and is refused on the small GPU
+@pytest.mark.parametrize("shape,r,channels_last", [((1, 1), 1, False), ((37, 5), 3, False), ((2000, 24), 16, False),
+                                                   ((2, 6, 5, 7), 4, False), ((2, 6, 5, 7), 4, True),
+                                                   ((3, 2), 4000, False)])
+@pytest.mark.parametrize("dtype,act,dropout", [(torch.float32, "gelu", 0.25), (torch.bfloat16, "relu", 0.0)])
+def test_pixel_adapter_kernels(kernels, shape, r, channels_last, dtype, act, dropout):
+    gen = seeded("pixel", shape, r, dtype, act)
+    C = shape[1] if len(shape) == 4 else shape[-1]
+    x, gy = (torch.randn(shape, generator=gen).to(dtype) for _ in range(2))
+    if channels_last:
+        x, gy = x.to(memory_format=torch.channels_last), gy.to(memory_format=torch.channels_last)
+    wd, wu = torch.randn(r, C, generator=gen) / C ** 0.5, torch.randn(C, r, generator=gen) / r ** 0.5
+    bd, bu = torch.randn(r, generator=gen) * 0.1, torch.randn(C, generator=gen) * 0.1
+    scale, drop_seed = torch.tensor(1.3), 77
+    want = pixel_expected(x, wd, bd, wu, bu, act, scale, dropout, drop_seed, gy)
+    errs = reference_errors(lambda *t: pixel_expected(*t[:5], act, t[5], dropout, drop_seed, t[6]),
+                            [x.double(), wd.double(), bd.double(), wu.double(), bu.double(), scale.double(),
+                             gy.double()], dtype)
+    for name, dev in emu.DEVICES.items():
+        what = f"pixel_adapter {shape} r={r} {dtype} {act} on {name}"
+        if r == 4000 and name == "small":
+            with pytest.raises(emu.EmulationError, match="too wide"):
+                kernels.pixel_adapter_backward(gy, x, wd, bd, wu, act, scale, dropout, drop_seed, device=dev)
+            continue
+        (y,) = under_all_schedules(lambda s, seed: (kernels.pixel_adapter_forward(
+            x, wd, bd, wu, bu, act, scale, dropout, drop_seed, device=dev, schedule=s, seed=seed),))
+        gx, gh, a, gs = under_all_schedules(lambda s, seed: kernels.pixel_adapter_backward(
+            gy, x, wd, bd, wu, act, scale, dropout, drop_seed, device=dev, schedule=s, seed=seed))
+        acc = gh.dtype
+        g2 = (gy.movedim(1, -1) if gy.dim() == 4 else gy).reshape(-1, C).to(acc)
+        x2 = (x.movedim(1, -1) if x.dim() == 4 else x).reshape(-1, C).to(acc)
+        g_sum = g2.sum(0)
+        got = [y, gx, (gh.T @ x2).to(dtype), gh.sum(0).to(dtype), (g2.T @ a * scale).to(dtype),
+               (g_sum * scale).to(dtype), (gs.sum() + g_sum.double() @ bu.double()).to(dtype)]
+        names = ["y", "grad x", "grad down_w", "grad down_b", "grad up_w", "grad up_b", "grad scale"]
+        for g, w_, e, n in zip(got, want, errs, names):
+            assert_within_model(g, w_, e, f"{what}: {n}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -411,6 +411,55 @@ class Emulated:
             self._p(gu), self._p(gh), self._p(a), self._p(gs)))
         return gx, gu, gh, a, gs
 
+    # pixel_adapter
+
+    @staticmethod
+    def _pixel_shape(x):
+        """(B, C, HW, channels_last) of the op's layout: (B, C, H, W) either format, or (T, C) tokens."""
+        if x.dim() == 2:
+            return 1, x.shape[1], x.shape[0], True
+        cl = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        return x.shape[0], x.shape[1], x.shape[2] * x.shape[3], cl
+
+    def pixel_adapter_forward(self, x, down_w, down_b, up_w, up_b, activation, scale, dropout, drop_seed, *,
+                              device=H100, schedule="forward", seed=0):
+        B, C, HW, cl = self._pixel_shape(x)
+        x = x if cl and x.dim() == 4 else x.contiguous()
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        wdT, wuT = down_w.t().to(acc).contiguous(), up_w.t().to(acc).contiguous()
+        bd, bu = down_b.to(acc).contiguous(), up_b.to(acc).contiguous()
+        s = None if scale is None else scale.to(acc).reshape(())
+        y = torch.full_like(x, float("nan"))
+        self._check(self.lib.fc_emu_pixel_adapter_forward(
+            _CODES[x.dtype], self._p(x), self._p(wdT), self._p(bd), self._p(wuT), self._p(bu), self._p(s), _i64(B),
+            _i64(C), _i64(HW), _i64(down_w.shape[0]), ctypes.c_int(cl), _i64(self.ACTIVATIONS[activation]),
+            ctypes.c_double(dropout), _i64(drop_seed), *self._rows_args(device, schedule, seed), self._p(y)))
+        return y
+
+    def pixel_adapter_backward(self, grad_y, x, down_w, down_b, up_w, activation, scale, dropout, drop_seed, *,
+                               device=H100, schedule="forward", seed=0):
+        """(gx, gh, a, gs_part) of pixel_adapter_backward_cuda's kernel."""
+        B, C, HW, cl = self._pixel_shape(x)
+        x = x if cl and x.dim() == 4 else x.contiguous()
+        gy = grad_y if cl and grad_y.dim() == 4 else grad_y.contiguous()
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        r = down_w.shape[0]
+        wd, wdT, wu = down_w.to(acc).contiguous(), down_w.t().to(acc).contiguous(), up_w.to(acc).contiguous()
+        bd = down_b.to(acc).contiguous()
+        s = None if scale is None else scale.to(acc).reshape(())
+        self.lib.fc_emu_pixel_adapter_grid.restype = ctypes.c_int64
+        grid = self.lib.fc_emu_pixel_adapter_grid(_i64(B * HW), _i64(r), _i64(acc.itemsize), _i64(device[0]),
+                                                  _i64(device[1]))
+        gx = torch.full_like(x, float("nan"))
+        gh, a = (torch.full((B * HW, r), float("nan"), dtype=acc) for _ in range(2))
+        gs = torch.zeros(grid if scale is not None else 0, dtype=torch.float64)  # the op's zeros
+        self._check(self.lib.fc_emu_pixel_adapter_backward(
+            _CODES[x.dtype], self._p(gy), self._p(x), self._p(wdT), self._p(bd), self._p(wd), self._p(wu), self._p(s),
+            _i64(B), _i64(C), _i64(HW), _i64(r), ctypes.c_int(cl), _i64(self.ACTIVATIONS[activation]),
+            ctypes.c_double(dropout), _i64(drop_seed), *self._rows_args(device, schedule, seed), self._p(gx),
+            self._p(gh), self._p(a), self._p(gs)))
+        return gx, gh, a, gs
+
 
 if __name__ == "__main__":  # python tests/emulation [MUTATION]: build, print the cached library
     print(build(sys.argv[1] if len(sys.argv) > 1 else None).lib._name)

@@ -252,6 +252,8 @@ class Shared {
   T& operator*() const { return *at(0); }
   Shared operator+(int64_t d) const { return Shared(base_, count_, name_, off_ + d); }
   explicit operator bool() const { return base_ != nullptr; }
+  bool operator==(std::nullptr_t) const { return base_ == nullptr; }
+  bool operator!=(std::nullptr_t) const { return base_ != nullptr; }
   // the bytes from this view's position to the end of its array (FC_SHARED_CAST)
   unsigned char* bytes() const { return reinterpret_cast<unsigned char*>(at(0)); }
   int64_t bytes_left() const { return (count_ - off_) * int64_t(sizeof(T)); }

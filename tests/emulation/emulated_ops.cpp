@@ -17,6 +17,7 @@
 #include "dice_focal/dice_focal_kernels.cuh"
 #include "focal/focal_kernels.cuh"
 #include "metrics/metrics_kernels.cuh"
+#include "pixel_adapter/pixel_adapter_kernels.cuh"
 #include "pooled_adapter/pooled_adapter_kernels.cuh"
 #include "routing/routing_kernels.cuh"
 
@@ -439,6 +440,59 @@ int fc_emu_pooled_adapter_backward(int x_code, const void* gy, const void* hidde
                      static_cast<const acc_t*>(wd), static_cast<const acc_t*>(wu), static_cast<const acc_t*>(bu),
                      static_cast<const acc_t*>(scale), C, HW, r, bool(cl), act, drop, static_cast<scalar_t*>(gx),
                      static_cast<acc_t*>(gu), static_cast<acc_t*>(gh), static_cast<acc_t*>(a), gs_part);
+    });
+  });
+}
+
+// pixel_adapter_cuda's kernel: x (B, C, H, W) contiguous or channels_last, or (T, C) as (1, C, T, 1)
+// channels_last; wdT (C, r) and wuT (r, C) transposed, biases and scale in the accumulator dtype.
+int fc_emu_pixel_adapter_forward(int x_code, const void* x, const void* wdT, const void* bd, const void* wuT,
+                                 const void* bu, const void* scale, int64_t B, int64_t C, int64_t HW, int64_t r,
+                                 int cl, int64_t act, double dropout, int64_t seed_drop, int64_t sms,
+                                 int64_t smem_optin, int schedule, uint64_t seed, void* y) {
+  return guarded([&] {
+    const PixelLayout L = pixel_layout(AdapterShape{B, C, HW, r, bool(cl)});
+    const AdapterDropout drop = adapter_dropout(dropout, seed_drop);
+    if (L.T == 0) return;
+    with_logits(x_code, [&](auto xt) {
+      using scalar_t = typename decltype(xt)::type;
+      using acc_t = at::opmath_type<scalar_t>;
+      const PixelLaunch P = pixel_adapter_launch(L.T, L.r, sizeof(acc_t) == 8 ? 8 : 4, false,
+                                                 DeviceLimits{sms, smem_optin});
+      fc_emu::launch(shape_of(P.cfg), options(schedule, seed), &pixel_adapter_fwd_kernel<scalar_t>,
+                     static_cast<const scalar_t*>(x), static_cast<const acc_t*>(wdT), static_cast<const acc_t*>(bd),
+                     static_cast<const acc_t*>(wuT), static_cast<const acc_t*>(bu), static_cast<const acc_t*>(scale), L,
+                     P.tile, act, drop, static_cast<scalar_t*>(y));
+    });
+  });
+}
+
+// The backward's grid (pixel_adapter_launch): the length of its gs_part.
+int64_t fc_emu_pixel_adapter_grid(int64_t T, int64_t r, int64_t acc_bytes, int64_t sms, int64_t smem_optin) {
+  return pixel_adapter_launch(T, r, acc_bytes, true, DeviceLimits{sms, smem_optin}).cfg.grid_x;
+}
+
+// pixel_adapter_backward_cuda's kernel: gx, gh and a (T, r), and gs_part (one double per block, or null
+// without a scale; the caller allocates zeros({grid}) as the .cu does).
+int fc_emu_pixel_adapter_backward(int x_code, const void* gy, const void* x, const void* wdT, const void* bd,
+                                  const void* wd, const void* wu, const void* scale, int64_t B, int64_t C, int64_t HW,
+                                  int64_t r, int cl, int64_t act, double dropout, int64_t seed_drop, int64_t sms,
+                                  int64_t smem_optin, int schedule, uint64_t seed, void* gx, void* gh, void* a,
+                                  double* gs_part) {
+  return guarded([&] {
+    const PixelLayout L = pixel_layout(AdapterShape{B, C, HW, r, bool(cl)});
+    const AdapterDropout drop = adapter_dropout(dropout, seed_drop);
+    with_logits(x_code, [&](auto xt) {
+      using scalar_t = typename decltype(xt)::type;
+      using acc_t = at::opmath_type<scalar_t>;
+      const PixelLaunch P = pixel_adapter_launch(L.T, L.r, sizeof(acc_t) == 8 ? 8 : 4, true,
+                                                 DeviceLimits{sms, smem_optin});
+      if (L.T == 0) return;
+      fc_emu::launch(shape_of(P.cfg), options(schedule, seed), &pixel_adapter_bwd_kernel<scalar_t>,
+                     static_cast<const scalar_t*>(gy), static_cast<const scalar_t*>(x), static_cast<const acc_t*>(wdT),
+                     static_cast<const acc_t*>(bd), static_cast<const acc_t*>(wd), static_cast<const acc_t*>(wu),
+                     static_cast<const acc_t*>(scale), L, P.tile, act, drop, static_cast<scalar_t*>(gx),
+                     static_cast<acc_t*>(gh), static_cast<acc_t*>(a), gs_part);
     });
   });
 }
