@@ -3,7 +3,7 @@
 build(mutation) compiles the kernels of csrc/*/*_kernels.cuh for the host, once: the shared library is
 cached under build/emulation/ keyed by a hash of every source it reads, the flags, the compiler and
 torch, so a rerun with unchanged sources loads it without compiling. Mutation builds (-DFC_MUTATE_<name>=1)
-are narrowed to float32 / int64 to keep their compile short.
+are narrowed to the metrics and focal kernels in float32 / int64 to keep their compile short.
 
 The op functions mirror the CUDA ops' host code after their checks: the caller's tensors are the op's
 buffers, exactly as large as the op allocates them; outputs start poisoned (NaN, or the op's zeros
@@ -83,7 +83,8 @@ def _target(mutation: str | None) -> tuple[Path, list[str]]:
     cxx, flags = _compiler(), _flags(mutation)
     lib_dir = Path(torch.__file__).parent / "lib"
     so = CACHE / f"emulated_{(mutation or 'kernels').lower()}_{_key(cxx, flags)}.so"
-    cmd = [cxx, *flags, *(str(HERE / f) for f in SOURCES), "-o", "{out}", f"-L{lib_dir}", "-lc10",
+    sources = SOURCES if mutation is None else SOURCES[:1]  # mutants: the kernels only
+    cmd = [cxx, *flags, *(str(HERE / f) for f in sources), "-o", "{out}", f"-L{lib_dir}", "-lc10",
            f"-Wl,-rpath,{lib_dir}"]
     return so, cmd
 

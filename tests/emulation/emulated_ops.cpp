@@ -12,14 +12,16 @@
 #include <c10/util/Half.h>
 
 #include "cuda_emulation.h"
-#include "common/adapter_checks.h"  // adapter_dropout
 // the kernels, after the emulation
-#include "dice_focal/dice_focal_kernels.cuh"
 #include "focal/focal_kernels.cuh"
 #include "metrics/metrics_kernels.cuh"
+#ifndef FC_EMU_NARROW  // the mutation builds need metrics and focal only
+#include "common/adapter_checks.h"  // adapter_dropout
+#include "dice_focal/dice_focal_kernels.cuh"
 #include "pixel_adapter/pixel_adapter_kernels.cuh"
 #include "pooled_adapter/pooled_adapter_kernels.cuh"
 #include "routing/routing_kernels.cuh"
+#endif
 
 namespace {
 
@@ -32,7 +34,7 @@ enum Code : int { kF32 = 0, kF64 = 1, kF16 = 2, kBF16 = 3, kU8 = 4, kBool = 5, k
 
 template <typename T> struct Tag { using type = T; };
 
-// FC_EMU_NARROW (the mutation builds): float32 and int64 only, to keep their compile short.
+// FC_EMU_NARROW (the mutation builds): metrics and focal, float32 and int64 only, to keep their compile short.
 template <typename F>
 void with_logits(int code, F&& f) {
   switch (code) {
@@ -244,6 +246,7 @@ int fc_emu_softmax_focal(int x_code, const void* x_in, const int64_t* target, co
   });
 }
 
+#ifndef FC_EMU_NARROW
 // routing_cuda.cu's route_threshold_cuda: c = logit_threshold, x (N,) contiguous.
 int fc_emu_route_threshold(int x_code, const void* x, int64_t N, double c, int64_t sms, int64_t smem_optin,
                            int schedule, uint64_t seed, int32_t* out) {
@@ -496,5 +499,7 @@ int fc_emu_pixel_adapter_backward(int x_code, const void* gy, const void* x, con
     });
   });
 }
+
+#endif  // FC_EMU_NARROW
 
 }  // extern "C"
