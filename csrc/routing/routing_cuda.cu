@@ -108,9 +108,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partition_cuda(const at::Tensor& 
 }
 
 // ---------------------------------------------------------------------------------------------
-// gather_rows / scatter_rows: dst[dst_idx[i] or i] = src[src_idx[i] or i], rows of row_vecs vectors.
-// threadIdx.x walks a row's vectors, threadIdx.y the rows. An out-of-range source row reads as zeros
-// (gather); an out-of-range destination row is skipped (scatter): never a memory fault.
+// gather_rows / scatter_rows: one copy_rows_kernel, with the widest vector the rows and pointers allow
 
 template <typename idx_t>
 void launch_copy_rows(const at::Tensor& src, const idx_t* src_idx, at::Tensor& dst, const idx_t* dst_idx, int64_t M,
@@ -172,7 +170,7 @@ at::Tensor scatter_rows_cuda(const at::Tensor& src_in, const at::Tensor& index_i
 }
 
 // ---------------------------------------------------------------------------------------------
-// vote: one thread per row; the summed probabilities live in `sum` (N, C), the votes in (N, C) int32.
+// vote
 
 std::tuple<at::Tensor, at::Tensor> vote_cuda(const at::Tensor& member_logits, int64_t mode, bool need_probs) {
   check_vote(member_logits, mode);
