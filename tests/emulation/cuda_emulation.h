@@ -16,6 +16,10 @@
 //     against the launch's byte count. A launch also fails when its static shared bytes exceed what
 //     its launch configuration counts.
 // Errors throw fc_emu::Error from the launch (never from inside a fiber), naming block and thread.
+// Not modelled: blocks running at the same time (they run one after another), interleavings between
+// two synchronisation points (a thread runs from one to the next uninterrupted), the memory model, and
+// the rounding of device intrinsics (the host's math functions run instead). Global memory bounds are
+// the Python side's (tests/emulation/__init__.py: guard pages in a subprocess).
 // Never shipped: nothing under csrc/ includes this file, and FASTCASCADE_EMULATION is defined only here.
 #pragma once
 
