@@ -52,9 +52,10 @@ struct PixelSoftmax {
 
 // Forward of one kept pixel with target t in [0, C): returns its focal loss (weight w_t, no smoothing)
 // and adds p_c to card[c * acc_stride] (and 1 to card[t]), p_t to inter[t * acc_stride].
-template <typename T, typename X, typename W>
+// A: T* (or the tests' checked view of shared memory, csrc/common/device_shared.cuh).
+template <typename T, typename X, typename W, typename A>
 FC_HD T dice_focal_pixel_forward(const X* x, int64_t stride, int64_t C, int64_t t, const W* weight, T gamma,
-                                 int two_gamma, T* inter, T* card, int64_t acc_stride) {
+                                 int two_gamma, A inter, A card, int64_t acc_stride) {
   const PixelSoftmax<T, X> sm(x, stride, C);
   T loss = T(0);
   for (int64_t c = 0; c < C; ++c) {
