@@ -11,14 +11,17 @@ kernels with a known defect and check that the same checks catch it.
 Families emulated so far: metrics (confusion_kernel), focal (sigmoid_focal_kernel, softmax_focal_kernel,
 finalize_kernel, block_sum), routing (route_threshold/argmax/confident, partition_tiles (count and
 place), partition_offsets, copy_rows, vote), dice_focal (forward, chunks, backward), pooled_adapter
-(forward, backward) and pixel_adapter (forward, backward): every __global__ function of csrc/. The shapes are a local list: the per-family case
-tables in fastcascade/selftest/ are not wired in yet. FASTCASCADE_EMULATION_SWEEP=1 runs larger shapes.
+(forward, backward) and pixel_adapter (forward, backward): every __global__ function of csrc/. The metrics
+and focal kernels run at every (non-benchmark) shape of their families' case tables
+(fastcascade/selftest/cases/) besides the launch-shape list here; the other families use local lists.
+FASTCASCADE_EMULATION_SWEEP=1 runs larger shapes.
 
 One kernel by hand:  pytest tests/test_cuda_emulation.py -k confusion
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import signal
@@ -32,6 +35,8 @@ import torch
 from conftest import assert_within_model, reference_errors, seeded
 
 from fastcascade import reference
+from fastcascade.selftest.cases import focal as focal_table
+from fastcascade.selftest.cases import metrics as metrics_table
 
 REPO = Path(__file__).resolve().parent.parent
 SWEEP = os.environ.get("FASTCASCADE_EMULATION_SWEEP") == "1"
@@ -184,7 +189,8 @@ def test_global_memory_stays_in_bounds():
 
 # (N, C): one block, tails, several blocks, grid-stride on the small GPU (16 blocks of 1024 elements);
 # C = 40 keeps 4 shared histograms, C = 120 none (global atomics)
-CONFUSION_SHAPES = [(0, 3), (1, 1), (37, 5), (5000, 40), (20000, 3), (3000, 120)]
+# with every (N, C) of the family's case table (fastcascade/selftest/cases/metrics.py)
+CONFUSION_SHAPES = sorted({(0, 3), (1, 1), (37, 5), (5000, 40), (20000, 3), (3000, 120)} | set(metrics_table.SIZES))
 if SWEEP:
     CONFUSION_SHAPES += [(200_000, 7), (50_000, 100)]
 
@@ -218,7 +224,8 @@ def test_confusion_kernel_id_dtypes_and_ignore(kernels, pdt, tdt):
 # focal: sigmoid_focal_kernel, softmax_focal_kernel, finalize_kernel (block_sum)
 
 # N: scalar tail only, vector body and tail, several blocks (H100), grid-stride (small GPU)
-SIGMOID_SHAPES = [0, 1, 7, 1003, 20003]
+# with the element count of every non-benchmark row of the case table (the kernel sees the flat logits)
+SIGMOID_SHAPES = sorted({0, 1, 7, 1003, 20003} | {math.prod(r.shape) for r in focal_table.SIGMOID if r.tier != "bench"})
 if SWEEP:
     SIGMOID_SHAPES += [300_001]
 
@@ -278,7 +285,10 @@ def test_sigmoid_focal_loss_without_grad_matches_with(kernels):
 
 
 # (N, C, S): rows R = N S; one block, several blocks, grid-stride on the small GPU (R > 16 x 256)
-SOFTMAX_SHAPES = [(0, 5, 1), (1, 3, 1), (37, 5, 1), (2000, 7, 1), (50, 4, 100)]
+# with every non-benchmark (N, C, d1, ...) row of the case table as (N, C, d1 * ...)
+SOFTMAX_SHAPES = sorted({(0, 5, 1), (1, 3, 1), (37, 5, 1), (2000, 7, 1), (50, 4, 100)}
+                        | {(r.shape[0], r.shape[1], math.prod(r.shape[2:])) for r in focal_table.SOFTMAX
+                           if r.tier != "bench"})
 if SWEEP:
     SOFTMAX_SHAPES += [(300, 19, 64)]
 

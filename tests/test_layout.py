@@ -197,6 +197,16 @@ def checklist_gaps(root: pathlib.Path, stem: str, ops) -> list:
          "csrc/<stem>/<stem>_math.h", "missing, and no common/*_math.h included")
     need((folder / f"{stem}_checks.h").is_file() or (folder.is_dir() and _includes(folder, r"[\w/]*checks\.h")),
          "csrc/<stem>/<stem>_checks.h", "missing, and no file of the family includes a *checks.h")
+    device = text(f"csrc/{stem}/{stem}_kernels.cuh")
+    need(bool(device), "csrc/<stem>/<stem>_kernels.cuh")
+    need(not device or "__global__" in device, "csrc/<stem>/<stem>_kernels.cuh", "holds no __global__ kernel")
+    cu = text(f"csrc/{stem}/{stem}_cuda.cu")
+    need(not cu or f'#include "{stem}/{stem}_kernels.cuh"' in cu, "csrc/<stem>/<stem>_cuda.cu",
+         f"does not include {stem}_kernels.cuh")
+    need("__global__" not in cu, "csrc/<stem>/<stem>_cuda.cu", "defines a __global__ kernel (device code goes in "
+         "the _kernels.cuh header the emulation compiles too)")
+    need(f'#include "{stem}/{stem}_kernels.cuh"' in text("tests/emulation/emulated_ops.cpp"),
+         "tests/emulation/emulated_ops.cpp", f"does not include {stem}_kernels.cuh (its kernels never run emulated)")
     table = text("csrc/common/launch_cpu.cpp")
     need(f'#include "{stem}/{stem}_launch.h"' in table, "csrc/common/launch_cpu.cpp", f"does not include {stem}_launch.h")
     launchers = re.findall(r"^inline\s+[\w:<>]+\s+(\w+)\(", text(f"csrc/{stem}/{stem}_launch.h"), re.M)
@@ -257,7 +267,8 @@ def test_the_checker_reports_every_item_of_a_family_that_is_not_there():
     gaps = checklist_gaps(REPO, "toy", ["toy_op", "_toy_backward"])
     want = ["csrc/fastcascade.cpp: no schema for toy_op", "csrc/fastcascade.cpp: no schema for _toy_backward",
             "fastcascade/reference.py: no reference toy_op", "csrc/toy/toy_launch.h", "csrc/toy/toy_cpu.cpp",
-            "csrc/toy/toy_cuda.cu", "csrc/toy/toy_math.h", "csrc/toy/toy_checks.h",
+            "csrc/toy/toy_cuda.cu", "csrc/toy/toy_math.h", "csrc/toy/toy_checks.h", "csrc/toy/toy_kernels.cuh",
+            "tests/emulation/emulated_ops.cpp: does not include",
             "csrc/common/launch_cpu.cpp: does not include", "csrc/common/launch_cpu.cpp: no configs() entry",
             "kernels/toy.py", "fastcascade/_ops/toy.py", "fastcascade/_ops/__init__.py: no FAMILIES entry",
             'public API: no module outside _ops/ and selftest/ calls op("toy_op"',
@@ -277,6 +288,11 @@ _METRICS_BREAKS = [
     ("csrc/metrics/metrics_launch.h", None, None, "csrc/metrics/metrics_launch.h"),
     ("csrc/metrics/metrics_cpu.cpp", None, None, "csrc/metrics/metrics_cpu.cpp"),
     ("csrc/metrics/metrics_cuda.cu", None, None, "csrc/metrics/metrics_cuda.cu"),
+    ("csrc/metrics/metrics_kernels.cuh", None, None, "csrc/metrics/metrics_kernels.cuh"),
+    ("csrc/metrics/metrics_kernels.cuh", "__global__", "__device__", "holds no __global__"),
+    ("csrc/metrics/metrics_cuda.cu", '#include "metrics/metrics_kernels.cuh"', "", "does not include metrics_kernels"),
+    ("csrc/metrics/metrics_cuda.cu", "namespace {", "namespace {\n__global__ void k() {}", "defines a __global__"),
+    ("tests/emulation/emulated_ops.cpp", '#include "metrics/metrics_kernels.cuh"', "", "never run emulated"),
     ("csrc/common/launch_cpu.cpp", '#include "metrics/metrics_launch.h"', "", "does not include metrics_launch.h"),
     ("csrc/common/launch_cpu.cpp", "confusion_launch(", "no_launch(", "no configs() entry"),
     ("kernels/metrics.py", None, None, "kernels/metrics.py"),
@@ -303,8 +319,9 @@ def metrics_tree(tmp_path_factory):
     for rel in ("csrc", "kernels", "fastcascade", "bench"):
         shutil.copytree(REPO / rel, root / rel, symlinks=True,
                         ignore=shutil.ignore_patterns("*.so", "__pycache__", "kernels", "*.png"))
-    (root / "tests").mkdir()
+    (root / "tests" / "emulation").mkdir(parents=True)
     shutil.copy(REPO / "tests" / "test_metrics.py", root / "tests")
+    shutil.copy(REPO / "tests" / "emulation" / "emulated_ops.cpp", root / "tests" / "emulation")
     return root
 
 
