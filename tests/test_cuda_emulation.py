@@ -177,10 +177,10 @@ def test_global_memory_stays_in_bounds():
     a read or write past the end of any buffer kills it. Both launch shapes, the forward schedule only."""
     subset = ("confusion_kernel or sigmoid_focal_kernel or softmax_focal_kernel or route or partition or copy_rows "
               "or vote or dice_focal or pooled_adapter or pixel_adapter")
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", subset],
-                         cwd=REPO, capture_output=True, text=True,
-                         env={**os.environ, "FASTCASCADE_EMULATION_GUARD": "1",
-                              "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
+    # -P: like the outer run, the child imports the installed package, not the source tree it starts in
+    res = subprocess.run([sys.executable, "-P", "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
+                          "-k", subset], cwd=REPO, capture_output=True, text=True,
+                         env={**os.environ, "FASTCASCADE_EMULATION_GUARD": "1"})
     assert res.returncode == 0, f"guarded run failed (rc {res.returncode}):\n{res.stdout[-4000:]}\n{res.stderr[-2000:]}"
 
 
