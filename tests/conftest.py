@@ -61,3 +61,13 @@ def seeded(*key) -> torch.Generator:
 def random_logits(shape, dtype=torch.float32, device="cpu", scale=3.0, generator=None):
     """Fresh random logits (never zeros), spread so that some saturate."""
     return (torch.randn(shape, generator=generator, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `sweep` (larger shapes, by hand) run only when -m names the marker."""
+    if "sweep" in (config.option.markexpr or ""):
+        return
+    kept = [i for i in items if i.get_closest_marker("sweep") is None]
+    if len(kept) < len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i.get_closest_marker("sweep") is not None])
+        items[:] = kept

@@ -11,10 +11,10 @@ kernels with a known defect and check that the same checks catch it.
 Families emulated so far: metrics (confusion_kernel), focal (sigmoid_focal_kernel, softmax_focal_kernel,
 finalize_kernel, block_sum), routing (route_threshold/argmax/confident, partition_tiles (count and
 place), partition_offsets, copy_rows, vote), dice_focal (forward, chunks, backward), pooled_adapter
-(forward, backward) and pixel_adapter (forward, backward): every __global__ function of csrc/. The metrics
-and focal kernels run at every (non-benchmark) shape of their families' case tables
-(fastcascade/selftest/cases/) besides the launch-shape list here; the other families use local lists.
-FASTCASCADE_EMULATION_SWEEP=1 runs larger shapes.
+(forward, backward) and pixel_adapter (forward, backward): every __global__ function of csrc/. Every
+kernel runs at every non-benchmark shape (and, where the table names them, every dtype) of its family's
+case table (fastcascade/selftest/cases/), besides the launch shapes listed here.
+`pytest -m sweep tests/test_cuda_emulation.py` runs larger shapes (deselected otherwise).
 
 One kernel by hand:  pytest tests/test_cuda_emulation.py -k confusion
 """
@@ -35,11 +35,21 @@ import torch
 from conftest import assert_within_model, reference_errors, seeded
 
 from fastcascade import reference
+from fastcascade.selftest.cases import dice_focal as dice_table
 from fastcascade.selftest.cases import focal as focal_table
 from fastcascade.selftest.cases import metrics as metrics_table
+from fastcascade.selftest.cases import pixel_adapter as pixel_table
+from fastcascade.selftest.cases import pooled_adapter as pooled_table
+from fastcascade.selftest.cases import routing as routing_table
 
 REPO = Path(__file__).resolve().parent.parent
-SWEEP = os.environ.get("FASTCASCADE_EMULATION_SWEEP") == "1"
+
+
+def sweep(*values) -> list:
+    """Larger shapes, run by hand only: `pytest -m sweep tests/test_cuda_emulation.py` (conftest deselects
+    the marker unless -m names it)."""
+    return [pytest.param(*(v if isinstance(v, tuple) else (v,)), marks=pytest.mark.sweep) for v in values]
+
 SCHEDULES = [("forward", 0), ("reverse", 0), ("random", 1234)]
 REDUCTIONS = {0: "none", 1: "mean", 2: "sum"}
 
@@ -191,8 +201,7 @@ def test_global_memory_stays_in_bounds():
 # C = 40 keeps 4 shared histograms, C = 120 none (global atomics)
 # with every (N, C) of the family's case table (fastcascade/selftest/cases/metrics.py)
 CONFUSION_SHAPES = sorted({(0, 3), (1, 1), (37, 5), (5000, 40), (20000, 3), (3000, 120)} | set(metrics_table.SIZES))
-if SWEEP:
-    CONFUSION_SHAPES += [(200_000, 7), (50_000, 100)]
+CONFUSION_SHAPES += sweep((200_000, 7), (50_000, 100))
 
 
 def confusion_inputs(N, C, pdt, tdt, gen):
@@ -226,8 +235,7 @@ def test_confusion_kernel_id_dtypes_and_ignore(kernels, pdt, tdt):
 # N: scalar tail only, vector body and tail, several blocks (H100), grid-stride (small GPU)
 # with the element count of every non-benchmark row of the case table (the kernel sees the flat logits)
 SIGMOID_SHAPES = sorted({0, 1, 7, 1003, 20003} | {math.prod(r.shape) for r in focal_table.SIGMOID if r.tier != "bench"})
-if SWEEP:
-    SIGMOID_SHAPES += [300_001]
+SIGMOID_SHAPES += sweep(300_001)
 
 
 def sigmoid_reference(x, t, alpha, gamma, reduction, eps):
@@ -289,8 +297,7 @@ def test_sigmoid_focal_loss_without_grad_matches_with(kernels):
 SOFTMAX_SHAPES = sorted({(0, 5, 1), (1, 3, 1), (37, 5, 1), (2000, 7, 1), (50, 4, 100)}
                         | {(r.shape[0], r.shape[1], math.prod(r.shape[2:])) for r in focal_table.SOFTMAX
                            if r.tier != "bench"})
-if SWEEP:
-    SOFTMAX_SHAPES += [(300, 19, 64)]
+SOFTMAX_SHAPES += sweep((300, 19, 64))
 
 
 def softmax_reference(x, t, w, gamma, ignore, eps, reduction):
@@ -344,8 +351,9 @@ def test_softmax_focal_kernel_dtypes_and_weights(kernels, dtype, weighted, gamma
 # routing: the decision kernels, partition (count, scan, place, offsets), copy_rows, vote
 
 # N: one block, several, grid-stride on the small GPU (32 blocks of 256 rows)
-ROW_COUNTS = [0, 1, 1000, 9000]
-ROUTE_DTYPES = [torch.float32, torch.bfloat16, torch.float64]
+# with the case table's row counts and every logit dtype it names (fastcascade/selftest/cases/routing.py)
+ROW_COUNTS = sorted({0, 1, 1000, 9000} | set(routing_table.SIZES))
+ROUTE_DTYPES = list(routing_table.FLOATS)
 
 
 def on_all_launch_shapes(run, want, what):
@@ -519,6 +527,17 @@ def test_pooled_adapter_kernels(kernels, B, C, H, W, r, dtype, act, channels_las
     check_pooled(kernels, B, C, H, W, r, dtype, act, channels_last, dropout)
 
 
+def _table_rows(table):
+    return [r for r in table.SHAPES if r.tier != "bench"]
+
+
+@pytest.mark.parametrize("row", _table_rows(pooled_table), ids=lambda r: f"{r.shape}-{r.layout}")
+@pytest.mark.parametrize("dtype", pooled_table.DTYPES)
+def test_pooled_adapter_kernels_at_the_case_table(kernels, row, dtype):
+    B, C, H, W = row.shape
+    check_pooled(kernels, B, C, H, W, row["r"], dtype, row.kw.get("act", "relu"), row.layout == "channels_last", 0.0)
+
+
 def test_pooled_adapter_kernels_opt_in(kernels):
     """C = 3100 float64 sums need 49.6 KB of shared memory: opted in on the H100, refused on the small GPU.
     (float64: in fp32 at C = 7000, the fp32 size of this shape, the forward's C-long dot products, one thread
@@ -547,7 +566,7 @@ def check_pooled(kernels, B, C, H, W, r, dtype, act, channels_last, dropout):
             continue
         y, pooled, hidden = under_all_schedules(lambda s, seed: kernels.pooled_adapter_forward(
             x, wd, bd, wu, bu, act, scale, dropout, drop_seed, device=dev, schedule=s, seed=seed))
-        assert y.is_contiguous(memory_format=torch.channels_last) == channels_last or C == 1, what
+        assert y.is_contiguous(memory_format=torch.channels_last) == channels_last or C == 1 or H * W == 1, what  # both formats at once
         gx, gu, gh, a, gs = under_all_schedules(lambda s, seed: kernels.pooled_adapter_backward(
             gy, hidden, wd, wu, bu, act, scale, dropout, drop_seed, device=dev, schedule=s, seed=seed))
         got = [y, pooled.to(dtype), hidden.to(dtype), gx, (gh.T @ pooled).to(dtype), gh.sum(0).to(dtype),
@@ -661,3 +680,20 @@ def test_mutation_switches_do_not_exist_outside_the_emulation():
                 assert not re.search(r"(#define|-D)\s*(FASTCASCADE_EMULATION|FC_MUTATE_)", line), f"{p}: {line}"
                 if "FC_MUTATION(" in line and p.name != "device_shared.cuh":
                     assert re.match(r"\s*#if\s", line), f"{p}: {line}"
+
+
+# every non-benchmark row of the Dice + focal and pixel adapter case tables, in every dtype they name
+
+
+@pytest.mark.parametrize("row", _table_rows(dice_table), ids=lambda r: f"{r.shape}-{r.layout}")
+@pytest.mark.parametrize("dtype", dice_table.DTYPES)
+def test_dice_focal_kernels_at_the_case_table(kernels, row, dtype):
+    B, C = row.shape[:2]  # the .cu makes the logits contiguous (B, C, S) first, whatever their layout
+    test_dice_focal_kernels(kernels, B, C, math.prod(row.shape[2:]), dtype, row.kw.get("weighted", False), 2.0)
+
+
+@pytest.mark.parametrize("row", _table_rows(pixel_table), ids=lambda r: f"{r.shape}-{r.layout}")
+@pytest.mark.parametrize("dtype", pixel_table.DTYPES)
+def test_pixel_adapter_kernels_at_the_case_table(kernels, row, dtype):
+    test_pixel_adapter_kernels(kernels, row.shape, row["r"], row.layout == "channels_last", dtype,
+                               row.kw.get("act", "relu"), 0.0)
