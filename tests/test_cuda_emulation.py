@@ -507,6 +507,20 @@ def test_dice_focal_kernels(kernels, B, C, S, dtype, weighted, gamma):
 # pooled_adapter: pooled_adapter_fwd_kernel and pooled_adapter_bwd_kernel. The backward's weight
 # gradients (at::mm over the kernel's gu, gh, a in the .cu) are formed here the same way.
 
+def adapter_case(expected, gen, shape, C, r, dtype, channels_last, act, scale, dropout, drop_seed):
+    """Inputs of an adapter kernel test (x and the upstream gradient gy in `shape`, weights and biases of a
+    C -> r -> C bottleneck), expected(...)'s outputs on them and the reference's own errors in dtype."""
+    x, gy = (torch.randn(shape, generator=gen).to(dtype) for _ in range(2))
+    if channels_last:
+        x, gy = x.to(memory_format=torch.channels_last), gy.to(memory_format=torch.channels_last)
+    wd, wu = torch.randn(r, C, generator=gen) / C ** 0.5, torch.randn(C, r, generator=gen) / r ** 0.5
+    bd, bu = torch.randn(r, generator=gen) * 0.1, torch.randn(C, generator=gen) * 0.1
+    want = expected(x, wd, bd, wu, bu, act, scale, dropout, drop_seed, gy)
+    errs = reference_errors(lambda *t: expected(*t[:5], act, t[5], dropout, drop_seed, t[6]),
+                            [t.double() for t in (x, wd, bd, wu, bu, scale, gy)], dtype)
+    return x, gy, wd, bd, wu, bu, want, errs
+
+
 def pooled_expected(x, wd, bd, wu, bu, act, scale, p, drop_seed, gy):
     """Float64 oracle: the forward outputs, and the reference's gradients (x, down_w, down_b, up_w, up_b, scale)."""
     leaves = [t.detach().double().requires_grad_() for t in (x, wd, bd, wu, bu, scale)]
@@ -546,18 +560,10 @@ def test_pooled_adapter_kernels_opt_in(kernels):
 
 
 def check_pooled(kernels, B, C, H, W, r, dtype, act, channels_last, dropout):
-    gen = seeded("pooled", B, C, H, W, r, dtype, act)
-    x = torch.randn(B, C, H, W, generator=gen).to(dtype)
-    gy = torch.randn(B, C, H, W, generator=gen).to(dtype)
-    if channels_last:
-        x, gy = x.to(memory_format=torch.channels_last), gy.to(memory_format=torch.channels_last)
-    wd, wu = torch.randn(r, C, generator=gen) / C ** 0.5, torch.randn(C, r, generator=gen) / r ** 0.5
-    bd, bu = torch.randn(r, generator=gen) * 0.1, torch.randn(C, generator=gen) * 0.1
     scale, drop_seed = torch.tensor(0.7), 1234
-    want = pooled_expected(x, wd, bd, wu, bu, act, scale, dropout, drop_seed, gy)
-    errs = reference_errors(lambda *t: pooled_expected(*t[:5], act, t[5], dropout, drop_seed, t[6]),
-                            [x.double(), wd.double(), bd.double(), wu.double(), bu.double(), scale.double(),
-                             gy.double()], dtype)
+    x, gy, wd, bd, wu, bu, want, errs = adapter_case(pooled_expected, seeded("pooled", B, C, H, W, r, dtype, act),
+                                                     (B, C, H, W), C, r, dtype, channels_last, act, scale, dropout,
+                                                     drop_seed)
     for name, dev in emu.DEVICES.items():
         what = f"pooled_adapter {B}x{C}x{H}x{W} r={r} {dtype} {act} on {name}"
         if C == 3100 and name == "small":
@@ -598,18 +604,10 @@ def pixel_expected(x, wd, bd, wu, bu, act, scale, p, drop_seed, gy):
                                                    ((3, 2), 4000, False)])
 @pytest.mark.parametrize("dtype,act,dropout", [(torch.float32, "gelu", 0.25), (torch.bfloat16, "relu", 0.0)])
 def test_pixel_adapter_kernels(kernels, shape, r, channels_last, dtype, act, dropout):
-    gen = seeded("pixel", shape, r, dtype, act)
     C = shape[1] if len(shape) == 4 else shape[-1]
-    x, gy = (torch.randn(shape, generator=gen).to(dtype) for _ in range(2))
-    if channels_last:
-        x, gy = x.to(memory_format=torch.channels_last), gy.to(memory_format=torch.channels_last)
-    wd, wu = torch.randn(r, C, generator=gen) / C ** 0.5, torch.randn(C, r, generator=gen) / r ** 0.5
-    bd, bu = torch.randn(r, generator=gen) * 0.1, torch.randn(C, generator=gen) * 0.1
     scale, drop_seed = torch.tensor(1.3), 77
-    want = pixel_expected(x, wd, bd, wu, bu, act, scale, dropout, drop_seed, gy)
-    errs = reference_errors(lambda *t: pixel_expected(*t[:5], act, t[5], dropout, drop_seed, t[6]),
-                            [x.double(), wd.double(), bd.double(), wu.double(), bu.double(), scale.double(),
-                             gy.double()], dtype)
+    x, gy, wd, bd, wu, bu, want, errs = adapter_case(pixel_expected, seeded("pixel", shape, r, dtype, act), shape, C,
+                                                     r, dtype, channels_last, act, scale, dropout, drop_seed)
     for name, dev in emu.DEVICES.items():
         what = f"pixel_adapter {shape} r={r} {dtype} {act} on {name}"
         if r == 4000 and name == "small":
