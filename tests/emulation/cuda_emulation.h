@@ -463,6 +463,24 @@ void launch(const LaunchShape& s, const Options& o, void (*kernel)(Params...), A
                 " dynamic shared bytes exceed the budget of " + std::to_string(s.smem_limit));
 }
 
+// The C entry points of a library built on this runtime: run f, turn an exception into return code 1
+// and keep its message for last_error() (one per shared library: the Python side reads it after a 1).
+inline std::string& last_error() {
+  static std::string error;
+  return error;
+}
+
+template <typename F>
+int guarded(F&& f) {
+  try {
+    f();
+    return 0;
+  } catch (const std::exception& e) {
+    last_error() = e.what();
+    return 1;
+  }
+}
+
 }  // namespace fc_emu
 
 // ---------------------------------------------------------------------------------------------

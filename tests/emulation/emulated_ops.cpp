@@ -27,8 +27,6 @@ namespace {
 
 using namespace fastcascade;
 
-std::string g_error;
-
 // dtype codes shared with tests/emulation/__init__.py
 enum Code : int { kF32 = 0, kF64 = 1, kF16 = 2, kBF16 = 3, kU8 = 4, kBool = 5, kI32 = 6, kI64 = 7 };
 
@@ -103,22 +101,13 @@ std::vector<T> poisoned(int64_t n) {
 
 bool aligned_to(const void* p, int64_t bytes) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
-template <typename F>
-int guarded(F&& f) {
-  try {
-    f();
-    return 0;
-  } catch (const std::exception& e) {
-    g_error = e.what();
-    return 1;
-  }
-}
+using fc_emu::guarded;
 
 }  // namespace
 
 extern "C" {
 
-const char* fc_emu_error() { return g_error.c_str(); }
+const char* fc_emu_error() { return fc_emu::last_error().c_str(); }
 
 // The last launch's static shared bytes are checked inside launch(); this reports the pass kernel's grid.
 int fc_emu_confusion(int p_code, const void* pred, int t_code, const void* target, int64_t N, int64_t C, int has_ignore,

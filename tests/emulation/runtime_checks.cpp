@@ -7,8 +7,6 @@
 
 namespace {
 
-std::string g_error;
-
 // Each thread writes its slot, then reads its right neighbour's: with the barrier every schedule
 // reads the neighbour's value; without it the result depends on the order threads run in.
 __global__ void neighbour_kernel(bool barrier, int* out) {
@@ -90,16 +88,7 @@ __global__ void read_past_end_kernel(const float* in, int n, float* out) {
   if (threadIdx.x == 0) out[0] = in[n];
 }
 
-template <typename F>
-int guarded(F&& f) {
-  try {
-    f();
-    return 0;
-  } catch (const std::exception& e) {
-    g_error = e.what();
-    return 1;
-  }
-}
+using fc_emu::guarded;
 
 fc_emu::LaunchShape shape(fc_emu::dim3 grid, fc_emu::dim3 block, size_t dyn = 0) {
   fc_emu::LaunchShape s;
@@ -113,7 +102,7 @@ fc_emu::LaunchShape shape(fc_emu::dim3 grid, fc_emu::dim3 block, size_t dyn = 0)
 
 extern "C" {
 
-const char* fc_emu_runtime_error() { return g_error.c_str(); }
+const char* fc_emu_runtime_error() { return fc_emu::last_error().c_str(); }
 
 // which: 0 neighbour with barrier, 1 neighbour without, 2 warp ops, 3 exited lane, 4 early return,
 // 5 deadlock, 6 static out of range, 7 dynamic out of range, 8 poison, 9 indices and atomics,
