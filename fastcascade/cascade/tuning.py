@@ -1,14 +1,18 @@
 """Operating points chosen end to end: tune_cascade searches the thresholds / taus of a cascade's
-Threshold and Confident rules for the best *final* metric, optionally under a compute budget.
+Threshold and Confident rules for the best *final* metric, optionally under a compute or time budget.
 
     result = fc.tune_cascade(cascade, val_x, val_labels, objective="macro_f1", budget=0.6 * flat_flops)
+    lat = fc.measure_latency(cascade, val_x[:512])           # or: in seconds, on a measured latency model
+    result = fc.tune_cascade(cascade, val_x, val_labels, cost="latency", latency=lat, run_batch_size=512,
+                             budget=0.5, baseline=flat)      # at most half the flat model's time per row
     result.setting        # {"stage1": 0.62}: stage name -> threshold (Threshold) or tau (Confident)
-    result.metric, result.cost                 # on (val_x, val_labels); cost: mean FLOPs per row
+    result.metric, result.cost                 # on (val_x, val_labels); cost: mean FLOPs or seconds per row
     result.frontier       # [(cost, metric, setting), ...] the non-dominated settings, cost ascending
     result.cascade        # the cascade with the setting applied (same modules)
 
 Every stage's outputs are computed once (the dense pass: every segment and head on every row); a
-setting's final labels and costs then follow from the decisions alone. For one rule, every cut between
+setting's final labels and exit stages then follow from the decisions alone, and its cost from how many
+rows exit at each node (FLOPs: each exit's path FLOPs; latency: fastcascade.LatencyModel.seconds_from_exits). For one rule, every cut between
 two distinct scores of the rows that reach it is a candidate, all scored at once: rows sorted by score,
 the confusion matrices and costs of all candidates are prefix sums. Several rules: coordinate ascent,
 each rule swept that way with the others fixed, from the combination of their one-at-a-time optima,
@@ -29,11 +33,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from .. import routing
 from ..reference import logit_threshold
-from .cost import cascade_cost, eval_mode
+from .cost import cascade_cost, eval_mode, flops_per_row
 from .dense import dense_outputs
+from .latency import LatencyModel, measure_latency
 from .tree import Confident, Ensemble, Leaf, Stage, Threshold
 
 __all__ = ["TuneResult", "tune_cascade"]
@@ -52,6 +58,14 @@ class TuneResult:
     cost: float
     frontier: list[tuple[float, float, dict[str, float]]]
     cascade: object
+    cost_unit: str = "FLOPs per row"  # or "seconds per row" (cost="latency")
+
+    @property
+    def rows_per_s(self) -> float:
+        """Predicted rows per second at the chosen setting (cost="latency" only)."""
+        if self.cost_unit != "seconds per row":
+            raise ValueError("rows_per_s: the cascade was tuned on FLOPs; tune with cost='latency' for a time")
+        return 1.0 / self.cost if self.cost > 0 else math.inf
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,9 +152,13 @@ def _collect(cascade, x, labels, batch_size: int):
 
 
 class _Simulation:
-    def __init__(self, cascade, outs: dict, y: torch.Tensor, entry: dict[str, int], score):
-        self.cascade, self.y, self.entry, self.score = cascade, y, entry, score
-        self.C, self.N = cascade.num_classes, y.shape[0]
+    """Final labels and exit nodes of every row under a setting, from the dense pass's outputs; a setting's
+    cost is cost_fn of its exit histogram (rows exiting at each node), (M, nodes) int64 -> (M,) float64."""
+
+    def __init__(self, cascade, outs: dict, y: torch.Tensor, cost_fn, score):
+        self.cascade, self.y, self.cost_fn, self.score = cascade, y, cost_fn, score
+        self.C, self.N, self.K = cascade.num_classes, y.shape[0], len(cascade.node_names)
+        self.ids = {name: i for i, name in enumerate(cascade.node_names)}
         self.fixed, self.keys, self.argmax, self.defaults = {}, {}, {}, {}
         for node in cascade.nodes:
             o, name = outs[node.name], node.name
@@ -178,67 +196,67 @@ class _Simulation:
                 dec[name] = torch.where(exit_, self.argmax[name], torch.full_like(self.argmax[name], len(node.kids) - 1))
         return dec
 
+    def _full(self, value: int) -> torch.Tensor:
+        return torch.full((self.N,), value, dtype=torch.int64, device=self.y.device)
+
     def outcome(self, node, dec: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(final label, FLOPs from entering node on) of every row, were it routed to node."""
-        if isinstance(node, Leaf):
-            return (torch.full((self.N,), node.label, dtype=torch.int64, device=self.y.device),
-                    torch.zeros(self.N, dtype=torch.int64, device=self.y.device))
-        own = self.entry[node.name]
+        """(final label, exit node id) of every row, were it routed to node (a Stage or an Ensemble)."""
         if isinstance(node, Ensemble):
-            return dec[node.name], torch.full((self.N,), own, dtype=torch.int64, device=self.y.device)
-        lab, cost = self.children(node, dec)
+            return dec[node.name], self._full(self.ids[node.name])
+        lab, ex = self.children(node, dec)
         b = dec[node.name][None]
-        return lab.gather(0, b)[0], own + cost.gather(0, b)[0]
+        return lab.gather(0, b)[0], ex.gather(0, b)[0]
 
     def children(self, node, dec):
-        kids = [self.outcome(c, dec) for c in node.kids]
+        """(branches, N) final labels and exit node ids of every row, were it sent down each branch."""
+        kids = [(self._full(c.label), self._full(self.ids[node.name])) if isinstance(c, Leaf) else self.outcome(c, dec)
+                for c in node.kids]
         return torch.stack([k[0] for k in kids]), torch.stack([k[1] for k in kids])
 
     def reach(self, name: str, dec: dict) -> torch.Tensor:
         mask = torch.ones(self.N, dtype=torch.bool, device=self.y.device)
         path = self.cascade.path(name)
         for parent, child in zip(path, path[1:]):
-            node = self.cascade.nodes[self.cascade.node_names.index(parent)]
+            node = self.cascade.nodes[self.ids[parent]]
             b = [k for k, c in enumerate(node.kids) if getattr(c, "name", None) == child][0]
             mask &= dec[parent] == b
         return mask
 
     def evaluate(self, setting: dict) -> tuple[float, float]:
-        lab, cost = self.outcome(self.cascade.root, self.decisions(setting))
+        lab, ex = self.outcome(self.cascade.root, self.decisions(setting))
         cm = torch.bincount(self.y * self.C + lab, minlength=self.C * self.C).reshape(1, self.C, self.C)
-        return float(self.score(cm)[0]), int(cost.sum()) / self.N
+        return float(self.score(cm)[0]), float(self.cost_fn(torch.bincount(ex, minlength=self.K)[None])[0])
 
     def sweep(self, name: str, setting: dict) -> tuple[list[float], torch.Tensor, torch.Tensor]:
-        """(candidate values, metrics (M,), mean costs (M,)) of stage name's rule, the others at setting."""
-        node = self.cascade.nodes[self.cascade.node_names.index(name)]
+        """(candidate values, metrics (M,), costs (M,)) of stage name's rule, the others at setting."""
+        node = self.cascade.nodes[self.ids[name]]
         dec = self.decisions(setting)
-        final_lab, final_cost = self.outcome(self.cascade.root, dec)
+        final_lab, final_exit = self.outcome(self.cascade.root, dec)
         here = self.reach(name, dec)
-        base = final_cost - self.outcome(node, dec)[1]  # what the rows paid above node
-        lab, cost = self.children(node, dec)
-        cost = cost + self.entry[name] + base
+        lab, ex = self.children(node, dec)
         if isinstance(node.rule, Threshold):  # the first z rows by logit take branch 0, the rest branch 1
             first, rest = 0, 1
-            pick = lambda t, k: t[k]  # noqa: E731
+            pick = lambda t, k: t[k]
         else:  # the first z rows by softmax sum exit at their argmax, the rest continue
             first, rest = None, len(node.kids) - 1
-            pick = lambda t, k: t.gather(0, self.argmax[name][None])[0] if k is None else t[k]  # noqa: E731
+            pick = lambda t, k: t.gather(0, self.argmax[name][None])[0] if k is None else t[k]
         key, order = self.keys[name][here].sort(stable=True)
         values, z = self._candidates(node, key)
         rows = here.nonzero()[:, 0][order]
-        cc = self.C * self.C
-        pair = lambda k: self.y[rows] * self.C + pick(lab, k)[rows]  # noqa: E731
-        onehot = lambda p: torch.nn.functional.one_hot(p, cc)  # noqa: E731
-        pre_f = torch.cat([torch.zeros(1, cc, dtype=torch.int64, device=key.device), onehot(pair(first)).cumsum(0)])
-        pre_r = torch.cat([torch.zeros(1, cc, dtype=torch.int64, device=key.device), onehot(pair(rest)).cumsum(0)])
         out = ~here
-        fixed = torch.bincount(self.y[out] * self.C + final_lab[out], minlength=cc)
-        cm = fixed + pre_f[z] + (pre_r[-1] - pre_r[z])
-        zero = torch.zeros(1, dtype=torch.int64, device=key.device)
-        cf = torch.cat([zero, pick(cost, first)[rows].cumsum(0)])
-        cr = torch.cat([zero, pick(cost, rest)[rows].cumsum(0)])
-        costs = (int(final_cost[out].sum()) + cf[z] + (cr[-1] - cr[z])).to(torch.float64) / self.N
-        return values, self.score(cm.reshape(-1, self.C, self.C)), costs
+
+        def split(codes: torch.Tensor, fixed: torch.Tensor, width: int) -> torch.Tensor:
+            """Per candidate, the histogram of codes (rows x 2 branches) over `width` bins: rows that do not
+            reach the stage (fixed), the first z sorted rows on the first branch, the others on the rest."""
+            zero = torch.zeros(1, width, dtype=torch.int64, device=key.device)
+            pre_f = torch.cat([zero, torch.nn.functional.one_hot(pick(codes, first)[rows], width).cumsum(0)])
+            pre_r = torch.cat([zero, torch.nn.functional.one_hot(pick(codes, rest)[rows], width).cumsum(0)])
+            return fixed + pre_f[z] + (pre_r[-1] - pre_r[z])
+
+        cc = self.C * self.C
+        cm = split(self.y[None] * self.C + lab, torch.bincount(self.y[out] * self.C + final_lab[out], minlength=cc), cc)
+        exits = split(ex, torch.bincount(final_exit[out], minlength=self.K), self.K)
+        return values, self.score(cm.reshape(-1, self.C, self.C)), self.cost_fn(exits)
 
     def _candidates(self, node, key: torch.Tensor) -> tuple[list[float], torch.Tensor]:
         """Cuts halfway between neighbouring distinct scores (and both ends), as rule values, with z: how
@@ -304,9 +322,59 @@ def _frontier(points: dict) -> list[tuple[float, float, dict[str, float]]]:
     return out
 
 
+def _cost_model(cascade, example, cost: str, latency, run_batch_size, budget, baseline):
+    """(cost_fn: exit histograms (M, nodes) -> (M,) costs, the budget in those units, the unit's name)."""
+    if cost == "flops":
+        for arg, v in (("latency", latency), ("run_batch_size", run_batch_size)):
+            if v is not None:
+                raise ValueError(f"{arg} applies to cost='latency' only, got {arg}={v!r} with cost='flops'")
+        path = torch.tensor(cascade_cost(cascade, example).path_flops, dtype=torch.int64)
+        n_of = lambda h: h.sum(-1).clamp(min=1).to(torch.float64)
+        fn = lambda h: (h.cpu() * path).sum(-1).to(torch.float64) / n_of(h.cpu())
+        base = None if baseline is None else _baseline_flops(baseline, example)
+        return fn, budget if base is None else budget * base, "FLOPs per row"
+    if cost != "latency":
+        raise ValueError(f"cost must be 'flops' or 'latency', got {cost!r}")
+    if not isinstance(latency, LatencyModel):
+        raise TypeError(f"latency: cost='latency' needs the cascade's LatencyModel (fastcascade.measure_latency), "
+                        f"got {type(latency).__name__}")
+    latency.check(cascade)
+    if isinstance(run_batch_size, bool) or not isinstance(run_batch_size, int) or run_batch_size < 1:
+        raise ValueError(f"run_batch_size: cost='latency' needs the batch size the cascade will run at (an int "
+                         f">= 1), got {run_batch_size!r}")
+    fn = lambda h: latency.seconds_from_exits(h.cpu(), run_batch_size)
+    base = None if baseline is None else _baseline_seconds(baseline, example, latency, run_batch_size)
+    return fn, budget if base is None else budget * base, "seconds per row"
+
+
+def _baseline_flops(baseline, example) -> float:
+    if isinstance(baseline, (int, float)) and not isinstance(baseline, bool) and baseline > 0:
+        return float(baseline)
+    if isinstance(baseline, nn.Module) and not hasattr(baseline, "node_names"):
+        return float(flops_per_row(baseline, example))
+    raise TypeError(f"baseline: with cost='flops', a plain nn.Module (its FLOPs per row are the unit of budget) or "
+                    f"a number of FLOPs per row > 0, got {type(baseline).__name__}")
+
+
+def _baseline_seconds(baseline, example, latency: LatencyModel, run_batch_size: int) -> float:
+    if isinstance(baseline, (int, float)) and not isinstance(baseline, bool) and baseline > 0:
+        return float(baseline)
+    if isinstance(baseline, nn.Module) and not hasattr(baseline, "node_names"):
+        baseline = measure_latency(baseline, example, batch_sizes=[run_batch_size], repeats=latency.repeats)
+    if not isinstance(baseline, LatencyModel) or baseline.is_cascade:
+        raise TypeError(f"baseline: with cost='latency', a plain nn.Module (measured here), its LatencyModel or "
+                        f"a number of seconds per row > 0, got {type(baseline).__name__}")
+    differ = {k: (baseline.env.get(k), v) for k, v in latency.env.items() if baseline.env.get(k) != v}
+    if differ:
+        raise ValueError(f"baseline: its latency model was measured with {differ} (baseline, cascade) unlike the "
+                         f"cascade's; times measured in different conditions do not compare")
+    return baseline.seconds_per_row(None, batch_size=run_batch_size)
+
+
 def tune_cascade(cascade, x, labels: torch.Tensor | None = None, objective: str | Callable = "macro_f1",
-                 budget: float | None = None, params: Sequence[str] | None = None, *, batch_size: int = 4096,
-                 max_rounds: int = 20) -> TuneResult:
+                 budget: float | None = None, params: Sequence[str] | None = None, *, cost: str = "flops",
+                 latency: LatencyModel | None = None, run_batch_size: int | None = None, baseline=None,
+                 batch_size: int = 4096, max_rounds: int = 20) -> TuneResult:
     """The operating point of `cascade` that maximises the final metric on (x, labels).
 
     Args:
@@ -315,17 +383,30 @@ def tune_cascade(cascade, x, labels: torch.Tensor | None = None, objective: str 
             batches (labels None).
         objective: "macro_f1" (as fastcascade.metrics.ClassificationReport computes it), "accuracy", or a
             callable mapping (M, C, C) int64 confusion matrices (rows: truth) to M scores.
-        budget: the most mean FLOPs per row allowed (fastcascade.cascade_cost), or None.
+        budget: the most cost allowed, in the cost's unit or, with baseline, as a fraction of the baseline's;
+            None: no limit (the best metric, ties to the lower cost).
         params: the stages to tune (default: every Threshold and Confident rule); the others keep theirs.
+        cost: "flops", the mean FLOPs per row (fastcascade.cascade_cost), or "latency", the seconds per row
+            that `latency` predicts at run_batch_size (fastcascade.LatencyModel; rows/s = 1 / cost).
+        latency: the cascade's LatencyModel (fastcascade.measure_latency), with cost="latency".
+        run_batch_size: the batch size the cascade will run at, with cost="latency".
+        baseline: makes budget a fraction of a model's cost: a plain nn.Module (its FLOPs per row; with
+            cost="latency" its time, measured here at run_batch_size), its LatencyModel, or a number.
         batch_size: rows per dense pass; max_rounds: bound on coordinate-ascent rounds.
     Returns a TuneResult. Raises ValueError when no setting found meets the budget.
     """
     score = _objective(objective)
-    if budget is not None and not (isinstance(budget, (int, float)) and budget >= 0):
-        raise ValueError(f"budget must be a number of FLOPs per row >= 0 or None, got {budget!r}")
+    if budget is not None and not (isinstance(budget, (int, float)) and not isinstance(budget, bool) and budget >= 0):
+        raise ValueError(f"budget must be a number >= 0 (a cost per row, or with baseline a fraction of the "
+                         f"baseline's) or None, got {budget!r}")
+    if baseline is not None and budget is None:
+        raise ValueError("baseline: it sets the unit of budget, so it needs a budget (a fraction, e.g. 0.5)")
     names = _tunable(cascade, params)
+    if cost == "latency" and isinstance(latency, LatencyModel):
+        latency.check(cascade)  # before the dense pass: a wrong model fails fast
     outs, y, example = _collect(cascade, x, labels, batch_size)
-    sim = _Simulation(cascade, outs, y, cascade_cost(cascade, example).entry, score)
+    cost_fn, budget, unit = _cost_model(cascade, example, cost, latency, run_batch_size, budget, baseline)
+    sim = _Simulation(cascade, outs, y, cost_fn, score)
     rules = {n.name: n.rule for n in cascade.nodes if isinstance(n, Stage)}
     current = {n: float(rules[n].threshold if isinstance(rules[n], Threshold) else rules[n].tau) for n in names}
     points: dict[tuple, tuple[float, float]] = {}
@@ -357,7 +438,7 @@ def tune_cascade(cascade, x, labels: torch.Tensor | None = None, objective: str 
             break
     if budget is not None and c > budget:
         cheapest = min(cost for _, cost in points.values())
-        raise ValueError(f"budget {budget}: no setting found within it; the cheapest one scored costs {cheapest:.6g} "
-                         f"FLOPs per row")
+        raise ValueError(f"budget {budget:.6g} {unit}: no setting found within it; the cheapest one scored costs "
+                         f"{cheapest:.6g} {unit}")
     return TuneResult(setting=dict(setting), metric=m, cost=c, frontier=_frontier(points),
-                      cascade=cascade.with_setting(setting))
+                      cascade=cascade.with_setting(setting), cost_unit=unit)

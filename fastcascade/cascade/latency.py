@@ -1,0 +1,424 @@
+"""Wall-clock cost of a cascade: a measured latency model of its parts, and the time per row it predicts.
+
+    lat = fc.measure_latency(cascade, val_x[:2048], batch_sizes=(1, 16, 64, 256, 512, 2048))
+    lat.seconds_per_row(cascade, val_x, batch_size=512)    # predicted, at the cascade's current setting
+    lat.save("latency.json"); fc.LatencyModel.load("latency.json")   # warns if measured elsewhere
+    fc.tune_cascade(cascade, val_x, val_y, cost="latency", latency=lat, run_batch_size=512, budget=...)
+
+A cascade is as fast as its parts: every trunk segment, stage module and ensemble member, the routing of
+every stage (its rule's decision, the partition, the host transfer of the branch sizes and the gathers
+that hand its rows to the children: ``<stage>/route``), the vote of every ensemble (``<ensemble>/vote``)
+and the fixed cost of a predict call (``call``). Each part is timed on n rows for every n of batch_sizes
+(warm-up calls first, then `repeats` timed calls per size, all (part, size) pairs taking turns so a burst
+of load from elsewhere hits them alike): the median and the 95th percentile are kept. A part's time on n
+rows is interpolated linearly between the measured sizes (per-row cost is not constant: small batches pay
+a fixed cost per call, large ones fall out of cache) and extrapolated along the last two sizes above them.
+
+The prediction. At run batch size B, a part that a fraction p of the rows reach is called in a batch when
+at least one of its B rows reaches it, with probability P = 1 - (1 - p)^B (rows independent), and then on
+B p / P rows on average. Its expected time per batch is taken as P t(B p / P), exact when t is affine
+between the sizes involved (E[t(K) 1{K > 0}] = P a + b E[K] for t(k) = a + b k, K ~ Binomial(B, p));
+the time per row is the sum over parts divided by B. A plain model is one part, ``model``: t(B) / B.
+
+Timing: time.perf_counter around each call on the CPU; on CUDA, events around each call and a
+synchronisation after it. The thread count, device and torch version are recorded; a model loaded where
+any of them differs warns (its times may not hold there).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import pathlib
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .. import routing
+from .._io import checksum, checksum_problem, write_json
+from .cost import eval_mode
+from .tree import Ensemble, Leaf, Stage
+
+__all__ = ["LatencyModel", "measure_latency"]
+
+DEFAULT_BATCH_SIZES = (1, 16, 64, 256, 512, 1024, 2048)
+FORMAT = "fastcascade.latency/1"
+
+
+def environment(device: torch.device) -> dict:
+    """What a latency model's times depend on: device (type and name), CPU threads and torch version."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else "no CUDA device here"
+    else:
+        name = device.type
+    return {"device": device.type, "device_name": name, "threads": torch.get_num_threads(),
+            "torch": torch.__version__}
+
+
+@dataclass(frozen=True)
+class PartTiming:
+    """Seconds for one call of a part on n rows, n = batch_sizes (ascending): median and 95th percentile."""
+
+    batch_sizes: tuple[int, ...]
+    median: tuple[float, ...]
+    p95: tuple[float, ...]
+
+    def seconds(self, n: torch.Tensor, which: str = "median") -> torch.Tensor:
+        """Interpolated time of one call on n rows (float64 tensor of any shape); 0 where n <= 0."""
+        xs = torch.tensor(self.batch_sizes, dtype=torch.float64)
+        ys = torch.tensor(self.median if which == "median" else self.p95, dtype=torch.float64)
+        n = n.to(torch.float64)
+        if len(xs) == 1:
+            t = ys[0] * n / xs[0]  # one size: proportional
+        else:
+            i = (torch.searchsorted(xs, n.clamp(min=xs[0]).contiguous(), right=True) - 1).clamp(0, len(xs) - 2)
+            x0, x1, y0, y1 = xs[i], xs[i + 1], ys[i], ys[i + 1]
+            t = y0 + (y1 - y0) * (n - x0) / (x1 - x0)
+            below = n < xs[0]  # under the smallest size: no less than a call on it costs, scaled down to 0 rows
+            t = torch.where(below, ys[0] * n / xs[0] if xs[0] > 1 else ys[0].expand_as(n), t)
+        return torch.where(n > 0, t.clamp(min=0), torch.zeros_like(t))
+
+
+@dataclass(frozen=True)
+class LatencyModel:
+    """Measured times of the parts of a cascade (or of one model, part "model"): see the module docstring.
+
+    parts: part name -> PartTiming. nodes: the cascade's node names (Cascade.node_names; () for a model);
+    exit_parts: per node, the parts a row that exits there has paid for. env: device, device_name, threads
+    and torch version of the measurement. repeats: timed calls per (part, size)."""
+
+    parts: dict[str, PartTiming]
+    nodes: tuple[str, ...]
+    exit_parts: tuple[tuple[str, ...], ...]
+    env: dict
+    repeats: int
+
+    @property
+    def is_cascade(self) -> bool:
+        return bool(self.nodes)
+
+    @property
+    def batch_sizes(self) -> tuple[int, ...]:
+        return next(iter(self.parts.values())).batch_sizes
+
+    def call_seconds(self, part: str, n: int, which: str = "median") -> float:
+        """Interpolated time of one call of `part` on n rows."""
+        if part not in self.parts:
+            raise ValueError(f"part: unknown part {part!r}; parts: {sorted(self.parts)}")
+        return float(self.parts[part].seconds(torch.tensor(float(n), dtype=torch.float64), which))
+
+    def membership(self) -> torch.Tensor:
+        """float64 (nodes, parts): 1 where a row exiting at the node pays for the part (parts in self.parts order)."""
+        names = list(self.parts)
+        m = torch.zeros(len(self.nodes), len(names), dtype=torch.float64)
+        for k, paid in enumerate(self.exit_parts):
+            for p in paid:
+                m[k, names.index(p)] = 1
+        return m
+
+    def seconds_from_reach(self, reach: torch.Tensor, batch_size: int, which: str = "median") -> torch.Tensor:
+        """Predicted seconds per row from reach (..., parts): the fraction of rows reaching each part."""
+        B = _positive_int(batch_size, "batch_size")
+        p = reach.to(torch.float64).clamp(0, 1)
+        called = -torch.expm1(B * torch.log1p(-p.clamp(max=1 - 1e-300)))  # 1 - (1 - p)^B, accurate for small p
+        called = torch.where(p >= 1, torch.ones_like(p), called)
+        rows = torch.where(called > 0, B * p / called.clamp(min=1e-300), torch.zeros_like(p))
+        t = torch.stack([timing.seconds(rows[..., j], which) for j, timing in enumerate(self.parts.values())], -1)
+        return (called * t).sum(-1) / B
+
+    def seconds_from_exits(self, exits: torch.Tensor, batch_size: int, which: str = "median") -> torch.Tensor:
+        """Predicted seconds per row from exit histograms (..., nodes) (rows exiting at each node)."""
+        if not self.is_cascade:
+            raise ValueError("this latency model is of a plain model (one part), which has no exits")
+        exits = exits.to(torch.float64)
+        reach = (exits @ self.membership()) / exits.sum(-1, keepdim=True).clamp(min=1e-300)
+        return self.seconds_from_reach(reach, batch_size, which)
+
+    @torch.no_grad()
+    def seconds_per_row(self, model, x: torch.Tensor | None = None, batch_size: int = 512,
+                        which: str = "median") -> float:
+        """Predicted seconds per row of model (the cascade or model measured) run in batches of batch_size:
+        for a cascade, at its current setting, from the fraction of x's rows reaching each part."""
+        if not self.is_cascade:
+            return float(self.seconds_from_reach(torch.ones(1), batch_size, which))
+        self.check(model)
+        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[0] == 0:
+            raise ValueError("x must be a tensor of the cascade's input rows (at least one) to predict from")
+        counts = torch.zeros(len(self.nodes), dtype=torch.float64)
+        for i in range(0, x.shape[0], 4096):
+            xb = x[i:i + 4096]
+            xb = xb.float() / 255 if xb.dtype == torch.uint8 else xb
+            stage = model.predict(xb, return_details=True).exit_stage
+            counts += torch.bincount(stage.cpu(), minlength=len(self.nodes)).to(torch.float64)
+        return float(self.seconds_from_exits(counts, batch_size, which))
+
+    def check(self, cascade) -> None:
+        """ValueError unless this model was measured for a cascade with the same stages and parts."""
+        names = list(getattr(cascade, "node_names", []))
+        if not self.is_cascade or names != list(self.nodes):
+            what = f"stages {list(self.nodes)}" if self.is_cascade else "a plain model"
+            raise ValueError(f"latency: the latency model was measured for {what}, but the cascade has stages "
+                             f"{names}; measure it with fastcascade.measure_latency(cascade, example)")
+        missing = sorted(set(latency_parts(cascade)[0]) - set(self.parts))
+        if missing:
+            raise ValueError(f"latency: the latency model lacks the parts {missing} of the cascade")
+
+    # -----------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = {"format": FORMAT, "env": dict(self.env), "repeats": self.repeats, "nodes": list(self.nodes),
+             "exit_parts": [list(p) for p in self.exit_parts],
+             "parts": {k: {"batch_sizes": list(v.batch_sizes), "median_s": list(v.median), "p95_s": list(v.p95)}
+                       for k, v in self.parts.items()}}
+        return json.loads(json.dumps(d))  # the form it is read back in (lists, floats), which the checksum covers
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "the latency model") -> LatencyModel:
+        try:
+            if d.get("format") != FORMAT:
+                raise ValueError(f"format is {d.get('format')!r}, not {FORMAT!r}")
+            parts = {}
+            for k, v in d["parts"].items():
+                sizes, med, p95 = list(v["batch_sizes"]), list(v["median_s"]), list(v["p95_s"])
+                if not sizes or len(med) != len(sizes) or len(p95) != len(sizes) or sizes != sorted(set(sizes)):
+                    raise ValueError(f"part {k!r}: batch_sizes must ascend, with a median and a p95 for each")
+                if not all(isinstance(t, (int, float)) and math.isfinite(t) and t >= 0 for t in med + p95):
+                    raise ValueError(f"part {k!r}: times must be finite numbers >= 0")
+                parts[k] = PartTiming(tuple(int(s) for s in sizes), tuple(map(float, med)), tuple(map(float, p95)))
+            nodes, exits = tuple(d["nodes"]), tuple(tuple(p) for p in d["exit_parts"])
+            if len(exits) != len(nodes) or any(p not in parts for e in exits for p in e) or not parts:
+                raise ValueError("exit_parts must list, per node, parts the model holds")
+            return cls(parts, nodes, exits, dict(d["env"]), int(d["repeats"]))
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{where}: not a fastcascade latency model ({type(e).__name__}: {e})") from None
+        except ValueError as e:
+            raise ValueError(f"{where}: not a valid fastcascade latency model: {e}") from None
+
+    def save(self, path: str | os.PathLike) -> pathlib.Path:
+        """Write the model as JSON (atomically, with a checksum checked on load)."""
+        d = self.to_dict()
+        return write_json({**d, "checksum": checksum(d)}, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: torch.device | str | None = None) -> LatencyModel:
+        """Read a saved model; warns when it was measured on another device type or name, thread count or torch
+        version than this process has (device: the one it will be used for, default CPU)."""
+        path = pathlib.Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not a fastcascade latency model (not JSON: {e})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: not a fastcascade latency model (not a JSON object)")
+        problem = checksum_problem({k: v for k, v in d.items() if k != "checksum"}, d.get("checksum"))
+        if problem is not None:
+            raise ValueError(f"{path}: {problem}")
+        model = cls.from_dict(d, str(path))
+        here = environment(torch.device(device) if device is not None else torch.device("cpu"))
+        diff = {k: (model.env.get(k), v) for k, v in here.items() if model.env.get(k) != v}
+        if diff:
+            warnings.warn(f"{path}: measured with " + ", ".join(f"{k} {a!r}" for k, (a, _) in diff.items())
+                          + ", here " + ", ".join(f"{k} {b!r}" for k, (_, b) in diff.items())
+                          + ": its times may not hold here", RuntimeWarning, stacklevel=2)
+        return model
+
+
+def _positive_int(v, what: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{what} must be an int >= 1, got {v!r}")
+    return v
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the parts of a cascade
+
+
+def latency_parts(cascade) -> tuple[list[str], tuple[tuple[str, ...], ...]]:
+    """(part names, per node the parts a row exiting there pays for)."""
+    own = {}
+    for n in cascade.nodes:
+        if isinstance(n, Ensemble):
+            own[n.name] = [f"{n.name}.{k}" for k in range(len(n.members))] + [f"{n.name}/vote"]
+        else:
+            own[n.name] = [n.name, f"{n.name}/route"]
+    names = ["call", *cascade.segments, *(p for n in cascade.nodes for p in own[n.name])]
+    exits = tuple(("call", *cascade.segments[:cascade.plan[name].depth + 1],
+                   *(p for q in cascade.path(name) for p in own[q])) for name in cascade.node_names)
+    return names, exits
+
+
+class _Inputs:
+    """Every part's input on `rows` rows (example cycled to that many), computed once."""
+
+    def __init__(self, cascade, x: torch.Tensor):
+        self.x, self.feats, self.logits = x, [], {}
+        h = x
+        for seg in (cascade.trunk or {}).values():
+            h = seg(h)
+            self.feats.append(h)
+        for node in cascade.nodes:
+            p = cascade.plan[node.name]
+            inp = x if p.tap < 0 else self.feats[p.tap]
+            self.logits[node.name] = None if isinstance(node, Ensemble) else node.outputs(inp)
+
+    def segment_input(self, k: int) -> torch.Tensor:
+        return self.x if k == 0 else self.feats[k - 1]
+
+
+def _route(cascade, node: Stage, logits, carried: list[torch.Tensor], x, labels, exits, node_id):
+    """What Cascade.predict does after a stage's module: decide, partition, the host transfer of the branch
+    sizes, then per branch a leaf's labels written or the child's rows gathered (its features, its input)."""
+    be = cascade.backend
+    n = logits.shape[0]
+    ids = torch.arange(n, device=logits.device)
+    part = routing.partition(node.rule.decide(logits, be), len(node.kids), backend=be)
+    counts = part.counts.tolist()
+    sorted_ids, start = ids[part.order], 0
+    for b, child in enumerate(node.kids):
+        k = counts[b]
+        if k == 0:
+            continue
+        sub, pos = sorted_ids[start:start + k], part.order[start:start + k]
+        if isinstance(child, Leaf):
+            labels.index_fill_(0, sub, child.label)
+            exits.index_fill_(0, sub, node_id)
+        else:
+            for f in carried[b]:
+                routing.gather_rows(f, pos, backend=be)
+            if cascade.plan[child.name].reads < 0:
+                routing.gather_rows(x, sub, backend=be)
+        start += k
+
+
+def _cascade_calls(cascade, inputs: _Inputs) -> dict:
+    """part name -> fn(n): one call of the part on the first n rows of its input."""
+    x, be, fns = inputs.x, cascade.backend, {}
+    dev = x.device
+
+    def call(n):
+        cascade._check_input(x[:n])
+        cascade._new_output(n, dev, False)
+
+    fns["call"] = call
+    for k, (name, seg) in enumerate((cascade.trunk or {}).items()):
+        fns[name] = lambda n, s=seg, k=k: s(inputs.segment_input(k)[:n])
+    for node_id, node in enumerate(cascade.nodes):
+        p = cascade.plan[node.name]
+        inp = x if p.tap < 0 else inputs.feats[p.tap]
+        if isinstance(node, Ensemble):
+            for k, m in enumerate(node.members):
+                fns[f"{node.name}.{k}"] = lambda n, m=m, inp=inp: m(inp[:n])
+            logits = node.member_logits(inp)
+            labels = torch.zeros(x.shape[0], dtype=torch.int64, device=dev)
+
+            def vote(n, node=node, logits=logits, labels=labels):
+                lab, _ = routing.vote(logits[:, :n], node.mode, return_probs=True, backend=be)
+                labels[:n].copy_(node.label_table[lab])
+
+            fns[f"{node.name}/vote"] = vote
+            continue
+        fns[node.name] = lambda n, node=node, inp=inp: node.outputs(inp[:n])
+        feats = [[inputs.feats[k] for k in p.carry[b]] for b in range(len(node.kids))]
+        labels = torch.zeros(x.shape[0], dtype=torch.int64, device=dev)
+        exits = torch.zeros_like(labels)
+
+        def route(n, node=node, logits=inputs.logits[node.name], feats=feats, labels=labels, exits=exits, i=node_id):
+            _route(cascade, node, logits[:n], [[f[:n] for f in fb] for fb in feats], x[:n], labels[:n], exits[:n], i)
+
+        fns[f"{node.name}/route"] = route
+    return fns
+
+
+# ---------------------------------------------------------------------------------------------------------
+# measuring
+
+
+def _device_of(model: nn.Module, device) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _timed(fns: dict, sizes: Sequence[int], repeats: int, warmup: int, device: torch.device) -> dict[str, PartTiming]:
+    cuda = device.type == "cuda"
+    for fn in fns.values():
+        for n in sizes:
+            for _ in range(warmup):
+                fn(n)
+    if cuda:
+        torch.cuda.synchronize(device)
+    times = {(k, n): [] for k in fns for n in sizes}
+    for _ in range(repeats):  # in turns: a burst of load from elsewhere meets every (part, size) alike
+        for (k, n), ts in times.items():
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fns[k](n)
+                end.record()
+                end.synchronize()
+                ts.append(start.elapsed_time(end) / 1e3)
+            else:
+                t = time.perf_counter()
+                fns[k](n)
+                ts.append(time.perf_counter() - t)
+    out = {}
+    for k in fns:
+        med, p95 = [], []
+        for n in sizes:
+            ts = torch.tensor(times[(k, n)], dtype=torch.float64)
+            med.append(float(ts.quantile(0.5)))
+            p95.append(float(ts.quantile(0.95)))
+        out[k] = PartTiming(tuple(sizes), tuple(med), tuple(p95))
+    return out
+
+
+@torch.no_grad()
+def measure_latency(model: nn.Module, example: torch.Tensor, batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+                    device: torch.device | str | None = None, repeats: int = 15, warmup: int = 2) -> LatencyModel:
+    """The LatencyModel of a fastcascade.Cascade (each part) or of any other nn.Module (one part, "model").
+
+    Args:
+        model: the cascade or model, in the form it will run in (e.g. fastcascade.inference_form's copy);
+            measured in eval mode, its modes restored.
+        example: its input rows (uint8 blocks are scaled to [0, 1] as the cascade's tools do); cycled to
+            the largest batch size, so a few hundred representative rows are enough.
+        batch_sizes: the row counts each part is timed at (ints >= 1; include the run batch size).
+        device: where to measure (default: the model's); a model elsewhere is measured as a copy moved there.
+        repeats: timed calls per (part, size), taken in turns; warmup: untimed calls per (part, size) first.
+    """
+    from .runner import Cascade
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a fastcascade.Cascade or an nn.Module, got {type(model).__name__}")
+    if not isinstance(example, torch.Tensor) or example.dim() < 1 or example.shape[0] < 1:
+        raise ValueError(f"example must be a tensor of input rows (at least one), got "
+                         f"{tuple(example.shape) if isinstance(example, torch.Tensor) else type(example).__name__}")
+    if isinstance(batch_sizes, int) or not isinstance(batch_sizes, Sequence) or not batch_sizes:
+        raise ValueError(f"batch_sizes must be a non-empty list of ints >= 1, got {batch_sizes!r}")
+    sizes = sorted({_positive_int(b, "batch_sizes: each") for b in batch_sizes})
+    repeats, warmup = _positive_int(repeats, "repeats"), int(warmup)
+    if warmup < 0:
+        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+    dev = _device_of(model, device)
+    if _device_of(model, None) != dev:
+        model = copy.deepcopy(model).to(dev)
+    x = example.to(dev)
+    x = x.float() / 255 if x.dtype == torch.uint8 else x
+    reps = -(-sizes[-1] // x.shape[0])
+    x = x.repeat(reps, *([1] * (x.dim() - 1)))[:sizes[-1]].contiguous()
+    with eval_mode(model):
+        if isinstance(model, Cascade):
+            names, exits = latency_parts(model)
+            fns = _cascade_calls(model, _Inputs(model, x))
+            fns = {k: fns[k] for k in names}
+            nodes = tuple(model.node_names)
+        else:
+            fns, nodes, exits = {"model": lambda n: model(x[:n])}, (), ()
+        parts = _timed(fns, sizes, repeats, warmup, dev)
+    return LatencyModel(parts, nodes, exits, environment(dev), repeats)
