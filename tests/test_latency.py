@@ -188,6 +188,11 @@ def test_measure_latency_of_a_cascade_and_a_model():
     assert lat.env["threads"] == 1 and lat.env["device"] == "cpu" and lat.env["torch"] == torch.__version__
     assert "call" in names and all(f"{s}/route" in names for s in c.node_names if isinstance(
         c.nodes[c.node_names.index(s)], fc.Stage))
+    # a node that reads the input or is handed trunk features gathers them (paid by the rows reaching it)
+    for node in c.nodes[1:]:
+        handed = any(node.name in [getattr(k, "name", None) for k in p.kids] and c.plan[p.name].carry[
+            [getattr(k, "name", None) for k in p.kids].index(node.name)] for p in c.nodes if isinstance(p, fc.Stage))
+        assert (f"{node.name}/gather" in names) == (handed or c.plan[node.name].reads < 0), node.name
     assert lat.seconds_per_row(c, x, batch_size=64) > 0
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU())
     one = fc.measure_latency(model, torch.randint(0, 255, (3, 1, 8, 8), dtype=torch.uint8), batch_sizes=[4, 2],

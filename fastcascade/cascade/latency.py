@@ -6,9 +6,9 @@
     fc.tune_cascade(cascade, val_x, val_y, cost="latency", latency=lat, run_batch_size=512, budget=...)
 
 A cascade is as fast as its parts: every trunk segment, stage module and ensemble member, the routing of
-every stage (its rule's decision, the partition, the host transfer of the branch sizes and the gathers
-that hand its rows to the children: ``<stage>/route``), the vote of every ensemble (``<ensemble>/vote``)
-and the fixed cost of a predict call (``call``). Each part is timed on n rows for every n of batch_sizes
+every stage (its rule's decision, the partition and the host transfer of the branch sizes: ``<stage>/route``),
+the gather that hands a node its rows' features or inputs (``<node>/gather``, paid by the rows that reach
+it), the vote of every ensemble (``<ensemble>/vote``) and the fixed cost of a predict call (``call``). Each part is timed on n rows for every n of batch_sizes
 (warm-up calls first, then `repeats` timed calls per size, all (part, size) pairs taking turns so a burst
 of load from elsewhere hits them alike): the median and the 95th percentile are kept. A part's time on n
 rows is interpolated linearly between the measured sizes (per-row cost is not constant: small batches pay
@@ -238,14 +238,39 @@ def _positive_int(v, what: str) -> int:
 # the parts of a cascade
 
 
+def _parent_branch(cascade) -> dict[str, tuple[Stage, int]]:
+    """node name -> (its parent stage, the branch leading to it), for every node but the root."""
+    out = {}
+    for node in cascade.nodes:
+        if isinstance(node, Stage):
+            for b, child in enumerate(node.kids):
+                if not isinstance(child, Leaf):
+                    out[child.name] = (node, b)
+    return out
+
+
+def _gathers(cascade, name: str) -> tuple[tuple[int, ...], bool]:
+    """What node `name` receives by a gather of its rows: the parent's trunk features it is carried (segment
+    ids) and whether it reads the cascade's input. Nothing for the root (it reads everything as it is)."""
+    parent = _parent_branch(cascade).get(name)
+    if parent is None:
+        return (), False
+    node, b = parent
+    return cascade.plan[node.name].carry[b], cascade.plan[name].reads < 0
+
+
 def latency_parts(cascade) -> tuple[list[str], tuple[tuple[str, ...], ...]]:
-    """(part names, per node the parts a row exiting there pays for)."""
+    """(part names, per node the parts a row exiting there pays for). A node's parts: ``<node>/gather`` (its
+    rows' features or inputs gathered from its parent's, where it receives any), its module (an ensemble: its
+    members), then ``<node>/route`` (a stage's decision and partition) or ``<node>/vote``."""
     own = {}
     for n in cascade.nodes:
+        feats, reads_x = _gathers(cascade, n.name)
+        gather = [f"{n.name}/gather"] if feats or reads_x else []
         if isinstance(n, Ensemble):
-            own[n.name] = [f"{n.name}.{k}" for k in range(len(n.members))] + [f"{n.name}/vote"]
+            own[n.name] = [*gather, *(f"{n.name}.{k}" for k in range(len(n.members))), f"{n.name}/vote"]
         else:
-            own[n.name] = [n.name, f"{n.name}/route"]
+            own[n.name] = [*gather, n.name, f"{n.name}/route"]
     names = ["call", *cascade.segments, *(p for n in cascade.nodes for p in own[n.name])]
     exits = tuple(("call", *cascade.segments[:cascade.plan[name].depth + 1],
                    *(p for q in cascade.path(name) for p in own[q])) for name in cascade.node_names)
@@ -253,7 +278,7 @@ def latency_parts(cascade) -> tuple[list[str], tuple[tuple[str, ...], ...]]:
 
 
 class _Inputs:
-    """Every part's input on `rows` rows (example cycled to that many), computed once."""
+    """Every part's input on the example's rows, computed once."""
 
     def __init__(self, cascade, x: torch.Tensor):
         self.x, self.feats, self.logits = x, [], {}
@@ -265,38 +290,35 @@ class _Inputs:
             p = cascade.plan[node.name]
             inp = x if p.tap < 0 else self.feats[p.tap]
             self.logits[node.name] = None if isinstance(node, Ensemble) else node.outputs(inp)
+        # a branch's rows: an ascending subset of its parent's, as partition orders them
+        self.subset = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0)).to(x.device)
 
     def segment_input(self, k: int) -> torch.Tensor:
         return self.x if k == 0 else self.feats[k - 1]
 
+    def rows(self, n: int) -> torch.Tensor:
+        return self.subset[:n].sort().values
 
-def _route(cascade, node: Stage, logits, carried: list[torch.Tensor], x, labels, exits, node_id):
-    """What Cascade.predict does after a stage's module: decide, partition, the host transfer of the branch
-    sizes, then per branch a leaf's labels written or the child's rows gathered (its features, its input)."""
+
+def _route(cascade, node: Stage, logits, labels, exits, node_id):
+    """What Cascade.predict does after a stage's module, short of gathering the children's rows: decide,
+    partition, the host transfer of the branch sizes, every branch's row ids, a leaf's labels written."""
     be = cascade.backend
-    n = logits.shape[0]
-    ids = torch.arange(n, device=logits.device)
+    ids = torch.arange(logits.shape[0], device=logits.device)
     part = routing.partition(node.rule.decide(logits, be), len(node.kids), backend=be)
     counts = part.counts.tolist()
     sorted_ids, start = ids[part.order], 0
     for b, child in enumerate(node.kids):
         k = counts[b]
-        if k == 0:
-            continue
-        sub, pos = sorted_ids[start:start + k], part.order[start:start + k]
-        if isinstance(child, Leaf):
+        if k and isinstance(child, Leaf):
+            sub = sorted_ids[start:start + k]
             labels.index_fill_(0, sub, child.label)
             exits.index_fill_(0, sub, node_id)
-        else:
-            for f in carried[b]:
-                routing.gather_rows(f, pos, backend=be)
-            if cascade.plan[child.name].reads < 0:
-                routing.gather_rows(x, sub, backend=be)
         start += k
 
 
 def _cascade_calls(cascade, inputs: _Inputs) -> dict:
-    """part name -> fn(n): one call of the part on the first n rows of its input."""
+    """part name -> fn(n): one call of the part on n rows of its input."""
     x, be, fns = inputs.x, cascade.backend, {}
     dev = x.device
 
@@ -310,6 +332,15 @@ def _cascade_calls(cascade, inputs: _Inputs) -> dict:
     for node_id, node in enumerate(cascade.nodes):
         p = cascade.plan[node.name]
         inp = x if p.tap < 0 else inputs.feats[p.tap]
+        carried, reads_x = _gathers(cascade, node.name)
+        sources = [inputs.feats[k] for k in carried] + ([x] if reads_x else [])
+        if sources:
+            def gather(n, sources=sources):
+                rows = inputs.rows(n)
+                for f in sources:
+                    routing.gather_rows(f, rows, backend=be)
+
+            fns[f"{node.name}/gather"] = gather
         if isinstance(node, Ensemble):
             for k, m in enumerate(node.members):
                 fns[f"{node.name}.{k}"] = lambda n, m=m, inp=inp: m(inp[:n])
@@ -323,12 +354,11 @@ def _cascade_calls(cascade, inputs: _Inputs) -> dict:
             fns[f"{node.name}/vote"] = vote
             continue
         fns[node.name] = lambda n, node=node, inp=inp: node.outputs(inp[:n])
-        feats = [[inputs.feats[k] for k in p.carry[b]] for b in range(len(node.kids))]
         labels = torch.zeros(x.shape[0], dtype=torch.int64, device=dev)
         exits = torch.zeros_like(labels)
 
-        def route(n, node=node, logits=inputs.logits[node.name], feats=feats, labels=labels, exits=exits, i=node_id):
-            _route(cascade, node, logits[:n], [[f[:n] for f in fb] for fb in feats], x[:n], labels[:n], exits[:n], i)
+        def route(n, node=node, logits=inputs.logits[node.name], labels=labels, exits=exits, i=node_id):
+            _route(cascade, node, logits[:n], labels[:n], exits[:n], i)
 
         fns[f"{node.name}/route"] = route
     return fns
