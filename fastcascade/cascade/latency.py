@@ -143,20 +143,30 @@ class LatencyModel:
     @torch.no_grad()
     def seconds_per_row(self, model, x: torch.Tensor | None = None, batch_size: int = 512,
                         which: str = "median") -> float:
-        """Predicted seconds per row of model (the cascade or model measured) run in batches of batch_size:
-        for a cascade, at its current setting, from the fraction of x's rows reaching each part."""
-        if not self.is_cascade:
-            return float(self.seconds_from_reach(torch.ones(1), batch_size, which))
-        self.check(model)
-        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[0] == 0:
-            raise ValueError("x must be a tensor of the cascade's input rows (at least one) to predict from")
-        counts = torch.zeros(len(self.nodes), dtype=torch.float64)
-        for i in range(0, x.shape[0], 4096):
-            xb = x[i:i + 4096]
-            xb = xb.float() / 255 if xb.dtype == torch.uint8 else xb
-            stage = model.predict(xb, return_details=True).exit_stage
-            counts += torch.bincount(stage.cpu(), minlength=len(self.nodes)).to(torch.float64)
-        return float(self.seconds_from_exits(counts, batch_size, which))
+        """Predicted seconds per row of running model (the cascade or model measured) over x in batches of
+        batch_size (full batches, then the rest); for a cascade at its current setting, from the fraction of
+        x's rows reaching each part. A plain model needs no x (then: full batches)."""
+        B = _positive_int(batch_size, "batch_size")
+        if self.is_cascade:
+            self.check(model)
+            if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[0] == 0:
+                raise ValueError("x must be a tensor of the cascade's input rows (at least one) to predict from")
+            counts = torch.zeros(len(self.nodes), dtype=torch.float64)
+            for i in range(0, x.shape[0], 4096):
+                xb = x[i:i + 4096]
+                xb = xb.float() / 255 if xb.dtype == torch.uint8 else xb
+                stage = model.predict(xb, return_details=True).exit_stage
+                counts += torch.bincount(stage.cpu(), minlength=len(self.nodes)).to(torch.float64)
+            reach = (counts @ self.membership()) / counts.sum()
+        else:
+            reach = torch.ones(1, dtype=torch.float64)
+        if x is None:
+            return float(self.seconds_from_reach(reach, B, which))
+        full, rest = divmod(x.shape[0], B)
+        total = full * B * float(self.seconds_from_reach(reach, B, which))
+        if rest:
+            total += rest * float(self.seconds_from_reach(reach, rest, which))
+        return total / x.shape[0]
 
     def check(self, cascade) -> None:
         """ValueError unless this model was measured for a cascade with the same stages and parts."""
