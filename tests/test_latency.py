@@ -186,7 +186,9 @@ def test_measure_latency_of_a_cascade_and_a_model():
     assert c.training and all(m.training for m in c.modules())  # modes restored
     names, exits = latency_parts(c)
     assert list(lat.parts) == names and lat.exit_parts == exits and lat.nodes == tuple(c.node_names)
-    assert all(v.batch_sizes == (1, 8, 64) and all(t > 0 for t in v.median) for v in lat.parts.values())
+    assert all(v.batch_sizes == (1, 8, 64) for v in lat.parts.values())
+    assert all(t > 0 for k, v in lat.parts.items() if k != "runner" for t in v.median)
+    assert all(t >= 0 for t in lat.parts["runner"].median)  # a residual, never below 0
     assert all(p95 >= med for v in lat.parts.values() for med, p95 in zip(v.median, v.p95))
     assert lat.env["threads"] == 1 and lat.env["device"] == "cpu" and lat.env["torch"] == torch.__version__
     assert "call" in names and all(f"{s}/route" in names for s in c.node_names if isinstance(
@@ -201,6 +203,20 @@ def test_measure_latency_of_a_cascade_and_a_model():
     one = fc.measure_latency(model, torch.randint(0, 255, (3, 1, 8, 8), dtype=torch.uint8), batch_sizes=[4, 2],
                              repeats=2)
     assert list(one.parts) == ["model"] and one.batch_sizes == (2, 4) and not one.is_cascade
+
+
+def test_the_runner_part_is_what_whole_calls_cost_beyond_the_parts_their_rows_reached():
+    from fastcascade.cascade.latency import _residual
+
+    names = ["call", "runner", "a", "b"]
+    exits = (("call", "runner", "a"), ("call", "runner", "a", "b"))
+    parts = {"call": _timing((4, 8), (1.0, 1.0)), "a": _timing((4, 8), (4.0, 8.0)), "b": _timing((4, 8), (2.0, 3.0))}
+    # on 4 rows 1 reached b (exit at node 1); on 8 rows, 6 did: b's time at 1 row is 2/4 (scaled below 4 rows)
+    runs = [torch.tensor([0, 0, 0, 1]), torch.tensor([1, 1, 1, 0, 1, 1, 0, 1])]
+    whole = _timing((4, 8), (1.0 + 4.0 + 0.5 + 10.0, 1.0 + 8.0 + 2.5 + 20.0))
+    r = _residual(whole, parts, names, exits, runs)
+    assert r.median == pytest.approx((10.0, 20.0)) and r.batch_sizes == (4, 8)
+    assert _residual(_timing((4, 8), (0.0, 0.0)), parts, names, exits, runs).median == (0.0, 0.0)
 
 
 def test_save_load_round_trip_corruption_and_environment_warning(tmp_path):

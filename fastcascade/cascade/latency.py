@@ -8,7 +8,10 @@
 A cascade is as fast as its parts: every trunk segment, stage module and ensemble member, the routing of
 every stage (its rule's decision, the partition and the host transfer of the branch sizes: ``<stage>/route``),
 the gather that hands a node its rows' features or inputs (``<node>/gather``, paid by the rows that reach
-it), the vote of every ensemble (``<ensemble>/vote``) and the fixed cost of a predict call (``call``). Each part is timed on n rows for every n of batch_sizes
+it), the vote of every ensemble (``<ensemble>/vote``), the fixed cost of a predict call (``call``) and the
+runner's own time (``runner``: whole predict calls on the example, timed in turns with the parts, less the
+parts the example's rows reached: the runner's bookkeeping between parts and what parts lose to each other's
+use of the caches, measured at the cascade's setting when it is measured; both paid per call by every row). Each part is timed on n rows for every n of batch_sizes
 (warm-up calls first, then `repeats` timed calls per size, all (part, size) pairs taking turns so a burst
 of load from elsewhere hits them alike): the median and the 95th percentile are kept. A part's time on n
 rows is interpolated linearly between the measured sizes (per-row cost is not constant: small batches pay
@@ -281,8 +284,8 @@ def latency_parts(cascade) -> tuple[list[str], tuple[tuple[str, ...], ...]]:
             own[n.name] = [*gather, *(f"{n.name}.{k}" for k in range(len(n.members))), f"{n.name}/vote"]
         else:
             own[n.name] = [*gather, n.name, f"{n.name}/route"]
-    names = ["call", *cascade.segments, *(p for n in cascade.nodes for p in own[n.name])]
-    exits = tuple(("call", *cascade.segments[:cascade.plan[name].depth + 1],
+    names = ["call", "runner", *cascade.segments, *(p for n in cascade.nodes for p in own[n.name])]
+    exits = tuple(("call", "runner", *cascade.segments[:cascade.plan[name].depth + 1],
                    *(p for q in cascade.path(name) for p in own[q])) for name in cascade.node_names)
     return names, exits
 
@@ -453,12 +456,34 @@ def measure_latency(model: nn.Module, example: torch.Tensor, batch_sizes: Sequen
     reps = -(-sizes[-1] // x.shape[0])
     x = x.repeat(reps, *([1] * (x.dim() - 1)))[:sizes[-1]].contiguous()
     with eval_mode(model):
-        if isinstance(model, Cascade):
-            names, exits = latency_parts(model)
-            fns = _cascade_calls(model, _Inputs(model, x))
-            fns = {k: fns[k] for k in names}
-            nodes = tuple(model.node_names)
-        else:
-            fns, nodes, exits = {"model": lambda n: model(x[:n])}, (), ()
-        parts = _timed(fns, sizes, repeats, warmup, dev)
-    return LatencyModel(parts, nodes, exits, environment(dev), repeats)
+        if not isinstance(model, Cascade):
+            parts = _timed({"model": lambda n: model(x[:n])}, sizes, repeats, warmup, dev)
+            return LatencyModel(parts, (), (), environment(dev), repeats)
+        names, exits = latency_parts(model)
+        fns = _cascade_calls(model, _Inputs(model, x))
+        fns = {k: fns[k] for k in names if k != "runner"}
+        fns["runner"] = lambda n: model.predict(x[:n])  # whole calls, timed in turns with the parts
+        timed = _timed(fns, sizes, repeats, warmup, dev)
+        runs = [model.predict(x[:n], return_details=True).exit_stage.cpu() for n in sizes]
+        runner = _residual(timed["runner"], timed, names, exits, runs)
+        parts = {k: runner if k == "runner" else timed[k] for k in names}
+        return LatencyModel(parts, tuple(model.node_names), exits, environment(dev), repeats)
+
+
+def _residual(whole: PartTiming, parts: dict[str, PartTiming], names, exits, runs) -> PartTiming:
+    """The runner's own time per call (its bookkeeping between parts, and what parts lose to each other's use
+    of the caches): whole predict calls on the first n example rows, less the parts those rows reached, each
+    at the number of rows that reached it; never below 0."""
+    order = [n for n in names if n != "runner"]
+    member = torch.zeros(len(exits), len(order), dtype=torch.float64)
+    for k, paid in enumerate(exits):
+        for p in paid:
+            if p != "runner":
+                member[k, order.index(p)] = 1
+    med, p95 = [], []
+    for i, stage in enumerate(runs):
+        counts = torch.bincount(stage, minlength=len(exits)).to(torch.float64) @ member
+        for which, out, total in (("median", med, whole.median[i]), ("p95", p95, whole.p95[i])):
+            paid = sum(float(parts[p].seconds(counts[j], which)) for j, p in enumerate(order))
+            out.append(max(total - paid, 0.0))
+    return PartTiming(whole.batch_sizes, tuple(med), tuple(max(a, b) for a, b in zip(med, p95)))
