@@ -22,8 +22,9 @@ A difference beyond ``atol * max(1, largest |output| of that part) + rtol * |out
 naming the part and the largest difference. The copy's parameters have requires_grad False: it is for
 inference (no autograd bookkeeping; an optimizer built on it by mistake sees nothing to train).
 
-torch.compile is not applied: on one CPU thread it made the demo's small CNN and its cascade slower or no
-faster at the batch sizes the demo times, after tens of seconds of compilation (bench/inference_notes.md).
+torch.compile is not applied: on one CPU thread it made the demo's small CNN and its gate cascade slower (about
+0.8x at 128 and 512 rows) or no faster (2,048 rows), after 16-36 s of compilation on the first call
+(bench/inference_notes.md).
 """
 
 from __future__ import annotations
@@ -126,6 +127,8 @@ def _verify(model: nn.Module, served: nn.Module, x: torch.Tensor, rtol: float, a
     why = (f"after folding {folded} batch norms (does the model's forward apply the layers of an nn.Sequential "
            f"in another order than it lists them?)" if folded else "though no batch norm was folded (is the "
            "model's forward random in eval mode?)")
+    if want.keys() != got.keys():
+        raise RuntimeError(f"inference_form: the copy's outputs are {sorted(got)}, the original's {sorted(want)} {why}")
     for part, ref in want.items():
         new = got[part]
         if isinstance(ref, torch.Tensor) and isinstance(new, torch.Tensor) and ref.shape == new.shape:

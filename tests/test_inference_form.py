@@ -220,6 +220,16 @@ def test_a_random_forward_is_caught_and_other_outputs_are_compared():
     with pytest.raises(RuntimeError, match=r"the output\[1\] differs in the copy: 2 against the original's 1"):
         fc.inference_form(Counter(), torch.rand(4, 3))
 
+    class Shape(nn.Module):  # an output whose structure depends on the call
+        calls = 0
+
+        def forward(self, x):
+            Shape.calls += 1
+            return {"a": x} if Shape.calls == 1 else {"b": x}
+
+    with pytest.raises(RuntimeError, match=r"the copy's outputs are \[\"the output\['b'\]\"\]"):
+        fc.inference_form(Shape(), torch.rand(4, 3))
+
 
 def test_an_ensemble_and_its_members_are_checked_and_folded():
     torch.manual_seed(4)
