@@ -22,7 +22,7 @@ from fastcascade import data as fd
 from fastcascade.cascade import Argmax, Cascade, Stage, Threshold
 from fastcascade.demo.context import NUM_LABELS, blocks_of, throughputs
 from fastcascade.demo.heads import HIDDEN
-from fastcascade.demo.models import GridPool, SmallCNN, fold_batchnorm
+from fastcascade.demo.models import GridPool, SmallCNN
 
 
 def main() -> None:
@@ -37,7 +37,7 @@ def main() -> None:
     x = blocks_of(fd.load_partition_dataset("test"))
     flat = SmallCNN(NUM_LABELS, m["config"]["width"], stem_stride=m["config"].get("stem_stride", 1))
     fc.load_checkpoint(args.run / "checkpoints" / "flat" / "best.pt", flat)
-    fold_batchnorm(flat.eval(), x[:256])
+    flat = fc.inference_form(flat, x[:256])
     trunk, head = fc.split_backbone(flat, at=m["config"]["segments"][:-1])
     first, last = next(iter(trunk)), list(trunk)[-1]
     with torch.no_grad():

@@ -711,44 +711,6 @@ def test_demo_small_cnn_stem_stride_moves_layer1s_stride_into_the_stem():
             SmallCNN(8, stem_stride=bad)
 
 
-def test_demo_fold_batchnorm_keeps_outputs_and_refuses_what_it_cannot_check():
-    from fastcascade.demo.models import SmallCNN, fold_batchnorm
-
-    torch.manual_seed(0)
-    model = SmallCNN(8)
-    with torch.no_grad():  # running statistics other than the defaults, so that folding changes the weights
-        for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
-            bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.uniform_(0.5, 2)
-    x = torch.rand(16, 1, 16, 16)
-    with pytest.raises(ValueError, match="eval mode"):
-        fold_batchnorm(model, x)
-    model.eval()
-    trunk, head = fc.split_backbone(model, at=["layer1"])
-    ref = model(x)
-    assert fold_batchnorm(model, x) == 4
-    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
-    torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-5)
-    h = x
-    for seg in trunk.values():  # the trunk shares the folded modules
-        h = seg(h)
-    torch.testing.assert_close(head(h), ref, rtol=1e-4, atol=1e-5)
-    assert fold_batchnorm(model, x) == 0  # nothing left to fold
-
-    class BatchNormFirst(nn.Module):  # a Sequential lists conv then bn, but forward applies them the other way
-        def __init__(self):
-            super().__init__()
-            self.seq = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4))
-            with torch.no_grad():
-                self.seq[1].running_mean.fill_(3.0)
-            self.shift = self.seq[1].running_mean[:1].clone()
-
-        def forward(self, x):  # normalises the input itself and runs only the convolution of the Sequential
-            return self.seq[0](x - self.shift.view(1, 1, 1, 1))
-
-    with pytest.raises(RuntimeError, match="outputs changed"):
-        fold_batchnorm(BatchNormFirst().eval(), x)
-
-
 def test_a_dataset_that_follows_the_labelled_protocol_is_read_in_batches():
     """Any dataset with an int64 `labels` tensor and batch_indexing = True is read without per-item calls
     (what PartitionDataset does, without fastcascade.train knowing the class)."""

@@ -1,5 +1,5 @@
-"""The demo's models: a small CNN for 16x16 luma blocks (or timm's resnet18), fresh-head copies, and the
-inference form the designs are timed in (batch norm folded into the convolutions, pooling as a product)."""
+"""The demo's models: a small CNN for 16x16 luma blocks (or timm's resnet18), fresh-head copies, and pooling as
+a matrix product (GridPool). The designs are timed in fastcascade.inference_form (batch norm folded)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-__all__ = ["GridPool", "SmallCNN", "fold_batchnorm", "make_backbone", "with_new_head"]
+__all__ = ["GridPool", "SmallCNN", "make_backbone", "with_new_head"]
 
 
 class GridPool(nn.Module):
@@ -92,29 +91,3 @@ def with_new_head(model: nn.Module, num_outputs: int, seed: int) -> nn.Module:
     m = copy.deepcopy(model)
     m.fc = nn.Linear(m.fc.in_features, num_outputs, device=m.fc.weight.device)
     return m
-
-
-@torch.no_grad()
-def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> int:
-    """Fold every eval-mode BatchNorm2d that follows a Conv2d inside an nn.Sequential into the convolution
-    (in place: modules that share those Sequentials, like a trunk cut from the model, see the folded ones);
-    returns how many were folded. For inference only: the folded model no longer trains as before. Checks
-    that model(example) is unchanged up to rounding, and raises (restoring nothing) if it is not."""
-    if model.training:
-        raise ValueError("fold_batchnorm: the model must be in eval mode (folding uses the running statistics)")
-    before = model(example)
-    folded = 0
-    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
-        for i in range(len(seq) - 1):
-            conv, bn = seq[i], seq[i + 1]
-            if (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats
-                    and bn.num_features == conv.out_channels):
-                seq[i], seq[i + 1] = fuse_conv_bn_eval(conv, bn), nn.Identity()
-                folded += 1
-    after = model(example)
-    scale = before.abs().max().item() + 1e-6
-    if not torch.allclose(after, before, rtol=1e-3, atol=1e-4 * scale):
-        raise RuntimeError(f"fold_batchnorm: outputs changed by {(after - before).abs().max().item():.3g} after "
-                           f"folding {folded} batch norms: the model applies them in another order than its "
-                           f"Sequentials list them")
-    return folded

@@ -27,6 +27,7 @@ from .. import data as fd
 from .._checks import device_arg, file_in_the_way
 from .._io import write_json
 from ..cascade import split_backbone
+from ..inference import inference_form
 from ..metrics import classification_report
 from ..train import evaluate
 from .context import (
@@ -42,7 +43,6 @@ from .context import (
 from .designs import build_designs, measure
 from .heads import train_trunk_heads
 from .hierarchy import train_flat, train_own_hierarchy
-from .models import fold_batchnorm
 from .plots import plot_confusion, plot_curves, plot_frontier
 from .report import format_stages, format_table, target_check
 
@@ -168,12 +168,14 @@ def _train_and_report(args, train, val, test, device, backbone, epochs, amp, qui
         print(f"  {k:<7} macro F1 {standalone[k].macro_f1:.4f}, accuracy {standalone[k].accuracy:.4f}")
 
     t = time.perf_counter()
-    # every design is timed in inference form: batch norm folded into the convolutions (the trunk shares the
-    # flat model's modules, so it is folded with it)
-    example = blocks_of(val)[:256].to(device)
-    folded = {k: fold_batchnorm(m.eval(), example) for k, m in {"flat": flat, **own.models()}.items()}
-    run.timing["batchnorms_folded"] = folded
+    for m in (flat, *own.models().values()):
+        m.eval()  # the temperatures are fitted on the models' eval-mode logits
     designs = build_designs(run, own, flat, trunk, flat_head, heads)
+    # every design is timed in inference form: a checked copy with batch norm folded into the convolutions (a
+    # cascade's copy keeps its trunk and heads shared as the design shares them)
+    example = blocks_of(val)[:256].to(device)
+    for d in designs:
+        d.model = inference_form(d.model, example)
     results = measure(run, designs)
     run.timing["compare_s"] = time.perf_counter() - t
     y_test = labels_of(test)
