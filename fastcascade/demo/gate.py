@@ -6,23 +6,28 @@ raw block instead: two stride-2 convolutions (16x16 -> 8x8 -> 4x4, `width` chann
 fold_batchnorm folds away), a 2x2 average pool (GridPool: a matrix product) and a linear layer to one
 logit, which also reads the block's log variance (flat blocks are the surest NONE in AV1 partitioning).
 
-Measured with bench/demo_raw_gate.py (2026-12-07; one thread on a shared 2-core machine; medians of 15
+Measured with bench/demo_raw_gate.py (2026-12-07; one thread on a shared 2-core machine; medians of 9-15
 repeats taken in turns on 2,048 test blocks; the flat model is SmallCNN(8) at the demo's width 16; every
-model with batch norm folded, as the demo times them; times vary ~2x between runs on that machine):
+model with batch norm folded, as the demo times them):
 
     model              FLOPs/block  x flat   time x flat, 512-row batches   2,048-row batches
-    RawGate(4)              10,786   0.44%             5.2%                      5.2%
-    RawGate(8)              29,762   1.22%             5.8%                      4.2%
-    the same, variance=False: 3.5% / 4.8% (512 rows), 1.6% / 2.3% (2,048 rows)
-    the variance input alone: 0.9% / 0.3%; torch.var would take 5.1% / 2.5%
+    flat (SmallCNN(8))   2,445,312   100%          100% (~30 us/block)        100% (~61 us/block)
+    RawGate(4)              10,786   0.44%         5.2%                       2.1-5.0%
+    RawGate(8)              29,762   1.22%         5.6-5.8%                   2.5-4.2%
+    the same, variance=False: 3.5-3.6% / 4.6-4.8% (512 rows), 1.5-1.6% / 2.1-2.3% (2,048 rows)
+    the variance input alone: 0.8-0.9% / 0.2-0.3%; torch.var would take 5.1% / 2.5%
+(RawGate(4)'s 5% at 2,048 rows came when it ran right after the flat model in each turn; timed beside the
+other gates alone it took 1.25 us/block.)
 
 Stage 1 on val (2,399 blocks, 68% NONE), trained as train_raw_gates does (6 epochs, 3-4 s a gate): the
 variance is most of what a raw gate knows. A threshold on the variance alone has ROC AUC 0.649 and sends
 13.8% of the blocks out as NONE at a NONE precision of 0.9. RawGate(4): AUC 0.666, macro F1 0.601 at logit
 0, 14.2% out at that precision; RawGate(8): 0.657, 0.605, 4.0%. Without the variance input: AUC 0.636
 (4) and 0.615 (8), at most 2.1% out. (The own hierarchy's Stage 1, a SmallCNN of width 16: AUC 0.72, 12%.)
-Stage 1 is hard on this data; a raw gate's value is in time, and how far out along its curve to cut is for
-the cascade's tuning to find.
+In front of a default run's flat model (test macro F1 0.2990), tuned on val for macro F1 like the demo's
+designs, the gates send out far more than that as NONE and the flat model's mistakes on those rows go
+with them: RawGate(8) 0.3000 with 64% of the test blocks out, 2.06x the flat model's blocks/s;
+RawGate(4) 0.2891, 67% out, 2.20x (one seed, best of 5 timing rounds).
 """
 
 from __future__ import annotations
