@@ -59,6 +59,18 @@ def test_the_variance_input_is_the_blocks_log_variance_flat_blocks_included():
     torch.testing.assert_close(got, want, rtol=0, atol=1e-3)
 
 
+def test_the_variance_input_stays_float32_under_bf16_autocast():
+    """The demo trains under bf16 autocast on a GPU: E[x^2] - E[x]^2 in bf16 would swamp most variances."""
+    x = 0.88 + 0.03 * torch.rand(8, 1, 16, 16)  # a bright block of a typical variance, ~1e-4
+    gate = RawGate(2)
+    want = gate.log_variance(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = gate.log_variance(x)
+        assert gate(x).shape == (8, 1)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want)
+
+
 def test_the_gate_folds_into_its_inference_form():
     gate = RawGate(4)
     gate.train()

@@ -77,7 +77,8 @@ class RawGate(nn.Module):
         self.fc = nn.Linear(4 * width + int(self.variance), 1)
         if self.variance:
             # start as a threshold on the variance (more variance: PARTITION), the cue the CNN then refines:
-            # from a random start, --quick's 2 epochs on 4,000 rows left an 8-channel gate near chance
+            # from a random start, --quick's 2 epochs on 4,000 rows left an 8-channel gate at val AUC 0.59
+            # (0.64 from this start)
             with torch.no_grad():
                 self.fc.weight[0, -1] = 1.0
 
@@ -91,10 +92,12 @@ class RawGate(nn.Module):
         """(N, 1): each block's log variance, standardised (the gate's hand-made input)."""
         # E[x^2] - E[x]^2 with two matrix products: torch.var costs ~18x more on one core. Centring on 0.5
         # first (one more pass, ~0.5% of the flat model's time) cuts the cancellation's rounding on flat bright
-        # blocks from ~1e-6 to ~1e-8; the clamp keeps what is left from going negative
-        f = x - 0.5
-        m, q = self.mean(f).flatten(1), self.mean(f * f).flatten(1)
-        v = torch.log((q - m * m).clamp_min(0) + _VAR_FLOOR)
+        # blocks from ~1e-6 to ~1e-8; the clamp keeps what is left from going negative. Always in float32:
+        # under bf16 autocast (the demo on a GPU) the cancellation would swamp the variance of most blocks
+        with torch.autocast(x.device.type, enabled=False):
+            f = x.float() - 0.5
+            m, q = self.mean(f).flatten(1), self.mean(f * f).flatten(1)
+            v = torch.log((q - m * m).clamp_min(0) + _VAR_FLOOR)
         return (v - _LOGVAR_CENTER) / _LOGVAR_SCALE
 
     def extra_repr(self) -> str:
@@ -105,11 +108,11 @@ def train_raw_gates(run: Run, widths=GATE_WIDTHS, *, epochs: int | None = None, 
                     variance: bool = True) -> dict[int, RawGate]:
     """One RawGate per width, trained like the own hierarchy's Stage 1 (sigmoid focal loss, gamma 2.5, target
     "stage1", random dihedral transforms, lr 3e-3) on the run's train split and selected on val; recorded
-    under "gate<width>" (histories, timings, checkpoints). Returns {width: gate at its best epoch}, in train
-    mode: fold its batch norms (demo.models.fold_batchnorm) with the other models before timing it.
+    under "gate<width>" (histories, timings, checkpoints). Returns {width: gate at its best epoch}; fold its
+    batch norms with the other models before timing it (demo.models.fold_batchnorm(gate.eval(), example)).
 
-    epochs: default the run's; batch_size: 128 (a gate trains on the full embedded split in ~1 s an epoch at
-    one thread; larger batches leave too few steps for --quick's 4,000 rows and 2 epochs); variance: the
+    epochs: default the run's; batch_size: 128 (a gate trains on the full embedded split in ~0.5 s an epoch
+    at one thread; larger batches leave too few steps for --quick's 4,000 rows and 2 epochs); variance: the
     gates' log-variance input (RawGate's `variance`)."""
     widths = [_check_width(w) for w in widths]
     if len(set(widths)) != len(widths):
