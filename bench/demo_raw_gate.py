@@ -10,10 +10,8 @@ subsets and 2 epochs) and prints, on val, the Stage-1 F1 / precision / recall at
 threshold sends out as NONE at a NONE precision of at least 0.9 (and 0.95); then the same threshold on test.
 The block variance alone (a threshold on it) is the reference a learned gate has to beat.
 
-With --flat <demo run folder> (a finished default run: small-cnn, embedded data), each gate is also put in
-front of that run's flat model (NONE exits, the other rows run the flat model), tuned on val for macro F1
-with fastcascade.tune_cascade as the demo tunes its designs, and reported on test: macro F1, the share sent
-out as NONE and blocks/s against the flat model (fastcascade.demo.context.throughputs, --rounds rounds).
+The gates in front of the flat model and the v6 hierarchy, tuned and timed, are the demo's designs raw<w> and
+raw<w>-v6 (python -m fastcascade demo).
 """
 
 import argparse
@@ -28,10 +26,9 @@ import torch
 import fastcascade as fc
 from fastcascade import data as fd
 from fastcascade import flops_per_row
-from fastcascade.cascade import Argmax, Cascade, Stage, Threshold
-from fastcascade.demo.context import NUM_LABELS, Run, blocks_of, labels_of, throughputs
+from fastcascade.demo.context import Run, blocks_of, labels_of
 from fastcascade.demo.gate import RawGate, train_raw_gates
-from fastcascade.demo.models import SmallCNN, fold_batchnorm
+from fastcascade.demo.models import SmallCNN
 
 
 def _subset(ds, n, seed):
@@ -102,32 +99,6 @@ def report(name: str, logits_v, tv, logits_t, tt) -> None:
               f"test: {ft:.1%} out, NONE precision {pt:.3f}, PARTITION lost {lost_t:.1%}")
 
 
-@torch.no_grad()
-def in_front_of_flat(gates: dict, run_dir: pathlib.Path, val, test, rounds: int) -> None:
-    flat = SmallCNN(NUM_LABELS).eval()
-    fc.load_checkpoint(run_dir / "checkpoints" / "flat" / "best.pt", flat)
-    xv, yv, xt, yt = blocks_of(val), labels_of(val), blocks_of(test), labels_of(test)
-    fold_batchnorm(flat, xv[:256])
-    fns = {"flat": lambda v: flat(v).argmax(1)}
-    rows = {"flat": (fc.classification_report(fns["flat"](xt), yt, NUM_LABELS).macro_f1, 0.0, "-")}
-    for w, g in gates.items():
-        fold_batchnorm(g.eval(), xv[:256])
-        t = fc.fit_temperature(g(xv).reshape(-1), fd.stage_targets(yv)["stage1"].float())
-        c = Cascade(Stage(g, Threshold(0.5, t), [fd.NONE, Stage(flat, Argmax(), range(NUM_LABELS), name="flat")],
-                          name="gate")).eval()
-        tuned = fc.tune_cascade(c, xv, yv, objective="macro_f1")
-        pred = tuned.cascade.predict(xt)
-        out = float((g(xt).reshape(-1) / t).sigmoid().le(tuned.setting["gate"]).float().mean())
-        rows[f"gate{w}"] = (fc.classification_report(pred, yt, NUM_LABELS).macro_f1, out,
-                            f"{tuned.setting['gate']:.3f} (val macro F1 {tuned.metric:.4f})")
-        fns[f"gate{w}"] = tuned.cascade.predict
-    bps = throughputs(fns, xt, torch.device("cpu"), rounds)
-    print(f"\nin front of the flat model of {run_dir.name}, tuned on val for macro F1, on the {len(yt)} test blocks:")
-    for k, (f1, out, setting) in rows.items():
-        print(f"  {k:<6} macro F1 {f1:.4f} | out as NONE {out:6.1%} | {bps[k][0]:>8,.0f} blocks/s "
-              f"({bps[k][0] / bps['flat'][0]:.2f}x, batch {bps[k][1]}) | threshold {setting}")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
@@ -135,8 +106,6 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--no-train", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--flat", type=pathlib.Path, help="a finished default demo run folder (its flat model)")
-    ap.add_argument("--rounds", type=int, default=3, help="timing rounds of the cascades (with --flat)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     train, val, test = (fd.load_partition_dataset(s, verbose=False) for s in ("train", "val", "test"))
@@ -145,13 +114,11 @@ def main() -> None:
     xt = blocks_of(fd.load_partition_dataset("test", verbose=False))
     ex = xt[:1]
 
-    flat = SmallCNN(8).eval()
-    fold_batchnorm(flat, xt[:256])
+    flat = fc.inference_form(SmallCNN(8).eval(), xt[:256])
     models = {"flat": flat}
     for w in args.widths:
         for var in (True, False):
-            models[f"gate{w}" + ("" if var else "-novar")] = g = RawGate(w, var).eval()
-            fold_batchnorm(g, xt[:256])
+            models[f"gate{w}" + ("" if var else "-novar")] = fc.inference_form(RawGate(w, var).eval(), xt[:256])
     models["variance"] = RawGate(1).eval().log_variance  # the gate's variance input alone
     models["torch.var"] = lambda v: v.flatten(1).var(1)
     secs = time_models(models, xt[:2048], (512, 2048), args.repeats)
@@ -186,8 +153,6 @@ def main() -> None:
                 for name, g in ((f"gate{w}", gates[w]), (f"gate{w}-novar", novar[w])):
                     g.eval()
                     report(name, g(xv).reshape(-1), tv, g(xtt).reshape(-1), tt)
-        if args.flat is not None:
-            in_front_of_flat(gates, args.flat, val, test, args.rounds)
 
 
 if __name__ == "__main__":

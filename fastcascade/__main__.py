@@ -30,6 +30,9 @@ def main(argv=None) -> int:
     demo.add_argument("--backbone", choices=("small-cnn", "resnet18"), default=None,
                       help="default: small-cnn on the CPU, timm resnet18 on CUDA")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seeds", type=_positive, default=1,
+                      help="train and measure this many seeds (--seed, --seed + 1, ...) and report every design's "
+                           "test macro F1, accuracy and throughput ratio as mean ± std (default 1)")
     demo.add_argument("--batch-size", type=_positive, default=None, help="default 128; 64 with --quick")
     demo.add_argument("--width", type=_positive, default=16, help="channels of the small CNN's first layer")
     demo.add_argument("--stem-stride", type=int, choices=(1, 2), default=1,

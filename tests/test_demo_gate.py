@@ -11,7 +11,8 @@ from fastcascade import flops_per_row
 from fastcascade.demo.context import NUM_LABELS, Run, blocks_of, labels_of
 from fastcascade.demo.gate import GATE_WIDTHS, RawGate, train_raw_gates
 from fastcascade.demo.hierarchy import stage1_loss
-from fastcascade.demo.models import SmallCNN, fold_batchnorm
+from fastcascade.demo.models import SmallCNN
+from fastcascade.inference import fold_batchnorms, inference_form
 
 EXAMPLE = torch.zeros(1, 1, 16, 16)
 
@@ -79,8 +80,11 @@ def test_the_gate_folds_into_its_inference_form():
     x = torch.rand(32, 1, 16, 16)
     gate.eval()
     before = gate(x)
-    assert fold_batchnorm(gate, x) == 2
-    torch.testing.assert_close(gate(x), before, rtol=1e-4, atol=1e-5)
+    served = inference_form(gate, x)  # checked against the gate on x
+    norms = [m for m in served.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert not norms and fold_batchnorms(served) == 0  # both were folded into their convolutions
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in gate.modules()) == 2  # the gate keeps its own
+    torch.testing.assert_close(served(x), before, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("width", [0, -3, 2.0, True, "4", None])

@@ -264,9 +264,9 @@ def test_unknown_op_lists_the_ops():
 # ---------------------------------------------------------------------------------------------
 # scripts/gpu_check.sh
 
-PHASES = {"DEVICE", "BUILD", "SELFTEST", "TESTS", "SANITIZE", "BENCH", "REPORT"}
+PHASES = {"DEVICE", "BUILD", "SELFTEST", "TESTS", "SANITIZE", "BENCH", "LATENCY", "REPORT"}
 OUT_FILES = {"device.txt", "build.log", "selftest.json", "selftest.txt", "tests.log", "bench.json", "bench_table.md",
-             "summary.txt"}
+             "latency.txt", "latency.json", "summary.txt"}
 
 
 def _budgets():
@@ -311,6 +311,9 @@ case "$*" in
     echo "{\"datetime\": \"2026-01-01\", \"benchmarks\": [{\"group\": \"$file\", \"name\": \"n\",
       \"params\": {\"impl\": \"fake\"}, \"extra_info\": {\"median_ms\": 1.0, \"gbps\": 1.0, \"frac_copy_bw\": 0.5,
       \"peak_extra_mb\": 0, \"device\": \"fake\", \"torch\": \"x\", \"copy_bw_gbps\": 2.0}}]}" > "$json" ;;
+  *"bench/latency_check.py"*)
+    while [ "$1" != --json ]; do shift; done
+    echo '{"worst": 0.05}' > "$2"; echo "fake latency check" ;;
   *"import xdist"*) exit 1 ;;
   *) exec "$REAL_PYTHON" "$@" ;;
 esac
@@ -339,11 +342,11 @@ def test_gpu_check_records_an_overrun_and_goes_on(tmp_path):
     proc, out = _fake_run(tmp_path, BUDGET_SELFTEST="1", FAKE_SELFTEST_SLEEP="20")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     files = set(os.listdir(out))
-    assert files <= OUT_FILES and len(files) <= 8, files
+    assert files <= OUT_FILES and len(files) <= 10, files
     assert files == OUT_FILES
     summary = (out / "summary.txt").read_text()
     assert re.search(r"^selftest\s+OVERRAN its budget\s+\d+ / 1$", summary, re.M), summary
-    for phase in ("device", "build", "tests", "sanitize", "bench"):  # the phases after the overrun still ran
+    for phase in ("device", "build", "tests", "sanitize", "bench", "latency"):  # the phases after the overrun ran
         assert re.search(rf"^{phase}\s+ok\b", summary, re.M), summary
     assert "fake tests: 3 passed" in (out / "tests.log").read_text()
     assert "selftest: 1 rows, 1 failing, run cut short" in summary  # the rows written before the cut are named

@@ -571,44 +571,62 @@ def _demo(args, cwd, timeout=600):
 @pytest.mark.slow
 def test_demo_quick_end_to_end(tmp_path):
     out = tmp_path / "run"
-    r = _demo(["demo", "--quick", "--out", str(out), "--no-progress"], tmp_path)
+    r = _demo(["demo", "--quick", "--out", str(out), "--no-progress", "--seeds", "2"], tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    for text in ("== designs on the 2000 test blocks, at operating points tuned on val", "blocks/s", "always NONE",
-                 "equal the dense oracle for every design: True", "target (flat's macro F1"):
+    for text in ("== designs on the 2000 test blocks, at operating points tuned on val on FLOPs and on latency",
+                 "blocks/s", "always NONE", "equal the dense oracle for every design: True", "######## seed 1 (2 of 2)",
+                 "== over 2 seeds (0, 1): mean ± std on test", "target (mean macro F1 >= flat's, >= 1.5x"):
         assert text in r.stdout
     m = json.loads((out / "metrics.json").read_text())
     assert m["config"]["quick"] and m["config"]["train_blocks"] == 4000 and m["config"]["val_blocks"] == 2000
-    assert m["config"]["test_blocks"] == 2000
+    assert m["config"]["test_blocks"] == 2000 and m["config"]["seeds"] == [0, 1] and set(m["seeds"]) == {"0", "1"}
     designs = m["designs"]
-    assert set(designs) == {"flat", "v6-trunk", "v6-own", "gate", "exits"}
+    names = ["v6-trunk", "v6-own", "gate", "exits", *(f"raw{w}" for w in m["config"]["raw_gate_widths"]),
+             f"raw{max(m['config']['raw_gate_widths'])}-v6"]
+    assert set(designs) == {"flat"} | {f"{n}@{way}" for n in names for way in ("flops", "latency")}
     for name, d in designs.items():
         final = d["test"]["final"]
         assert final["class_names"] == list(fd.LABEL_NAMES[:8]) and sum(map(sum, final["confusion"])) == 2000
         assert 0 <= d["macro_f1"] <= 1 and d["flops_per_block"] > 0 and d["blocks_per_s"] > 0, name
-        assert d["batch_size"] == 512, name  # --quick times one batch size
+        assert d["predicted_blocks_per_s"] > 0 and d["batch_size"] == 512, name  # --quick times one batch size
         if name == "flat":
             continue
-        assert d["routing_matches_dense"] is True and d["setting"] and d["frontier_val_timed"]
-        costs = [p["flops_per_block"] for p in d["frontier_val"]]
-        assert costs == sorted(costs) and d["val"]["flops_per_block"] in costs
-        assert max(d["test"]["reached"].values()) == 1.0  # the root
-    own = designs["v6-own"]["test"]["reached"]
+        assert d["throughput_ratio"] > 0 and d["routing_matches_dense"] is True and d["setting"]
+        costs = [p["cost"] for p in d["frontier_val"]]
+        assert costs == sorted(costs) and max(d["test"]["reached"].values()) == 1.0  # the root
+        assert d["cost_unit"] == ("FLOPs per row" if name.endswith("@flops") else "seconds per row")
+        # the chosen point is the cheapest on val that matches the flat model's val macro F1, else the best
+        flat_val = designs["flat"]["val"]["macro_f1"]
+        matching = [p for p in d["frontier_val"] if p["macro_f1"] >= flat_val]
+        assert d["setting"] == (matching[0] if matching else d["frontier_val"][-1])["setting"]
+        if name.endswith("@latency"):
+            assert len(d["frontier_val_timed"]) >= 1
+    own = designs["v6-own@flops"]["test"]["reached"]
     assert own["stage1"] == 1.0 and 0 <= own["rect"] + own["ab"] <= own["stage2"] <= 1
-    gate = designs["gate"]["test"]
+    gate = designs["gate@latency"]["test"]
     assert gate["parts_reached"]["layer1"] == 1.0 and gate["parts_reached"]["layer3"] == gate["reached"]["flat"]
-    assert designs["gate"]["flops_per_block"] < designs["flat"]["flops_per_block"] or gate["reached"]["flat"] == 1.0
-    assert 0.5 < m["always_none"]["accuracy"] < 0.8 and set(m["target"]["ratios"]) == set(designs) - {"flat"}
+    raw = designs[f"raw{m['config']['raw_gate_widths'][0]}@latency"]
+    assert raw["flops_per_block"] < designs["flat"]["flops_per_block"] or raw["test"]["reached"]["flat"] == 1.0
+    assert 0.5 < m["always_none"]["accuracy"] < 0.8
+    # the aggregate over the two seeds agrees with the seeds' own numbers
+    agg = m["aggregate"]
+    for key in designs:
+        values = [m["seeds"][s]["designs"][key]["macro_f1"] for s in ("0", "1")]
+        assert agg[key]["macro_f1"]["values"] == values
+        assert agg[key]["macro_f1"]["mean"] == pytest.approx(sum(values) / 2)
+    assert set(m["target"]["ratios"]) == set(designs) - {"flat"}
     assert m["summary"]["flat_training_rows"] >= 0.5 * m["summary"]["cascade_training_rows"]
-    assert set(m["throughput_blocks_per_s"]) == set(designs)
-    assert m["routing_matches_dense"] is True
+    assert set(m["throughput_blocks_per_s"]) == set(designs) and m["routing_matches_dense"] is True
     own_models = {"stage1", "stage2", "rect", "ab1", "ab2", "ab3", "flat"}
     heads = {f"trunk_{k}" for k in ("stage1", "stage2", "rect", "ab1", "ab2", "ab3", "exit1", "exit2")}
-    assert set(m["history"]) == own_models | heads
-    for png in ("frontier.png", "confusion_flat.png", "confusion_v6-own.png", "confusion_gate.png",
-                "learning_curves.png", "confusion_v6-trunk_stage_stage2.png"):
-        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for stage in own_models | heads:
-        assert (out / "checkpoints" / stage / "best.pt").is_file()
+    gates = {f"gate{w}" for w in m["config"]["raw_gate_widths"]}
+    assert set(m["history"]) == own_models | heads | gates
+    for seed in ("seed-0", "seed-1"):
+        for png in ("frontier.png", "confusion_flat.png", "confusion_v6-own.png", "confusion_gate.png",
+                    "learning_curves.png", "confusion_v6-trunk_stage_stage2.png"):
+            assert (out / seed / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        for stage in own_models | heads | gates:
+            assert (out / seed / "checkpoints" / stage / "best.pt").is_file()
     assert _files(tmp_path) == ["run"]  # no partial folder left next to it
 
 
@@ -656,28 +674,33 @@ def test_demo_bad_input(tmp_path, capsys):
     assert _files(tmp_path / "full") == ["keep.txt"]
 
 
-def test_demo_throughputs_time_every_row_in_batches_and_keep_the_fastest_size():
-    from fastcascade.demo.context import throughputs
+def test_demo_timing_covers_every_row_in_batches_keeps_the_fastest_size_and_takes_median_ratios():
+    from fastcascade.demo.timing import timed_in_turns
 
-    seen = {}
+    seen, order = {}, []
 
-    def record(name):
+    def record(name, sleep=0.0):
         def fn(x):
             seen.setdefault(name, []).append(x.shape[0])
+            order.append(name)
             if name == "slow_big" and x.shape[0] > 100:
                 time.sleep(0.02)  # big batches are slow for this one: its best size is the small one
+            time.sleep(sleep)
             return x
         return fn
 
     x = torch.zeros(250, 3)
-    fns = {"slow_big": record("slow_big"), "plain": record("plain")}
-    out = throughputs(fns, x, torch.device("cpu"), 2, (100, 4096))
-    assert out["slow_big"][1] == 100 and set(out) == {"slow_big", "plain"}
-    # each call of a size covers all 250 rows: 100, 100, 50 and one of 250 (4096 capped at the split)
-    assert sorted(set(seen["plain"])) == [50, 100, 250] and sum(seen["plain"]) == 3 * (250 + 250)
-    assert all(v[0] > 0 for v in out.values())
-    one = throughputs({"plain": record("plain")}, x, torch.device("cpu"), 1, 64)
-    assert one["plain"][1] == 64
+    fns = {"slow_big": record("slow_big"), "plain": record("plain"), "slower": record("slower", 0.004)}
+    out = timed_in_turns(fns, x, torch.device("cpu"), 3, (100, 4096), reference="plain")
+    assert out["slow_big"]["batch_size"] == 100 and set(out) == set(fns)
+    # each pass covers all 250 rows: 100, 100, 50 and one of 250 (4096 capped at the split); a warm-up and 3 rounds
+    assert sorted(set(seen["plain"])) == [50, 100, 250] and sum(seen["plain"]) == 4 * (250 + 250)
+    # in turns: within a round every (fn, size) runs once before any runs again
+    assert order[-12:].count("plain") == 4 and order[-12:].count("slower") == 4
+    assert out["plain"]["ratio"] == 1.0 and out["slower"]["ratio"] < 1.0  # time per pass: 3 or 4 calls of 4 ms
+    assert out["plain"]["seconds_per_block"] == pytest.approx(1 / out["plain"]["blocks_per_s"] , rel=1e-12)
+    one = timed_in_turns({"plain": record("plain")}, x, torch.device("cpu"), 1, 64)
+    assert one["plain"]["batch_size"] == 64 and one["plain"]["ratio"] is None
 
 
 @pytest.mark.parametrize("shape,cells", [((5, 3, 8, 8), 4), ((2, 64, 4, 4), 2), ((3, 2, 6, 9), 3), ((1, 1, 5, 5), 2)])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import pathlib
 import time
 from dataclasses import dataclass, field
@@ -13,8 +12,7 @@ from torch.utils.data import Subset
 from .. import data as fd
 from ..train import fit
 
-__all__ = ["BATCH_SIZES", "LABEL_NAMES", "NUM_LABELS", "STAGE_NAMES", "Run", "blocks_of", "labels_of", "stage_target",
-           "throughputs", "timed_batch_sizes"]
+__all__ = ["LABEL_NAMES", "NUM_LABELS", "STAGE_NAMES", "Run", "blocks_of", "labels_of", "stage_target"]
 
 NUM_LABELS = fd.NUM_MAIN_CLASSES
 LABEL_NAMES = list(fd.LABEL_NAMES[:NUM_LABELS])
@@ -35,54 +33,6 @@ def blocks_of(ds) -> torch.Tensor:
     """The blocks of a split as float (N, 1, 16, 16) in [0, 1]."""
     b = ds.dataset.blocks[torch.as_tensor(ds.indices)] if isinstance(ds, Subset) else ds.blocks
     return b.float() / 255 if b.dtype == torch.uint8 else b.float()
-
-
-# batch sizes each design is timed at (its fastest is reported): on one CPU core the flat model runs 2.2x
-# faster in 512-row batches than in one 2,760-row batch (its 16x16 feature maps then stay in cache)
-BATCH_SIZES = (128, 512, 2048)
-
-
-def timed_batch_sizes(quick: bool) -> tuple[int, ...]:
-    """The batch sizes the demo times designs at: BATCH_SIZES, or 512 alone with --quick."""
-    return (512,) if quick else BATCH_SIZES
-
-
-@torch.no_grad()
-def throughputs(fns: dict, x: torch.Tensor, device: torch.device, rounds: int,
-                batch_sizes=BATCH_SIZES) -> dict[str, tuple[float, int]]:
-    """{name: (blocks per second, batch size)} of each fn over all of x in batches, at its fastest batch size
-    (of batch_sizes, those above len(x) replaced by len(x); an int: that one). One warm-up pass per fn and
-    size, then `rounds` rounds calling every (fn, size) in turn, each one's best round kept. Taking turns
-    exposes every fn to the same bursts of load from other processes, so the ratios between them hold up on a
-    busy machine better than back-to-back timings."""
-    n = x.shape[0]
-    sizes = sorted({min(b, n) for b in ((batch_sizes,) if isinstance(batch_sizes, int) else batch_sizes)})
-    chunks = {b: [x[i:i + b] for i in range(0, n, b)] for b in sizes}
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    def once(fn, b):
-        for c in chunks[b]:
-            fn(c)
-
-    best = {(k, b): math.inf for k in fns for b in sizes}
-    for k, fn in fns.items():
-        for b in sizes:
-            once(fn, b)
-    for _ in range(rounds):
-        for k, b in list(best):
-            sync()
-            t = time.perf_counter()
-            once(fns[k], b)
-            sync()
-            best[k, b] = min(best[k, b], time.perf_counter() - t)
-    out = {}
-    for k in fns:
-        b = min(sizes, key=lambda s: best[(k, s)])
-        out[k] = (n / best[(k, b)], b)
-    return out
 
 
 @dataclass

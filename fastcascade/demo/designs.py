@@ -1,4 +1,4 @@
-"""The designs the demo compares, each tuned on val and measured on test.
+"""The designs the demo compares, each tuned on val both ways (FLOPs and measured latency) and run on test.
 
 * flat: the 8-class model (its backbone is the shared trunk of the trunk designs);
 * v6-trunk: the seed's v6 hierarchy (Stage 1 -> Stage 2 -> RECT / AB ensemble) with heads on the trunk,
@@ -6,10 +6,17 @@
 * v6-own: the same hierarchy with its own backbones (one per stage, three for AB);
 * gate: Stage 1 (the v6-trunk head) as a gate in front of the flat model: NONE exits after the first
   segment, every other row runs the rest of the trunk and the flat model's head;
-* exits: 8-class exits after the first and the second segment (exit when confident), then the flat head.
+* exits: 8-class exits after the first and the second segment (exit when confident), then the flat head;
+* raw<w>: a w-channel CNN on the raw block (fastcascade.demo.gate.RawGate) as a gate in front of the whole
+  flat model: cheap in time, not only in FLOPs (the flat model's full-resolution stem, which the trunk
+  designs always pay, is what an early exit must skip on a CPU);
+* raw<w>-v6: that gate in front of the v6-trunk hierarchy.
 
-Operating points: the thresholds / taus tuned on val for the final macro F1 (fastcascade.tune_cascade: the
-best val point, ties to the lower cost). Temperatures are fitted on val first (fastcascade.fit_temperature).
+Operating points. Each cascade is tuned on val twice with fastcascade.tune_cascade: on FLOPs per block and on
+the seconds per block its latency model (fastcascade.measure_latency, measured in the same run) predicts at
+RUN_BATCH rows per batch. Of each frontier the demo takes the cheapest point whose val macro F1 is at least
+the flat model's (the best point when none is): the operating point that would meet the target on val.
+Temperatures are fitted on val first (fastcascade.fit_temperature).
 """
 
 from __future__ import annotations
@@ -36,20 +43,12 @@ from ..data import av1_partition_cascade
 from ..data.labels import NONE
 from ..metrics import classification_report
 from ..train import evaluate
-from .context import (
-    LABEL_NAMES,
-    NUM_LABELS,
-    Run,
-    blocks_of,
-    labels_of,
-    stage_target,
-    throughputs,
-    timed_batch_sizes,
-)
+from .context import LABEL_NAMES, NUM_LABELS, Run, blocks_of, labels_of, stage_target
 from .heads import TrunkHeads
 from .hierarchy import OwnHierarchy
+from .timing import RUN_BATCH, latency_models, timed_batch_sizes, timed_in_turns
 
-__all__ = ["DESCRIPTIONS", "Design", "build_designs", "measure"]
+__all__ = ["DESCRIPTIONS", "WAYS", "Design", "build_designs", "measure"]
 
 DESCRIPTIONS = {
     "flat": "the flat 8-class model (its backbone is the shared trunk)",
@@ -57,7 +56,17 @@ DESCRIPTIONS = {
     "v6-own": "v6 hierarchy, its own backbones (today's design)",
     "gate": "Stage 1 (trunk head) as a gate in front of the flat model",
     "exits": "8-class exits after the first and second segments, then the flat head",
+    "raw": "a {w}-channel CNN on the raw block as a gate in front of the flat model",
+    "raw-v6": "a {w}-channel CNN on the raw block as a gate in front of the v6-trunk hierarchy",
 }
+WAYS = ("flops", "latency")  # what a cascade is tuned on
+
+
+def describe(name: str) -> str:
+    if name in DESCRIPTIONS:
+        return DESCRIPTIONS[name]
+    w = "".join(ch for ch in name.split("-")[0] if ch.isdigit())
+    return DESCRIPTIONS["raw-v6" if name.endswith("-v6") else "raw"].format(w=w)
 
 
 @dataclass
@@ -93,7 +102,8 @@ def _temperature(module, trunk, tap, run: Run, target: str | None) -> float:
 
 
 def build_designs(run: Run, own: OwnHierarchy, flat: nn.Module, trunk: nn.ModuleDict, flat_head: nn.Module,
-                  th: TrunkHeads) -> list[Design]:
+                  th: TrunkHeads, raw_gates: dict[int, nn.Module]) -> list[Design]:
+    """The designs, over the given (inference-form) modules; raw_gates: width -> RawGate."""
     h, taps, last = th.heads, th.taps, list(trunk)[-1]
     t_own = _temperature(own.stage1, None, None, run, "stage1")
     t_s1 = _temperature(h["stage1"], trunk, taps["stage1"], run, "stage1")
@@ -114,10 +124,17 @@ def build_designs(run: Run, own: OwnHierarchy, flat: nn.Module, trunk: nn.Module
     exit2 = Stage(h["exit2"], Confident(0.9, t_e2), [*leaves, flat_stage()], name="exit2", tap=taps["exit2"])
     exits = Cascade(Stage(h["exit1"], Confident(0.9, t_e1), [*leaves, exit2], name="exit1", tap=taps["exit1"]),
                     trunk=trunk)
-    designs = [Design("flat", flat)] + [Design(n, c.to(run.device).eval()) for n, c in
-                                        (("v6-trunk", v6_trunk), ("v6-own", v6_own), ("gate", gate), ("exits", exits))]
-    run.timing["temperatures"] = {"v6-own stage1": t_own, "trunk stage1": t_s1}
-    return designs
+    cascades = [("v6-trunk", v6_trunk), ("v6-own", v6_own), ("gate", gate), ("exits", exits)]
+    temps = {"v6-own stage1": t_own, "trunk stage1": t_s1}
+    for w, g in raw_gates.items():
+        t_raw = temps[f"raw{w}"] = _temperature(g, None, None, run, "stage1")
+        whole = Stage(flat, Argmax(), range(NUM_LABELS), name="flat")  # the whole model: no trunk to resume
+        cascades.append((f"raw{w}", Cascade(Stage(g, Threshold(0.5, t_raw), [NONE, whole], name="raw"))))
+        if w == max(raw_gates):  # the widest gate also fronts the hierarchy
+            cascades.append((f"raw{w}-v6", Cascade(Stage(g, Threshold(0.5, t_raw), [NONE, v6_trunk.root], name="raw"),
+                                                   trunk=trunk)))
+    run.timing["temperatures"] = temps
+    return [Design("flat", flat)] + [Design(n, c.to(run.device).eval()) for n, c in cascades]
 
 
 class _Clock:
@@ -141,49 +158,77 @@ def _spread(frontier, k: int) -> list:
     return [frontier[i] for i in idx]
 
 
+def _matching(frontier, target: float):
+    """The cheapest frontier point (cost, metric, setting) whose metric is at least target, else the best."""
+    return next((p for p in frontier if p[1] >= target), frontier[-1])
+
+
+def _entry(run: Run, design: Design, way: str, tuned, point, cache: dict) -> dict:
+    """One design tuned one way: its operating point's report on test and its predicted time per block."""
+    setting = point[2]
+    key = (design.name, tuple(sorted(setting.items())))
+    if key not in cache:
+        cascade = design.model.with_setting(setting)
+        cache[key] = (cascade, evaluate(cascade, run.test, class_names=LABEL_NAMES, device=run.device))
+    cascade, rep = cache[key]
+    return {"design": design.name, "way": way, "description": describe(design.name), "cascade": cascade,
+            "test": rep.to_dict(), "macro_f1": rep.macro_f1, "accuracy": rep.accuracy,
+            "flops_per_block": rep.flops_per_row, "setting": setting,
+            "val": {"macro_f1": point[1], ("flops_per_block" if way == "flops" else "seconds_per_block"): point[0]},
+            "frontier_val": [{"cost": c, "macro_f1": m, "setting": s} for c, m, s in tuned.frontier],
+            "cost_unit": tuned.cost_unit}
+
+
 @torch.no_grad()
 def measure(run: Run, designs: list[Design]) -> dict:
-    """Tune each cascade on val (its best val macro F1, ties to the lower cost), then report every design on
-    test: the EvaluationReport, FLOPs per block, blocks/s (dynamic mode, the test split in batches, each
-    design at its fastest of context.timed_batch_sizes, all designs timed in turns) and agreement with the dense
-    oracle; and the val frontier, with blocks/s at a few of its points."""
+    """Tune each cascade on val both ways (WAYS), then report the flat model and every (design, way) on test:
+    the EvaluationReport, FLOPs per block, measured blocks/s (each at its fastest batch size of
+    timing.timed_batch_sizes, all in turns, medians of rounds) and its ratio to the flat model's (the median of
+    per-round ratios), the blocks/s its latency model predicted, and agreement with the dense oracle; and a few
+    points of each latency frontier on val, predicted against measured."""
     dev, clock = run.device, _Clock(run.timing)
     xv, yv = blocks_of(run.val).to(dev), labels_of(run.val).to(dev)
     xt = blocks_of(run.test).to(dev)
-    rounds, points = (2, 2) if run.quick else (3, 4)
-    out, predict = {}, {}
-    for d in designs:
-        if isinstance(d.model, Cascade):
-            d.tuned = tune_cascade(d.model, xv, yv, objective="macro_f1")
-            d.chosen, d.model = d.tuned.setting, d.tuned.cascade
-            predict[d.name] = d.model.predict
-        else:
-            predict[d.name] = lambda v, m=d.model: m(v).argmax(1)
-        rep = evaluate(d.model, run.test, class_names=LABEL_NAMES, device=dev)
-        out[d.name] = {"description": DESCRIPTIONS[d.name], "test": rep.to_dict(), "macro_f1": rep.macro_f1,
-                       "accuracy": rep.accuracy, "flops_per_block": rep.flops_per_row}
-    clock("tune_and_evaluate")
-    for name, (bps, batch) in throughputs(predict, xt, dev, rounds, timed_batch_sizes(run.quick)).items():
-        out[name].update(blocks_per_s=bps, batch_size=batch)
-    clock("throughput")
-    timed = {}
+    rounds, points, sizes = (3, 2, timed_batch_sizes(True)) if run.quick else (7, 4, timed_batch_sizes(False))
+    flat = designs[0].model
+    lat = latency_models({d.name: d.model for d in designs}, xv[:256], run.quick)
+    clock("latency_models")
+    flat_val = classification_report(flat(xv).argmax(1), yv, NUM_LABELS).macro_f1
+    rep = evaluate(flat, run.test, class_names=LABEL_NAMES, device=dev)
+    out = {"flat": {"design": "flat", "way": None, "description": describe("flat"), "test": rep.to_dict(),
+                    "macro_f1": rep.macro_f1, "accuracy": rep.accuracy, "flops_per_block": rep.flops_per_row,
+                    "val": {"macro_f1": flat_val, "flops_per_block": float(flops_per_row(flat, xv))}}}
+    cache, frontiers = {}, {}
     for d in designs[1:]:
-        r, xs = out[d.name], xt[:512] if run.quick else xt  # static mode runs every stage on full-batch buffers
-        r["routing_matches_dense"] = all(torch.equal(d.model.predict(xs, mode=m), cascade_dense(d.model, xs))
+        for way in WAYS:
+            kw = {} if way == "flops" else {"cost": "latency", "latency": lat[d.name], "run_batch_size": RUN_BATCH}
+            tuned = tune_cascade(d.model, xv, yv, objective="macro_f1", **kw)
+            out[f"{d.name}@{way}"] = _entry(run, d, way, tuned, _matching(tuned.frontier, flat_val), cache)
+            if way == "latency":
+                frontiers[d.name] = _spread(tuned.frontier, points)
+    clock("tune_and_evaluate")
+    fns = {"flat": lambda v: flat(v).argmax(1)} | {k: r["cascade"].predict for k, r in out.items() if k != "flat"}
+    for k, t in timed_in_turns(fns, xt, dev, rounds, sizes, reference="flat").items():
+        r = out[k]
+        model = lat["flat" if k == "flat" else r["design"]]
+        pred = model.seconds_per_row(None if k == "flat" else r["cascade"], xt, batch_size=t["batch_size"])
+        r.update(blocks_per_s=t["blocks_per_s"], batch_size=t["batch_size"], throughput_ratio=t["ratio"],
+                 predicted_blocks_per_s=1 / pred)
+    clock("throughput")
+    for k, r in out.items():
+        if k == "flat":
+            continue
+        c, xs = r.pop("cascade"), xt[:512] if run.quick else xt  # static mode runs every stage on full-batch buffers
+        r["routing_matches_dense"] = all(torch.equal(c.predict(xs, mode=m), cascade_dense(c, xs))
                                          for m in ("dynamic", "static"))
-        r.update(setting=d.chosen, val={"macro_f1": d.tuned.metric, "flops_per_block": d.tuned.cost},
-                 frontier_val=[{"flops_per_block": c, "macro_f1": m, "setting": s} for c, m, s in d.tuned.frontier])
-        for k, (c, m, s) in enumerate(_spread(d.tuned.frontier, points)):
-            timed[(d.name, k)] = (c, m, d.model.with_setting(s).predict)
     clock("oracle")
-    bps = {}  # each design's frontier timed at the batch size it was fastest at on test
-    for name in dict.fromkeys(n for n, _ in timed):  # design order, not a set's
-        fns = {key: v[2] for key, v in timed.items() if key[0] == name}
-        bps.update(throughputs(fns, xv, dev, max(1, rounds - 2), out[name]["batch_size"]))
-    for (name, k), (c, m, _) in timed.items():
-        out[name].setdefault("frontier_val_timed", []).append(
-            {"flops_per_block": c, "macro_f1": m, "blocks_per_s": bps[(name, k)][0]})
-    out["flat"]["val"] = {"macro_f1": classification_report(designs[0].model(xv).argmax(1), yv, NUM_LABELS).macro_f1,
-                          "flops_per_block": float(flops_per_row(designs[0].model, xv))}
+    by_name = {d.name: d.model for d in designs}
+    timed = {(name, k): by_name[name].with_setting(p[2]) for name, front in frontiers.items()
+             for k, p in enumerate(front)}
+    measured = timed_in_turns({k: c.predict for k, c in timed.items()}, xv, dev, max(1, rounds - 2), RUN_BATCH)
+    for (name, k), c in timed.items():
+        out[f"{name}@latency"].setdefault("frontier_val_timed", []).append(
+            {"macro_f1": frontiers[name][k][1], "blocks_per_s": measured[(name, k)]["blocks_per_s"],
+             "predicted_blocks_per_s": 1 / lat[name].seconds_per_row(c, xv, batch_size=RUN_BATCH)})
     clock("frontier_throughput")
     return out

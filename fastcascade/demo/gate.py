@@ -3,7 +3,7 @@
 The trunk designs' Stage 1 sits after the flat model's first segment, so every block pays the full-resolution
 stem and layer1 (on one CPU core ~44% of the flat model's time) before a NONE can leave. RawGate reads the
 raw block instead: two stride-2 convolutions (16x16 -> 8x8 -> 4x4, `width` channels, batch norm that
-fold_batchnorm folds away), a 2x2 average pool (GridPool: a matrix product) and a linear layer to one
+fastcascade.inference_form folds away), a 2x2 average pool (GridPool: a matrix product) and a linear layer to one
 logit, which also reads the block's log variance (flat blocks are the surest NONE in AV1 partitioning).
 
 Measured with bench/demo_raw_gate.py (2026-12-07; one thread on a shared 2-core machine; medians of 9-15
@@ -49,7 +49,7 @@ _LOGVAR_CENTER, _LOGVAR_SCALE, _VAR_FLOOR = -7.0, 2.0, 1e-4
 
 
 def _conv(cin: int, cout: int) -> nn.Sequential:
-    # Conv -> BatchNorm in one Sequential: the layout demo.models.fold_batchnorm folds
+    # Conv -> BatchNorm in one Sequential: the layout fastcascade.inference_form folds
     return nn.Sequential(nn.Conv2d(cin, cout, 3, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
@@ -109,7 +109,7 @@ def train_raw_gates(run: Run, widths=GATE_WIDTHS, *, epochs: int | None = None, 
     """One RawGate per width, trained like the own hierarchy's Stage 1 (sigmoid focal loss, gamma 2.5, target
     "stage1", random dihedral transforms, lr 3e-3) on the run's train split and selected on val; recorded
     under "gate<width>" (histories, timings, checkpoints). Returns {width: gate at its best epoch}; fold its
-    batch norms with the other models before timing it (demo.models.fold_batchnorm(gate.eval(), example)).
+    batch norms (fastcascade.inference_form(gate.eval(), example)) before timing it.
 
     epochs: default the run's; batch_size: 128 (a gate trains on the full embedded split in ~0.5 s an epoch
     at one thread; larger batches leave too few steps for --quick's 4,000 rows and 2 epochs); variance: the

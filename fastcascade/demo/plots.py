@@ -1,4 +1,5 @@
-"""The demo's plots (matplotlib, imported when a plot is drawn): confusion matrices, learning curves, frontiers."""
+"""The demo's plots (matplotlib, imported when a plot is drawn): confusion matrices, learning curves, frontiers
+and the latency model's predictions against measurement."""
 
 from __future__ import annotations
 
@@ -52,32 +53,61 @@ def plot_curves(histories: dict[str, list[dict]], path: pathlib.Path) -> None:
 
 
 def plot_frontier(designs: dict[str, dict], path: pathlib.Path) -> None:
-    """Macro F1 against FLOPs per block and against blocks/s: each cascade's frontier on val (its tuned
-    operating points), its chosen point on test, the flat model as a point."""
+    """Three panels: macro F1 against FLOPs per block (each cascade's FLOPs-tuned frontier on val, its chosen
+    points on test), against blocks/s (its latency-tuned frontier on val as predicted, a few of its points
+    and the chosen points on test as measured), and measured against predicted blocks/s for every timed
+    point (the line: equal; the band: within 15%)."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
     flat = designs["flat"]
-    for name, d in designs.items():
-        if name == "flat":
+    colors = {}
+    timed = []
+    for key, d in designs.items():
+        if key == "flat":
             continue
-        for ax, key, front in ((axes[0], "flops_per_block", d["frontier_val"]),
-                               (axes[1], "blocks_per_s", d["frontier_val_timed"])):
-            line = ax.plot([p[key] for p in front], [p["macro_f1"] for p in front], "-", lw=1, alpha=0.7,
-                           drawstyle="steps-post" if key == "flops_per_block" else "default",
-                           marker="." if key == "blocks_per_s" else None, label=f"{name} (val frontier)")[0]
-            ax.plot(d[key], d["macro_f1"], "o", ms=8, color=line.get_color(), mec="black",
-                    label=f"{name} (test, chosen)")
+        name, way = key.split("@")
+        color = colors.setdefault(name, f"C{len(colors) % 10}")
+        marker = "s" if way == "flops" else "o"
+        if way == "flops":
+            front = d["frontier_val"]
+            axes[0].plot([p["cost"] for p in front], [p["macro_f1"] for p in front], "-", lw=1, alpha=0.6,
+                         color=color, drawstyle="steps-post", label=f"{name} (val frontier)")
+        else:
+            front = d["frontier_val"]
+            axes[1].plot([1 / p["cost"] for p in front], [p["macro_f1"] for p in front], "-", lw=1, alpha=0.6,
+                         color=color, label=f"{name} (val frontier, predicted)")
+            pts = d.get("frontier_val_timed", [])
+            axes[1].plot([p["blocks_per_s"] for p in pts], [p["macro_f1"] for p in pts], "x", color=color, ms=5)
+            timed += [(p["predicted_blocks_per_s"], p["blocks_per_s"], color, "x") for p in pts]
+        axes[0].plot(d["flops_per_block"], d["macro_f1"], marker, ms=7, color=color, mec="black",
+                     label=f"{name} tuned on {way} (test)")
+        axes[1].plot(d["blocks_per_s"], d["macro_f1"], marker, ms=7, color=color, mec="black")
+        timed.append((d["predicted_blocks_per_s"], d["blocks_per_s"], color, marker))
     for ax, key in ((axes[0], "flops_per_block"), (axes[1], "blocks_per_s")):
-        ax.plot(flat[key], flat["macro_f1"], "*", ms=14, color="black", label="flat (test)")
+        ax.plot(flat[key], flat["macro_f1"], "*", ms=14, color="black", label="flat (test)" if key[0] == "f" else None)
         ax.set_xscale("log")
         ax.set_ylabel("macro F1")
         ax.grid(alpha=0.3)
+    timed.append((flat["predicted_blocks_per_s"], flat["blocks_per_s"], "black", "*"))
+    for pred, meas, color, marker in timed:
+        axes[2].plot(pred, meas, marker, color=color, mec="black" if marker in "so*" else None, ms=7)
+    lo = min(min(p, m) for p, m, _, _ in timed) * 0.8
+    hi = max(max(p, m) for p, m, _, _ in timed) * 1.25
+    line = [lo, hi]
+    axes[2].plot(line, line, "k-", lw=0.8)
+    axes[2].fill_between(line, [v * 0.85 for v in line], [v * 1.15 for v in line], color="gray", alpha=0.2,
+                         label="within 15%")
+    axes[2].set_xscale("log")
+    axes[2].set_yscale("log")
+    axes[2].set_xlabel("predicted blocks/s (latency model)")
+    axes[2].set_ylabel("measured blocks/s")
+    axes[2].grid(alpha=0.3)
+    axes[2].legend(fontsize=7, loc="upper left")
     axes[0].set_xlabel("FLOPs per block (torch.utils.flop_counter)")
-    axes[1].set_xlabel("blocks/s (dynamic mode, measured)")
-    # below the panels: inside either one it covers points (the flat star sits top right of the left one)
+    axes[1].set_xlabel("blocks/s (lines: predicted on val; x: measured on val; markers: measured on test)")
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=(len(labels) + 1) // 2, fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0.13, 1, 1))
-    fig.savefig(path, dpi=90)
+    fig.legend(handles, labels, loc="lower center", ncol=min(6, (len(labels) + 2) // 3), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.2, 1, 1))
+    fig.savefig(path, dpi=80)
     plt.close(fig)

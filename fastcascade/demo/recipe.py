@@ -2,14 +2,17 @@
 compare them with the flat model.
 
 Trains the seed's v6 hierarchy with its own backbones (fastcascade.demo.hierarchy), a flat 8-class model on as
-many rows, and heads on the flat model's frozen backbone used as a shared trunk (fastcascade.demo.heads); then
-compares five designs (fastcascade.demo.designs) on the test split at operating points tuned on val: macro F1,
-accuracy, FLOPs per block and measured blocks/s. Prints the tables and writes the run folder (metrics.json,
-frontier.png and the other PNGs, checkpoints); the folder appears only once the run is complete.
+many rows, heads on the flat model's frozen backbone used as a shared trunk (fastcascade.demo.heads) and small
+gates on the raw block (fastcascade.demo.gate); then compares the designs (fastcascade.demo.designs) on the test
+split at operating points tuned on val on FLOPs and on measured latency: macro F1, accuracy, FLOPs per block,
+measured and predicted blocks/s. With --seeds N it does all of that for N seeds and reports means and standard
+deviations. Prints the tables and writes the run folder (metrics.json, frontier.png and the other PNGs,
+checkpoints; per seed in seed-<s>/ with several seeds); the folder appears only once the run is complete.
 """
 
 from __future__ import annotations
 
+import copy
 import datetime
 import importlib.util
 import pathlib
@@ -30,21 +33,14 @@ from ..cascade import split_backbone
 from ..inference import inference_form
 from ..metrics import classification_report
 from ..train import evaluate
-from .context import (
-    LABEL_NAMES,
-    NUM_LABELS,
-    STAGE_NAMES,
-    Run,
-    blocks_of,
-    labels_of,
-    stage_target,
-    timed_batch_sizes,
-)
+from .context import LABEL_NAMES, NUM_LABELS, STAGE_NAMES, Run, blocks_of, labels_of, stage_target
 from .designs import build_designs, measure
+from .gate import train_raw_gates
 from .heads import train_trunk_heads
 from .hierarchy import train_flat, train_own_hierarchy
 from .plots import plot_confusion, plot_curves, plot_frontier
-from .report import format_stages, format_table, target_check
+from .report import aggregate, format_stages, format_summary, format_table, target_check
+from .timing import timed_batch_sizes
 
 __all__ = ["run_demo"]
 
@@ -126,7 +122,16 @@ def run_demo(args) -> dict:
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum)) if in_main else None
     work = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        result = _train_and_report(args, train, val, test, device, backbone, epochs, amp, quick, work)
+        seeds = [args.seed + k for k in range(args.seeds)]
+        runs = []
+        for seed in seeds:
+            one = copy.copy(args)
+            one.seed = seed
+            folder = work / f"seed-{seed}" if len(seeds) > 1 else work
+            if len(seeds) > 1:
+                print(f"\n######## seed {seed} ({len(runs) + 1} of {len(seeds)}) ########")
+            runs.append(_train_and_report(one, train, val, test, device, backbone, epochs, amp, quick, folder))
+        result = _over_seeds(runs, seeds)
         result["timing"]["total_s"] = time.perf_counter() - t_start
         write_json(result, work / "metrics.json")
         if out.exists():
@@ -158,6 +163,9 @@ def _train_and_report(args, train, val, test, device, backbone, epochs, amp, qui
     trunk, flat_head = split_backbone(flat, at=SEGMENT_ENDS[backbone])
     heads = train_trunk_heads(run, trunk)
     run.timing["train_trunk_heads_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    raw_gates = train_raw_gates(run)
+    run.timing["train_raw_gates_s"] = time.perf_counter() - t
 
     print("\n== per-stage models of the own-backbone hierarchy, standalone on the test rows of each stage ==")
     standalone = {}
@@ -168,9 +176,9 @@ def _train_and_report(args, train, val, test, device, backbone, epochs, amp, qui
         print(f"  {k:<7} macro F1 {standalone[k].macro_f1:.4f}, accuracy {standalone[k].accuracy:.4f}")
 
     t = time.perf_counter()
-    for m in (flat, *own.models().values()):
+    for m in (flat, *own.models().values(), *raw_gates.values()):
         m.eval()  # the temperatures are fitted on the models' eval-mode logits
-    designs = build_designs(run, own, flat, trunk, flat_head, heads)
+    designs = build_designs(run, own, flat, trunk, flat_head, heads, raw_gates)
     # every design is timed in inference form: a checked copy with batch norm folded into the convolutions (a
     # cascade's copy keeps its trunk and heads shared as the design shares them)
     example = blocks_of(val)[:256].to(device)
@@ -181,15 +189,16 @@ def _train_and_report(args, train, val, test, device, backbone, epochs, amp, qui
     y_test = labels_of(test)
     none = classification_report(torch.zeros_like(y_test), y_test, NUM_LABELS)
     always_none = {"macro_f1": none.macro_f1, "accuracy": none.accuracy}
-    check = target_check(results)
-    _print_results(results, always_none, check, len(test), quick)
+    _print_results(results, always_none, len(test), quick)
 
+    work.mkdir(parents=True, exist_ok=True)
     plot_frontier(results, work / "frontier.png")
-    for d in designs:
-        rep = results[d.name]["test"]["final"]
-        cm = torch.tensor(rep["confusion"])
-        plot_confusion(cm, LABEL_NAMES, f"{d.name} (test)", work / f"confusion_{d.name}.png")
-    for name, rep in results["v6-trunk"]["test"]["stages"].items():
+    for key, r in results.items():
+        if key == "flat" or key.endswith("@latency"):
+            name = key.split("@")[0]
+            plot_confusion(torch.tensor(r["test"]["final"]["confusion"]), LABEL_NAMES, f"{name} (test)",
+                           work / f"confusion_{name}.png")
+    for name, rep in results["v6-trunk@latency"]["test"]["stages"].items():
         plot_confusion(torch.tensor(rep["confusion"]), rep["class_names"], f"v6-trunk stage {name} (test, in cascade)",
                        work / f"confusion_v6-trunk_stage_{name}.png")
     plot_curves(run.histories, work / "learning_curves.png")
@@ -200,10 +209,9 @@ def _train_and_report(args, train, val, test, device, backbone, epochs, amp, qui
                    "width": args.width, "stem_stride": args.stem_stride, "threads": torch.get_num_threads(),
                    "data": "embedded" if args.data is None else "own", "train_blocks": len(train),
                    "val_blocks": len(val), "test_blocks": len(test), "segments": list(trunk),
-                   "adapter_trainable_params": own.adapter_params},
+                   "raw_gate_widths": sorted(raw_gates), "adapter_trainable_params": own.adapter_params},
         "designs": results,
         "always_none": always_none,
-        "target": check,
         "standalone": {k: v.to_dict() for k, v in standalone.items()},
         "summary": {"flat_macro_f1": results["flat"]["macro_f1"], "flat_accuracy": results["flat"]["accuracy"],
                     "cascade_training_rows": cascade_rows, "flat_training_rows": run.rows["flat"],
@@ -215,24 +223,36 @@ def _train_and_report(args, train, val, test, device, backbone, epochs, amp, qui
     }
 
 
-def _print_results(results: dict, always_none: dict, check: dict, n_test: int, quick: bool) -> None:
-    print(f"\n== designs on the {n_test} test blocks, at operating points tuned on val (dynamic mode; "
-          f"blocks/s at each design's fastest batch size of {', '.join(map(str, timed_batch_sizes(quick)))}) ==")
+def _over_seeds(runs: list[dict], seeds: list[int]) -> dict:
+    """The first seed's result, with every seed's designs, the aggregate over seeds and the target check."""
+    agg = aggregate([r["designs"] for r in runs])
+    check = target_check(agg)
+    print(f"\n== over {len(seeds)} seed{'s' if len(seeds) > 1 else ''} ({', '.join(map(str, seeds))}): mean ± std on "
+          f"test; x flat blocks/s: per seed the median of per-round ratios ==")
+    print(format_summary(agg))
+    t = check["target"]
+    print(f"  target (mean macro F1 >= flat's, >= {t['throughput_ratio']}x its blocks/s, predicted within "
+          f"{100 * t['prediction_error']:.0f}%): " + (f"met by {', '.join(check['designs_meeting'])}" if check["met"]
+                                                   else "not met")
+          + (f"; stretch ({t['stretch_ratio']}x) met by {', '.join(check['stretch_met'])}" if check["stretch_met"]
+             else ""))
+    first = runs[0]
+    return {**first, "config": {**first["config"], "seeds": seeds},
+            "seeds": {str(s): {"designs": r["designs"], "summary": r["summary"]} for s, r in zip(seeds, runs)},
+            "aggregate": agg, "target": check}
+
+
+def _print_results(results: dict, always_none: dict, n_test: int, quick: bool) -> None:
+    print(f"\n== designs on the {n_test} test blocks, at operating points tuned on val on FLOPs and on latency "
+          f"(dynamic mode; blocks/s at each one's fastest batch size of {', '.join(map(str, timed_batch_sizes(quick)))}"
+          f", medians of rounds; predicted: its latency model) ==")
     print(format_table(results, always_none))
-    for name, r in results.items():
-        print(f"\n-- {name}: {r['description']} --")
-        if "setting" in r:
-            print(f"  val (tuning split): macro F1 {r['val']['macro_f1']:.4f} at {r['val']['flops_per_block']:,.0f} FLOPs "
-                  f"per block, the best of a frontier of {len(r['frontier_val'])} points")
+    for key, r in results.items():
+        if key.endswith("@latency"):
+            print(f"\n-- {r['design']} (tuned on latency): {r['description']} --")
+            print(f"  val (tuning split): macro F1 {r['val']['macro_f1']:.4f} at a predicted "
+                  f"{1 / r['val']['seconds_per_block']:,.0f} blocks/s, of a frontier of {len(r['frontier_val'])} points")
             print(format_stages(r))
     same = all(r.get("routing_matches_dense", True) for r in results.values())
     print(f"\ndynamic and static labels equal the dense oracle for every design: {same}")
-    flat = results["flat"]
-    print(f"\n== summary (test) ==\n  flat: macro F1 {flat['macro_f1']:.4f}, accuracy {flat['accuracy']:.4f}; "
-          f"always NONE: macro F1 {always_none['macro_f1']:.4f}, accuracy {always_none['accuracy']:.4f}")
-    for name, ratio in check["ratios"].items():
-        print(f"  {name:<9} macro F1 {results[name]['macro_f1']:.4f} ({ratio['macro_f1_delta']:+.4f} vs flat), "
-              f"{ratio['flops_ratio']:.2f}x its FLOPs, {ratio['throughput_ratio']:.2f}x its blocks/s")
-    t = check["target"]
-    print(f"  target (flat's macro F1 at <= {t['flops_ratio']}x FLOPs and >= {t['throughput_ratio']}x blocks/s): "
-          + (f"met by {', '.join(check['designs_meeting'])}" if check["met"] else "not met"))
+    print(f"always NONE: macro F1 {always_none['macro_f1']:.4f}, accuracy {always_none['accuracy']:.4f}")
