@@ -264,6 +264,50 @@ def test_gather_backward_with_repeated_rows_raises_on_cpu():
         y.sum().backward()
 
 
+def _anon_huge_kib(address: int) -> int | None:
+    """AnonHugePages (KiB) of this process's mapping that holds address (/proc/self/smaps); None if none does."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            field = line.split()
+            if "-" in field[0] and not field[0].endswith(":"):
+                lo, hi = (int(v, 16) for v in field[0].split("-"))
+                inside = lo <= address < hi
+            elif inside and field[0] == "AnonHugePages:":
+                return int(field[1])
+    return None
+
+
+def _huge_pages_advisable() -> bool:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            mode = f.read()
+    except OSError:
+        return False
+    return "[always]" in mode or "[madvise]" in mode
+
+
+def test_cpu_row_copy_into_a_fresh_mapping():
+    """An output of >= 32 MiB (glibc maps each one afresh) gets 2 MiB pages advised on its aligned interior
+    before the copy first writes it: the rows land where indexing puts them, in the unaligned head and tail
+    too, and where the kernel allows the advice the interior is backed by huge pages."""
+    gen = seeded("rows-fresh-mapping")
+    R, D = 16411, 1024  # fp16: 32.05 MiB, not a whole number of 2 MiB pages
+    x = torch.randn(R, D, generator=gen).to(torch.float16)
+    perm = torch.randperm(R, generator=gen)
+    g = fc.gather_rows(x, perm, backend="cpu")
+    assert torch.equal(g, x[perm])
+    half = perm[: R // 2]
+    s = fc.scatter_rows(x[: R // 2], half, R, backend="cpu")
+    want = torch.zeros_like(x)
+    want[half] = x[: R // 2]
+    assert torch.equal(s, want)
+    if not (_huge_pages_advisable() and os.path.exists("/proc/self/smaps")):
+        pytest.skip("transparent huge pages are off (or not Linux): the advice changes nothing here")
+    for out in (g, s):  # 2 MiB past the start: inside the aligned interior, whatever the allocation's offset
+        assert _anon_huge_kib(out.data_ptr() + (2 << 20)) > 0
+
+
 @pytest.mark.parametrize("backend,device", [p for p in FUSED if p.values[0] == "triton"])
 def test_row_kernels_stay_in_bounds_as_cuda_does(backend, device):
     """Out-of-range indices without FASTCASCADE_CHECK (the API raises first on the CPU): gather reads zeros,
