@@ -35,7 +35,8 @@ constexpr int64_t kHugePage = int64_t(2) << 20;
 // glibc (64-bit) serves a request this large with a fresh mmap at every call (its dynamic mmap threshold
 // stops growing at 32 MiB) and unmaps it on free, so every 4 KiB page of such an output faults on its
 // first write: ~27 ms of a 64 MiB gather's ~41 on a 2-core VM (bench/routing_notes.md). Smaller outputs
-// come back from the heap already mapped; advising them would only split the heap's mapping.
+// come back from the heap already mapped; advising them would only split the heap's mapping. (A large
+// free heap chunk can serve a big request too: then the advice reaches only its pages not yet touched.)
 constexpr int64_t kFreshMappingBytes = int64_t(32) << 20;
 
 at::Tensor route_threshold_cpu(const at::Tensor& logits, double logit_threshold) {
