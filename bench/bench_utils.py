@@ -13,6 +13,14 @@ from fastcascade.selftest import timing  # after TRITON_INTERPRET: this imports 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
+# FASTCASCADE_BENCH_THREADS=n: every benchmark runs with n intra-op threads (torch.set_num_threads), so
+# a CPU table can be taken at 1 and at 2 threads without OMP_NUM_THREADS reaching the build or the compiler.
+_threads = os.environ.get("FASTCASCADE_BENCH_THREADS", "")
+if _threads:
+    if not _threads.isdigit() or int(_threads) < 1:
+        raise ValueError(f"FASTCASCADE_BENCH_THREADS must be a positive integer, got {_threads!r}")
+    torch.set_num_threads(int(_threads))
+
 
 def headline(value):
     """A parameter of one of the headline cases (marker `headline`): the benchmarks scripts/gpu_check.sh
@@ -74,6 +82,7 @@ def record(benchmark, fn, bytes_moved: int):
     benchmark.extra_info.update(
         device=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
         torch=torch.__version__,
+        threads=torch.get_num_threads(),
         median_ms=seconds * 1e3,
         bytes=bytes_moved,
         gbps=bytes_moved / seconds / 1e9,

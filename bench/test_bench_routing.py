@@ -7,6 +7,10 @@ and torch.compile of each. Bytes counted: the fewest any split must move: read x
 the rows (and the int64 order of the sorting methods is not counted).
 
 Run: pytest bench/test_bench_routing.py --benchmark-only  (bench/routing_notes.md has the floors)
+At a given intra-op thread count (the CPU requirement is checked at 1 and 2):
+    FASTCASCADE_BENCH_THREADS=1 pytest bench/test_bench_routing.py --benchmark-only
+On a shared machine, bench/routing_threads.py times mask-eager and fastcascade in turns at 1 and 2
+threads and prints their medians (one implementation after another can land in a quiet and a busy minute).
 """
 
 import pytest
@@ -18,7 +22,6 @@ import fastcascade as fc
 ROWS = [1 << 16, 1 << 20] if DEVICE == "cuda" else [1 << 14, 1 << 16]  # 1M x 1 KiB = 1 GiB on a GPU
 D = 512
 BRANCHES = 3
-
 
 
 def _mask_split(x, branch):

@@ -175,21 +175,30 @@ def partition(branch: torch.Tensor, num_branches: int, *, backend: str = "auto")
                          f"{tuple(branch.shape)}")
     num_branches = int_arg(num_branches, "num_branches", 1)
     backend = _ops.resolve_backend(backend, branch.device)
-    if value_checks_on(branch):
+    if value_checks_on(branch) and not _within(branch, num_branches):
         bad = (branch < 0) | (branch >= num_branches)
-        if bool(bad.any()):
-            raise ValueError(f"branch holds ids outside [0, num_branches = {num_branches}): "
-                             f"{branch[bad].unique()[:8].tolist()}")
+        raise ValueError(f"branch holds ids outside [0, num_branches = {num_branches}): "
+                         f"{branch[bad].unique()[:8].tolist()}")
     if backend == "torch":
         return Partition(*reference.partition(branch, num_branches))
     return Partition(*_ops.op("partition", backend)(branch, num_branches))
 
 
+def _within(ids: torch.Tensor, stop: int) -> bool:
+    """Whether every value of ids lies in [0, stop): one pass (aminmax), where the comparisons, their
+    `|` and any() would be four, each a parallel region on the CPU; the offenders are found only when
+    there are some."""
+    if ids.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(ids)
+    return bool(lo >= 0) and bool(hi < stop)
+
+
 def _check_index_values(index: torch.Tensor, rows: int, what: str, injective: bool) -> None:
     if not value_checks_on(index):
         return
-    bad = (index < 0) | (index >= rows)
-    if bool(bad.any()):
+    if not _within(index, rows):
+        bad = (index < 0) | (index >= rows)
         raise ValueError(f"index holds rows outside [0, {rows}) ({what}): {index[bad].unique()[:8].tolist()}")
     if injective and index.numel() and bool(torch.bincount(index, minlength=rows).max() > 1):
         raise ValueError("index holds a row twice: scatter_rows needs distinct indices (a permutation or "

@@ -3,6 +3,9 @@ properties that do not lean on the reference, gradients, opcheck, torch.compile,
 
 import math
 import os
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -262,6 +265,65 @@ def test_gather_backward_with_repeated_rows_raises_on_cpu():
     assert torch.equal(y.detach(), x.detach()[[0, 2, 0]])
     with pytest.raises(RuntimeError, match="duplicate indices are not supported"):
         y.sum().backward()
+
+
+def _huge_pages_advisable() -> bool:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            mode = f.read()
+    except OSError:
+        return False
+    return "[always]" in mode or "[madvise]" in mode
+
+
+# In a fresh interpreter: there glibc maps a 32 MiB output afresh. In this long-lived one a large enough
+# free chunk of the heap (already mapped, maybe already touched) may serve it instead, and advice cannot
+# change pages that are already there.
+_FRESH_OUTPUTS_HUGE_KIB = """
+import torch, fastcascade as fc
+
+def anon_huge_kib(address):
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            field = line.split()
+            if "-" in field[0] and not field[0].endswith(":"):
+                lo, hi = (int(v, 16) for v in field[0].split("-"))
+                inside = lo <= address < hi
+            elif inside and field[0] == "AnonHugePages:":
+                return int(field[1])
+    return -1
+
+x = torch.ones(16411, 1024, dtype=torch.float16)
+idx = torch.arange(16411)
+g = fc.gather_rows(x, idx, backend="cpu")
+s = fc.scatter_rows(x, idx, 16411, backend="cpu")
+assert torch.equal(g, x) and torch.equal(s, x)
+# 2 MiB past the start: inside the aligned interior whatever the allocation's offset
+print(anon_huge_kib(g.data_ptr() + (2 << 20)), anon_huge_kib(s.data_ptr() + (2 << 20)))
+"""
+
+
+def test_cpu_row_copy_into_a_fresh_mapping():
+    """An output of >= 32 MiB (glibc maps each one afresh) gets 2 MiB pages advised on its aligned interior
+    before the copy first writes it: the rows land where indexing puts them, in the unaligned head and tail
+    too, and where the kernel allows the advice the interior of a fresh mapping is backed by huge pages."""
+    gen = seeded("rows-fresh-mapping")
+    R, D = 16411, 1024  # fp16: 32.05 MiB, not a whole number of 2 MiB pages
+    x = torch.randn(R, D, generator=gen).to(torch.float16)
+    perm = torch.randperm(R, generator=gen)
+    assert torch.equal(fc.gather_rows(x, perm, backend="cpu"), x[perm])
+    half = perm[: R // 2]
+    want = torch.zeros_like(x)
+    want[half] = x[: R // 2]
+    assert torch.equal(fc.scatter_rows(x[: R // 2], half, R, backend="cpu"), want)
+    if not (_huge_pages_advisable() and os.path.exists("/proc/self/smaps")):
+        pytest.skip("transparent huge pages are off (or not Linux): the advice changes nothing here")
+    res = subprocess.run([sys.executable, "-c", _FRESH_OUTPUTS_HUGE_KIB], cwd=pathlib.Path(__file__).parent,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    gather_kib, scatter_kib = map(int, res.stdout.split()[-2:])
+    assert gather_kib > 0 and scatter_kib > 0, res.stdout
 
 
 @pytest.mark.parametrize("backend,device", [p for p in FUSED if p.values[0] == "triton"])

@@ -13,10 +13,14 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 
+#include <cstdint>
 #include <cstring>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "routing/routing_math.h"
 
@@ -27,6 +31,13 @@ namespace {
 constexpr int64_t kRowGrain = 4096;         // rows per parallel task for the per-row decisions
 constexpr int64_t kPartitionChunk = 65536;  // rows per counting-sort chunk (one chunk below that)
 constexpr int64_t kCopyGrainBytes = 65536;  // bytes per parallel task of a row copy
+constexpr int64_t kHugePage = int64_t(2) << 20;
+// glibc (64-bit) serves a request this large with a fresh mmap at every call (its dynamic mmap threshold
+// stops growing at 32 MiB) and unmaps it on free, so every 4 KiB page of such an output faults on its
+// first write: ~27 ms of a 64 MiB gather's ~41 on a 2-core VM (bench/routing_notes.md). Smaller outputs
+// come back from the heap already mapped; advising them would only split the heap's mapping. (A large
+// free heap chunk can serve a big request too: then the advice reaches only its pages not yet touched.)
+constexpr int64_t kFreshMappingBytes = int64_t(32) << 20;
 
 at::Tensor route_threshold_cpu(const at::Tensor& logits, double logit_threshold) {
   const int64_t N = check_route_logits_1d(logits);
@@ -128,6 +139,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partition_cpu(const at::Tensor& b
 // ---------------------------------------------------------------------------------------------
 // gather_rows / scatter_rows: dst[dst_idx[i] or i] = src[src_idx[i] or i], rows of row_bytes bytes.
 
+// An output of at least kFreshMappingBytes, allocated and not yet written: ask for 2 MiB pages on its
+// aligned interior, so its first touch (the row copy, in parallel) takes one fault per 2 MiB instead of
+// 512. Advice only: where transparent huge pages are off (or not Linux) nothing changes, and a failed
+// madvise leaves 4 KiB pages.
+at::Tensor empty_for_first_touch(at::IntArrayRef shape, const at::TensorOptions& options) {
+  at::Tensor out = at::empty(shape, options);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const int64_t n = int64_t(out.nbytes());
+  if (n >= kFreshMappingBytes) {
+    const auto p = reinterpret_cast<std::uintptr_t>(out.mutable_data_ptr());
+    const auto mask = ~std::uintptr_t(kHugePage - 1);
+    const std::uintptr_t begin = (p + kHugePage - 1) & mask, end = (p + n) & mask;
+    if (end > begin) (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+  }
+#endif
+  return out;
+}
+
 template <typename idx_t>
 void copy_rows(const char* src, const idx_t* src_idx, char* dst, const idx_t* dst_idx, int64_t M, int64_t row_bytes) {
   if (row_bytes == 0) return;
@@ -158,7 +187,7 @@ at::Tensor gather_rows_cpu(const at::Tensor& x_in, const at::Tensor& index_in) {
   const int64_t M = index.size(0);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape[0] = M;
-  at::Tensor out = at::empty(shape, x.options());
+  at::Tensor out = empty_for_first_touch(shape, x.options());
   AT_DISPATCH_INDEX_TYPES(index.scalar_type(), "gather_rows_cpu", [&] {
     const index_t* idx = index.const_data_ptr<index_t>();
     check_index_range(idx, M, x.size(0), "gather_rows");
@@ -177,7 +206,8 @@ at::Tensor scatter_rows_cpu(const at::Tensor& src_in, const at::Tensor& index_in
   const int64_t M = index.size(0);
   std::vector<int64_t> shape(src.sizes().begin(), src.sizes().end());
   shape[0] = num_rows;
-  at::Tensor out = at::zeros(shape, src.options());
+  at::Tensor out = empty_for_first_touch(shape, src.options());
+  out.zero_();  // rows no index names stay zero
   AT_DISPATCH_INDEX_TYPES(index.scalar_type(), "scatter_rows_cpu", [&] {
     const index_t* idx = index.const_data_ptr<index_t>();
     check_index_range(idx, M, num_rows, "scatter_rows");
