@@ -116,6 +116,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    steady = fc.steady_allocator() if device.type == "cpu" else None
     flat, cascades = designs(device)
     x = torch.rand(args.rows, 1, 16, 16, device=device) ** 2  # skewed like luma detail
     sizes = sorted({1, 16, 64, 256, args.batch, max(1, args.batch // 2), 2 * args.batch})
@@ -142,7 +143,7 @@ def main(argv=None) -> dict:
     rows = []
     print(f"device {device} ({fc.cascade.latency.environment(device)['device_name']}), threads "
           f"{torch.get_num_threads()}, torch {torch.__version__}, batch {args.batch}, {args.rows} rows, "
-          f"{args.rounds} rounds; latency models measured in {t_measure:.1f} s")
+          f"{args.rounds} rounds; latency models measured in {t_measure:.1f} s; steady allocator: {steady}")
     print(f"{'design':<14} {'exit':>5} {'predicted us/row':>17} {'measured us/row':>16} {'measured/pred':>13} "
           f"{'x flat (meas)':>13}")
     for k in fns:
@@ -154,7 +155,8 @@ def main(argv=None) -> dict:
               f"{r:13.3f} {measured['flat'] / measured[k]:13.2f}")
     worst = max(abs(r["ratio"] - 1) for r in rows)
     print(f"largest |measured / predicted - 1|: {worst:.3f}")
-    out = {"env": fc.cascade.latency.environment(device), "batch": args.batch, "rows": rows, "worst": worst}
+    out = {"env": fc.cascade.latency.environment(device), "batch": args.batch, "rows": rows, "worst": worst,
+           "steady_allocator": steady}
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=1)

@@ -255,6 +255,15 @@ def test_save_load_round_trip_corruption_and_environment_warning(tmp_path):
         fc.LatencyModel.load(tmp_path / "missing.json")
 
 
+def test_steady_allocator_is_applied_once_where_glibc_is():
+    import platform
+
+    first = fc.steady_allocator()
+    assert fc.steady_allocator() is first  # idempotent
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert first is True  # mallopt accepted both thresholds (it returns 0 for a value it refuses)
+
+
 def test_bad_arguments():
     c = random_cascade(2, max_depth=2, segments=1, num_labels=4)
     x = random_input(20, 2)

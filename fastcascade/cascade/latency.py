@@ -48,10 +48,37 @@ from .._io import checksum, checksum_problem, write_json
 from .cost import eval_mode
 from .tree import Ensemble, Leaf, Stage
 
-__all__ = ["LatencyModel", "measure_latency"]
+__all__ = ["LatencyModel", "measure_latency", "steady_allocator"]
 
 DEFAULT_BATCH_SIZES = (1, 16, 64, 256, 512, 1024, 2048)
 FORMAT = "fastcascade.latency/1"
+
+
+_STEADY = {"applied": None}
+
+
+def steady_allocator() -> bool:
+    """Make CPU timings hold from one call to the next: fix glibc malloc's thresholds for this process (keep
+    freed memory mapped up to 1 GiB: M_TRIM_THRESHOLD; serve blocks up to 32 MiB from the heap: M_MMAP_THRESHOLD).
+    By default glibc adapts both as blocks are freed, so whether a tensor of a few MiB lands in fresh memory
+    (and pays a page fault every 4 KiB) depends on the calls before it: the demo's flat model measured 27 and
+    55 us per block at 512 rows in one process, depending on what ran first. Returns True where applied (Linux
+    with glibc), False elsewhere (nothing changed); jemalloc or tcmalloc (LD_PRELOAD) are steady too."""
+    if _STEADY["applied"] is None:
+        ok = False
+        try:
+            import ctypes
+            import ctypes.util
+
+            name = ctypes.util.find_library("c")
+            libc = ctypes.CDLL(name) if name else None
+            mallopt = getattr(libc, "mallopt", None)
+            if mallopt is not None:  # M_TRIM_THRESHOLD = -1, M_MMAP_THRESHOLD = -3; 1 on success
+                ok = mallopt(-1, 1 << 30) == 1 and mallopt(-3, 32 << 20) == 1
+        except OSError:
+            ok = False
+        _STEADY["applied"] = ok
+    return _STEADY["applied"]
 
 
 def environment(device: torch.device) -> dict:
@@ -439,6 +466,8 @@ def measure_latency(model: nn.Module, example: torch.Tensor, batch_sizes: Sequen
         batch_sizes: the row counts each part is timed at (ints >= 1; include the run batch size).
         device: where to measure (default: the model's); a model elsewhere is measured as a copy moved there.
         repeats: timed calls per (part, size), taken in turns; warmup: untimed calls per (part, size) first.
+    On the CPU, call fastcascade.steady_allocator() first (once per process) or use jemalloc / tcmalloc: with
+    glibc's adaptive thresholds a part's time depends on what ran before it, in the measurement and in the run.
     """
     from .runner import Cascade
 
