@@ -140,19 +140,32 @@ def main(argv=None) -> dict:
     fns[key] = tuned.cascade.predict
     predicted[key] = lats["raw-gate"].seconds_per_row(tuned.cascade, x, batch_size=args.batch)
     measured = _measure(fns, x, args.batch, args.rounds, device)
+    # the same predictions without the runner part (whole calls less their parts), to see what it adds
+    bare = {}
+    for k in fns:
+        if isinstance(k, tuple):
+            lat = lats["raw-gate" if k[0].startswith("raw") else "gate"]
+            zero = fc.cascade.latency.PartTiming(lat.batch_sizes, (0.0,) * len(lat.batch_sizes),
+                                                 (0.0,) * len(lat.batch_sizes))
+            no_runner = fc.LatencyModel({**lat.parts, "runner": zero}, lat.nodes, lat.exit_parts, lat.env, lat.repeats)
+            c = fns[k].__self__
+            bare[k] = no_runner.seconds_per_row(c, x, batch_size=args.batch)
+        else:
+            bare[k] = predicted[k]
     rows = []
     print(f"device {device} ({fc.cascade.latency.environment(device)['device_name']}), threads "
           f"{torch.get_num_threads()}, torch {torch.__version__}, batch {args.batch}, {args.rows} rows, "
           f"{args.rounds} rounds; latency models measured in {t_measure:.1f} s; steady allocator: {steady}")
     print(f"{'design':<14} {'exit':>5} {'predicted us/row':>17} {'measured us/row':>16} {'measured/pred':>13} "
-          f"{'x flat (meas)':>13}")
+          f"{'x flat (meas)':>13} {'no runner: meas/pred':>20}")
     for k in fns:
         name, f = (k, None) if isinstance(k, str) else k
         r = measured[k] / predicted[k]
         rows.append({"design": name, "exit_fraction": f, "predicted_s_per_row": predicted[k],
-                     "measured_s_per_row": measured[k], "ratio": r, "speedup_vs_flat": measured["flat"] / measured[k]})
+                     "measured_s_per_row": measured[k], "ratio": r, "speedup_vs_flat": measured["flat"] / measured[k],
+                     "ratio_without_runner": measured[k] / bare[k]})
         print(f"{name:<14} {'' if f is None else f'{f:.2f}':>5} {predicted[k] * 1e6:17.2f} {measured[k] * 1e6:16.2f} "
-              f"{r:13.3f} {measured['flat'] / measured[k]:13.2f}")
+              f"{r:13.3f} {measured['flat'] / measured[k]:13.2f} {measured[k] / bare[k]:20.3f}")
     worst = max(abs(r["ratio"] - 1) for r in rows)
     print(f"largest |measured / predicted - 1|: {worst:.3f}")
     out = {"env": fc.cascade.latency.environment(device), "batch": args.batch, "rows": rows, "worst": worst,

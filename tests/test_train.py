@@ -595,10 +595,13 @@ def test_demo_quick_end_to_end(tmp_path):
         costs = [p["cost"] for p in d["frontier_val"]]
         assert costs == sorted(costs) and max(d["test"]["reached"].values()) == 1.0  # the root
         assert d["cost_unit"] == ("FLOPs per row" if name.endswith("@flops") else "seconds per row")
-        # the chosen point is the cheapest on val that matches the flat model's val macro F1, else the best
-        flat_val = designs["flat"]["val"]["macro_f1"]
-        matching = [p for p in d["frontier_val"] if p["macro_f1"] >= flat_val]
-        assert d["setting"] == (matching[0] if matching else d["frontier_val"][-1])["setting"]
+        # the chosen point: the best val macro F1 within the budget (a fraction of the flat model's cost, in the
+        # way's unit), else the best
+        within = [p for p in d["frontier_val"] if p["cost"] <= d["budget"]]
+        chosen = within[-1] if within else d["frontier_val"][-1]
+        assert d["val"]["macro_f1"] == chosen["macro_f1"] and d["within_budget"] == bool(within)
+        if name.endswith("@flops"):
+            assert d["budget"] == pytest.approx(designs["flat"]["val"]["flops_per_block"] / (1.5 * 1.15))
         if name.endswith("@latency"):
             assert len(d["frontier_val_timed"]) >= 1
     own = designs["v6-own@flops"]["test"]["reached"]

@@ -416,32 +416,30 @@ def _device_of(model: nn.Module, device) -> torch.device:
 
 
 def _timed(fns: dict, sizes: Sequence[int], repeats: int, warmup: int, device: torch.device) -> dict[str, PartTiming]:
-    """Size by size, as a run at one batch size calls them: warm-up calls of every part, then `repeats` rounds
-    in which every part runs once in turn (a burst of load from elsewhere meets them alike). Sizes are not
-    interleaved: the allocator reuses a steady run's buffers, while alternating sizes would map fresh memory
-    (and pay its page faults) on most calls."""
+    """Warm-up calls of every (part, size), then `repeats` rounds in which every (part, size) runs once, in turn:
+    a burst of load from elsewhere meets them all alike instead of one size's every measurement. (On the CPU
+    this needs steady_allocator: with glibc's adaptive thresholds, alternating sizes map fresh memory.)"""
     cuda = device.type == "cuda"
-    times = {(k, n): [] for k in fns for n in sizes}
-    for n in sizes:
-        for fn in fns.values():
+    for fn in fns.values():
+        for n in sizes:
             for _ in range(warmup):
                 fn(n)
-        if cuda:
-            torch.cuda.synchronize(device)
-        for _ in range(repeats):
-            for k, fn in fns.items():
-                ts = times[k, n]
-                if cuda:
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    fn(n)
-                    end.record()
-                    end.synchronize()
-                    ts.append(start.elapsed_time(end) / 1e3)
-                else:
-                    t = time.perf_counter()
-                    fn(n)
-                    ts.append(time.perf_counter() - t)
+    if cuda:
+        torch.cuda.synchronize(device)
+    times = {(k, n): [] for n in sizes for k in fns}
+    for _ in range(repeats):
+        for (k, n), ts in times.items():
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fns[k](n)
+                end.record()
+                end.synchronize()
+                ts.append(start.elapsed_time(end) / 1e3)
+            else:
+                t = time.perf_counter()
+                fns[k](n)
+                ts.append(time.perf_counter() - t)
     out = {}
     for k in fns:
         med, p95 = [], []

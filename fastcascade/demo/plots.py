@@ -84,9 +84,12 @@ def plot_frontier(designs: dict[str, dict], path: pathlib.Path) -> None:
                      label=f"{name} tuned on {way} (test)")
         axes[1].plot(d["blocks_per_s"], d["macro_f1"], marker, ms=7, color=color, mec="black")
         timed.append((d["predicted_blocks_per_s"], d["blocks_per_s"], color, marker))
+    from matplotlib.ticker import NullFormatter
+
     for ax, key in ((axes[0], "flops_per_block"), (axes[1], "blocks_per_s")):
         ax.plot(flat[key], flat["macro_f1"], "*", ms=14, color="black", label="flat (test)" if key[0] == "f" else None)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # a decade or two: the minor labels overlap
         ax.set_ylabel("macro F1")
         ax.grid(alpha=0.3)
     timed.append((flat["predicted_blocks_per_s"], flat["blocks_per_s"], "black", "*"))
@@ -100,6 +103,8 @@ def plot_frontier(designs: dict[str, dict], path: pathlib.Path) -> None:
                          label="within 15%")
     axes[2].set_xscale("log")
     axes[2].set_yscale("log")
+    for axis in (axes[2].xaxis, axes[2].yaxis):
+        axis.set_minor_formatter(NullFormatter())
     axes[2].set_xlabel("predicted blocks/s (latency model)")
     axes[2].set_ylabel("measured blocks/s")
     axes[2].grid(alpha=0.3)

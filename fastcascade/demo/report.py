@@ -27,6 +27,7 @@ def format_table(results: dict[str, dict], always_none: dict) -> str:
     flat = results["flat"]
     head = (f"  {'design':<10} {'tuned on':<8} {'macro F1':>8} {'accuracy':>8} {'FLOPs/block':>12} {'x flat':>6} "
             f"{'blocks/s':>9} {'x flat':>6} {'predicted':>9} {'meas/pred':>9} {'batch':>5}  operating point (val)")
+    # meas/pred: measured / predicted blocks/s (above 1: faster than the latency model said)
     rows = [head]
     for key, r in results.items():
         design, way = _label(key)
