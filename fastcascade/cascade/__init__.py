@@ -31,7 +31,8 @@ in every mode.
 from .cost import CascadeCost, cascade_cost, flops_per_row
 from .dense import cascade_dense, dense_outputs  # noqa: F401  (the oracle, for tests and benchmarks)
 from .evaluate import EvaluationReport, evaluate_cascade
-from .latency import LatencyModel, measure_latency, steady_allocator
+from .latency import LatencyModel
+from .measure import measure_latency, steady_allocator
 from .runner import Cascade, CascadeOutput
 from .tree import Argmax, Confident, Ensemble, Leaf, Stage, Threshold
 from .trunk import split_backbone

@@ -39,7 +39,8 @@ from .. import routing
 from ..reference import logit_threshold
 from .cost import cascade_cost, eval_mode, flops_per_row
 from .dense import dense_outputs
-from .latency import LatencyModel, measure_latency
+from .latency import LatencyModel
+from .measure import measure_latency
 from .tree import Confident, Ensemble, Leaf, Stage, Threshold
 
 __all__ = ["TuneResult", "tune_cascade"]

@@ -1,0 +1,253 @@
+"""Measuring a latency model (fastcascade.LatencyModel, see fastcascade.cascade.latency): every part of a
+cascade timed on n rows, in turns, and the runner's own time; steady_allocator for CPU timings that hold.
+
+    fc.steady_allocator()                                      # on the CPU, once per process
+    lat = fc.measure_latency(cascade, val_x[:256], batch_sizes=(1, 16, 64, 256, 512))
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .. import routing
+from .._checks import positive_int
+from .cost import eval_mode
+from .latency import DEFAULT_BATCH_SIZES, LatencyModel, PartTiming, environment, latency_parts, node_gathers
+from .tree import Ensemble, Leaf, Stage
+
+__all__ = ["measure_latency", "steady_allocator"]
+
+_STEADY = {"applied": None}
+
+
+def steady_allocator() -> bool:
+    """Make CPU timings hold from one call to the next: fix glibc malloc's thresholds for this process (keep
+    freed memory mapped up to 1 GiB: M_TRIM_THRESHOLD; serve blocks up to 32 MiB from the heap: M_MMAP_THRESHOLD).
+    By default glibc adapts both as blocks are freed, so whether a tensor of a few MiB lands in fresh memory
+    (and pays a page fault every 4 KiB) depends on the calls before it: the demo's flat model measured 27 and
+    55 us per block at 512 rows in one process, depending on what ran first. Returns True where applied (Linux
+    with glibc), False elsewhere (nothing changed); jemalloc or tcmalloc (LD_PRELOAD) are steady too."""
+    if _STEADY["applied"] is None:
+        ok = False
+        try:
+            import ctypes
+            import ctypes.util
+
+            name = ctypes.util.find_library("c")
+            libc = ctypes.CDLL(name) if name else None
+            mallopt = getattr(libc, "mallopt", None)
+            if mallopt is not None:  # M_TRIM_THRESHOLD = -1, M_MMAP_THRESHOLD = -3; 1 on success
+                ok = mallopt(-1, 1 << 30) == 1 and mallopt(-3, 32 << 20) == 1
+        except OSError:
+            ok = False
+        _STEADY["applied"] = ok
+    return _STEADY["applied"]
+
+
+class _Inputs:
+    """Every part's input on the example's rows, computed once."""
+
+    def __init__(self, cascade, x: torch.Tensor):
+        self.x, self.feats, self.logits = x, [], {}
+        h = x
+        for seg in (cascade.trunk or {}).values():
+            h = seg(h)
+            self.feats.append(h)
+        for node in cascade.nodes:
+            p = cascade.plan[node.name]
+            inp = x if p.tap < 0 else self.feats[p.tap]
+            self.logits[node.name] = None if isinstance(node, Ensemble) else node.outputs(inp)
+        # a branch's rows: an ascending subset of its parent's, as partition orders them
+        self.subset = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0)).to(x.device)
+
+    def segment_input(self, k: int) -> torch.Tensor:
+        return self.x if k == 0 else self.feats[k - 1]
+
+    def rows(self, n: int) -> torch.Tensor:
+        return self.subset[:n].sort().values
+
+
+def _route(cascade, node: Stage, logits, labels, exits, node_id):
+    """What Cascade.predict does after a stage's module, short of gathering the children's rows: decide,
+    partition, the host transfer of the branch sizes, every branch's row ids, a leaf's labels written."""
+    be = cascade.backend
+    ids = torch.arange(logits.shape[0], device=logits.device)
+    part = routing.partition(node.rule.decide(logits, be), len(node.kids), backend=be)
+    counts = part.counts.tolist()
+    sorted_ids, start = ids[part.order], 0
+    for b, child in enumerate(node.kids):
+        k = counts[b]
+        if k and isinstance(child, Leaf):
+            sub = sorted_ids[start:start + k]
+            labels.index_fill_(0, sub, child.label)
+            exits.index_fill_(0, sub, node_id)
+        start += k
+
+
+def _cascade_calls(cascade, inputs: _Inputs) -> dict:
+    """part name -> fn(n): one call of the part on n rows of its input."""
+    x, be, fns = inputs.x, cascade.backend, {}
+    dev = x.device
+
+    def call(n):
+        cascade._check_input(x[:n])
+        cascade._new_output(n, dev, False)
+
+    fns["call"] = call
+    for k, (name, seg) in enumerate((cascade.trunk or {}).items()):
+        fns[name] = lambda n, s=seg, k=k: s(inputs.segment_input(k)[:n])
+    for node_id, node in enumerate(cascade.nodes):
+        p = cascade.plan[node.name]
+        inp = x if p.tap < 0 else inputs.feats[p.tap]
+        carried, reads_x = node_gathers(cascade, node.name)
+        sources = [inputs.feats[k] for k in carried] + ([x] if reads_x else [])
+        if sources:
+            def gather(n, sources=sources):
+                rows = inputs.rows(n)
+                for f in sources:
+                    routing.gather_rows(f, rows, backend=be)
+
+            fns[f"{node.name}/gather"] = gather
+        if isinstance(node, Ensemble):
+            for k, m in enumerate(node.members):
+                fns[f"{node.name}.{k}"] = lambda n, m=m, inp=inp: m(inp[:n])
+            logits = node.member_logits(inp)
+            labels = torch.zeros(x.shape[0], dtype=torch.int64, device=dev)
+
+            def vote(n, node=node, logits=logits, labels=labels):
+                lab, _ = routing.vote(logits[:, :n], node.mode, return_probs=True, backend=be)
+                labels[:n].copy_(node.label_table[lab])
+
+            fns[f"{node.name}/vote"] = vote
+            continue
+        fns[node.name] = lambda n, node=node, inp=inp: node.outputs(inp[:n])
+        labels = torch.zeros(x.shape[0], dtype=torch.int64, device=dev)
+        exits = torch.zeros_like(labels)
+
+        def route(n, node=node, logits=inputs.logits[node.name], labels=labels, exits=exits, i=node_id):
+            _route(cascade, node, logits[:n], labels[:n], exits[:n], i)
+
+        fns[f"{node.name}/route"] = route
+    return fns
+
+
+# ---------------------------------------------------------------------------------------------------------
+# measuring
+
+
+def _device_of(model: nn.Module, device) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _timed(fns: dict, sizes: Sequence[int], repeats: int, warmup: int, device: torch.device) -> dict[str, PartTiming]:
+    """Warm-up calls of every (part, size), then `repeats` rounds in which every (part, size) runs once, in turn:
+    a burst of load from elsewhere meets them all alike instead of one size's every measurement. (On the CPU
+    this needs steady_allocator: with glibc's adaptive thresholds, alternating sizes map fresh memory.)"""
+    cuda = device.type == "cuda"
+    for fn in fns.values():
+        for n in sizes:
+            for _ in range(warmup):
+                fn(n)
+    if cuda:
+        torch.cuda.synchronize(device)
+    times = {(k, n): [] for n in sizes for k in fns}
+    for _ in range(repeats):
+        for (k, n), ts in times.items():
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fns[k](n)
+                end.record()
+                end.synchronize()
+                ts.append(start.elapsed_time(end) / 1e3)
+            else:
+                t = time.perf_counter()
+                fns[k](n)
+                ts.append(time.perf_counter() - t)
+    out = {}
+    for k in fns:
+        med, p95 = [], []
+        for n in sizes:
+            ts = torch.tensor(times[(k, n)], dtype=torch.float64)
+            med.append(float(ts.quantile(0.5)))
+            p95.append(float(ts.quantile(0.95)))
+        out[k] = PartTiming(tuple(sizes), tuple(med), tuple(p95))
+    return out
+
+
+@torch.no_grad()
+def measure_latency(model: nn.Module, example: torch.Tensor, batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+                    device: torch.device | str | None = None, repeats: int = 15, warmup: int = 2) -> LatencyModel:
+    """The LatencyModel of a fastcascade.Cascade (each part) or of any other nn.Module (one part, "model").
+
+    Args:
+        model: the cascade or model, in the form it will run in (e.g. fastcascade.inference_form's copy);
+            measured in eval mode, its modes restored.
+        example: its input rows (uint8 blocks are scaled to [0, 1] as the cascade's tools do); cycled to
+            the largest batch size, so a few hundred representative rows are enough.
+        batch_sizes: the row counts each part is timed at (ints >= 1; include the run batch size).
+        device: where to measure (default: the model's); a model elsewhere is measured as a copy moved there.
+        repeats: timed calls per (part, size), taken in turns; warmup: untimed calls per (part, size) first.
+    On the CPU, call fastcascade.steady_allocator() first (once per process) or use jemalloc / tcmalloc: with
+    glibc's adaptive thresholds a part's time depends on what ran before it, in the measurement and in the run.
+    """
+    from .runner import Cascade
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a fastcascade.Cascade or an nn.Module, got {type(model).__name__}")
+    if not isinstance(example, torch.Tensor) or example.dim() < 1 or example.shape[0] < 1:
+        raise ValueError(f"example must be a tensor of input rows (at least one), got "
+                         f"{tuple(example.shape) if isinstance(example, torch.Tensor) else type(example).__name__}")
+    if isinstance(batch_sizes, int) or not isinstance(batch_sizes, Sequence) or not batch_sizes:
+        raise ValueError(f"batch_sizes must be a non-empty list of ints >= 1, got {batch_sizes!r}")
+    sizes = sorted({positive_int(b, "batch_sizes: each") for b in batch_sizes})
+    repeats, warmup = positive_int(repeats, "repeats"), int(warmup)
+    if warmup < 0:
+        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+    dev = _device_of(model, device)
+    if _device_of(model, None) != dev:
+        model = copy.deepcopy(model).to(dev)
+    x = example.to(dev)
+    x = x.float() / 255 if x.dtype == torch.uint8 else x
+    reps = -(-sizes[-1] // x.shape[0])
+    x = x.repeat(reps, *([1] * (x.dim() - 1)))[:sizes[-1]].contiguous()
+    with eval_mode(model):
+        if not isinstance(model, Cascade):
+            parts = _timed({"model": lambda n: model(x[:n])}, sizes, repeats, warmup, dev)
+            return LatencyModel(parts, (), (), environment(dev), repeats)
+        names, exits = latency_parts(model)
+        fns = _cascade_calls(model, _Inputs(model, x))
+        fns = {k: fns[k] for k in names if k != "runner"}
+        fns["runner"] = lambda n: model.predict(x[:n])  # whole calls, timed in turns with the parts
+        timed = _timed(fns, sizes, repeats, warmup, dev)
+        runs = [model.predict(x[:n], return_details=True).exit_stage.cpu() for n in sizes]
+        runner = _residual(timed["runner"], timed, names, exits, runs)
+        parts = {k: runner if k == "runner" else timed[k] for k in names}
+        return LatencyModel(parts, tuple(model.node_names), exits, environment(dev), repeats)
+
+
+def _residual(whole: PartTiming, parts: dict[str, PartTiming], names, exits, runs) -> PartTiming:
+    """The runner's own time per call (its bookkeeping between parts, and what parts lose to each other's use
+    of the caches): whole predict calls on the first n example rows, less the parts those rows reached, each
+    at the number of rows that reached it; never below 0."""
+    order = [n for n in names if n != "runner"]
+    member = torch.zeros(len(exits), len(order), dtype=torch.float64)
+    for k, paid in enumerate(exits):
+        for p in paid:
+            if p != "runner":
+                member[k, order.index(p)] = 1
+    med, p95 = [], []
+    for i, stage in enumerate(runs):
+        counts = torch.bincount(stage, minlength=len(exits)).to(torch.float64) @ member
+        for which, out, total in (("median", med, whole.median[i]), ("p95", p95, whole.p95[i])):
+            paid = sum(float(parts[p].seconds(counts[j], which)) for j, p in enumerate(order))
+            out.append(max(total - paid, 0.0))
+    return PartTiming(whole.batch_sizes, tuple(med), tuple(max(a, b) for a, b in zip(med, p95)))
