@@ -595,11 +595,16 @@ def test_demo_quick_end_to_end(tmp_path):
         costs = [p["cost"] for p in d["frontier_val"]]
         assert costs == sorted(costs) and max(d["test"]["reached"].values()) == 1.0  # the root
         assert d["cost_unit"] == ("FLOPs per row" if name.endswith("@flops") else "seconds per row")
-        # the chosen point: the best val macro F1 within the budget (a fraction of the flat model's cost, in the
-        # way's unit), else the best
+        # the chosen point: tuned for val macro F1 within the budget (a fraction of the flat model's cost, in the
+        # way's unit; several rules end at a coordinate optimum, at most the best scored point within it), else
+        # the best point of the frontier
         within = [p for p in d["frontier_val"] if p["cost"] <= d["budget"]]
-        chosen = within[-1] if within else d["frontier_val"][-1]
-        assert d["val"]["macro_f1"] == chosen["macro_f1"] and d["within_budget"] == bool(within)
+        cost = d["val"]["flops_per_block" if name.endswith("@flops") else "seconds_per_block"]
+        assert d["within_budget"] == bool(within), name
+        if within:
+            assert cost <= d["budget"] and d["val"]["macro_f1"] <= within[-1]["macro_f1"] + 1e-12, name
+        else:
+            assert d["val"]["macro_f1"] == d["frontier_val"][-1]["macro_f1"], name
         if name.endswith("@flops"):
             assert d["budget"] == pytest.approx(designs["flat"]["val"]["flops_per_block"] / (1.5 * 1.15))
         if name.endswith("@latency"):
