@@ -29,6 +29,11 @@ def value_checks_on(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" or checks_forced()
 
 
+def model_input(x: torch.Tensor) -> torch.Tensor:
+    """A model's input as its tools read it: uint8 pixels as float in [0, 1] (x / 255), anything else as is."""
+    return x.float() / 255 if x.dtype == torch.uint8 else x
+
+
 def tensor_arg(t, name: str) -> torch.Tensor:
     """t itself; TypeError naming the argument when it is not a tensor."""
     if not isinstance(t, torch.Tensor):

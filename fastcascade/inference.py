@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
+from ._checks import model_input
 from .cascade.cost import eval_mode
 from .cascade.dense import dense_outputs
 from .cascade.runner import Cascade
@@ -86,7 +87,7 @@ def _example(example) -> torch.Tensor:
         raise TypeError(f"example must be a tensor (an input batch of the model), got {type(example).__name__}")
     if example.dim() < 1 or example.shape[0] < 1:
         raise ValueError(f"example must hold at least one row, got shape {tuple(example.shape)}")
-    return example.float() / 255 if example.dtype == torch.uint8 else example
+    return model_input(example)
 
 
 def fold_batchnorms(module: nn.Module) -> int:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .._checks import model_input
 from .tree import Ensemble
 
 __all__ = ["CascadeCost", "cascade_cost", "flops_per_row"]
@@ -43,8 +44,7 @@ def _one_row(example, what: str) -> torch.Tensor:
         raise TypeError(f"{what} must be a tensor (the model's input, one row or more), got {type(example).__name__}")
     if example.dim() < 1 or example.shape[0] < 1:
         raise ValueError(f"{what} must hold at least one row, got shape {tuple(example.shape)}")
-    x = example[:1]
-    return x.float() / 255 if x.dtype == torch.uint8 else x
+    return model_input(example[:1])
 
 
 def _counted(fn, *args) -> tuple[int, object]:

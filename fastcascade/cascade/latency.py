@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._checks import positive_int
+from .._checks import model_input, positive_int
 from .._io import checksum, checksum_problem, write_json
 from .tree import Ensemble, Leaf, Stage
 
@@ -151,9 +151,7 @@ class LatencyModel:
                 raise ValueError("x must be a tensor of the cascade's input rows (at least one) to predict from")
             counts = torch.zeros(len(self.nodes), dtype=torch.float64)
             for i in range(0, x.shape[0], 4096):
-                xb = x[i:i + 4096]
-                xb = xb.float() / 255 if xb.dtype == torch.uint8 else xb
-                stage = model.predict(xb, return_details=True).exit_stage
+                stage = model.predict(model_input(x[i:i + 4096]), return_details=True).exit_stage
                 counts += torch.bincount(stage.cpu(), minlength=len(self.nodes)).to(torch.float64)
             reach = (counts @ self.membership()) / counts.sum()
         else:

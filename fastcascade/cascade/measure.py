@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .. import routing
-from .._checks import positive_int
+from .._checks import model_input, positive_int
 from .cost import eval_mode
 from .latency import DEFAULT_BATCH_SIZES, LatencyModel, PartTiming, environment, latency_parts, node_gathers
 from .tree import Ensemble, Leaf, Stage
@@ -215,8 +215,7 @@ def measure_latency(model: nn.Module, example: torch.Tensor, batch_sizes: Sequen
     dev = _device_of(model, device)
     if _device_of(model, None) != dev:
         model = copy.deepcopy(model).to(dev)
-    x = example.to(dev)
-    x = x.float() / 255 if x.dtype == torch.uint8 else x
+    x = model_input(example.to(dev))
     reps = -(-sizes[-1] // x.shape[0])
     x = x.repeat(reps, *([1] * (x.dim() - 1)))[:sizes[-1]].contiguous()
     with eval_mode(model):

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from .. import routing
+from .._checks import model_input
 from ..reference import logit_threshold
 from .cost import cascade_cost, eval_mode, flops_per_row
 from .dense import dense_outputs
@@ -132,8 +133,7 @@ def _collect(cascade, x, labels, batch_size: int):
     outs, ys, example = {}, [], None
     with eval_mode(cascade):
         for xb, yb in batches:
-            xb = xb.to(device)
-            xb = xb.float() / 255 if xb.dtype == torch.uint8 else xb
+            xb = model_input(xb.to(device))
             example = xb[:1] if example is None else example
             for name, o in dense_outputs(cascade, xb).items():
                 outs.setdefault(name, []).append(o)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from .._checks import model_input
 from ..cascade import Cascade, EvaluationReport, evaluate_cascade, flops_per_row
 from ..metrics import ClassificationReport, confusion_matrix
 from .batches import kept_rows, loader, num_output_classes, predicted_labels, targets_of
@@ -61,7 +62,7 @@ def _batches(data, batch_size: int, device: torch.device):
                         f"{type(data).__name__}")
     for xb, yb in parts:  # own names: the slices above read x and y lazily
         xb = xb.to(device)
-        yield (xb.float() / 255 if xb.dtype == torch.uint8 else xb), torch.as_tensor(yb)
+        yield model_input(xb), torch.as_tensor(yb)
 
 
 @torch.no_grad()
