@@ -122,11 +122,11 @@ def _check(pred, target) -> tuple[torch.Tensor, torch.Tensor]:
     return pred.reshape(-1).long(), target.reshape(-1).long()
 
 
-def _restricted(stage: str, pred: torch.Tensor, target: torch.Tensor) -> tuple[ClassificationReport, int]:
+def _restricted(stage: str, pred: dict, target: dict) -> tuple[ClassificationReport, int]:
     """The report of one stage's classes on the rows whose true label reaches it (k classes), each prediction
     mapped to that stage's class or to an extra column k ("outside the stage") when its label does not reach
     the stage; and the number of those rows."""
-    true, guess = stage_targets(target)[stage], stage_targets(pred)[stage]
+    true, guess = target[stage], pred[stage]  # stage_targets of the final labels
     rows = true != IGNORE_INDEX
     k = len(STAGE_CLASS_NAMES[stage]) if stage != "rect" else 2  # HORZ_4 / VERT_4 are not main labels
     guess = torch.where(guess == IGNORE_INDEX, torch.full_like(guess, k), guess)
@@ -169,18 +169,18 @@ def stage_table(pred: torch.Tensor, target: torch.Tensor) -> StageTable:
     main ones (HORZ_4 / VERT_4 or any id >= 8) raise ValueError. The counts are read back to the host.
     """
     pred, target = _check(pred, target)
-    s1 = stage_targets(target)["stage1"], stage_targets(pred)["stage1"]
-    stage1 = ClassificationReport.from_confusion(confusion_matrix(s1[1], s1[0], 2))
-    stage2, partition_rows = _restricted("stage2", pred, target)
-    rect, rect_rows = _restricted("rect", pred, target)
-    ab, ab_rows = _restricted("ab", pred, target)
+    per_stage = stage_targets(pred), stage_targets(target)
+    stage1 = ClassificationReport.from_confusion(
+        confusion_matrix(per_stage[0]["stage1"], per_stage[1]["stage1"], 2))
+    stage2, partition_rows = _restricted("stage2", *per_stage)
+    rect, rect_rows = _restricted("rect", *per_stage)
+    ab, ab_rows = _restricted("ab", *per_stage)
     final = ClassificationReport.from_confusion(confusion_matrix(pred, target, NUM_MAIN_CLASSES))
     return StageTable(
         stage1_f1=float(stage1.f1[1]), stage1_precision=float(stage1.precision[1]),
         stage1_recall=float(stage1.recall[1]), stage2_macro_f1=_macro_f1(stage2, 3),
         rect_f1=_macro_f1(rect, 2), ab_f1=_macro_f1(ab, 4), accuracy=final.accuracy, macro_f1=final.macro_f1,
-        rows=target.numel(),
-        partition_rows=partition_rows, rect_rows=rect_rows, ab_rows=ab_rows)
+        rows=target.numel(), partition_rows=partition_rows, rect_rows=rect_rows, ab_rows=ab_rows)
 
 
 def _tables(value, name: str) -> list[StageTable]:
