@@ -225,7 +225,7 @@ def _design_cells(tables: list[StageTable]) -> list[str]:
 def format_stage_table(rows: Mapping[str, StageTable | Sequence[StageTable]], reference: bool = True,
                        markdown: bool = False) -> str:
     """One table, one row per design (name -> its StageTable, or a list of them, one per seed, shown as mean
-    ± std), then, with ``reference``, the plan's rows (``PLAN_REFERENCE``: v5, v6 phase-1 and phase-2 target
+    ± std; a list of one shows that table's values), then, with ``reference``, the plan's rows (``PLAN_REFERENCE``: v5, v6 phase-1 and phase-2 target
     ranges; "-" where the plan gives no figure) and a note saying they are the plan's, on other data. Scores
     in %. ``markdown`` gives a GitHub table for the docs instead of aligned plain text."""
     if not isinstance(rows, Mapping):
