@@ -33,6 +33,10 @@ def main(argv=None) -> int:
     demo.add_argument("--seeds", type=_positive, default=1,
                       help="train and measure this many seeds (--seed, --seed + 1, ...) and report every design's "
                            "test macro F1, accuracy and throughput ratio as mean ± std (default 1)")
+    demo.add_argument("--ablation", choices=("stage1",), default=None,
+                      help="stage1: also retrain the trunk's Stage-1 head with each part of the plan's recipe "
+                           "(alpha 0.25, mining 3:1, the balanced sampler) removed in turn, and report what each "
+                           "buys in the v6-trunk hierarchy tuned end to end")
     demo.add_argument("--batch-size", type=_positive, default=None, help="default 128; 64 with --quick")
     demo.add_argument("--width", type=_positive, default=16, help="channels of the small CNN's first layer")
     demo.add_argument("--stem-stride", type=int, choices=(1, 2), default=1,

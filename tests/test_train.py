@@ -571,11 +571,14 @@ def _demo(args, cwd, timeout=600):
 @pytest.mark.slow
 def test_demo_quick_end_to_end(tmp_path):
     out = tmp_path / "run"
-    r = _demo(["demo", "--quick", "--out", str(out), "--no-progress", "--seeds", "2"], tmp_path)
+    r = _demo(["demo", "--quick", "--out", str(out), "--no-progress", "--seeds", "2", "--ablation", "stage1"],
+              tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     for text in ("== designs on the 2000 test blocks, at operating points tuned on val on FLOPs and on latency",
                  "blocks/s", "always NONE", "equal the dense oracle for every design: True", "######## seed 1 (2 of 2)",
-                 "== over 2 seeds (0, 1): mean ± std on test", "target (mean macro F1 >= flat's, >= 1.5x"):
+                 "== over 2 seeds (0, 1): mean ± std on test", "target (mean macro F1 >= flat's, >= 1.5x",
+                 "== the plan's stage table", "plan v5", "== Stage 1: temperature fitted on val",
+                 "== Stage 1's threshold chosen on val three ways", "== Stage-1 ablation"):
         assert text in r.stdout
     m = json.loads((out / "metrics.json").read_text())
     assert m["config"]["quick"] and m["config"]["train_blocks"] == 4000 and m["config"]["val_blocks"] == 2000
@@ -625,10 +628,40 @@ def test_demo_quick_end_to_end(tmp_path):
     assert set(m["target"]["ratios"]) == set(designs) - {"flat"}
     assert m["summary"]["flat_training_rows"] >= 0.5 * m["summary"]["cascade_training_rows"]
     assert set(m["throughput_blocks_per_s"]) == set(designs) and m["routing_matches_dense"] is True
+    # the stage table of every design is its final confusion's: the 8-class scores agree with the evaluation's
+    for name, d in designs.items():
+        assert d["stage_table"]["rows"] == 2000 and d["stage_table"]["accuracy"] == pytest.approx(d["accuracy"])
+        assert d["stage_table"]["macro_f1"] == pytest.approx(d["macro_f1"]), name
+    assert set(m["stage_tables"]) == set(designs)
+    assert m["stage_tables"]["flat"]["macro_f1"]["values"] == [m["seeds"][s]["designs"]["flat"]["macro_f1"]
+                                                               for s in ("0", "1")]
+    stage1 = m["seeds"]["0"]["stage1"]
+    assert set(stage1["calibration"]) == {"v6-own stage1", "trunk stage1"} | {f"raw{w}" for w in
+                                                                              m["config"]["raw_gate_widths"]}
+    assert all(c["temperature"] > 0 and 0 <= c["ece_after"] <= 1 for c in stage1["calibration"].values())
+    for design in ("v6-trunk", "v6-own"):
+        ways = stage1["thresholds"][design]
+        assert list(ways) == ["stage-1 F1 (v5)", "precision", "end to end"]
+        assert 0.40 - 1e-9 <= ways["stage-1 F1 (v5)"]["threshold"] <= 0.70 + 1e-9
+        for w in ways.values():
+            # Stage 2 never answers NONE, so the rows it received are the rows predicted a partition: the
+            # contamination measured on Stage 1's routing is 1 - the Stage-1 precision of the final labels
+            t = w["table"]
+            assert t["rows"] == 2000 and w["contamination"] == pytest.approx(1 - t["stage1_precision"])
+            assert w["reach_stage2"] * 2000 * t["stage1_precision"] == pytest.approx(
+                t["stage1_recall"] * t["partition_rows"])
+    ablation = stage1["ablation"]
+    assert list(ablation) == ["recipe", "no alpha", "no mining", "no sampler"]
+    assert ablation["no alpha"]["recipe"]["alpha"] is None and ablation["no sampler"]["recipe"]["sampler"] is None
+    assert ablation["recipe"]["recipe"] == {"alpha": 0.25, "gamma": 2.5, "hard_negative_ratio": 3.0,
+                                            "sampler": "oversample"}
+    assert m["stage1_aggregate"]["ablation"]["no mining"]["table"]["stage1_f1"]["values"] == [
+        m["seeds"][s]["stage1"]["ablation"]["no mining"]["table"]["stage1_f1"] for s in ("0", "1")]
     own_models = {"stage1", "stage2", "rect", "ab1", "ab2", "ab3", "flat"}
     heads = {f"trunk_{k}" for k in ("stage1", "stage2", "rect", "ab1", "ab2", "ab3", "exit1", "exit2")}
     gates = {f"gate{w}" for w in m["config"]["raw_gate_widths"]}
-    assert set(m["history"]) == own_models | heads | gates
+    ablated = {"ablation_no_alpha", "ablation_no_mining", "ablation_no_sampler"}
+    assert set(m["history"]) == own_models | heads | gates | ablated
     for seed in ("seed-0", "seed-1"):
         for png in ("frontier.png", "confusion_flat.png", "confusion_v6-own.png", "confusion_gate.png",
                     "learning_curves.png", "confusion_v6-trunk_stage_stage2.png"):

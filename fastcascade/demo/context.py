@@ -52,6 +52,7 @@ class Run:
     histories: dict = field(default_factory=dict)
     timing: dict = field(default_factory=dict)
     rows: dict = field(default_factory=dict)  # training rows seen per model
+    calibration: dict = field(default_factory=dict)  # Stage-1 model -> temperature, ECE on test before and after
 
     def fit(self, key: str, model, loss_fn, target: str | None, seed: int, *, train=None, val=None, **kw):
         """fastcascade.fit on the train split (or `train`, e.g. cached features), selected on val; records the

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..calibration import fit_temperature
 from ..cascade import (
     Argmax,
     Cascade,
@@ -48,9 +47,10 @@ from .context import LABEL_NAMES, NUM_LABELS, Run, blocks_of, labels_of, stage_t
 from .heads import TrunkHeads
 from .hierarchy import OwnHierarchy
 from .report import TARGET
+from .stage1 import stage1_calibration
 from .timing import RUN_BATCH, latency_models, timed_batch_sizes, timed_in_turns
 
-__all__ = ["DESCRIPTIONS", "WAYS", "Design", "build_designs", "measure"]
+__all__ = ["DESCRIPTIONS", "WAYS", "Design", "build_designs", "measure", "v6_trunk_cascade"]
 
 DESCRIPTIONS = {
     "flat": "the flat 8-class model (its backbone is the shared trunk)",
@@ -82,42 +82,28 @@ class Design:
     chosen: dict = field(default_factory=dict)  # the operating point taken (stage -> threshold / tau)
 
 
-@torch.no_grad()
-def _val_logits(module: nn.Module, trunk: nn.ModuleDict | None, tap: str | None, x: torch.Tensor, device):
-    out = []
-    for i in range(0, x.shape[0], 2048):
-        h = x[i:i + 2048].to(device)
-        for name, seg in (trunk or {}).items():
-            if tap is None:
-                break
-            h = seg(h)
-            if name == tap:
-                break
-        out.append(module(h).float())
-    return torch.cat(out)
-
-
-def _temperature(module, trunk, tap, run: Run, target: str | None) -> float:
-    x, y = blocks_of(run.val), labels_of(run.val)
-    logits = _val_logits(module, trunk, tap, x, run.device).cpu()
-    if target is None:
-        return fit_temperature(logits, y)
-    t = stage_target(target)(y)
-    return fit_temperature(logits.reshape(-1), t.float())
+def v6_trunk_cascade(th: TrunkHeads, trunk: nn.ModuleDict, stage1: nn.Module | None = None,
+                     temperature: float = 1.0) -> Cascade:
+    """The v6 hierarchy on the trunk's heads (its Stage 1: th's, or `stage1` reading the same segment)."""
+    h, taps = th.heads, th.taps
+    return av1_partition_cascade(h["stage1"] if stage1 is None else stage1, h["stage2"], h["rect"], th.ab(),
+                                 temperature=temperature, trunk=trunk,
+                                 taps={"stage1": taps["stage1"], "stage2": taps["stage2"], "rect": taps["rect"],
+                                       "ab": taps["ab1"]})
 
 
 def build_designs(run: Run, own: OwnHierarchy, flat: nn.Module, trunk: nn.ModuleDict, flat_head: nn.Module,
                   th: TrunkHeads, raw_gates: dict[int, nn.Module]) -> list[Design]:
     """The designs, over the given (inference-form) modules; raw_gates: width -> RawGate."""
     h, taps, last = th.heads, th.taps, list(trunk)[-1]
-    t_own = _temperature(own.stage1, None, None, run, "stage1")
-    t_s1 = _temperature(h["stage1"], trunk, taps["stage1"], run, "stage1")
+    cal = run.calibration
+    cal["v6-own stage1"] = stage1_calibration(own.stage1, run)
+    cal["trunk stage1"] = stage1_calibration(h["stage1"], run, trunk, taps["stage1"])
+    t_own, t_s1 = cal["v6-own stage1"]["temperature"], cal["trunk stage1"]["temperature"]
     # the exits keep temperature 1: trained class-balanced, their softmax is no calibrated probability on the
     # natural distribution (fitting T on val can run off to a uniform softmax); tau is tuned on val instead
     t_e1 = t_e2 = 1.0
-    v6_trunk = av1_partition_cascade(h["stage1"], h["stage2"], h["rect"], th.ab(), temperature=t_s1, trunk=trunk,
-                                     taps={"stage1": taps["stage1"], "stage2": taps["stage2"], "rect": taps["rect"],
-                                           "ab": taps["ab1"]})
+    v6_trunk = v6_trunk_cascade(th, trunk, temperature=t_s1)
     v6_own = av1_partition_cascade(own.stage1, own.stage2, own.rect, own.ab, temperature=t_own)
 
     def flat_stage():
@@ -130,15 +116,14 @@ def build_designs(run: Run, own: OwnHierarchy, flat: nn.Module, trunk: nn.Module
     exits = Cascade(Stage(h["exit1"], Confident(0.9, t_e1), [*leaves, exit2], name="exit1", tap=taps["exit1"]),
                     trunk=trunk)
     cascades = [("v6-trunk", v6_trunk), ("v6-own", v6_own), ("gate", gate), ("exits", exits)]
-    temps = {"v6-own stage1": t_own, "trunk stage1": t_s1}
     for w, g in raw_gates.items():
-        t_raw = temps[f"raw{w}"] = _temperature(g, None, None, run, "stage1")
+        cal[f"raw{w}"] = stage1_calibration(g, run)
+        t_raw = cal[f"raw{w}"]["temperature"]
         whole = Stage(flat, Argmax(), range(NUM_LABELS), name="flat")  # the whole model: no trunk to resume
         cascades.append((f"raw{w}", Cascade(Stage(g, Threshold(0.5, t_raw), [NONE, whole], name="raw"))))
         if w == max(raw_gates):  # the widest gate also fronts the hierarchy
             cascades.append((f"raw{w}-v6", Cascade(Stage(g, Threshold(0.5, t_raw), [NONE, v6_trunk.root], name="raw"),
                                                    trunk=trunk)))
-    run.timing["temperatures"] = temps
     return [Design("flat", flat)] + [Design(n, c.to(run.device).eval()) for n, c in cascades]
 
 

@@ -38,7 +38,7 @@ from torch import nn
 
 from .. import data as fd
 from .context import Run
-from .hierarchy import stage1_loss
+from .stage1 import STAGE1_RECIPE
 from .models import GridPool
 
 __all__ = ["GATE_WIDTHS", "RawGate", "train_raw_gates"]
@@ -107,8 +107,8 @@ class RawGate(nn.Module):
 
 def train_raw_gates(run: Run, widths=GATE_WIDTHS, *, epochs: int | None = None, batch_size: int = 128,
                     variance: bool = True) -> dict[int, RawGate]:
-    """One RawGate per width, trained like the own hierarchy's Stage 1 (sigmoid focal loss, gamma 2.5, target
-    "stage1", random dihedral transforms, lr 3e-3) on the run's train split and selected on val; recorded
+    """One RawGate per width, trained like the own hierarchy's Stage 1 (STAGE1_RECIPE, target "stage1", random
+    dihedral transforms, lr 3e-3) on the run's train split and selected on val; recorded
     under "gate<width>" (histories, timings, checkpoints). Returns {width: gate at its best epoch}; fold its
     batch norms (fastcascade.inference_form(gate.eval(), example)) before timing it.
 
@@ -124,6 +124,6 @@ def train_raw_gates(run: Run, widths=GATE_WIDTHS, *, epochs: int | None = None, 
         torch.manual_seed(seed + k)
         gate = RawGate(w, variance).to(run.device)
         kw = {} if epochs is None else {"epochs": epochs}
-        gates[w] = run.fit(f"gate{w}", gate, stage1_loss, "stage1", seed + k, lr=3e-3, batch_size=batch_size,
-                           augment=fd.RandomDihedral(seed=seed + k), **kw)
+        gates[w] = run.fit(f"gate{w}", gate, STAGE1_RECIPE.loss, "stage1", seed + k, lr=3e-3, batch_size=batch_size,
+                           augment=fd.RandomDihedral(seed=seed + k), **STAGE1_RECIPE.fit_options(), **kw)
     return gates

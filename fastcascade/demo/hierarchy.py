@@ -1,6 +1,6 @@
 """The seed's v6 hierarchy with its own backbones, and the flat 8-class model (which is also the shared trunk).
 
-Stage 1 (NONE vs PARTITION, sigmoid focal, gamma 2.5), Stage 2 (SPLIT | RECT | AB, class-balanced softmax
+Stage 1 (NONE vs PARTITION, the plan's recipe: fastcascade.demo.stage1.STAGE1_RECIPE), Stage 2 (SPLIT | RECT | AB, class-balanced softmax
 focal with label smoothing 0.1, pooled adapters on the frozen Stage-1 backbone), the RECT specialist (a
 fine-tuned copy of the Stage-1 backbone, head first), a 3-member AB ensemble (seeds and augmentations
 differ: dihedral, flips only, dihedral + mixup); then a flat 8-class model trained on as many rows.
@@ -16,11 +16,12 @@ from torch import nn
 
 from .. import data as fd
 from ..adapters import add_adapters, freeze_backbone
-from ..losses import ClassBalancedFocalLoss, SoftmaxFocalLoss, sigmoid_focal_loss
+from ..losses import ClassBalancedFocalLoss, SoftmaxFocalLoss
 from .context import NUM_LABELS, Run, labels_of
 from .models import make_backbone, with_new_head
+from .stage1 import STAGE1_RECIPE
 
-__all__ = ["DihedralMixup", "OwnHierarchy", "stage1_loss", "stage_counts", "train_flat", "train_own_hierarchy"]
+__all__ = ["DihedralMixup", "OwnHierarchy", "stage_counts", "train_flat", "train_own_hierarchy"]
 
 
 class DihedralMixup:
@@ -34,10 +35,6 @@ class DihedralMixup:
     def __call__(self, blocks: torch.Tensor, labels: torch.Tensor):
         blocks, labels = self.dihedral(blocks, labels)
         return fd.mixup(blocks, fd.stage_targets(labels)["ab"], self.alpha, self.generator, num_classes=4)
-
-
-def stage1_loss(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return sigmoid_focal_loss(out.reshape(-1), t.float(), alpha=None, gamma=2.5)
 
 
 def stage_counts(y: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -63,7 +60,8 @@ def train_own_hierarchy(run: Run) -> OwnHierarchy:
     args, seed = run.args, run.args.seed
     counts = stage_counts(labels_of(run.train))
     s1 = make_backbone(run.backbone, 1, seed, args.width, args.stem_stride)
-    s1 = run.fit("stage1", s1, stage1_loss, "stage1", seed, lr=3e-3, augment=fd.RandomDihedral(seed=seed))
+    s1 = run.fit("stage1", s1, STAGE1_RECIPE.loss, "stage1", seed, lr=3e-3, augment=fd.RandomDihedral(seed=seed),
+                 **STAGE1_RECIPE.fit_options())
 
     # Stage 2: adapters on the frozen Stage-1 backbone, class-balanced focal with label smoothing
     s2 = with_new_head(s1, 3, seed + 1)

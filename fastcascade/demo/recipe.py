@@ -36,10 +36,22 @@ from ..train import evaluate
 from .context import LABEL_NAMES, NUM_LABELS, STAGE_NAMES, Run, blocks_of, labels_of, stage_target
 from .designs import build_designs, measure
 from .gate import train_raw_gates
-from .heads import train_trunk_heads
+from .ablation import stage1_ablation
+from .heads import train_trunk_heads, trunk_features
 from .hierarchy import train_flat, train_own_hierarchy
 from .plots import plot_confusion, plot_curves, plot_frontier
-from .report import aggregate, format_stages, format_summary, format_table, target_check
+from .report import (
+    aggregate,
+    aggregate_numbers,
+    format_ablation,
+    format_calibration,
+    format_stages,
+    format_summary,
+    format_table,
+    format_thresholds,
+    target_check,
+)
+from .stage1 import STAGE1_MIN_RECALL, stage_table_of, threshold_ways
 from .timing import timed_batch_sizes
 
 __all__ = ["run_demo"]
@@ -165,7 +177,8 @@ def _train_and_report(args, train, val, test, device, backbone, epochs, amp, qui
     run.timing["train_flat_s"] = time.perf_counter() - t
     t = time.perf_counter()
     trunk, flat_head = split_backbone(flat, at=SEGMENT_ENDS[backbone])
-    heads = train_trunk_heads(run, trunk)
+    features = trunk_features(run, trunk)
+    heads = train_trunk_heads(run, trunk, features)
     run.timing["train_trunk_heads_s"] = time.perf_counter() - t
     t = time.perf_counter()
     raw_gates = train_raw_gates(run)
@@ -189,7 +202,20 @@ def _train_and_report(args, train, val, test, device, backbone, epochs, amp, qui
     for d in designs:
         d.model = inference_form(d.model, example)
     results = measure(run, designs)
+    for r in results.values():
+        r["stage_table"] = stage_table_of(r["test"]["final"]["confusion"]).to_dict()
     run.timing["compare_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    xv, yv = blocks_of(val).to(device), labels_of(val).to(device)
+    xt, yt = blocks_of(test).to(device), labels_of(test)
+    by_name = {d.name: d.model for d in designs}
+    thresholds = {name: threshold_ways(by_name[name], run, xv, yv, xt, yt) for name in ("v6-trunk", "v6-own")}
+    run.timing["thresholds_s"] = time.perf_counter() - t
+    ablation = None
+    if getattr(args, "ablation", None) == "stage1":
+        t = time.perf_counter()
+        ablation = stage1_ablation(run, trunk, heads, features)
+        run.timing["ablation_s"] = time.perf_counter() - t
     y_test = labels_of(test)
     none = classification_report(torch.zeros_like(y_test), y_test, NUM_LABELS)
     always_none = {"macro_f1": none.macro_f1, "accuracy": none.accuracy}
@@ -217,6 +243,7 @@ def _train_and_report(args, train, val, test, device, backbone, epochs, amp, qui
         "designs": results,
         "always_none": always_none,
         "standalone": {k: v.to_dict() for k, v in standalone.items()},
+        "stage1": {"calibration": run.calibration, "thresholds": thresholds, "ablation": ablation},
         "summary": {"flat_macro_f1": results["flat"]["macro_f1"], "flat_accuracy": results["flat"]["accuracy"],
                     "cascade_training_rows": cascade_rows, "flat_training_rows": run.rows["flat"],
                     **{f"{k}_macro_f1": v["macro_f1"] for k, v in results.items() if k != "flat"}},
@@ -240,10 +267,25 @@ def _over_seeds(runs: list[dict], seeds: list[int]) -> dict:
                                                    else "not met")
           + (f"; stretch ({t['stretch_ratio']}x) met by {', '.join(check['stretch_met'])}" if check["stretch_met"]
              else ""))
+    tables = {k: [fd.StageTable.from_dict(r["designs"][k]["stage_table"]) for r in runs] for k in runs[0]["designs"]}
+    print("\n== the plan's stage table (test, from each design's final 8-class predictions; mean ± std over seeds) ==")
+    print(fd.format_stage_table(tables))
+    stage1 = aggregate_numbers([r["stage1"] for r in runs])
+    print("\n== Stage 1: temperature fitted on val, calibration on test ==")
+    print(format_calibration(stage1["calibration"]))
+    print(f"\n== Stage 1's threshold chosen on val three ways (Stage 1's own F1 on the plan's grid 0.40-0.70: v5's "
+          f"way; precision with recall >= {STAGE1_MIN_RECALL} on the same grid; end to end for macro F1), on test ==")
+    print(format_thresholds(stage1["thresholds"]))
+    if stage1["ablation"] is not None:
+        print("\n== Stage-1 ablation: the trunk's Stage-1 head without each part of the recipe, in v6-trunk tuned "
+              "end to end (test) ==")
+        print(format_ablation(stage1["ablation"]))
     first = runs[0]
     return {**first, "config": {**first["config"], "seeds": seeds},
-            "seeds": {str(s): {"designs": r["designs"], "summary": r["summary"]} for s, r in zip(seeds, runs)},
-            "aggregate": agg, "target": check}
+            "seeds": {str(s): {"designs": r["designs"], "summary": r["summary"], "stage1": r["stage1"]}
+                      for s, r in zip(seeds, runs)},
+            "aggregate": agg, "stage_tables": {k: fd.aggregate_stage_tables(v) for k, v in tables.items()},
+            "stage1_aggregate": stage1, "target": check}
 
 
 def _print_results(results: dict, always_none: dict, n_test: int, quick: bool) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import statistics
 
-__all__ = ["TARGET", "aggregate", "format_stages", "format_summary", "format_table", "target_check"]
+__all__ = ["TARGET", "aggregate", "aggregate_numbers", "format_ablation", "format_calibration", "format_stages",
+           "format_summary", "format_table", "format_thresholds", "target_check"]
 
 #: some cascade's mean test macro F1 is at least the flat model's and its measured blocks/s at least 1.5x the
 #: flat model's (the median of per-round ratios, averaged over seeds), predicted by its latency model within 15%
@@ -104,3 +105,66 @@ def target_check(agg: dict) -> dict:
             if r["throughput_ratio"] >= TARGET["stretch_ratio"]:
                 stretch.append(key)
     return {"target": dict(TARGET), "met": bool(met), "designs_meeting": met, "stretch_met": stretch, "ratios": per}
+
+
+def aggregate_numbers(runs: list):
+    """The same nested structure as each of runs (dicts of numbers, one per seed), every number replaced by
+    {"mean", "std", "values"} over the runs; a boolean: true where true in every run; other leaves (strings,
+    None) are the first run's."""
+    first = runs[0]
+    if isinstance(first, dict):
+        return {k: aggregate_numbers([r[k] for r in runs]) for k in first}
+    if isinstance(first, bool):
+        return all(runs)
+    if isinstance(first, (int, float)) and not isinstance(first, bool):
+        return _stats([float(r) for r in runs])
+    return first
+
+
+def _pm(s: dict, scale: float = 1.0, fmt: str = ".2f") -> str:
+    return f"{format(scale * s['mean'], fmt)} ± {format(scale * s['std'], fmt)}"
+
+
+def format_calibration(cal: dict) -> str:
+    """Each Stage-1 model's temperature (fitted on val) and ECE on test before -> after (aggregate_numbers form)."""
+    rows = [f"  {'Stage-1 model':<14} {'temperature':>13} {'ECE before (test)':>19} {'ECE after':>17}"]
+    for name, c in cal.items():
+        rows.append(f"  {name:<14} {_pm(c['temperature']):>13} {_pm(c['ece_before'], 1, '.4f'):>19} "
+                    f"{_pm(c['ece_after'], 1, '.4f'):>17}")
+    return "\n".join(rows)
+
+
+# the stage-table columns the threshold and ablation tables show: (field, header)
+_STAGE_COLUMNS = (("stage1_precision", "S1 prec"), ("stage1_recall", "S1 rec"), ("stage1_f1", "S1 F1"),
+                  ("stage2_macro_f1", "S2 mF1"), ("rect_f1", "RECT F1"), ("ab_f1", "AB F1"),
+                  ("accuracy", "accuracy"), ("macro_f1", "macro F1"))
+
+
+def format_thresholds(ways: dict) -> str:
+    """Per v6 hierarchy and way of choosing its Stage-1 threshold on val: on test, the threshold, the share of
+    rows reaching Stage 2, the share of those whose true label is NONE, and the stage table (in %, mean ± std)."""
+    head = f"  {'design':<9} {'threshold chosen for':<20} {'threshold':>13} {'reach S2 %':>13} {'NONE in S2 %':>13}"
+    head += "".join(f" {h:>13}" for _, h in _STAGE_COLUMNS)
+    rows = [head]
+    off_grid = False
+    for design, per_way in ways.items():
+        for way, r in per_way.items():
+            if r.get("min_recall_on_grid") is False:
+                way, off_grid = way + " *", True
+            rows.append(f"  {design:<9} {way:<20} {_pm(r['threshold'], 1, '.3f'):>13} {_pm(r['reach_stage2'], 100):>13} "
+                        f"{_pm(r['contamination'], 100):>13}"
+                        + "".join(f" {_pm(r['table'][f], 100):>13}" for f, _ in _STAGE_COLUMNS))
+    if off_grid:
+        rows.append("  * no threshold on the grid kept the recall floor (on some seed): every val score was a candidate")
+    return "\n".join(rows)
+
+
+def format_ablation(rows: dict) -> str:
+    """Per ablation row: Stage-1 precision, recall and F1, and the final accuracy and macro F1 of the v6-trunk
+    hierarchy tuned end to end (in %, mean ± std)."""
+    cols = [c for c in _STAGE_COLUMNS if c[0].startswith("stage1")] + [("accuracy", "accuracy"),
+                                                                      ("macro_f1", "macro F1")]
+    out = [f"  {'Stage-1 head':<12}" + "".join(f" {h:>13}" for _, h in cols)]
+    for name, r in rows.items():
+        out.append(f"  {name:<12}" + "".join(f" {_pm(r['table'][f], 100):>13}" for f, _ in cols))
+    return "\n".join(out)
