@@ -10,8 +10,8 @@ from fastcascade import data as fd
 from fastcascade import flops_per_row
 from fastcascade.demo.context import NUM_LABELS, Run, blocks_of, labels_of
 from fastcascade.demo.gate import GATE_WIDTHS, RawGate, train_raw_gates
-from fastcascade.demo.stage1 import STAGE1_RECIPE
 from fastcascade.demo.models import SmallCNN
+from fastcascade.demo.stage1 import STAGE1_RECIPE
 from fastcascade.inference import fold_batchnorms, inference_form
 
 EXAMPLE = torch.zeros(1, 1, 16, 16)

@@ -43,7 +43,7 @@ from ..data import av1_partition_cascade
 from ..data.labels import NONE
 from ..metrics import classification_report
 from ..train import evaluate
-from .context import LABEL_NAMES, NUM_LABELS, Run, blocks_of, labels_of, stage_target
+from .context import LABEL_NAMES, NUM_LABELS, Run, blocks_of, labels_of
 from .heads import TrunkHeads
 from .hierarchy import OwnHierarchy
 from .report import TARGET

@@ -38,8 +38,8 @@ from torch import nn
 
 from .. import data as fd
 from .context import Run
-from .stage1 import STAGE1_RECIPE
 from .models import GridPool
+from .stage1 import STAGE1_RECIPE
 
 __all__ = ["GATE_WIDTHS", "RawGate", "train_raw_gates"]
 

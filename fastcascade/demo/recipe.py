@@ -33,10 +33,10 @@ from ..cascade import split_backbone, steady_allocator
 from ..inference import inference_form
 from ..metrics import classification_report
 from ..train import evaluate
+from .ablation import stage1_ablation
 from .context import LABEL_NAMES, NUM_LABELS, STAGE_NAMES, Run, blocks_of, labels_of, stage_target
 from .designs import build_designs, measure
 from .gate import train_raw_gates
-from .ablation import stage1_ablation
 from .heads import train_trunk_heads, trunk_features
 from .hierarchy import train_flat, train_own_hierarchy
 from .plots import plot_confusion, plot_curves, plot_frontier
