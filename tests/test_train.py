@@ -641,8 +641,16 @@ def test_demo_quick_end_to_end(tmp_path):
     assert all(c["temperature"] > 0 and 0 <= c["ece_after"] <= 1 for c in stage1["calibration"].values())
     for design in ("v6-trunk", "v6-own"):
         ways = stage1["thresholds"][design]
+        sweep = ways.pop("sweep")
         assert list(ways) == ["stage-1 F1 (v5)", "precision", "end to end"]
         assert 0.40 - 1e-9 <= ways["stage-1 F1 (v5)"]["threshold"] <= 0.70 + 1e-9
+        # the sweep's final labels (NONE below the threshold, the sent-on labels above) agree with the cascade's
+        # own routing wherever a way's threshold falls on the sweep's grid; the curves are in [0, 1]
+        assert len(sweep["threshold"]) == 49 and all(0 <= v <= 1 for v in sweep["macro_f1"] + sweep["contamination"])
+        for w in ways.values():
+            for t, f1 in zip(sweep["threshold"], sweep["macro_f1"]):
+                if abs(t - w["threshold"]) < 1e-12:
+                    assert f1 == pytest.approx(w["table"]["macro_f1"])
         for w in ways.values():
             # Stage 2 never answers NONE, so the rows it received are the rows predicted a partition: the
             # contamination measured on Stage 1's routing is 1 - the Stage-1 precision of the final labels
@@ -664,7 +672,7 @@ def test_demo_quick_end_to_end(tmp_path):
     assert set(m["history"]) == own_models | heads | gates | ablated
     for seed in ("seed-0", "seed-1"):
         for png in ("frontier.png", "confusion_flat.png", "confusion_v6-own.png", "confusion_gate.png",
-                    "learning_curves.png", "confusion_v6-trunk_stage_stage2.png"):
+                    "learning_curves.png", "confusion_v6-trunk_stage_stage2.png", "stage1_thresholds.png"):
             assert (out / seed / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         for stage in own_models | heads | gates:
             assert (out / seed / "checkpoints" / stage / "best.pt").is_file()

@@ -1,5 +1,5 @@
 """The demo's plots (matplotlib, imported when a plot is drawn): confusion matrices, learning curves, frontiers
-and the latency model's predictions against measurement."""
+and the latency model's predictions against measurement, the Stage-1 threshold's effect on the later stages."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pathlib
 
 import torch
 
-__all__ = ["plot_confusion", "plot_curves", "plot_frontier"]
+__all__ = ["plot_confusion", "plot_curves", "plot_frontier", "plot_thresholds"]
 
 
 def plot_confusion(cm: torch.Tensor, names, title: str, path: pathlib.Path) -> None:
@@ -115,4 +115,27 @@ def plot_frontier(designs: dict[str, dict], path: pathlib.Path) -> None:
     fig.legend(handles, labels, loc="lower center", ncol=min(6, (len(labels) + 2) // 3), fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0.2, 1, 1))
     fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def plot_thresholds(thresholds: dict[str, dict], path: pathlib.Path) -> None:
+    """Per v6 hierarchy (threshold_ways' output): test Stage-1 F1, final macro F1 and the contamination of Stage
+    2's inputs against the Stage-1 threshold, with the thresholds each way chose on val."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(thresholds), figsize=(5.5 * len(thresholds), 4), squeeze=False)
+    for ax, (design, ways) in zip(axes[0], thresholds.items()):
+        sw = ways["sweep"]
+        ax.plot(sw["threshold"], sw["stage1_f1"], color="tab:blue", label="Stage-1 F1")
+        ax.plot(sw["threshold"], sw["macro_f1"], color="tab:green", label="final macro F1")
+        ax.plot(sw["threshold"], sw["contamination"], color="tab:red", ls="--", label="NONE share of Stage-2 inputs")
+        for (way, r), c in zip(((k, v) for k, v in ways.items() if k != "sweep"), ("tab:purple", "tab:orange", "k")):
+            ax.axvline(r["threshold"], color=c, lw=1, ls=":", label=f"chosen for {way}: {r['threshold']:.3f}")
+        ax.axvspan(0.40, 0.70, color="0.9", zorder=0, label="the plan's grid")
+        ax.set_xlabel("Stage-1 threshold (on the calibrated probability)")
+        ax.set_title(f"{design} (test)", fontsize=9)
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=6.5, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -39,7 +39,7 @@ from .designs import build_designs, measure
 from .gate import train_raw_gates
 from .heads import train_trunk_heads, trunk_features
 from .hierarchy import train_flat, train_own_hierarchy
-from .plots import plot_confusion, plot_curves, plot_frontier
+from .plots import plot_confusion, plot_curves, plot_frontier, plot_thresholds
 from .report import (
     aggregate,
     aggregate_numbers,
@@ -232,6 +232,7 @@ def _train_and_report(args, train, val, test, device, backbone, epochs, amp, qui
         plot_confusion(torch.tensor(rep["confusion"]), rep["class_names"], f"v6-trunk stage {name} (test, in cascade)",
                        work / f"confusion_v6-trunk_stage_{name}.png")
     plot_curves(run.histories, work / "learning_curves.png")
+    plot_thresholds(thresholds, work / "stage1_thresholds.png")
 
     return {
         "config": {"epochs": epochs, "flat_epochs": len(run.histories["flat"]), "backbone": backbone,

@@ -149,6 +149,8 @@ def format_thresholds(ways: dict) -> str:
     off_grid = False
     for design, per_way in ways.items():
         for way, r in per_way.items():
+            if way == "sweep":
+                continue
             if r.get("min_recall_on_grid") is False:
                 way, off_grid = way + " *", True
             rows.append(f"  {design:<9} {way:<20} {_pm(r['threshold'], 1, '.3f'):>13} {_pm(r['reach_stage2'], 100):>13} "

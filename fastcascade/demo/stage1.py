@@ -27,7 +27,7 @@ from ..losses import sigmoid_focal_loss
 from .context import blocks_of, labels_of
 
 __all__ = ["ABLATIONS", "PLAN_GRID", "STAGE1_MIN_RECALL", "STAGE1_RECIPE", "Stage1Recipe", "THRESHOLD_WAYS",
-           "stage1_calibration", "stage1_logits", "stage_table_of", "threshold_ways"]
+           "SWEEP", "stage1_calibration", "stage1_logits", "stage_table_of", "threshold_ways"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,8 @@ PLAN_GRID = torch.linspace(0.40, 0.70, 31, dtype=torch.float64)
 #: so recall 0.829): as many partitions reach Stage 2 as in v5, with fewer NONE blocks beside them
 STAGE1_MIN_RECALL = 0.83
 THRESHOLD_WAYS = ("stage-1 F1 (v5)", "precision", "end to end")
+#: the thresholds the plot sweeps
+SWEEP = torch.linspace(0.02, 0.98, 49, dtype=torch.float64)
 
 
 @torch.no_grad()
@@ -106,7 +108,8 @@ def stage_table_of(confusion) -> fd.StageTable:
 def threshold_ways(cascade, run, xv, yv, xt, yt) -> dict:
     """{way: row} for a v6 hierarchy (a Cascade whose root is Stage 1 with a Threshold rule): its Stage-1
     threshold chosen on val THRESHOLD_WAYS ways, each on test: the threshold, the share of rows reaching Stage 2
-    and of those the share whose true label is NONE (contamination), and the stage table."""
+    and of those the share whose true label is NONE (contamination), and the stage table; and under "sweep"
+    the test's Stage-1 F1, contamination and final macro F1 over SWEEP thresholds (for the plot)."""
     root = cascade.root
     temp = float(root.rule.temperature)
     # the probabilities the Threshold rule compares, in float64
@@ -125,6 +128,7 @@ def threshold_ways(cascade, run, xv, yv, xt, yt) -> dict:
     thresholds["end to end"] = float(tuned.setting[root.name])
     out = {}
     yt_cpu = yt.cpu()
+    out["sweep"] = _sweep(cascade, tuned.setting, score["test"], xt, yt_cpu)
     for way, thr in thresholds.items():
         reach = score["test"] > thr  # strictly, in float64: as the Threshold rule routes
         pred = cascade.with_setting({**tuned.setting, root.name: thr}).predict(xt).cpu()
@@ -134,3 +138,21 @@ def threshold_ways(cascade, run, xv, yv, xt, yt) -> dict:
                     **({"min_recall_on_grid": floor_on_grid} if way == "precision" else {})}
     return out
 
+
+
+@torch.no_grad()
+def _sweep(cascade, setting: dict, score: torch.Tensor, xt, yt: torch.Tensor) -> dict:
+    """Test metrics of the final labels as the Stage-1 threshold sweeps SWEEP, the later stages at `setting`.
+    Stage 2 and below never answer NONE and decide each row alone, so the final label at threshold t is NONE
+    where score <= t and else the label of the hierarchy with every row sent on (threshold 0, score > 0)."""
+    root = cascade.root.name
+    sent_on = cascade.with_setting({**setting, root: 0.0}).predict(xt).cpu()
+    out = {"threshold": [], "stage1_f1": [], "contamination": [], "macro_f1": []}
+    for t in SWEEP.tolist():
+        reach = score > t
+        table = fd.stage_table(torch.where(reach, sent_on, torch.full_like(sent_on, fd.NONE)), yt)
+        out["threshold"].append(t)
+        out["stage1_f1"].append(table.stage1_f1)
+        out["contamination"].append(float((yt[reach] == fd.NONE).double().mean()) if bool(reach.any()) else 0.0)
+        out["macro_f1"].append(table.macro_f1)
+    return out
