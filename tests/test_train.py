@@ -288,6 +288,10 @@ def test_early_stopping(tmp_path):
                           patience=2, out_dir=tmp_path, progress=False)
     assert len(history) == 3 and history[-1]["stopped_early"] and not history[0]["stopped_early"]
     assert T.load_checkpoint(best, _mlp())["epoch"] == 1
+    # the run is finished: resuming it trains no further epoch (the folder is consistent: nothing to say)
+    again, _ = T.fit(_mlp(dropout=0.0), nn.functional.cross_entropy, train, val, 10, lr=1e-12, patience=2,
+                     out_dir=tmp_path, resume=tmp_path / "last.pt", progress=False)
+    assert again == history
     history, _ = T.fit(_mlp(dropout=0.0), nn.functional.cross_entropy, train, val, 4, lr=1e-2, patience=None,
                        monitor="val_loss", progress=False)
     assert len(history) == 4

@@ -76,7 +76,11 @@ def fit(model: nn.Module, loss_fn: Callable, train: Dataset, val: Dataset, epoch
             state, the best weights so far and the RNG states of torch, numpy, python, the sampler and
             the augmentation's generator are restored). Pass the same arguments as the original run.
             It may lie in another folder than out_dir, or in a folder that was moved: nothing is looked
-            up by a stored path. out_dir/best.pt is made to hold the run's best epoch.
+            up by a stored path. out_dir/best.pt is made to hold the run's best epoch. Resuming a
+            finished run (its checkpoint at `epochs`, or stopped early) trains nothing: it brings
+            out_dir's best.pt and history.json in line with the checkpoint (a UserWarning says what it
+            rewrote) and returns the run's history, the model at its best epoch. This is the repair of a
+            run killed in its final epoch between last.pt and best.pt.
         num_classes, class_names: of the validation report (default: the model's output width, 2 for
             one logit).
         seed: seeds torch, numpy, python and the sampler: the same seed gives the same run, bitwise.
@@ -122,6 +126,9 @@ def fit(model: nn.Module, loss_fn: Callable, train: Dataset, val: Dataset, epoch
         if resume is not None:
             run = saver.resume(epochs)
             model.to(device)
+            if run.start >= epochs and progress and rank == 0:
+                progress_write(f"{name}: resumed a finished run (epoch {len(run.history)}, best epoch "
+                               f"{run.best_epoch}); nothing to train")
         loop = _Loop(model=model, loss_fn=loss_fn, train=train, val=val, train_idx=train_idx, val_idx=val_idx,
                      weights=weights, sampling=sampling, gen=gen, optimizer=optimizer, scheduler=scheduler,
                      target_fn=target_fn, augment=augment, device=device, amp_dtype=amp_dtype,
