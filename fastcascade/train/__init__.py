@@ -3,13 +3,14 @@
 ``fit`` is one AdamW loop over a map-style dataset of ``(input, label)`` items (a
 :class:`fastcascade.data.PartitionDataset`, a ``TensorDataset`` or any dataset of that shape):
 discriminative learning rates (fastcascade.param_groups), a per-step cosine or one-cycle schedule,
-freeze-then-unfreeze, bf16 autocast, gradient clipping, class-balanced / oversampling samplers, early
+freeze-then-unfreeze, bf16 autocast, gradient clipping, class-balanced / oversampling samplers and
+per-class sampling factors, early
 stopping on a validation metric, tqdm progress, checkpoints that are verified on save, and exact
 resume. Under ``torchrun`` it runs unchanged as DDP (gloo on the CPU, NCCL on CUDA): each rank trains
 on its shard, validation confusion matrices and losses are summed over ranks, rank 0 writes files.
 
 Validation metrics come from fastcascade.metrics (confusion_matrix, ClassificationReport). fit's sampling
-keywords (sampler, beta, batch_size, num_workers, seed) and checkpoint keywords (out_dir,
+keywords (sampler, beta, class_factors, batch_size, num_workers, seed) and checkpoint keywords (out_dir,
 checkpoint_every, resume) are checked and carried as the settings groups :class:`Sampling` and
 :class:`Checkpointing`.
 

@@ -34,7 +34,7 @@ def fit(model: nn.Module, loss_fn: Callable, train: Dataset, val: Dataset, epoch
         param_groups=None, weight_decay: float = 0.01, schedule: str | None = "cosine",
         freeze_epochs: int = 0, monitor: str = "macro_f1", patience: int | None = None,
         amp_dtype: torch.dtype | None = None, grad_clip: float | None = None, sampler: str | None = None,
-        beta: float = 0.9999, batch_size: int = 256, eval_batch_size: int = 1024,
+        beta: float = 0.9999, class_factors=None, batch_size: int = 256, eval_batch_size: int = 1024,
         target_fn: Callable | None = None, augment: Callable | None = None, device=None,
         out_dir: str | os.PathLike | None = None, seed: int = 0, progress: bool = True,
         resume: str | os.PathLike | None = None, num_classes: int | None = None,
@@ -64,6 +64,12 @@ def fit(model: nn.Module, loss_fn: Callable, train: Dataset, val: Dataset, epoch
         sampler: None (a seeded shuffle), "class_balanced" (rows weighted by the effective-number class
             weight with `beta`) or "oversample" (1 / class count): torch WeightedRandomSampler, with
             replacement, one epoch = as many rows as the training set, from a generator seeded by `seed`.
+        class_factors: per-class factors multiplying each training row's sampling weight (the sampler's,
+            or 1 per row when sampler is None, which then draws with replacement too): a mapping {class
+            name or index: factor} (names resolve through class_names; unnamed classes keep 1), or a (C,)
+            tensor, C = num_classes or the model's output width. E.g. ``{"HORZ_B": 5, "VERT_A": 5,
+            "HORZ_A": 3, "VERT_B": 3}`` with class_names. Finite and >= 0 (0 leaves a class out, not all
+            0); ValueError naming class_factors otherwise, for an unknown name or an index out of range.
         out_dir: a folder (created if missing) where rank 0 writes, every epoch, last.pt with
             save_checkpoint (checksummed, verified on a fixed batch of val inputs), then copies of it as
             best.pt when the epoch improved and epoch-NNNN.pt every checkpoint_every epochs, then
@@ -100,13 +106,13 @@ def fit(model: nn.Module, loss_fn: Callable, train: Dataset, val: Dataset, epoch
 
     Arguments are checked before the first step: ValueError naming the argument for, e.g., an out_dir
     that is a file, eval_batch_size=0, lr=inf or NaN, or a device torch does not know or this machine
-    does not have. The sampling keywords (sampler, beta, batch_size, num_workers, seed) are checked and
-    carried as a fastcascade.train.Sampling, the checkpoint keywords (out_dir, checkpoint_every,
+    does not have. The sampling keywords (sampler, beta, batch_size, num_workers, seed, class_factors) are
+    checked and carried as a fastcascade.train.Sampling, the checkpoint keywords (out_dir, checkpoint_every,
     resume) as a fastcascade.train.Checkpointing.
     """
     _check_fit_args(model, loss_fn, train, val, epochs, lr, weight_decay, schedule, freeze_epochs, monitor,
                     patience, amp_dtype, grad_clip, eval_batch_size)
-    sampling = Sampling(sampler, beta, batch_size, num_workers, seed)
+    sampling = Sampling(sampler, beta, batch_size, num_workers, seed, class_factors)
     files = Checkpointing(out_dir, checkpoint_every, resume)
     rank, world, device = setup_distributed(device_arg(device) if device is not None else None)
     with files.lock(f"fastcascade fit {name!r}", rank):
@@ -114,11 +120,11 @@ def fit(model: nn.Module, loss_fn: Callable, train: Dataset, val: Dataset, epoch
         # rows with a target; everything downstream indexes into these
         train_targets, train_idx = _rows_with_targets(train, target_fn, "train")
         _, val_idx = _rows_with_targets(val, target_fn, "val")
-        weights = sampling.row_weights(train_targets[train_idx])
         model.to(device)
         run = RunState.fresh(model)
         probe = next(iter(loader(val, val_idx[:32].tolist(), 32, 0)))[0].to(device)
         width = output_width(model, probe)  # run once either way: a malformed output fails before training
+        weights = sampling.row_weights(train_targets[train_idx], num_classes or width, class_names)
         optimizer = make_optimizer(model, lr, param_groups, weight_decay)
         steps = sampling.steps_per_epoch(train_idx.numel(), world)
         scheduler = make_scheduler(optimizer, schedule, steps * epochs)
