@@ -14,15 +14,16 @@ keywords (sampler, beta, class_factors, batch_size, num_workers, seed) and check
 checkpoint_every, resume) are checked and carried as the settings groups :class:`Sampling` and
 :class:`Checkpointing`.
 
-Modules: fit.py (the epoch loop), sampling.py, step.py (optimizer, schedule, freeze phase, one epoch of
-steps), history.py (best epoch, early stopping, progress), resume.py (fit's checkpoint files and resume),
+Modules: fit.py (the epoch loop), sampling.py, diagnostics.py (warnings recorded in the history), step.py
+(optimizer, schedule, freeze phase, one epoch of steps), history.py (best epoch, early stopping, progress), resume.py (fit's checkpoint files and resume),
 checkpoint.py (save / load / verify a checkpoint file), evaluate.py, batches.py, distributed.py, rng.py.
 """
 
 from .checkpoint import load_checkpoint, save_checkpoint
+from .diagnostics import Diagnostics
 from .evaluate import evaluate
 from .fit import fit
 from .resume import Checkpointing
 from .sampling import Sampling
 
-__all__ = ["Checkpointing", "Sampling", "evaluate", "fit", "load_checkpoint", "save_checkpoint"]
+__all__ = ["Checkpointing", "Diagnostics", "Sampling", "evaluate", "fit", "load_checkpoint", "save_checkpoint"]

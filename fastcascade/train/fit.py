@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 
 from .._checks import device_arg, number_arg
 from .batches import kept_rows, labels_of, loader, targets_of
+from .diagnostics import Diagnostics, end_of_run_warnings, epoch_warnings
 from .distributed import setup_distributed
 from .evaluate import validate
 from .history import MONITORS, RunState, progress_bar, progress_write
@@ -39,7 +40,7 @@ def fit(model: nn.Module, loss_fn: Callable, train: Dataset, val: Dataset, epoch
         out_dir: str | os.PathLike | None = None, seed: int = 0, progress: bool = True,
         resume: str | os.PathLike | None = None, num_classes: int | None = None,
         class_names: Sequence[str] | None = None, checkpoint_every: int | None = None, num_workers: int = 0,
-        name: str = "fit") -> tuple[list[dict], pathlib.Path | None]:
+        name: str = "fit", diagnostics=None) -> tuple[list[dict], pathlib.Path | None]:
     """Train model with AdamW; returns (history, path of the best checkpoint or None without out_dir).
 
     Each step: a batch of (inputs, labels) from `train`; ``augment(inputs, labels)`` (e.g.
@@ -93,6 +94,14 @@ def fit(model: nn.Module, loss_fn: Callable, train: Dataset, val: Dataset, epoch
         batch_size, eval_batch_size: rows per training step (per rank) and per validation batch.
         num_workers: DataLoader workers (0: batches are read in this process, which for tensor-backed
             datasets is one indexing op per batch). name: the label of progress lines.
+        diagnostics: the thresholds of the training diagnostics, a fastcascade.train.Diagnostics or a dict
+            of its fields (None: the defaults; False: none). fit warns when one class takes more than
+            collapse_share (0.9) of an epoch's val predictions ("collapse"), when the best epoch of a run
+            of several is the first ("best_epoch_first", at the last epoch), and when the first epoch after
+            freeze_epochs is worse than the last frozen one by more than unfreeze_drop (0.05, in the
+            monitored value's units; "drop_after_unfreeze"). Each warning is a dict (kind, epoch, message
+            and its figures) in the "warnings" list of that epoch's history record (so in history.json,
+            and kept by resume), and a printed line unless progress is False.
 
     Under torchrun (or an initialised process group) the model is wrapped in DistributedDataParallel,
     each rank trains on its shard of every epoch (DistributedSampler; the weighted samplers draw one
@@ -101,7 +110,8 @@ def fit(model: nn.Module, loss_fn: Callable, train: Dataset, val: Dataset, epoch
 
     The history is a list of per-epoch dicts: epoch (1-based), train_loss, val_loss, lr (per group
     name, at the end of the epoch), val (ClassificationReport.to_dict(): per-class precision, recall,
-    f1, support; accuracy, macro_f1, weighted_f1, confusion), frozen, seconds. After fit, model holds
+    f1, support; accuracy, macro_f1, weighted_f1, confusion), frozen, seconds, stopped_early, warnings
+    (the diagnostics' warnings of that epoch, see `diagnostics`). After fit, model holds
     the weights of the best epoch, and the returned path (out_dir/best.pt) holds them too.
 
     Arguments are checked before the first step: ValueError naming the argument for, e.g., an out_dir
@@ -113,6 +123,7 @@ def fit(model: nn.Module, loss_fn: Callable, train: Dataset, val: Dataset, epoch
     _check_fit_args(model, loss_fn, train, val, epochs, lr, weight_decay, schedule, freeze_epochs, monitor,
                     patience, amp_dtype, grad_clip, eval_batch_size)
     sampling = Sampling(sampler, beta, batch_size, num_workers, seed, class_factors)
+    diag = Diagnostics.of(diagnostics)
     files = Checkpointing(out_dir, checkpoint_every, resume)
     rank, world, device = setup_distributed(device_arg(device) if device is not None else None)
     with files.lock(f"fastcascade fit {name!r}", rank):
@@ -140,7 +151,8 @@ def fit(model: nn.Module, loss_fn: Callable, train: Dataset, val: Dataset, epoch
                      target_fn=target_fn, augment=augment, device=device, amp_dtype=amp_dtype,
                      grad_clip=grad_clip, eval_batch_size=eval_batch_size, num_classes=num_classes or width,
                      class_names=class_names, epochs=epochs, freeze_epochs=freeze_epochs, monitor=monitor,
-                     patience=patience, rank=rank, world=world, progress=progress, name=name)
+                     patience=patience, rank=rank, world=world, progress=progress, name=name,
+                     diagnostics=diag)
         loop.run(run, saver if files.out_dir is not None else None)
         model.load_state_dict(run.best_state)
         return run.history, files.best_path
@@ -223,6 +235,7 @@ class _Loop:
     world: int
     progress: bool
     name: str
+    diagnostics: Diagnostics
 
     def run(self, run: RunState, saver: RunFiles | None) -> None:
         """Epochs run.start .. epochs - 1, or until early stopping; each one is recorded in run (and saved
@@ -241,9 +254,15 @@ class _Loop:
                       "val": report.to_dict(), "frozen": frozen, "seconds": time.perf_counter() - t0}
             value, improved = run.update(record, self.monitor, self.model)
             stop = record["stopped_early"] = run.should_stop(self.patience)
+            found = epoch_warnings(self.diagnostics, run.history, self.monitor)
+            if stop or epoch + 1 == self.epochs:
+                found += end_of_run_warnings(self.diagnostics, run.history, run.best_epoch, self.monitor)
+            record["warnings"] = found
             if self.progress and self.rank == 0:
                 progress_write(f"{self.name} epoch {epoch + 1}/{self.epochs}: train_loss {train_loss:.4f} "
                                f"val_loss {val_loss:.4f} {self.monitor} {value:.4f}" + (" *" if improved else ""))
+                for w in found:
+                    progress_write(f"{self.name} warning ({w['kind']}): {w['message']}")
             if saver is not None:
                 saver.save_epoch(run, epoch + 1, improved)
             if stop:
