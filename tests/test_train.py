@@ -359,6 +359,7 @@ def test_class_factors_resolve_names_and_indices():
     over = T.Sampling("oversample", class_factors=torch.tensor([2, 1, 0]))
     assert torch.allclose(over.row_weights(y, 3), torch.tensor([2 / 6] * 6 + [1 / 3] * 3 + [0.0], dtype=torch.float64))
     assert T.Sampling(class_factors=None).row_weights(y) is None  # the plain shuffle stays one
+    assert T.Sampling(class_factors=torch.tensor([1, 2])) == T.Sampling(class_factors=[1.0, 2.0])  # a value
 
 
 @pytest.mark.parametrize("factors, names, match", [

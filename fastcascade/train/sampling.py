@@ -77,11 +77,11 @@ class Sampling:
         cf = self.class_factors
         if cf is None:
             return None
-        if isinstance(cf, torch.Tensor):
-            if cf.numel() != num_classes:
-                raise ValueError(f"class_factors: a tensor of {cf.numel()} factors, expected one per class "
+        if isinstance(cf, tuple):  # a (C,) tensor or sequence, checked
+            if len(cf) != num_classes:
+                raise ValueError(f"class_factors: a tensor of {len(cf)} factors, expected one per class "
                                  f"({num_classes},)")
-            out = cf.clone()
+            out = torch.tensor(cf, dtype=torch.float64)
         else:
             out = torch.ones(num_classes, dtype=torch.float64)
             given = {}
@@ -178,7 +178,7 @@ def _checked_factor(key, value) -> float:
 
 
 def _checked_factors(cf):
-    """class_factors as a dict {name or index: float} or a float64 (C,) CPU tensor; ValueError naming
+    """class_factors as a dict {name or index: float} or a tuple of C floats; ValueError naming
     class_factors and what was expected."""
     if isinstance(cf, Mapping):
         if not cf:
@@ -207,7 +207,7 @@ def _checked_factors(cf):
         if not bool((t > 0).any()):
             raise ValueError("class_factors: every class has factor 0, so no row could be drawn; give at "
                              "least one class a factor > 0")
-        return t.clone()
+        return tuple(t.tolist())  # plain floats: Sampling compares and prints as a value
     raise ValueError(f"class_factors must be {_FACTORS_EXPECTED}, got {type(cf).__name__}")
 
 
