@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 import zipfile
 
 import pytest
@@ -70,7 +71,7 @@ run = _ns["run"]
 IMPROVING = [True, True, True, False, True, False, False]
 BEST = 5
 
-# Runs RUN in a child that SIGKILLs itself at one write: argv = out_dir, file name, epoch, when.
+# Runs RUN in a child that SIGKILLs itself at one write: argv = out_dir, file name, epoch, when[, epochs].
 #   mid-write      half of the first chunk of that file's temporary file is written, then the kill
 #   before-rename  the temporary file is complete and fsynced, not yet renamed onto the file
 #   after-rename   right after the rename
@@ -78,6 +79,7 @@ BEST = 5
 KILLER = RUN + textwrap.dedent('''
     import os, signal, sys
     out, name, epoch, when = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    epochs = int(sys.argv[5]) if len(sys.argv) > 5 else 7
     done = {"last": 0}
     real_replace, real_write = os.replace, os.write
 
@@ -110,7 +112,7 @@ KILLER = RUN + textwrap.dedent('''
         return real_write(fd, data)
 
     os.replace, os.write = replace, write
-    run(out)
+    run(out, epochs=epochs)
     print("the run ended without reaching its kill point")
     sys.exit(3)
 ''')
@@ -170,21 +172,77 @@ KILLS = [
 ]
 
 
-@posix_only
-@pytest.mark.parametrize("name, epoch, when", KILLS, ids=[f"{n}-epoch{e}-{w}" for n, e, w in KILLS])
-def test_sigkill_at_each_write_then_resume_equals_the_uninterrupted_run(tmp_path, reference, name, epoch, when):
+def _kill_run(tmp_path, name, epoch, when, epochs=7):
+    """Run RUN into tmp_path / "run" in a child that SIGKILLs itself at that write; returns the folder."""
     out = tmp_path / "run"
     child = tmp_path / "child.py"
     child.write_text(KILLER)
-    r = subprocess.run([sys.executable, str(child), str(out), name, str(epoch), when], capture_output=True,
-                       text=True, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    r = subprocess.run([sys.executable, str(child), str(out), name, str(epoch), when, str(epochs)],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert r.returncode == -signal.SIGKILL, r.stdout[-2000:] + r.stderr[-2000:]
+    return out
+
+
+@posix_only
+@pytest.mark.parametrize("name, epoch, when", KILLS, ids=[f"{n}-epoch{e}-{w}" for n, e, w in KILLS])
+def test_sigkill_at_each_write_then_resume_equals_the_uninterrupted_run(tmp_path, reference, name, epoch, when):
+    out = _kill_run(tmp_path, name, epoch, when)
     left = sorted(p.name for p in out.iterdir())
     if when == "mid-write" or when == "before-rename":
         assert any(n.startswith(f".{name}.") and n.endswith(".tmp") for n in left), left
     assert _io.LOCK_NAME in left  # the killed run's lock file is still there: it must not block the resume
     history, best, model = run(out, resume=out / "last.pt")
     _check_like_reference(reference, history, best, model, out)
+
+
+@posix_only
+def test_a_run_killed_in_its_final_best_epoch_is_refused_by_load_and_repaired_by_resume(tmp_path, reference):
+    """The run's final epoch is its best; the kill comes after last.pt names it and before best.pt is copied.
+    best.pt still holds the previous best epoch: load_checkpoint refuses it and names the repair, resume
+    of the finished run trains nothing and brings best.pt and history.json in line, and says so."""
+    out = _kill_run(tmp_path, "last.pt", BEST, "after-rename", epochs=BEST)
+    assert len(json.loads((out / "history.json").read_text())) == BEST - 1
+    stale = run_model()
+    before = _state(stale)
+    with pytest.raises(ValueError, match=r"holds epoch 3, but .*last\.pt next to it says the run's best epoch "
+                                         r"is 5.*resume=.*last\.pt.*check_folder=False") as e:
+        T.load_checkpoint(out / "best.pt", stale)
+    assert str(out) in str(e.value) and _same(_state(stale), before)  # nothing loaded
+    assert T.load_checkpoint(out / "best.pt", stale, check_folder=False)["epoch"] == 3  # deliberately
+    assert T.load_checkpoint(out / "last.pt", run_model())["epoch"] == BEST  # last.pt is not checked
+    with pytest.warns(UserWarning, match=r"had finished \(epoch 5, best epoch 5\), so nothing was trained.*"
+                                         r"best\.pt now holds epoch 5 \(it held epoch 3\).*history\.json now "
+                                         r"holds its 5 epochs"):
+        history, best, model = run(out, resume=out / "last.pt", epochs=BEST)
+    assert _no_seconds(history) == _no_seconds(reference["history"][:BEST])
+    assert _same(_state(model), reference["weights"])  # the best epoch is 5 in both runs
+    m = run_model()
+    assert best == out / "best.pt" and T.load_checkpoint(best, m)["epoch"] == BEST
+    assert _same(_state(m), reference["weights"])
+    assert json.loads((out / "history.json").read_text()) == json.loads(json.dumps(history))
+    # the folder now holds what an uninterrupted 5-epoch run leaves
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"epoch-{k:04d}.pt" for k in range(1, BEST + 1)] + [
+        "best.pt", "history.json", "last.pt"])
+    # a consistent finished run resumes quietly: nothing rewritten, nothing trained
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again, _, _ = run(out, resume=out / "last.pt", epochs=BEST)
+    assert again == history and {p.name: p.read_bytes() for p in out.iterdir()} == before
+    with pytest.raises(ValueError, match=r"at epoch 5, past epochs=4"):
+        run(out, resume=out / "last.pt", epochs=4)
+
+
+def test_a_best_pt_of_another_run_beside_last_pt_is_refused(tmp_path):
+    """A second run on an old folder killed in its first epoch between last.pt and best.pt: best.pt is the
+    first run's."""
+    run(tmp_path / "a", epochs=1)
+    run(tmp_path / "b", epochs=2, seed=5)
+    shutil.copy(tmp_path / "a" / "last.pt", tmp_path / "b" / "last.pt")
+    with pytest.raises(ValueError, match=r"last\.pt next to it belongs to another run.*resume="):
+        T.load_checkpoint(tmp_path / "b" / "best.pt", run_model())
+    (tmp_path / "b" / "last.pt").unlink()  # no last.pt beside it: nothing to check against
+    T.load_checkpoint(tmp_path / "b" / "best.pt", run_model())
 
 
 def test_resume_from_a_moved_folder(tmp_path, reference):

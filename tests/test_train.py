@@ -288,12 +288,16 @@ def test_early_stopping(tmp_path):
                           patience=2, out_dir=tmp_path, progress=False)
     assert len(history) == 3 and history[-1]["stopped_early"] and not history[0]["stopped_early"]
     assert T.load_checkpoint(best, _mlp())["epoch"] == 1
+    # the run is finished: resuming it trains no further epoch (the folder is consistent: nothing to say)
+    again, _ = T.fit(_mlp(dropout=0.0), nn.functional.cross_entropy, train, val, 10, lr=1e-12, patience=2,
+                     out_dir=tmp_path, resume=tmp_path / "last.pt", progress=False)
+    assert again == history
     history, _ = T.fit(_mlp(dropout=0.0), nn.functional.cross_entropy, train, val, 4, lr=1e-2, patience=None,
                        monitor="val_loss", progress=False)
     assert len(history) == 4
 
 
-def _seen_targets(sampler, seed=0, epochs=1):
+def _seen_targets(sampler, seed=0, epochs=1, **kw):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2000, 8, generator=g)
     y = (torch.rand(2000, generator=g) < 0.1).long()  # 10% minority
@@ -305,7 +309,7 @@ def _seen_targets(sampler, seed=0, epochs=1):
         return nn.functional.cross_entropy(out, t)
 
     T.fit(_mlp(classes=2), loss_fn, TensorDataset(x, y), TensorDataset(x[:100], y[:100]), epochs,
-          sampler=sampler, batch_size=250, seed=seed, progress=False)
+          sampler=sampler, batch_size=250, seed=seed, progress=False, **kw)
     return torch.cat(seen), y
 
 
@@ -327,6 +331,96 @@ def test_plain_shuffle_keeps_the_distribution():
     assert torch.equal(seen.sort().values, y.sort().values)  # each row exactly once
 
 
+@pytest.mark.parametrize("sampler, kw, share", [
+    # no sampler: every row weighs 1, times its class's factor: 1800 x 1 against 200 x 9
+    (None, {"class_factors": {1: 9.0}}, 0.5),
+    # oversampling draws the classes alike; a factor of 3 then gives the minority 3 / 4 of the draws
+    ("oversample", {"class_factors": torch.tensor([1.0, 3.0])}, 0.75),
+    ("oversample", {"class_factors": {"pos": 3}, "class_names": ["neg", "pos"]}, 0.75),
+    ("oversample", {"class_factors": [0, 2.5]}, 1.0),  # a factor of 0 leaves the class out
+    ("class_balanced", {"class_factors": {"neg": 0.0}, "class_names": ("neg", "pos")}, 1.0),
+])
+def test_class_factors_multiply_the_samplers_weights(sampler, kw, share):
+    seen, y = _seen_targets(sampler, **kw)
+    assert seen.numel() == y.numel()  # still one epoch = as many rows as the training set
+    frac = seen.float().mean().item()
+    assert abs(frac - share) < 0.05, frac
+    if share < 1:  # drawn with replacement: the shuffle would see each row once (a share of 0.1)
+        assert torch.equal(seen, _seen_targets(sampler, **kw)[0])
+        assert not torch.equal(seen, _seen_targets(sampler, seed=1, **kw)[0])
+
+
+def test_class_factors_resolve_names_and_indices():
+    y = torch.tensor([0] * 6 + [1] * 3 + [2] * 1)
+    names = ["HORZ_A", "HORZ_B", "VERT_A"]
+    s = T.Sampling(class_factors={"HORZ_B": 5, 2: 3.0})
+    assert torch.equal(s.factors(3, names), torch.tensor([1.0, 5.0, 3.0], dtype=torch.float64))
+    assert torch.equal(s.row_weights(y, 3, names), torch.tensor([1.0] * 6 + [5.0] * 3 + [3.0], dtype=torch.float64))
+    over = T.Sampling("oversample", class_factors=torch.tensor([2, 1, 0]))
+    assert torch.allclose(over.row_weights(y, 3), torch.tensor([2 / 6] * 6 + [1 / 3] * 3 + [0.0], dtype=torch.float64))
+    assert T.Sampling(class_factors=None).row_weights(y) is None  # the plain shuffle stays one
+    assert T.Sampling(class_factors=torch.tensor([1, 2])) == T.Sampling(class_factors=[1.0, 2.0])  # a value
+
+
+@pytest.mark.parametrize("factors, names, match", [
+    ({0: -1.0}, None, r"class_factors\[0\] must be a finite number >= 0, got -1.0"),
+    ({"VERT_B": float("nan")}, None, r"class_factors\['VERT_B'\] must be a finite number >= 0, got nan"),
+    (torch.tensor([1.0, float("inf"), 1.0]), None, r"class_factors\[1\] must be a finite number >= 0, got inf"),
+    ({"HORZ_B": 5}, None, r"class_factors names the class 'HORZ_B', but no class names are known: pass class_names"),
+    ({"HORZ_X": 5}, ["a", "b", "c"], r"class_factors: unknown class name 'HORZ_X'; the classes are \['a', 'b', 'c'\]"),
+    ({3: 2.0}, None, r"class_factors: class index 3 is out of range for 3 classes"),
+    ({-1: 2.0}, None, r"class_factors: class index -1 is out of range"),
+    ({"b": 2.0, 1: 3.0}, ["a", "b", "c"], r"class_factors: class 1 is given twice"),
+    (torch.ones(2, 3), None, r"class_factors: a \(C,\) tensor of factors, one per class, got shape \(2, 3\)"),
+    (torch.ones(4), None, r"class_factors: a tensor of 4 factors, expected one per class \(3,\)"),
+    (torch.zeros(3), None, r"class_factors: every class has factor 0"),
+    ({0: 0, 1: 0, 2: 0}, None, r"class_factors: every class has factor 0"),
+    ({0: 0, 1: 0}, None, r"class_factors: every class present in the training rows \(\[0, 1\]\) has factor 0"),
+    ({}, None, r"class_factors is an empty mapping; expected None, a mapping"),
+    ("HORZ_B", None, r"class_factors must be None, a mapping \{class name or index: factor\} or a \(C,\) tensor"),
+    ({1.5: 2}, None, r"class_factors: key 1.5 is not a class name \(str\) or index \(int\)"),
+    ({0: True}, None, r"class_factors\[0\] must be a finite number >= 0, got True"),
+])
+def test_class_factors_bad_input(factors, names, match):
+    train, val = _linear_task(200)
+    keep = train.tensors[1] < 2  # the training rows hold classes 0 and 1 only; the model has 3 outputs
+    train = TensorDataset(train.tensors[0][keep], train.tensors[1][keep])
+    with pytest.raises(ValueError, match=match):
+        T.fit(_mlp(), nn.functional.cross_entropy, train, val, 1, class_factors=factors, class_names=names,
+              progress=False)
+
+
+def test_class_factors_resume_draws_the_rows_of_the_uninterrupted_run(tmp_path):
+    """The sampler's generator is in the checkpoint: epochs 2 and 3 of a run resumed after epoch 1 draw the
+    rows, in the order, of the run that was never stopped."""
+    train, val = _linear_task(1200)
+
+    def run(out, resume=None):
+        rows = []
+
+        def record(x, y):
+            rows.append((x.clone(), y.clone()))
+            return x, y
+
+        T.fit(_mlp(), nn.functional.cross_entropy, train, val, 3, lr=1e-2, batch_size=64, out_dir=out,
+              checkpoint_every=1, resume=resume, seed=2, augment=record, class_names=["a", "b", "c"],
+              class_factors={"a": 5, 2: 0}, progress=False)
+        return rows
+
+    full = run(tmp_path / "a")
+    resumed = run(tmp_path / "b", resume=tmp_path / "a" / "epoch-0001.pt")
+    steps = -(-900 // 64)
+    assert len(full) == 3 * steps and len(resumed) == 2 * steps
+    for (xa, ya), (xb, yb) in zip(full[steps:], resumed):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    seen = torch.cat([y for _, y in full])
+    assert (seen == 2).sum() == 0  # factor 0: never drawn
+    counts = torch.bincount(train.tensors[1], minlength=3).double()
+    drawn = torch.bincount(seen, minlength=3).double()
+    expected = counts[0] * 5 / (counts[0] * 5 + counts[1])
+    assert abs(drawn[0] / drawn.sum() - expected) < 0.04
+
+
 def test_sampling_settings_carry_fits_keywords_and_check_them():
     """Sampling and Checkpointing group fit's keywords: same names, same defaults, the same errors."""
     defaults = {k: p.default for k, p in inspect.signature(T.fit).parameters.items()}
@@ -335,7 +429,7 @@ def test_sampling_settings_carry_fits_keywords_and_check_them():
         assert fields == {k: defaults[k] for k in fields}, group
     for kw, match in [({"sampler": "balanced"}, "sampler"), ({"beta": 1.0}, "beta"),
                       ({"batch_size": 0}, "batch_size"), ({"num_workers": -1}, "num_workers"),
-                      ({"seed": 1.5}, "seed")]:
+                      ({"seed": 1.5}, "seed"), ({"class_factors": {0: -1}}, "class_factors")]:
         with pytest.raises(ValueError, match=match):
             T.Sampling(**kw)
     train, val = _linear_task(200)
@@ -507,7 +601,8 @@ def test_evaluate_model_and_cascade(blocks):
 # ---------------------------------------------------------------------------------------------
 # distributed: two CPU processes (gloo) under torchrun
 
-DDP_SCRIPT = textwrap.dedent("""
+DDP_FACTORS = {0: 5.0, 2: 0.0}
+DDP_SCRIPT = f"FACTORS = {DDP_FACTORS!r}\n" + textwrap.dedent("""
     import json, os, sys, torch
     from torch import nn
     from torch.utils.data import TensorDataset
@@ -522,12 +617,20 @@ DDP_SCRIPT = textwrap.dedent("""
     train, val = TensorDataset(x[:700], y[:700]), TensorDataset(x[700:], y[700:])
     torch.manual_seed(int(os.environ["RANK"]))  # different initial weights: DDP must broadcast rank 0's
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
-    history, best = T.fit(model, nn.functional.cross_entropy, train, val, 2, lr=1e-2, batch_size=50,
-                          sampler=sys.argv[2] if sys.argv[2] != "none" else None, out_dir=out + "/ckpt",
-                          progress=False)
+    trained = []  # the targets of this rank's training rows, in order
+
+    def loss_fn(out, t):
+        if torch.is_grad_enabled():
+            trained.extend(t.tolist())
+        return nn.functional.cross_entropy(out, t)
+
+    sampler = {"none": None, "factors": None}.get(sys.argv[2], sys.argv[2])
+    factors = FACTORS if sys.argv[2] == "factors" else None
+    history, best = T.fit(model, loss_fn, train, val, 2, lr=1e-2, batch_size=50, sampler=sampler,
+                          class_factors=factors, out_dir=out + "/ckpt", progress=False)
     rank = dist.get_rank()
     rep = T.evaluate(model, val)
-    json.dump({"world": dist.get_world_size(), "history": history, "best": str(best),
+    json.dump({"world": dist.get_world_size(), "history": history, "best": str(best), "trained": trained,
                "weights": [p.tolist() for p in model.state_dict().values()], "single": rep.final.to_dict()},
               open(f"{out}/rank{rank}.json", "w"))
     dist.destroy_process_group()
@@ -535,7 +638,7 @@ DDP_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sampler", ["none", "oversample"])
+@pytest.mark.parametrize("sampler", ["none", "oversample", "factors"])
 def test_fit_ddp_two_processes_agree(tmp_path, sampler):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
@@ -556,6 +659,16 @@ def test_fit_ddp_two_processes_agree(tmp_path, sampler):
     assert best["val"]["confusion"] == r0["single"]["confusion"]
     assert r0["history"][-1]["train_loss"] < r0["history"][0]["train_loss"]
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["best.pt", "history.json", "last.pt"]
+    if sampler == "factors":
+        # one global weighted draw per epoch, sharded rank by rank: what one process draws with that seed
+        g = torch.Generator().manual_seed(0)
+        y = (torch.randn(900, 8, generator=g) @ torch.randn(8, 3, generator=g)).argmax(1)[:700]
+        s = T.Sampling(seed=0, class_factors=DDP_FACTORS)
+        gen, weights = s.seed_all(), s.row_weights(y, 3)
+        drawn = [s.epoch_order(weights, 700, 1, 0, e, gen) for e in range(2)]
+        for rank, r in enumerate((r0, r1)):
+            assert r["trained"] == torch.cat([y[d[rank::2]] for d in drawn]).tolist()
+        assert 2 not in r0["trained"] + r1["trained"] and len(r0["trained"]) == len(r1["trained"]) == 700
 
 
 # ---------------------------------------------------------------------------------------------

@@ -225,7 +225,7 @@ def _scheduler_problem(ckpt: Mapping, scheduler) -> str | None:
 
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    scheduler=None, *, map_location="cpu") -> dict:
+                    scheduler=None, *, map_location="cpu", check_folder: bool = True) -> dict:
     """Load a save_checkpoint file into model (and optimizer, scheduler); returns the checkpoint dict
     (its "epoch" and "extra" entries included).
 
@@ -234,8 +234,47 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     architecture (the first missing, unexpected and differently shaped entries are named), or whose
     optimizer / scheduler state does not fit the one passed (none saved, another class, other parameter
     groups or shapes).
+
+    With check_folder=True (the default), a fit run's best.pt is checked against the last.pt beside it:
+    when last.pt names another best epoch, or belongs to another run, best.pt is stale (fit was killed
+    after committing last.pt and before copying it to best.pt) and ValueError says how to repair the
+    folder (resume the run from that last.pt with its own arguments; a finished run trains nothing).
+    check_folder=False loads the file as it is.
     """
-    return apply_checkpoint(read_checkpoint(path, map_location), path, model, optimizer, scheduler)
+    ckpt = read_checkpoint(path, map_location)
+    if check_folder:
+        problem = _stale_best_problem(ckpt, pathlib.Path(path))
+        if problem:
+            raise ValueError(problem)
+    return apply_checkpoint(ckpt, path, model, optimizer, scheduler)
+
+
+def _stale_best_problem(ckpt: Mapping, path: pathlib.Path) -> str | None:
+    """Why a fit run's best.pt does not hold the best epoch that the last.pt next to it names, or None
+    (not a best.pt of fit, no readable last.pt beside it, or the two agree)."""
+    last_path = path.parent / "last.pt"
+    mine = ckpt["extra"].get("fit")
+    if path.name != "best.pt" or not isinstance(mine, Mapping) or not last_path.is_file():
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # an old format's "no checksum" is about the sibling, not path
+            last = read_checkpoint(last_path)
+    except ValueError:
+        return None  # a damaged last.pt says nothing about best.pt; resuming from it raises on its own
+    theirs = last["extra"].get("fit")
+    if not isinstance(theirs, Mapping) or theirs.get("best_epoch") is None:
+        return None
+    my_run, their_run = mine.get("run_id"), theirs.get("run_id")
+    other_run = my_run is not None and their_run is not None and my_run != their_run
+    if not other_run and theirs["best_epoch"] == ckpt["epoch"]:
+        return None
+    what = ("belongs to another run" if other_run else f"says the run's best epoch is {theirs['best_epoch']}")
+    return (f"checkpoint {path} holds epoch {ckpt['epoch']}, but {last_path} next to it {what} (epoch "
+            f"{last['epoch']}): fit was killed after writing last.pt and before copying it to best.pt, so "
+            f"best.pt is stale. Repair the folder by resuming that run with its own arguments: fit(..., "
+            f"resume={str(last_path)!r}, out_dir={str(path.parent)!r}) (a finished run trains nothing; its "
+            f"best.pt and history.json are rewritten); or pass check_folder=False to load this file as it is")
 
 
 def apply_checkpoint(ckpt: Mapping, path, model: nn.Module, optimizer=None, scheduler=None) -> Mapping:

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 
 from .._checks import device_arg, number_arg
 from .batches import kept_rows, labels_of, loader, targets_of
+from .diagnostics import Diagnostics, end_of_run_warnings, epoch_warnings
 from .distributed import setup_distributed
 from .evaluate import validate
 from .history import MONITORS, RunState, progress_bar, progress_write
@@ -34,12 +35,12 @@ def fit(model: nn.Module, loss_fn: Callable, train: Dataset, val: Dataset, epoch
         param_groups=None, weight_decay: float = 0.01, schedule: str | None = "cosine",
         freeze_epochs: int = 0, monitor: str = "macro_f1", patience: int | None = None,
         amp_dtype: torch.dtype | None = None, grad_clip: float | None = None, sampler: str | None = None,
-        beta: float = 0.9999, batch_size: int = 256, eval_batch_size: int = 1024,
+        beta: float = 0.9999, class_factors=None, batch_size: int = 256, eval_batch_size: int = 1024,
         target_fn: Callable | None = None, augment: Callable | None = None, device=None,
         out_dir: str | os.PathLike | None = None, seed: int = 0, progress: bool = True,
         resume: str | os.PathLike | None = None, num_classes: int | None = None,
         class_names: Sequence[str] | None = None, checkpoint_every: int | None = None, num_workers: int = 0,
-        name: str = "fit") -> tuple[list[dict], pathlib.Path | None]:
+        name: str = "fit", diagnostics=None) -> tuple[list[dict], pathlib.Path | None]:
     """Train model with AdamW; returns (history, path of the best checkpoint or None without out_dir).
 
     Each step: a batch of (inputs, labels) from `train`; ``augment(inputs, labels)`` (e.g.
@@ -64,6 +65,12 @@ def fit(model: nn.Module, loss_fn: Callable, train: Dataset, val: Dataset, epoch
         sampler: None (a seeded shuffle), "class_balanced" (rows weighted by the effective-number class
             weight with `beta`) or "oversample" (1 / class count): torch WeightedRandomSampler, with
             replacement, one epoch = as many rows as the training set, from a generator seeded by `seed`.
+        class_factors: per-class factors multiplying each training row's sampling weight (the sampler's,
+            or 1 per row when sampler is None, which then draws with replacement too): a mapping {class
+            name or index: factor} (names resolve through class_names; unnamed classes keep 1), or a (C,)
+            tensor, C = num_classes or the model's output width. E.g. ``{"HORZ_B": 5, "VERT_A": 5,
+            "HORZ_A": 3, "VERT_B": 3}`` with class_names. Finite and >= 0 (0 leaves a class out, not all
+            0); ValueError naming class_factors otherwise, for an unknown name or an index out of range.
         out_dir: a folder (created if missing) where rank 0 writes, every epoch, last.pt with
             save_checkpoint (checksummed, verified on a fixed batch of val inputs), then copies of it as
             best.pt when the epoch improved and epoch-NNNN.pt every checkpoint_every epochs, then
@@ -76,13 +83,25 @@ def fit(model: nn.Module, loss_fn: Callable, train: Dataset, val: Dataset, epoch
             state, the best weights so far and the RNG states of torch, numpy, python, the sampler and
             the augmentation's generator are restored). Pass the same arguments as the original run.
             It may lie in another folder than out_dir, or in a folder that was moved: nothing is looked
-            up by a stored path. out_dir/best.pt is made to hold the run's best epoch.
+            up by a stored path. out_dir/best.pt is made to hold the run's best epoch. Resuming a
+            finished run (its checkpoint at `epochs`, or stopped early) trains nothing: it brings
+            out_dir's best.pt and history.json in line with the checkpoint (a UserWarning says what it
+            rewrote) and returns the run's history, the model at its best epoch. This is the repair of a
+            run killed in its final epoch between last.pt and best.pt.
         num_classes, class_names: of the validation report (default: the model's output width, 2 for
             one logit).
         seed: seeds torch, numpy, python and the sampler: the same seed gives the same run, bitwise.
         batch_size, eval_batch_size: rows per training step (per rank) and per validation batch.
         num_workers: DataLoader workers (0: batches are read in this process, which for tensor-backed
             datasets is one indexing op per batch). name: the label of progress lines.
+        diagnostics: the thresholds of the training diagnostics, a fastcascade.train.Diagnostics or a dict
+            of its fields (None: the defaults; False: none). fit warns when one class takes more than
+            collapse_share (0.9) of an epoch's val predictions ("collapse"), when the best epoch of a run
+            of several is the first ("best_epoch_first", at the last epoch), and when the first epoch after
+            freeze_epochs is worse than the last frozen one by more than unfreeze_drop (0.05, in the
+            monitored value's units; "drop_after_unfreeze"). Each warning is a dict (kind, epoch, message
+            and its figures) in the "warnings" list of that epoch's history record (so in history.json,
+            and kept by resume), and a printed line unless progress is False.
 
     Under torchrun (or an initialised process group) the model is wrapped in DistributedDataParallel,
     each rank trains on its shard of every epoch (DistributedSampler; the weighted samplers draw one
@@ -91,18 +110,20 @@ def fit(model: nn.Module, loss_fn: Callable, train: Dataset, val: Dataset, epoch
 
     The history is a list of per-epoch dicts: epoch (1-based), train_loss, val_loss, lr (per group
     name, at the end of the epoch), val (ClassificationReport.to_dict(): per-class precision, recall,
-    f1, support; accuracy, macro_f1, weighted_f1, confusion), frozen, seconds. After fit, model holds
+    f1, support; accuracy, macro_f1, weighted_f1, confusion), frozen, seconds, stopped_early, warnings
+    (the diagnostics' warnings of that epoch, see `diagnostics`). After fit, model holds
     the weights of the best epoch, and the returned path (out_dir/best.pt) holds them too.
 
     Arguments are checked before the first step: ValueError naming the argument for, e.g., an out_dir
     that is a file, eval_batch_size=0, lr=inf or NaN, or a device torch does not know or this machine
-    does not have. The sampling keywords (sampler, beta, batch_size, num_workers, seed) are checked and
-    carried as a fastcascade.train.Sampling, the checkpoint keywords (out_dir, checkpoint_every,
+    does not have. The sampling keywords (sampler, beta, batch_size, num_workers, seed, class_factors) are
+    checked and carried as a fastcascade.train.Sampling, the checkpoint keywords (out_dir, checkpoint_every,
     resume) as a fastcascade.train.Checkpointing.
     """
     _check_fit_args(model, loss_fn, train, val, epochs, lr, weight_decay, schedule, freeze_epochs, monitor,
                     patience, amp_dtype, grad_clip, eval_batch_size)
-    sampling = Sampling(sampler, beta, batch_size, num_workers, seed)
+    sampling = Sampling(sampler, beta, batch_size, num_workers, seed, class_factors)
+    diag = Diagnostics.of(diagnostics)
     files = Checkpointing(out_dir, checkpoint_every, resume)
     rank, world, device = setup_distributed(device_arg(device) if device is not None else None)
     with files.lock(f"fastcascade fit {name!r}", rank):
@@ -110,11 +131,11 @@ def fit(model: nn.Module, loss_fn: Callable, train: Dataset, val: Dataset, epoch
         # rows with a target; everything downstream indexes into these
         train_targets, train_idx = _rows_with_targets(train, target_fn, "train")
         _, val_idx = _rows_with_targets(val, target_fn, "val")
-        weights = sampling.row_weights(train_targets[train_idx])
         model.to(device)
         run = RunState.fresh(model)
         probe = next(iter(loader(val, val_idx[:32].tolist(), 32, 0)))[0].to(device)
         width = output_width(model, probe)  # run once either way: a malformed output fails before training
+        weights = sampling.row_weights(train_targets[train_idx], num_classes or width, class_names)
         optimizer = make_optimizer(model, lr, param_groups, weight_decay)
         steps = sampling.steps_per_epoch(train_idx.numel(), world)
         scheduler = make_scheduler(optimizer, schedule, steps * epochs)
@@ -122,12 +143,16 @@ def fit(model: nn.Module, loss_fn: Callable, train: Dataset, val: Dataset, epoch
         if resume is not None:
             run = saver.resume(epochs)
             model.to(device)
+            if run.start >= epochs and progress and rank == 0:
+                progress_write(f"{name}: resumed a finished run (epoch {len(run.history)}, best epoch "
+                               f"{run.best_epoch}); nothing to train")
         loop = _Loop(model=model, loss_fn=loss_fn, train=train, val=val, train_idx=train_idx, val_idx=val_idx,
                      weights=weights, sampling=sampling, gen=gen, optimizer=optimizer, scheduler=scheduler,
                      target_fn=target_fn, augment=augment, device=device, amp_dtype=amp_dtype,
                      grad_clip=grad_clip, eval_batch_size=eval_batch_size, num_classes=num_classes or width,
                      class_names=class_names, epochs=epochs, freeze_epochs=freeze_epochs, monitor=monitor,
-                     patience=patience, rank=rank, world=world, progress=progress, name=name)
+                     patience=patience, rank=rank, world=world, progress=progress, name=name,
+                     diagnostics=diag)
         loop.run(run, saver if files.out_dir is not None else None)
         model.load_state_dict(run.best_state)
         return run.history, files.best_path
@@ -210,6 +235,7 @@ class _Loop:
     world: int
     progress: bool
     name: str
+    diagnostics: Diagnostics
 
     def run(self, run: RunState, saver: RunFiles | None) -> None:
         """Epochs run.start .. epochs - 1, or until early stopping; each one is recorded in run (and saved
@@ -228,9 +254,15 @@ class _Loop:
                       "val": report.to_dict(), "frozen": frozen, "seconds": time.perf_counter() - t0}
             value, improved = run.update(record, self.monitor, self.model)
             stop = record["stopped_early"] = run.should_stop(self.patience)
+            found = epoch_warnings(self.diagnostics, run.history, self.monitor)
+            if stop or epoch + 1 == self.epochs:
+                found += end_of_run_warnings(self.diagnostics, run.history, run.best_epoch, self.monitor)
+            record["warnings"] = found
             if self.progress and self.rank == 0:
                 progress_write(f"{self.name} epoch {epoch + 1}/{self.epochs}: train_loss {train_loss:.4f} "
                                f"val_loss {val_loss:.4f} {self.monitor} {value:.4f}" + (" *" if improved else ""))
+                for w in found:
+                    progress_write(f"{self.name} warning ({w['kind']}): {w['message']}")
             if saver is not None:
                 saver.save_epoch(run, epoch + 1, improved)
             if stop:

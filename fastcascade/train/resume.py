@@ -7,10 +7,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import json
 import numbers
 import os
 import pathlib
 import uuid
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -138,7 +140,12 @@ class RunFiles:
         written by fit; returns the run's state. Rank 0 makes out_dir/best.pt hold the run's best epoch
         (and out_dir/epoch-NNNN.pt the checkpoint's epoch when it is archived: a kill may have come
         before it was written). ValueError for a checkpoint fit did not write, one written after a
-        resume with the best weights only, one at or past `epochs`, or one whose best weights do not fit.
+        resume with the best weights only, one past `epochs`, or one whose best weights do not fit.
+
+        A finished run (the checkpoint is at `epochs`, or its last epoch stopped early) has nothing left
+        to train: its state is returned with start = epochs, and rank 0 also rewrites out_dir/history.json
+        when it is not the checkpoint's history. A kill in the final epoch, after last.pt and before
+        best.pt, leaves exactly that folder; when anything was rewritten a UserWarning says what.
 
         The best weights come from the checkpoint itself (its own weights when its epoch is the best one,
         else the copy it carries); only checkpoints of older fastcascade versions send us to a best.pt,
@@ -160,34 +167,50 @@ class RunFiles:
             run.keep_current_weights(self.model)
         else:
             run.best_state = dict(best)
+        finished = epoch == epochs or bool(run.history and run.history[-1].get("stopped_early"))
+        if finished:
+            run.start = epochs
         out_dir = self.settings.out_dir
         if out_dir is not None and self.rank == 0:
-            self._restore_best_file(run, path, epoch)
+            repaired = self._restore_best_file(run, path, epoch)
             archive = out_dir / f"epoch-{epoch:04d}.pt"
             if self.settings.archives(epoch) and archive != path and not _holds(archive, run.run_id, epoch):
                 write_bytes(path.read_bytes(), archive)
+            if finished:
+                history_file = out_dir / "history.json"
+                if _json_of(history_file) != json.loads(json.dumps(run.history)):
+                    write_json(run.history, history_file)
+                    repaired.append(f"history.json now holds its {len(run.history)} epochs")
+                if repaired:
+                    warnings.warn(f"resume={str(path)!r}: the run had finished (epoch {epoch}, best epoch "
+                                  f"{run.best_epoch}), so nothing was trained; the folder {str(out_dir)!r} was "
+                                  f"brought in line with the checkpoint: " + "; ".join(repaired),
+                                  UserWarning, stacklevel=3)
         return run
 
-    def _restore_best_file(self, run: RunState, source: pathlib.Path, epoch: int) -> None:
-        """Make out_dir/best.pt hold the run's best epoch. It may not: the run was killed between last.pt
-        and best.pt, or resumes into another folder, or from an older checkpoint after best.pt moved on. A
-        file that holds that epoch (the resumed checkpoint itself, or best.pt / epoch-NNNN.pt next to it)
-        is copied as it is; otherwise best.pt is written from the best weights alone (no optimizer or RNG
-        state)."""
+    def _restore_best_file(self, run: RunState, source: pathlib.Path, epoch: int) -> list[str]:
+        """Make out_dir/best.pt hold the run's best epoch; returns what was rewritten, for a message ([]
+        when best.pt was right). It may not be: the run was killed between last.pt and best.pt, or resumes
+        into another folder, or from an older checkpoint after best.pt moved on. A file that holds that
+        epoch (the resumed checkpoint itself, or best.pt / epoch-NNNN.pt next to it) is copied as it is;
+        otherwise best.pt is written from the best weights alone (no optimizer or RNG state)."""
         target = self.settings.out_dir / "best.pt"
         if _holds(target, run.run_id, run.best_epoch):
-            return
+            return []
+        before = _epoch_held(target, run.run_id)
+        done = [f"best.pt now holds epoch {run.best_epoch} (it held {before})"]
         candidates = [source] if epoch == run.best_epoch else []
         candidates += [source.parent / "best.pt", source.parent / f"epoch-{run.best_epoch:04d}.pt"]
         for c in candidates:
             if c != target and _holds(c, run.run_id, run.best_epoch):
                 write_bytes(c.read_bytes(), target)
-                return
+                return done
         best_model = copy.deepcopy(self.model)
         best_model.load_state_dict(run.best_state)
         state = {"run_id": run.run_id, "best_epoch": run.best_epoch, "best_value": run.best_value,
                  "history": run.history[:run.best_epoch], "weights_only": True}
         save_checkpoint(target, best_model, epoch=run.best_epoch, extra={"fit": state}, probe=self.probe)
+        return done
 
 
 def _fit_state(ckpt: Mapping, path: pathlib.Path, epochs: int) -> Mapping:
@@ -200,8 +223,9 @@ def _fit_state(ckpt: Mapping, path: pathlib.Path, epochs: int) -> Mapping:
         what = (f"lacks the training state entries {missing}" if not state.get("weights_only") else
                 "holds the best weights only (written after a resume); resume from last.pt or an epoch-NNNN.pt")
         raise ValueError(f"resume={str(path)!r}: the checkpoint {what}")
-    if ckpt["epoch"] >= epochs:
-        raise ValueError(f"resume={str(path)!r} is at epoch {ckpt['epoch']}: nothing left of epochs={epochs}")
+    if ckpt["epoch"] > epochs:
+        raise ValueError(f"resume={str(path)!r} is at epoch {ckpt['epoch']}, past epochs={epochs}: pass the "
+                         f"run's own epochs (resuming a finished run trains nothing and repairs its folder)")
     return state
 
 
@@ -235,6 +259,27 @@ def _old_best_weights(path: pathlib.Path, state: Mapping, best_epoch: int) -> di
     raise ValueError(f"resume={str(path)!r}: its best epoch is {best_epoch}, whose weights this checkpoint (from "
                      f"an older fastcascade) does not carry, and {why}; resume from the checkpoint of epoch "
                      f"{best_epoch} or one written since")
+
+
+def _json_of(path: pathlib.Path):
+    """The JSON value in path, or None when it is missing or unreadable (a kill mid-write leaves the old one)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _epoch_held(path: pathlib.Path, run_id: str) -> str:
+    """What a best.pt holds, in words: "epoch 3", "epoch 1 of another run", "no file", "a damaged file"."""
+    if not path.is_file():
+        return "no file"
+    try:
+        ckpt = read_checkpoint(path)
+    except ValueError:
+        return "a damaged file"
+    fit_state = ckpt["extra"].get("fit")
+    other = isinstance(fit_state, Mapping) and fit_state.get("run_id") not in (None, run_id)
+    return f"epoch {ckpt['epoch']}" + (" of another run" if other else "")
 
 
 def _holds(path: pathlib.Path, run_id: str, epoch: int) -> bool:
