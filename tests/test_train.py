@@ -783,6 +783,10 @@ def test_demo_quick_end_to_end(tmp_path):
     gates = {f"gate{w}" for w in m["config"]["raw_gate_widths"]}
     ablated = {"ablation_no_alpha", "ablation_no_mining", "ablation_no_sampler"}
     assert set(m["history"]) == own_models | heads | gates | ablated
+    # fit's diagnostics, gathered per model (2 epochs: some best epochs are the first)
+    assert m["training_warnings"] == [{"model": k, **w} for k, h in m["history"].items() for r in h
+                                      for w in r["warnings"]]
+    assert all(w["kind"] in ("collapse", "best_epoch_first", "drop_after_unfreeze") for w in m["training_warnings"])
     for seed in ("seed-0", "seed-1"):
         for png in ("frontier.png", "confusion_flat.png", "confusion_v6-own.png", "confusion_gate.png",
                     "learning_curves.png", "confusion_v6-trunk_stage_stage2.png", "stage1_thresholds.png"):

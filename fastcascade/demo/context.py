@@ -52,6 +52,7 @@ class Run:
     histories: dict = field(default_factory=dict)
     timing: dict = field(default_factory=dict)
     rows: dict = field(default_factory=dict)  # training rows seen per model
+    warnings: list = field(default_factory=list)  # fit's diagnostics, one entry per warning, with its model
     calibration: dict = field(default_factory=dict)  # Stage-1 model -> temperature, ECE on test before and after
 
     def fit(self, key: str, model, loss_fn, target: str | None, seed: int, *, train=None, val=None, **kw):
@@ -73,4 +74,7 @@ class Run:
         best_epoch = max(range(len(hist)), key=lambda i: hist[i]["val"]["macro_f1"])
         print(f"  {key}: {len(hist)} epochs in {self.timing[f'train_{key}_s']:.1f} s, best epoch {best_epoch + 1} "
               f"(val macro F1 {hist[best_epoch]['val']['macro_f1']:.4f}) -> {best.relative_to(self.work)}")
+        for w in (w for h in hist for w in h.get("warnings", [])):  # fit's diagnostics (printed here even
+            self.warnings.append({"model": key, **w})  # without progress bars)
+            print(f"    warning ({w['kind']}): {w['message']}")
         return model

@@ -1,9 +1,10 @@
 """The seed's v6 hierarchy with its own backbones, and the flat 8-class model (which is also the shared trunk).
 
-Stage 1 (NONE vs PARTITION, the plan's recipe: fastcascade.demo.stage1.STAGE1_RECIPE), Stage 2 (SPLIT | RECT | AB, class-balanced softmax
-focal with label smoothing 0.1, pooled adapters on the frozen Stage-1 backbone), the RECT specialist (a
-fine-tuned copy of the Stage-1 backbone, head first), a 3-member AB ensemble (seeds and augmentations
-differ: dihedral, flips only, dihedral + mixup); then a flat 8-class model trained on as many rows.
+Stage 1 (NONE vs PARTITION, the plan's recipe: fastcascade.demo.stage1.STAGE1_RECIPE), Stage 2 (SPLIT | RECT |
+AB, class-balanced softmax focal with label smoothing 0.1, pooled adapters on the frozen Stage-1 backbone), the
+RECT specialist (a fine-tuned copy of the Stage-1 backbone, head first), a 3-member AB ensemble (seeds and
+augmentations differ: dihedral, flips only, dihedral + mixup; the plan's per-class oversampling,
+AB_CLASS_FACTORS); then a flat 8-class model trained on as many rows.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from .context import NUM_LABELS, Run, labels_of
 from .models import make_backbone, with_new_head
 from .stage1 import STAGE1_RECIPE
 
-__all__ = ["DihedralMixup", "OwnHierarchy", "stage_counts", "train_flat", "train_own_hierarchy"]
+__all__ = ["AB_CLASS_FACTORS", "DihedralMixup", "OwnHierarchy", "stage_counts", "train_flat", "train_own_hierarchy"]
 
 
 class DihedralMixup:
@@ -41,6 +42,10 @@ def stage_counts(y: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per stage, the class counts of its targets (for the class-balanced losses)."""
     return {k: torch.bincount(v[v != fd.IGNORE_INDEX], minlength=len(fd.STAGE_CLASS_NAMES[k]))
             for k, v in fd.stage_targets(y).items()}
+
+
+#: the plan's Stage 3-AB sampling (../shared/SEED-PLAN.md): HORZ_B and VERT_A 5x, HORZ_A and VERT_B 3x
+AB_CLASS_FACTORS = {"HORZ_B": 5.0, "VERT_A": 5.0, "HORZ_A": 3.0, "VERT_B": 3.0}
 
 
 @dataclass
@@ -76,7 +81,8 @@ def train_own_hierarchy(run: Run) -> OwnHierarchy:
                    param_groups={"head": 3e-3, "backbone": 1e-3}, freeze_epochs=1,
                    augment=fd.RandomDihedral(seed=seed + 2))
 
-    # AB ensemble: three members, different seeds and augmentations (dihedral; flips only; dihedral + mixup)
+    # AB ensemble: three members, different seeds and augmentations (dihedral; flips only; dihedral + mixup),
+    # the plan's oversampling of the AB classes
     augments = [fd.RandomDihedral(seed=seed + 31), fd.RandomDihedral(p_transpose=0.0, seed=seed + 32),
                 DihedralMixup(alpha=0.4, seed=seed + 33)]
     # the mixup member learns from soft targets: cross-entropy takes class probabilities
@@ -85,7 +91,7 @@ def train_own_hierarchy(run: Run) -> OwnHierarchy:
     for k in range(3):
         m = with_new_head(s1, 4, seed + 3 + k)
         ab.append(run.fit(f"ab{k + 1}", m, losses[k], "ab", seed + 3 + k, lr=2e-3, augment=augments[k],
-                          sampler="class_balanced" if k == 1 else None))
+                          class_factors=AB_CLASS_FACTORS))
     return OwnHierarchy(s1, s2, rect, ab, trainable.trainable)
 
 

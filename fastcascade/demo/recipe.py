@@ -251,6 +251,7 @@ def _train_and_report(args, train, val, test, device, backbone, epochs, amp, qui
         "throughput_blocks_per_s": {k: v["blocks_per_s"] for k, v in results.items()},
         "routing_matches_dense": all(v.get("routing_matches_dense", True) for v in results.values()),
         "history": run.histories,
+        "training_warnings": run.warnings,
         "timing": run.timing,
     }
 
