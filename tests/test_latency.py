@@ -205,6 +205,43 @@ def test_measure_latency_of_a_cascade_and_a_model():
     assert list(one.parts) == ["model"] and one.batch_sizes == (2, 4) and not one.is_cascade
 
 
+class _Logged(nn.Module):
+    """Records each call (its name and row count) in a shared log."""
+
+    def __init__(self, name: str, log: list):
+        super().__init__()
+        self.name, self.log, self.lin = name, log, nn.Linear(4, 2)
+
+    def forward(self, x):
+        self.log.append((self.name, x.shape[0]))
+        return self.lin(x)
+
+
+def test_measure_latencies_times_every_models_parts_in_the_same_rounds():
+    torch.set_num_threads(1)
+    log = []
+    x = torch.randn(6, 4)
+    lats = fc.measure_latencies({"a": _Logged("a", log), "b": _Logged("b", log)}, x, batch_sizes=(2, 1),
+                                repeats=3, warmup=0)
+    # every round: each size, each model in turn (never all of one model's calls, then the other's)
+    assert log == [("a", 1), ("b", 1), ("a", 2), ("b", 2)] * 3
+    assert list(lats) == ["a", "b"] and all(list(v.parts) == ["model"] and v.batch_sizes == (1, 2)
+                                            for v in lats.values())
+    # a cascade among them gets its parts, as measure_latency gives them
+    c = random_cascade(5, max_depth=2, segments=2, num_labels=4)
+    xc = random_input(40, 5)
+    both = fc.measure_latencies({"flat": nn.Sequential(nn.Flatten(1), nn.LazyLinear(4)), "cascade": c}, xc,
+                                batch_sizes=(1, 8), repeats=2, warmup=1)
+    assert list(both["cascade"].parts) == latency_parts(c)[0] and both["cascade"].nodes == tuple(c.node_names)
+    assert both["flat"].seconds_per_row(None, batch_size=8) > 0 and both["cascade"].seconds_per_row(c, xc, 8) > 0
+    with pytest.raises(ValueError, match="models must be a non-empty mapping"):
+        fc.measure_latencies({}, x)
+    with pytest.raises(TypeError, match=r"models\['b'\] must be a fastcascade.Cascade or an nn.Module"):
+        fc.measure_latencies({"a": _Logged("a", log), "b": len}, x)
+    with pytest.raises(ValueError, match="models: expected every model on one device"):
+        fc.measure_latencies({"a": _Logged("a", log), "m": nn.Linear(4, 2, device="meta")}, x)
+
+
 def test_the_runner_part_is_what_whole_calls_cost_beyond_the_parts_their_rows_reached():
     from fastcascade.cascade.measure import _residual
 

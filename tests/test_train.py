@@ -705,6 +705,8 @@ def test_demo_quick_end_to_end(tmp_path):
         assert final["class_names"] == list(fd.LABEL_NAMES[:8]) and sum(map(sum, final["confusion"])) == 2000
         assert 0 <= d["macro_f1"] <= 1 and d["flops_per_block"] > 0 and d["blocks_per_s"] > 0, name
         assert d["predicted_blocks_per_s"] > 0 and d["batch_size"] == 512, name  # --quick times one batch size
+        assert d["predicted_throughput_ratio"] == pytest.approx(
+            d["predicted_blocks_per_s"] / designs["flat"]["predicted_blocks_per_s"])
         if name == "flat":
             continue
         assert d["throughput_ratio"] > 0 and d["routing_matches_dense"] is True and d["setting"]

@@ -32,12 +32,12 @@ from .cost import CascadeCost, cascade_cost, flops_per_row
 from .dense import cascade_dense, dense_outputs  # noqa: F401  (the oracle, for tests and benchmarks)
 from .evaluate import EvaluationReport, evaluate_cascade
 from .latency import LatencyModel
-from .measure import measure_latency, steady_allocator
+from .measure import measure_latencies, measure_latency, steady_allocator
 from .runner import Cascade, CascadeOutput
 from .tree import Argmax, Confident, Ensemble, Leaf, Stage, Threshold
 from .trunk import split_backbone
 from .tuning import TuneResult, tune_cascade
 
 __all__ = ["Argmax", "Cascade", "CascadeCost", "CascadeOutput", "Confident", "Ensemble", "EvaluationReport", "LatencyModel", "Leaf",
-           "Stage", "Threshold", "TuneResult", "cascade_cost", "evaluate_cascade", "flops_per_row", "measure_latency", "split_backbone", "steady_allocator",
+           "Stage", "Threshold", "TuneResult", "cascade_cost", "evaluate_cascade", "flops_per_row", "measure_latencies", "measure_latency", "split_backbone", "steady_allocator",
            "tune_cascade"]

@@ -7,9 +7,10 @@ cascade timed on n rows, in turns, and the runner's own time; steady_allocator f
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -20,7 +21,7 @@ from .cost import eval_mode
 from .latency import DEFAULT_BATCH_SIZES, LatencyModel, PartTiming, environment, latency_parts, node_gathers
 from .tree import Ensemble, Leaf, Stage
 
-__all__ = ["measure_latency", "steady_allocator"]
+__all__ = ["measure_latencies", "measure_latency", "steady_allocator"]
 
 _STEADY = {"applied": None}
 
@@ -147,10 +148,11 @@ def _device_of(model: nn.Module, device) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def _timed(fns: dict, sizes: Sequence[int], repeats: int, warmup: int, device: torch.device) -> dict[str, PartTiming]:
+def _timed(fns: dict, sizes: Sequence[int], repeats: int, warmup: int, device: torch.device) -> dict:
     """Warm-up calls of every (part, size), then `repeats` rounds in which every (part, size) runs once, in turn:
     a burst of load from elsewhere meets them all alike instead of one size's every measurement. (On the CPU
-    this needs steady_allocator: with glibc's adaptive thresholds, alternating sizes map fresh memory.)"""
+    this needs steady_allocator: with glibc's adaptive thresholds, alternating sizes map fresh memory.)
+    {key of fns: PartTiming}."""
     cuda = device.type == "cuda"
     for fn in fns.values():
         for n in sizes:
@@ -198,11 +200,26 @@ def measure_latency(model: nn.Module, example: torch.Tensor, batch_sizes: Sequen
         repeats: timed calls per (part, size), taken in turns; warmup: untimed calls per (part, size) first.
     On the CPU, call fastcascade.steady_allocator() first (once per process) or use jemalloc / tcmalloc: with
     glibc's adaptive thresholds a part's time depends on what ran before it, in the measurement and in the run.
+    To compare models (a cascade and the model it should beat), measure them together: measure_latencies.
     """
-    from .runner import Cascade
+    _check_model(model, "model")
+    return measure_latencies({"model": model}, example, batch_sizes, device, repeats, warmup)["model"]
 
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a fastcascade.Cascade or an nn.Module, got {type(model).__name__}")
+
+@torch.no_grad()
+def measure_latencies(models: Mapping[str, nn.Module], example: torch.Tensor,
+                      batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES, device: torch.device | str | None = None,
+                      repeats: int = 15, warmup: int = 2) -> dict[str, LatencyModel]:
+    """{name: LatencyModel} of several models or cascades, every part of every model timed in the same rounds.
+
+    Arguments as measure_latency's (device: default the models' own, which must be one device). Measured one after another, two models'
+    profiles would each hold the load of their own minutes, and on a shared machine that load drifts: their
+    ratio (a cascade's predicted speed-up over the model it replaces, a budget as a fraction of that model's
+    time) would carry the drift. In turns, a burst of load meets every model's parts alike."""
+    if not isinstance(models, Mapping) or not models:
+        raise ValueError(f"models must be a non-empty mapping of name -> nn.Module, got {type(models).__name__}")
+    for name, m in models.items():
+        _check_model(m, f"models[{name!r}]")
     if not isinstance(example, torch.Tensor) or example.dim() < 1 or example.shape[0] < 1:
         raise ValueError(f"example must be a tensor of input rows (at least one), got "
                          f"{tuple(example.shape) if isinstance(example, torch.Tensor) else type(example).__name__}")
@@ -212,25 +229,54 @@ def measure_latency(model: nn.Module, example: torch.Tensor, batch_sizes: Sequen
     repeats, warmup = positive_int(repeats, "repeats"), int(warmup)
     if warmup < 0:
         raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
-    dev = _device_of(model, device)
-    if _device_of(model, None) != dev:
-        model = copy.deepcopy(model).to(dev)
-    x = model_input(example.to(dev))
-    reps = -(-sizes[-1] // x.shape[0])
-    x = x.repeat(reps, *([1] * (x.dim() - 1)))[:sizes[-1]].contiguous()
-    with eval_mode(model):
-        if not isinstance(model, Cascade):
-            parts = _timed({"model": lambda n: model(x[:n])}, sizes, repeats, warmup, dev)
-            return LatencyModel(parts, (), (), environment(dev), repeats)
-        names, exits = latency_parts(model)
-        fns = _cascade_calls(model, _Inputs(model, x))
-        fns = {k: fns[k] for k in names if k != "runner"}
-        fns["runner"] = lambda n: model.predict(x[:n])  # whole calls, timed in turns with the parts
-        timed = _timed(fns, sizes, repeats, warmup, dev)
-        runs = [model.predict(x[:n], return_details=True).exit_stage.cpu() for n in sizes]
-        runner = _residual(timed["runner"], timed, names, exits, runs)
-        parts = {k: runner if k == "runner" else timed[k] for k in names}
-        return LatencyModel(parts, tuple(model.node_names), exits, environment(dev), repeats)
+    plans = {name: _Plan(m, example, sizes, device) for name, m in models.items()}
+    devices = sorted({str(p.device) for p in plans.values()})
+    if len(devices) > 1:  # one clock and one stream: the rounds' turns mean nothing across devices
+        raise ValueError(f"models: expected every model on one device (or pass device=), got {', '.join(devices)}")
+    with contextlib.ExitStack() as stack:
+        for p in plans.values():
+            stack.enter_context(eval_mode(p.model))
+        fns = {(name, k): fn for name, p in plans.items() for k, fn in p.fns.items()}
+        timed = _timed(fns, sizes, repeats, warmup, next(iter(plans.values())).device)
+        return {name: p.finish({k: timed[(name, k)] for k in p.fns}, repeats) for name, p in plans.items()}
+
+
+def _check_model(model, what: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{what} must be a fastcascade.Cascade or an nn.Module, got {type(model).__name__}")
+
+
+class _Plan:
+    """One model's timed calls (part -> fn(n)) on the example, and how its timings become its LatencyModel."""
+
+    def __init__(self, model: nn.Module, example: torch.Tensor, sizes: list[int], device):
+        from .runner import Cascade
+
+        self.device = dev = _device_of(model, device)
+        if _device_of(model, None) != dev:
+            model = copy.deepcopy(model).to(dev)
+        self.model = model
+        x = model_input(example.to(dev))
+        reps = -(-sizes[-1] // x.shape[0])
+        self.x = x = x.repeat(reps, *([1] * (x.dim() - 1)))[:sizes[-1]].contiguous()
+        self.sizes, self.cascade = sizes, isinstance(model, Cascade)
+        if not self.cascade:
+            self.fns = {"model": lambda n: model(x[:n])}
+            return
+        with eval_mode(model):
+            self.names, self.exits = latency_parts(model)
+            fns = _cascade_calls(model, _Inputs(model, x))
+        self.fns = {k: fns[k] for k in self.names if k != "runner"}
+        self.fns["runner"] = lambda n: model.predict(x[:n])  # whole calls, timed in turns with the parts
+
+    def finish(self, timed: dict[str, PartTiming], repeats: int) -> LatencyModel:
+        env = environment(self.device)
+        if not self.cascade:
+            return LatencyModel(timed, (), (), env, repeats)
+        runs = [self.model.predict(self.x[:n], return_details=True).exit_stage.cpu() for n in self.sizes]
+        runner = _residual(timed["runner"], timed, self.names, self.exits, runs)
+        parts = {k: runner if k == "runner" else timed[k] for k in self.names}
+        return LatencyModel(parts, tuple(self.model.node_names), self.exits, env, repeats)
 
 
 def _residual(whole: PartTiming, parts: dict[str, PartTiming], names, exits, runs) -> PartTiming:

@@ -34,6 +34,7 @@ from .dataset import (
     load_partition_dataset,
     tile_blocks,
 )
+from .hierarchy import av1_partition_cascade
 from .labels import (
     BLOCK_SIZE,
     HFLIP_LABELS,
@@ -60,9 +61,8 @@ from .labels import (
     partition_map,
     stage_targets,
 )
-from .hierarchy import av1_partition_cascade
-from .stage_table import PLAN_REFERENCE, StageTable, aggregate_stage_tables, format_stage_table, stage_table
 from .partition import DEFAULT_QP, LABELLER_VERSION, label_blocks, labeller_params, qp_to_step
+from .stage_table import PLAN_REFERENCE, StageTable, aggregate_stage_tables, format_stage_table, stage_table
 
 __all__ = [
     "AV1_TTA_LABEL_MAPS", "BLOCK_SIZE", "DEFAULT_QP", "HFLIP_LABELS", "HORZ", "HORZ_4", "HORZ_A", "HORZ_B",

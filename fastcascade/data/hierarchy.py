@@ -9,7 +9,19 @@ from collections.abc import Sequence
 from torch import nn
 
 from ..cascade import Argmax, Cascade, Ensemble, Stage, Threshold
-from .labels import HORZ, HORZ_A, HORZ_B, LABEL_NAMES, NONE, SPLIT, STAGE_CLASS_NAMES, STAGES, VERT, VERT_A, VERT_B
+from .labels import (
+    HORZ,
+    HORZ_A,
+    HORZ_B,
+    LABEL_NAMES,
+    NONE,
+    SPLIT,
+    STAGE_CLASS_NAMES,
+    STAGES,
+    VERT,
+    VERT_A,
+    VERT_B,
+)
 
 __all__ = ["av1_partition_cascade"]
 

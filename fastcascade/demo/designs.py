@@ -219,6 +219,8 @@ def measure(run: Run, designs: list[Design]) -> dict:
         pred = model.seconds_per_row(None if k == "flat" else r["cascade"], xt, batch_size=t["batch_size"])
         r.update(blocks_per_s=t["blocks_per_s"], batch_size=t["batch_size"], throughput_ratio=t["ratio"],
                  predicted_blocks_per_s=1 / pred)
+    for r in out.values():  # the speed-up over the flat model the latency models predicted (each at its batch size)
+        r["predicted_throughput_ratio"] = r["predicted_blocks_per_s"] / out["flat"]["predicted_blocks_per_s"]
     clock("throughput")
     for k, r in out.items():
         if k == "flat":

@@ -264,7 +264,7 @@ def _over_seeds(runs: list[dict], seeds: list[int]) -> dict:
           f"test; x flat blocks/s: per seed the median of per-round ratios ==")
     print(format_summary(agg))
     t = check["target"]
-    print(f"  target (mean macro F1 >= flat's, >= {t['throughput_ratio']}x its blocks/s, predicted within "
+    print(f"  target (mean macro F1 >= flat's, >= {t['throughput_ratio']}x its blocks/s, that speed-up predicted within "
           f"{100 * t['prediction_error']:.0f}%): " + (f"met by {', '.join(check['designs_meeting'])}" if check["met"]
                                                    else "not met")
           + (f"; stretch ({t['stretch_ratio']}x) met by {', '.join(check['stretch_met'])}" if check["stretch_met"]

@@ -8,7 +8,8 @@ __all__ = ["TARGET", "aggregate", "aggregate_numbers", "format_ablation", "forma
            "format_summary", "format_table", "format_thresholds", "target_check"]
 
 #: some cascade's mean test macro F1 is at least the flat model's and its measured blocks/s at least 1.5x the
-#: flat model's (the median of per-round ratios, averaged over seeds), predicted by its latency model within 15%
+#: flat model's (the median of per-round ratios, averaged over seeds), that ratio predicted by the latency models
+#: within 15% on every seed
 TARGET = {"throughput_ratio": 1.5, "stretch_ratio": 2.0, "prediction_error": 0.15}
 
 
@@ -70,34 +71,42 @@ def aggregate(runs: list[dict]) -> dict:
                                            for r, run in zip(rs, runs)]),
                     "blocks_per_s": _stats([r["blocks_per_s"] for r in rs]),
                     "throughput_ratio": _stats([r.get("throughput_ratio") or 1.0 for r in rs]),
-                    "measured_over_predicted": _stats([r["blocks_per_s"] / r["predicted_blocks_per_s"] for r in rs])}
+                    "measured_over_predicted": _stats([r["blocks_per_s"] / r["predicted_blocks_per_s"] for r in rs]),
+                    "ratio_measured_over_predicted": _stats([(r.get("throughput_ratio") or 1.0)
+                                                             / r["predicted_throughput_ratio"] for r in rs])}
     return out
 
 
 def format_summary(agg: dict) -> str:
-    """The over-seeds table: mean ± std of test macro F1, accuracy and the throughput ratio to the flat model."""
+    """The over-seeds table: mean ± std of test macro F1, accuracy and the throughput ratio to the flat model; the
+    means of measured / predicted blocks/s and of measured / predicted throughput ratio."""
     rows = [f"  {'design':<10} {'tuned on':<8} {'macro F1':>17} {'accuracy':>17} {'x flat FLOPs':>12} "
-            f"{'x flat blocks/s':>15} {'meas/pred':>9}"]
+            f"{'x flat blocks/s':>15} {'meas/pred':>9} {'x flat meas/pred':>16}"]
     for key, a in agg.items():
         design, way = _label(key)
         pm = lambda s, f: f"{format(s['mean'], f)} ± {format(s['std'], f)}"  # noqa: E731
         rows.append(f"  {design:<10} {way:<8} {pm(a['macro_f1'], '.4f'):>17} {pm(a['accuracy'], '.4f'):>17} "
                     f"{a['flops_ratio']['mean']:12.2f} {pm(a['throughput_ratio'], '.2f'):>15} "
-                    f"{a['measured_over_predicted']['mean']:9.2f}")
+                    f"{a['measured_over_predicted']['mean']:9.2f} {a['ratio_measured_over_predicted']['mean']:16.2f}")
     return "\n".join(rows)
 
 
 def target_check(agg: dict) -> dict:
     """Per cascade (design and way), its mean test macro F1 against the flat model's, its mean throughput ratio,
-    its worst measured / predicted over seeds; the ones meeting TARGET and the stretch ratio."""
+    and over seeds the worst error of its predicted throughput ratio (the speed-up over the flat model its latency
+    model and the flat model's predicted; the target's prediction clause) and of its predicted blocks/s; the ones
+    meeting TARGET and the stretch ratio. The clause is on the ratio: the latency models are measured together
+    (measure_latencies) and the designs timed in turns, so a load that slows the whole machine between the two
+    measurements moves every absolute blocks/s but not the ratio of flat's to a cascade's."""
     flat = agg["flat"]["macro_f1"]["mean"]
     per, met, stretch = {}, [], []
     for key, a in agg.items():
         if key == "flat":
             continue
-        err = max(abs(v - 1) for v in a["measured_over_predicted"]["values"])
+        err = max(abs(v - 1) for v in a["ratio_measured_over_predicted"]["values"])
         r = {"macro_f1_delta": a["macro_f1"]["mean"] - flat, "throughput_ratio": a["throughput_ratio"]["mean"],
-             "flops_ratio": a["flops_ratio"]["mean"], "prediction_error": err}
+             "flops_ratio": a["flops_ratio"]["mean"], "prediction_error": err,
+             "blocks_per_s_prediction_error": max(abs(v - 1) for v in a["measured_over_predicted"]["values"])}
         per[key] = r
         if r["macro_f1_delta"] >= 0 and err <= TARGET["prediction_error"]:
             if r["throughput_ratio"] >= TARGET["throughput_ratio"]:

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from ..cascade import measure_latency
+from ..cascade import measure_latencies
 
 __all__ = ["BATCH_SIZES", "RUN_BATCH", "latency_models", "timed_batch_sizes", "timed_in_turns"]
 
@@ -75,8 +75,10 @@ def timed_in_turns(fns: dict, x: torch.Tensor, device: torch.device, rounds: int
 
 
 def latency_models(models: dict, example: torch.Tensor, quick: bool) -> dict:
-    """{name: fastcascade.LatencyModel} of each design (a cascade or the flat model), measured in this process
-    on `example` rows, up to the largest batch size the demo times at."""
+    """{name: fastcascade.LatencyModel} of each design (a cascade or the flat model), measured together in this
+    process (fastcascade.measure_latencies: every design's parts in the same rounds, so that the load of the
+    moment meets the flat model and the cascades alike) on `example` rows, up to the largest batch size the demo
+    times at."""
     top = max(timed_batch_sizes(quick))
     sizes = [s for s in LATENCY_SIZES if s <= top]
-    return {k: measure_latency(m, example, batch_sizes=sizes, repeats=5 if quick else 15) for k, m in models.items()}
+    return measure_latencies(models, example, batch_sizes=sizes, repeats=5 if quick else 15)
