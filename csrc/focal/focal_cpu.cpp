@@ -310,11 +310,22 @@ void softmax_focal_prob_block(const scalar_t* x, const prob_t* r, int64_t r0, in
         const int nl = int(std::min<int64_t>(L, r1 - row0));
         for (int l = 0; l < L; ++l) {  // lanes past the end repeat the last row; their results are dropped
           const int64_t row = row0 + std::min(l, nl - 1), off = (row / S) * C * S + row % S;
-          for (int64_t c = 0; c < C; ++c) xb[c * L + l] = float(x[off + c * S]);
-          ok[l] = prob_row_ok<float>(r + off, S, C, tol);
-          // an invalid row's coefficients are zeroed so that its lane stays finite; it is patched below
-          for (int64_t c = 0; c < C; ++c) qb[c * L + l] = ok[l] ? float(r[off + c * S]) * keep + add : 0.f;
+          // one read of the row: logits, probabilities, and prob_row_ok's test (same order, same float sum)
+          bool nonneg = true;
+          float sum = 0.f;
+          for (int64_t c = 0; c < C; ++c) {
+            xb[c * L + l] = float(x[off + c * S]);
+            const float v = float(r[off + c * S]);
+            qb[c * L + l] = v;
+            nonneg = nonneg && v >= 0.f;
+            sum += v;
+          }
+          const float d = sum - 1.f;
+          ok[l] = nonneg && d <= float(tol) && -d <= float(tol);
         }
+        // q = (1 - eps) r + eps / C; an invalid row's lane computes whatever it computes (no traps:
+        // -fno-trapping-math) and is patched to NaN below
+        for (int64_t i = 0; i < C * L; ++i) qb[i] = qb[i] * keep + add;
         softmax_focal_prob_lanes_f32(xb, qb, C, w, gamma, eps, lb, gb, pb, ab, need_grad);
         for (int l = 0; l < nl; ++l) {
           const int64_t row = row0 + l, off = (row / S) * C * S + row % S;
