@@ -9,11 +9,11 @@ the tolerance model), with bitwise-equal outputs under the three schedules; the 
 kernels with a known defect and check that the same checks catch it.
 
 Families emulated so far: metrics (confusion_kernel), focal (sigmoid_focal_kernel, softmax_focal_kernel,
-softmax_focal_prob_kernel, finalize_kernel, block_sum), routing (route_threshold/argmax/confident, partition_tiles (count and
-place), partition_offsets, copy_rows, vote), dice_focal (forward, chunks, backward), pooled_adapter
-(forward, backward) and pixel_adapter (forward, backward): every __global__ function of csrc/. Every
-kernel runs at every non-benchmark shape (and, where the table names them, every dtype) of its family's
-case table (fastcascade/selftest/cases/), besides the launch shapes listed here.
+softmax_focal_prob_kernel, finalize_kernel, block_sum), routing (route_threshold/argmax/confident,
+partition_tiles (count and place), partition_offsets, copy_rows, vote), dice_focal (forward, chunks,
+backward), pooled_adapter (forward, backward) and pixel_adapter (forward, backward): every __global__
+function of csrc/. Every kernel runs at every non-benchmark shape (and, where the table names them,
+every dtype) of its family's case table (fastcascade/selftest/cases/), besides the launch shapes listed here.
 `pytest -m sweep tests/test_cuda_emulation.py` runs larger shapes (deselected otherwise).
 
 One kernel by hand:  pytest tests/test_cuda_emulation.py -k confusion
