@@ -81,7 +81,23 @@ def sigmoid_focal_loss(
     loss = ce * torch.where(torch.isinf(logits), focal.detach(), focal)
     if alpha is not None and alpha >= 0:
         loss = (alpha * t + (1 - alpha) * (1 - t)) * loss
+    # a target outside [0, 1] (or NaN) is invalid input: NaN loss and gradient for that element (checked
+    # in the targets' own dtype: 1 + 1e-6 is outside even where the logits' dtype would round it to 1)
+    loss = loss * _nan_where(~((targets >= 0) & (targets <= 1)), loss)
     return _reduce(loss, reduction)
+
+
+def _nan_where(bad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A factor of 1 where `bad` is False and NaN where it is True: multiplying by it makes those
+    entries' value and gradient NaN (torch.where would pass a clean gradient through)."""
+    return torch.where(bad, torch.full_like(like, math.nan), torch.ones_like(like))
+
+
+def probability_tolerance(dtype: torch.dtype) -> float:
+    """How far from 1 a row of class probabilities (softmax_focal_loss's probability targets) may sum:
+    1e-2 for float16 / bfloat16 targets (rounding each entry to 8 or 11 bits moves the sum by up to
+    2^-8), 1e-3 for float32 / float64. The fused kernels use the same numbers."""
+    return 1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-3
 
 
 def softmax_focal_loss(
@@ -95,9 +111,15 @@ def softmax_focal_loss(
 ) -> torch.Tensor:
     """Multi-class focal loss over dim 1 of logits (N, C) or (N, C, d1, ...).
 
-    loss_i = -sum_c q_ic w_c (1 - p_ic)^gamma log p_ic, p = softmax(logits, 1),
-    q_ic = (1 - eps)[c == t_i] + eps / C. Rows with t_i == ignore_index give 0 and are dropped from
-    the normaliser; "mean" divides the sum by sum_i w_{t_i} over kept rows (F.cross_entropy's rule).
+    loss_i = -sum_c q_ic w_c (1 - p_ic)^gamma log p_ic, p = softmax(logits, 1), and, as in
+    F.cross_entropy, target is either
+      - class indices t (int64, logits' shape without dim 1): q_ic = (1 - eps)[c == t_i] + eps / C.
+        Rows with t_i == ignore_index give 0 and are dropped from the normaliser; "mean" divides the
+        sum by sum_i w_{t_i} over kept rows;
+      - class probabilities r (floating, the logits' shape): q_ic = (1 - eps) r_ic + eps / C.
+        ignore_index does not apply; "mean" divides the sum by the number of rows (not by a weight
+        sum). A row that is not a distribution (an entry < 0 or NaN, or a sum further than
+        probability_tolerance(r.dtype) from 1) gives a NaN loss and gradient.
     gamma = 0 is F.cross_entropy(logits, target, weight, ignore_index=..., label_smoothing=eps).
 
     Numerics as the fused kernels': the logits of ignored rows never reach the loss or the gradient
@@ -106,6 +128,8 @@ def softmax_focal_loss(
     log p_ic = -inf.
     """
     C = logits.shape[1]
+    if target.is_floating_point():
+        return _softmax_focal_probs(logits, target, gamma, weight, label_smoothing, reduction)
     keep = target != ignore_index
     logp = _log_softmax(torch.where(keep.unsqueeze(1), logits, torch.zeros_like(logits)))
     safe_t = torch.where(keep, target, torch.zeros_like(target))
@@ -113,15 +137,35 @@ def softmax_focal_loss(
     q = (1 - label_smoothing) * onehot + label_smoothing / C
     w = torch.ones(C, dtype=logp.dtype, device=logp.device) if weight is None else weight.to(logp.dtype)
     w_b = w.view(1, C, *([1] * (logits.dim() - 2)))
-    # 1 - p as -expm1(log p); the clamp keeps (1 - p)^gamma's gradient finite where p rounds to 1
-    focal = (-torch.expm1(logp)).clamp(min=torch.finfo(logp.dtype).tiny) ** gamma
-    # where log p = -inf the focal factor's derivative is exactly 0: keep inf * 0 out of the gradient
-    focal = torch.where(torch.isinf(logp), focal.detach(), focal)
-    loss = -_xmul(q * w_b * focal, logp).sum(1)
+    loss = -_xmul(q * w_b * _focal_factor(logp, gamma), logp).sum(1)
     loss = torch.where(keep, loss, torch.zeros_like(loss))
     if reduction == "mean":
         denom = torch.where(keep, w[safe_t], torch.zeros_like(loss)).sum()
         return loss.sum() / denom
+    return _reduce(loss, reduction)
+
+
+def _focal_factor(logp: torch.Tensor, gamma: float) -> torch.Tensor:
+    """(1 - p)^gamma from log p, for softmax_focal_loss."""
+    # 1 - p as -expm1(log p); the clamp keeps (1 - p)^gamma's gradient finite where p rounds to 1
+    focal = (-torch.expm1(logp)).clamp(min=torch.finfo(logp.dtype).tiny) ** gamma
+    # where log p = -inf the focal factor's derivative is exactly 0: keep inf * 0 out of the gradient
+    return torch.where(torch.isinf(logp), focal.detach(), focal)
+
+
+def _softmax_focal_probs(logits, probs, gamma, weight, label_smoothing, reduction):
+    """softmax_focal_loss with class-probability targets (the logits' shape)."""
+    C = logits.shape[1]
+    logp = _log_softmax(logits)
+    r = probs.to(logp.dtype)
+    q = (1 - label_smoothing) * r + label_smoothing / C
+    w = torch.ones(C, dtype=logp.dtype, device=logp.device) if weight is None else weight.to(logp.dtype)
+    w_b = w.view(1, C, *([1] * (logits.dim() - 2)))
+    loss = -_xmul(q * w_b * _focal_factor(logp, gamma), logp).sum(1)
+    # the row check sums in float32 at least (as the kernels do), whatever the logits' precision
+    ra = probs.to(torch.promote_types(probs.dtype, torch.float32))
+    bad = ~((ra >= 0).all(1) & ((ra.sum(1) - 1).abs() <= probability_tolerance(probs.dtype)))
+    loss = loss * _nan_where(bad, loss)
     return _reduce(loss, reduction)
 
 

@@ -98,8 +98,9 @@ def _sigmoid_focal_kernel(
     eps = tl.cast(eps_hi, CT) + tl.cast(eps_lo, CT)
 
     x = tl.load(x_ptr + offs, mask=mask, other=0).to(CT)
-    t = tl.load(t_ptr + offs, mask=mask, other=0).to(CT)
-    t = t * (1.0 - eps) + eps * 0.5
+    t_raw = tl.load(t_ptr + offs, mask=mask, other=0).to(CT)
+    bad = ~((t_raw >= 0.0) & (t_raw <= 1.0))  # invalid input (NaN too): NaN loss and gradient
+    t = t_raw * (1.0 - eps) + eps * 0.5
     omt = 1.0 - t
 
     e = tl.exp(-tl.abs(x))
@@ -120,7 +121,7 @@ def _sigmoid_focal_kernel(
     mg = tl.where(m_pos, tl.exp(gamma * tl.log(m_safe)), tl.where(gamma == 0.0, 1.0, 0.0))
     at = tl.where(alpha >= 0.0, alpha * t + (1.0 - alpha) * omt, 1.0)
     atmg = at * mg
-    loss = atmg * ce
+    loss = tl.where(bad, float("nan"), atmg * ce)
 
     if REDUCE == 0:
         tl.store(loss_ptr + offs, loss.to(loss_ptr.dtype.element_ty), mask=mask)
@@ -130,7 +131,7 @@ def _sigmoid_focal_kernel(
     if NEED_GRAD:
         r = tl.where(m_pos, p * q / m_safe, tl.where(t > 0.5, p, q))
         cr = r * tl.where(r == 0.0, 0.0, ce)
-        g = atmg * ((p - t) + gamma * cr * (1.0 - 2.0 * t))
+        g = tl.where(bad, float("nan"), atmg * ((p - t) + gamma * cr * (1.0 - 2.0 * t)))
         tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
@@ -174,15 +175,23 @@ def _softmax_finish_rows(
 
 
 @triton.jit
+def _prob_valid(row_sum, row_min, tol):
+    """Whether rows of class probabilities are distributions: entries >= 0, the sum within tol of 1 (a
+    NaN entry makes the sum NaN, which fails)."""
+    return (row_min >= 0.0) & (tl.abs(row_sum - 1.0) <= tol)
+
+
+@triton.jit
 def _softmax_focal_tile_kernel(
     x_ptr, t_ptr, w_ptr, loss_ptr, grad_ptr, lpart_ptr, dpart_ptr,
     n_rows, C, S, n_sblk, ignore_index,
-    gamma_hi, gamma_lo, eps_hi, eps_lo,
+    gamma_hi, gamma_lo, eps_hi, eps_lo, tol,
     HAS_W: tl.constexpr, REDUCE: tl.constexpr, NEED_GRAD: tl.constexpr,
-    USE_FP64: tl.constexpr, SPATIAL: tl.constexpr,
+    USE_FP64: tl.constexpr, SPATIAL: tl.constexpr, PROBS: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Whole rows (all classes) of BLOCK_R rows in one register tile."""
+    """Whole rows (all classes) of BLOCK_R rows in one register tile. PROBS: t_ptr holds class
+    probabilities in the logits' layout instead of class indices."""
     CT: tl.constexpr = tl.float64 if USE_FP64 else tl.float32
     pid = tl.program_id(0)
     gamma = tl.cast(gamma_hi, CT) + tl.cast(gamma_lo, CT)
@@ -199,23 +208,33 @@ def _softmax_focal_tile_kernel(
         offs = base[:, None] + cols[None, :]
     mask2 = rmask[:, None] & cmask[None, :]
 
-    t = tl.load(t_ptr + rows, mask=rmask, other=0)
-    ign = t == ignore_index
-    valid = (t >= 0) & (t < C)
-
     x = tl.load(x_ptr + offs, mask=mask2, other=0).to(CT)
     x = tl.where(cmask[None, :], x, float("-inf"))
     is_am, lp, p, om, inv = precise_softmax(x, cols, cmask)
 
     if HAS_W:
         w = tl.load(w_ptr + cols, mask=cmask, other=0).to(CT)
-        wt = tl.load(w_ptr + tl.where(valid, t, 0), mask=rmask & valid, other=0).to(CT)
     else:
         w = tl.where(cmask, 1.0, 0.0).to(CT)
-        wt = tl.full([BLOCK_R], 1.0, CT)
-    is_t = cols[None, :] == t[:, None]
-
-    loss_c, a = softmax_terms(lp, p, om, is_t, w[None, :], eps_c, one_m_eps, gamma, NEED_GRAD)
+    if PROBS:
+        r = tl.load(t_ptr + offs, mask=mask2, other=0).to(CT)
+        valid = _prob_valid(tl.sum(r, axis=1), tl.min(r, axis=1), tol)  # padded columns hold 0
+        ign = rows < 0  # none: ignore_index does not apply to probabilities
+        wt = tl.full([BLOCK_R], 1.0, CT)  # "mean" over probabilities divides by the number of rows
+        # softmax_terms forms q = eps_c + [is_t] (1 - eps): with no is_t, the tile (1 - eps) r + eps / C
+        # in place of eps_c is q itself
+        loss_c, a = softmax_terms(lp, p, om, cols[None, :] < 0, w[None, :], r * one_m_eps + eps_c, one_m_eps,
+                                  gamma, NEED_GRAD)
+    else:
+        t = tl.load(t_ptr + rows, mask=rmask, other=0)
+        ign = t == ignore_index
+        valid = (t >= 0) & (t < C)
+        if HAS_W:
+            wt = tl.load(w_ptr + tl.where(valid, t, 0), mask=rmask & valid, other=0).to(CT)
+        else:
+            wt = tl.full([BLOCK_R], 1.0, CT)
+        is_t = cols[None, :] == t[:, None]
+        loss_c, a = softmax_terms(lp, p, om, is_t, w[None, :], eps_c, one_m_eps, gamma, NEED_GRAD)
     loss_row = tl.sum(loss_c, axis=1)
     _softmax_finish_rows(pid, rows, rmask, valid, ign, loss_row, wt, loss_ptr,
                          lpart_ptr, dpart_ptr, REDUCE)
@@ -229,15 +248,30 @@ def _softmax_focal_tile_kernel(
 
 
 @triton.jit
+def _chunk_terms(t_ptr, offs, mask2, t, cols, lp, p, om, w, eps_c, one_m_eps, gamma, CT: tl.constexpr,
+                 NEED_GRAD: tl.constexpr, PROBS: tl.constexpr):
+    """softmax_terms of one class chunk, with class indices t or (PROBS) the probabilities at t_ptr + offs."""
+    if PROBS:
+        r = tl.load(t_ptr + offs, mask=mask2, other=0).to(CT)
+        # q = eps_c + [is_t] (1 - eps) in softmax_terms: with no is_t, the tile of q in place of eps_c
+        return softmax_terms(lp, p, om, cols[None, :] < 0, w[None, :], r * one_m_eps + eps_c, one_m_eps, gamma,
+                             NEED_GRAD)
+    else:
+        return softmax_terms(lp, p, om, cols[None, :] == t[:, None], w[None, :], eps_c, one_m_eps, gamma,
+                             NEED_GRAD)
+
+
+@triton.jit
 def _softmax_focal_chunk_kernel(
     x_ptr, t_ptr, w_ptr, loss_ptr, grad_ptr, lpart_ptr, dpart_ptr,
     n_rows, C, S, n_sblk, ignore_index,
-    gamma_hi, gamma_lo, eps_hi, eps_lo,
+    gamma_hi, gamma_lo, eps_hi, eps_lo, tol,
     HAS_W: tl.constexpr, REDUCE: tl.constexpr, NEED_GRAD: tl.constexpr,
-    USE_FP64: tl.constexpr, SPATIAL: tl.constexpr,
+    USE_FP64: tl.constexpr, SPATIAL: tl.constexpr, PROBS: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Large C: loop over class chunks (online logsumexp, then loss/A, then grad)."""
+    """Large C: loop over class chunks (online logsumexp, then loss/A, then grad). PROBS: t_ptr holds
+    class probabilities in the logits' layout (their row check rides along pass 1)."""
     CT: tl.constexpr = tl.float64 if USE_FP64 else tl.float32
     pid = tl.program_id(0)
     gamma = tl.cast(gamma_hi, CT) + tl.cast(gamma_lo, CT)
@@ -246,17 +280,24 @@ def _softmax_focal_chunk_kernel(
     one_m_eps = 1.0 - eps
 
     rows, rmask, base = _softmax_rows(pid, n_rows, C, S, n_sblk, SPATIAL, BLOCK_R)
-    t = tl.load(t_ptr + rows, mask=rmask, other=0)
-    ign = t == ignore_index
-    valid = (t >= 0) & (t < C)
-    if HAS_W:
-        wt = tl.load(w_ptr + tl.where(valid, t, 0), mask=rmask & valid, other=0).to(CT)
+    if PROBS:
+        t = rows  # unused: no class indices
+        ign = rows < 0  # none: ignore_index does not apply to probabilities
+        wt = tl.full([BLOCK_R], 1.0, CT)  # "mean" over probabilities divides by the number of rows
     else:
-        wt = tl.full([BLOCK_R], 1.0, CT)
+        t = tl.load(t_ptr + rows, mask=rmask, other=0)
+        ign = t == ignore_index
+        valid = (t >= 0) & (t < C)
+        if HAS_W:
+            wt = tl.load(w_ptr + tl.where(valid, t, 0), mask=rmask & valid, other=0).to(CT)
+        else:
+            wt = tl.full([BLOCK_R], 1.0, CT)
 
-    # pass 1: online max / sum-exp
+    # pass 1: online max / sum-exp (and the probability rows' sum and minimum)
     m_run = tl.full([BLOCK_R], float("-inf"), CT)
     s_run = tl.zeros([BLOCK_R], CT)
+    r_sum = tl.zeros([BLOCK_R], CT)
+    r_min = tl.zeros([BLOCK_R], CT)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         cmask = cols < C
@@ -264,6 +305,10 @@ def _softmax_focal_chunk_kernel(
             offs = base[:, None] + cols.to(tl.int64)[None, :] * S
         else:
             offs = base[:, None] + cols[None, :]
+        if PROBS:
+            r = tl.load(t_ptr + offs, mask=rmask[:, None] & cmask[None, :], other=0).to(CT)
+            r_sum += tl.sum(r, axis=1)
+            r_min = tl.minimum(r_min, tl.min(r, axis=1))
         x = tl.load(x_ptr + offs, mask=rmask[:, None] & cmask[None, :], other=0).to(CT)
         x = tl.where(cmask[None, :], x, float("-inf"))
         m_new = tl.maximum(m_run, tl.max(x, axis=1))
@@ -273,6 +318,8 @@ def _softmax_focal_chunk_kernel(
         s_run = s_run * scale + tl.sum(ex, axis=1)
         m_run = m_new
     lse = tl.log(s_run)
+    if PROBS:
+        valid = _prob_valid(r_sum, r_min, tol)
 
     # pass 2: loss and A = sum_c a_c
     loss_row = tl.zeros([BLOCK_R], CT)
@@ -291,9 +338,9 @@ def _softmax_focal_chunk_kernel(
             w = tl.load(w_ptr + cols, mask=cmask, other=0).to(CT)
         else:
             w = tl.where(cmask, 1.0, 0.0).to(CT)
-        is_t = cols[None, :] == t[:, None]
         p, om = _neg_expm1(lp)
-        loss_c, a = softmax_terms(lp, p, om, is_t, w[None, :], eps_c, one_m_eps, gamma, NEED_GRAD)
+        loss_c, a = _chunk_terms(t_ptr, offs, rmask[:, None] & cmask[None, :], t, cols, lp, p, om, w, eps_c,
+                                 one_m_eps, gamma, CT, NEED_GRAD, PROBS)
         loss_row += tl.sum(loss_c, axis=1)
         if NEED_GRAD:
             A += tl.sum(a, axis=1)
@@ -318,9 +365,9 @@ def _softmax_focal_chunk_kernel(
                 w = tl.load(w_ptr + cols, mask=cmask, other=0).to(CT)
             else:
                 w = tl.where(cmask, 1.0, 0.0).to(CT)
-            is_t = cols[None, :] == t[:, None]
             p, om = _neg_expm1(lp)
-            loss_c, a = softmax_terms(lp, p, om, is_t, w[None, :], eps_c, one_m_eps, gamma, NEED_GRAD)
+            loss_c, a = _chunk_terms(t_ptr, offs, mask2, t, cols, lp, p, om, w, eps_c, one_m_eps, gamma, CT,
+                                     NEED_GRAD, PROBS)
             g = a - p * A[:, None]
             g = tl.where(ign[:, None], 0.0, tl.where(valid[:, None], g, float("nan")))
             tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=mask2)
@@ -478,13 +525,15 @@ def softmax_focal_triton(
     S = logits.shape[2] if logits.dim() == 3 else 1
     if C < 1:
         raise RuntimeError("softmax_focal_triton: number of classes C must be >= 1")
-    expected_t = (N, S) if logits.dim() == 3 else (N,)
+    probs = target.dtype in FLOAT_DTYPES  # class probabilities of the logits' shape, as F.cross_entropy
+    expected_t = tuple(logits.shape) if probs else ((N, S) if logits.dim() == 3 else (N,))
     if tuple(target.shape) != expected_t:
         raise RuntimeError(
             f"softmax_focal_triton: target shape {tuple(target.shape)} does not match logits shape "
             f"{tuple(logits.shape)} (expected {expected_t})")
-    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
-        raise RuntimeError(f"softmax_focal_triton: target must be an integer (int64) tensor, got {target.dtype}")
+    if not probs and (target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool):
+        raise RuntimeError(f"softmax_focal_triton: target must be int64 class indices or float class probabilities, "
+                           f"got {target.dtype}")
     if target.device != logits.device:
         raise RuntimeError("softmax_focal_triton: logits and target must be on the same device")
 
@@ -508,8 +557,10 @@ def softmax_focal_triton(
     spatial = S > 1
     kernel, grid, n_sblk, block_r, block_c, num_warps = _softmax_config(N, C, S)
 
+    # as fastcascade.reference.probability_tolerance
+    tol = (1e-2 if target.dtype in (torch.float16, torch.bfloat16) else 1e-3) if probs else 0.0
     if reduction == _NONE:
-        loss = torch.empty(tuple(target.shape), dtype=logits.dtype, device=dev)
+        loss = torch.empty((N, S) if logits.dim() == 3 else (N,), dtype=logits.dtype, device=dev)
         lpart = loss  # unused
         dpart = loss  # unused
     else:
@@ -526,10 +577,10 @@ def softmax_focal_triton(
     if grid[0] > 0:
         launch(kernel, grid,
                x, tgt, w, loss, grad, lpart, dpart,
-               n_rows, C, S, n_sblk, int(ignore_index),
-               g_hi, g_lo, e_hi, e_lo,
+               n_rows, C, S, n_sblk, -100 if probs else int(ignore_index),
+               g_hi, g_lo, e_hi, e_lo, tol,
                HAS_W=has_w, REDUCE=reduction, NEED_GRAD=bool(need_grad),
-               USE_FP64=use_fp64, SPATIAL=spatial,
+               USE_FP64=use_fp64, SPATIAL=spatial, PROBS=probs,
                BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
 
     if reduction == _NONE:
@@ -542,6 +593,6 @@ def softmax_focal_triton(
         total = torch.sum(lpart)
         den = torch.sum(dpart)
         out = (total / den).to(logits.dtype)
-        # as torch: "mean" over only ignored rows is NaN with a zero gradient
+        # as torch: "mean" over only ignored rows (or over no rows) is NaN with a zero gradient
         scale = torch.where(den != 0, 1.0 / den, torch.zeros_like(den))  # acc_dtype already
     return out, grad, scale

@@ -9,11 +9,11 @@ the tolerance model), with bitwise-equal outputs under the three schedules; the 
 kernels with a known defect and check that the same checks catch it.
 
 Families emulated so far: metrics (confusion_kernel), focal (sigmoid_focal_kernel, softmax_focal_kernel,
-finalize_kernel, block_sum), routing (route_threshold/argmax/confident, partition_tiles (count and
-place), partition_offsets, copy_rows, vote), dice_focal (forward, chunks, backward), pooled_adapter
-(forward, backward) and pixel_adapter (forward, backward): every __global__ function of csrc/. Every
-kernel runs at every non-benchmark shape (and, where the table names them, every dtype) of its family's
-case table (fastcascade/selftest/cases/), besides the launch shapes listed here.
+softmax_focal_prob_kernel, finalize_kernel, block_sum), routing (route_threshold/argmax/confident,
+partition_tiles (count and place), partition_offsets, copy_rows, vote), dice_focal (forward, chunks,
+backward), pooled_adapter (forward, backward) and pixel_adapter (forward, backward): every __global__
+function of csrc/. Every kernel runs at every non-benchmark shape (and, where the table names them,
+every dtype) of its family's case table (fastcascade/selftest/cases/), besides the launch shapes listed here.
 `pytest -m sweep tests/test_cuda_emulation.py` runs larger shapes (deselected otherwise).
 
 One kernel by hand:  pytest tests/test_cuda_emulation.py -k confusion
@@ -185,7 +185,8 @@ def test_guarded_buffers_catch_an_access_past_the_end(kernels):
 def test_global_memory_stays_in_bounds():
     """The kernel tests again in a subprocess, every buffer next to a guard page (tests/emulation: _Guarded):
     a read or write past the end of any buffer kills it. Both launch shapes, the forward schedule only."""
-    subset = ("confusion_kernel or sigmoid_focal_kernel or softmax_focal_kernel or route or partition or copy_rows "
+    subset = ("confusion_kernel or sigmoid_focal_kernel or softmax_focal_kernel or softmax_focal_prob or route "
+              "or partition or copy_rows "
               "or vote or dice_focal or pooled_adapter or pixel_adapter")
     # -P: like the outer run, the child imports the installed package, not the source tree it starts in
     res = subprocess.run([sys.executable, "-P", "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
@@ -253,8 +254,9 @@ def check_sigmoid(k, N, dtype=torch.float32, tdt=torch.float32, alpha=0.25, gamm
     t = (torch.rand(N, generator=gen) > 0.7).to(tdt)
     want_loss, want_grad = sigmoid_reference(x, t, alpha, gamma, reduction, eps)
     a = -1.0 if alpha is None else alpha
+    # only the logits are nudged: a nudged target of 1 would lie outside [0, 1], which is invalid input
     ref_err = reference_errors(
-        lambda xx, tt: list(sigmoid_reference(xx, tt, alpha, gamma, reduction, eps)), [x.double(), t.double()], dtype
+        lambda xx: list(sigmoid_reference(xx, t, alpha, gamma, reduction, eps)), [x.double()], dtype
     ) if N and dtype != torch.float64 else [0.0, 0.0]
     for name, dev in devices.items():
         loss, grad, scale = under_all_schedules(
@@ -345,6 +347,104 @@ def test_softmax_focal_kernel(kernels, N, C, S, reduction):
 ])
 def test_softmax_focal_kernel_dtypes_and_weights(kernels, dtype, weighted, gamma, eps):
     check_softmax(kernels, 300, 6, 1, dtype, weighted, gamma, eps, reduction=1)
+
+
+# softmax_focal_prob_kernel: class-probability targets, at the same shapes
+
+
+def random_distributions(shape, gen, dtype=torch.float32):
+    """Rows (along dim 1) of class probabilities: softmax rows, some of them one-hot or mixup pairs (zeros)."""
+    r = torch.softmax(torch.randn(shape, generator=gen, dtype=torch.float64) * 2, 1)
+    C = shape[1]
+    hard = torch.nn.functional.one_hot(torch.randint(0, C, (shape[0],) + tuple(shape[2:]), generator=gen), C)
+    hard = hard.movedim(-1, 1).double()
+    lam = torch.rand((shape[0], 1) + tuple(shape[2:]), generator=gen, dtype=torch.float64)
+    pick = torch.rand((shape[0], 1) + tuple(shape[2:]), generator=gen) < 0.3
+    return torch.where(pick, lam * hard + (1 - lam) * hard.roll(1, 1), r).to(dtype)
+
+
+def softmax_prob_reference(x, r, w, gamma, eps, reduction):
+    x64 = x.detach().double().requires_grad_()
+    loss = reference.softmax_focal_loss(x64, r.double(), gamma, None if w is None else w.double(), -100, eps,
+                                        REDUCTIONS[reduction])
+    (g,) = torch.autograd.grad(loss.sum(), x64) if x.numel() else (torch.zeros_like(x64),)
+    return loss.detach(), g
+
+
+def check_softmax_prob(k, N, C, S, dtype=torch.float32, rdt=None, weighted=False, gamma=2.0, eps=0.0, reduction=1,
+                       devices=emu.DEVICES):
+    gen = seeded("softmax prob", N, C, S, dtype, rdt, weighted, gamma, eps, reduction)
+    shape = (N, C) if S == 1 else (N, C, S)
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 3).to(dtype)
+    r = random_distributions(shape, gen, rdt or dtype)
+    w = torch.rand(C, generator=gen) + 0.5 if weighted else None
+    want_loss, want_grad = softmax_prob_reference(x, r, w, gamma, eps, reduction)
+    ref_err = reference_errors(lambda xx: list(softmax_prob_reference(xx, r, w, gamma, eps, reduction)),
+                               [x.double()], dtype) if N and dtype != torch.float64 else [0.0, 0.0]
+    for name, dev in devices.items():
+        loss, grad, scale = under_all_schedules(
+            lambda s, seed: k.softmax_focal_prob(x, r, w, gamma, eps, reduction, True, device=dev, schedule=s,
+                                                 seed=seed))
+        what = f"softmax focal probabilities {shape} {dtype} {REDUCTIONS[reduction]} on {name}"
+        if N == 0:
+            assert torch.allclose(loss, want_loss.to(dtype), equal_nan=True) if reduction else loss.numel() == 0, what
+            continue
+        assert_within_model(loss, want_loss, ref_err[0], what + ": loss")
+        assert_within_model((grad.double() * scale.double()).to(dtype), want_grad, ref_err[1], what + ": grad")
+
+
+@pytest.mark.parametrize("N,C,S", SOFTMAX_SHAPES)
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+def test_softmax_focal_prob_kernel(kernels, N, C, S, reduction):
+    check_softmax_prob(kernels, N, C, S, reduction=reduction)
+
+
+@pytest.mark.parametrize("dtype,rdt,weighted,gamma,eps", [
+    (torch.float32, torch.float32, True, 2.0, 0.1),
+    (torch.bfloat16, torch.float32, True, 1.3, 0.0),   # float32 probabilities with bf16 logits; generic pow
+    (torch.float16, torch.float16, False, 2.5, 0.05),  # probabilities in the logits' dtype
+    (torch.float64, torch.float64, False, 0.5, 0.0),
+])
+def test_softmax_focal_prob_kernel_dtypes_and_weights(kernels, dtype, rdt, weighted, gamma, eps):
+    check_softmax_prob(kernels, 300, 6, 1, dtype, rdt, weighted, gamma, eps, reduction=1)
+
+
+def test_softmax_focal_prob_rows_that_are_not_distributions_are_nan(kernels):
+    """No host check on CUDA: such rows give NaN loss and gradient, "mean" NaN; the others are untouched."""
+    gen = seeded("softmax prob bad rows")
+    x = torch.randn(8, 5, 3, generator=gen)
+    r = random_distributions((8, 5, 3), gen)
+    r[1, 2, 0] = -0.25           # a negative entry (the sum still 1)
+    r[1, 3, 0] += 0.25
+    r[4, :, 2] *= 1.01           # sums to 1.01
+    r[6, 0, 1] = float("nan")
+    bad = torch.zeros(8, 3, dtype=torch.bool)
+    bad[1, 0] = bad[4, 2] = bad[6, 1] = True
+    loss, grad, _ = kernels.softmax_focal_prob(x, r, None, 2.0, 0.1, 0, True)
+    want, _ = softmax_prob_reference(x, r, None, 2.0, 0.1, 0)
+    assert torch.isnan(loss[bad]).all() and torch.isnan(grad.movedim(1, -1)[bad]).all()
+    assert torch.isfinite(grad.movedim(1, -1)[~bad]).all()
+    torch.testing.assert_close(loss[~bad].double(), want[~bad], rtol=1e-5, atol=1e-6)
+    assert torch.isnan(want[bad]).all()
+    assert torch.isnan(kernels.softmax_focal_prob(x, r, None, 2.0, 0.1, 1, True)[0])
+
+
+def test_sigmoid_focal_targets_outside_0_1_are_nan(kernels):
+    """One behaviour on every backend: a target outside [0, 1] is invalid, that element's loss and gradient NaN."""
+    x = torch.randn(1003, generator=seeded("sigmoid bad targets")) * 3
+    t = torch.rand(1003, generator=seeded("sigmoid bad targets t"))
+    t[[0, 5, 17, 1002]] = torch.tensor([2.0, -1.0, 1.0 + 1e-6, float("nan")])
+    bad = torch.zeros(1003, dtype=torch.bool)
+    bad[[0, 5, 17, 1002]] = True
+    loss, grad, _ = kernels.sigmoid_focal(x, t, 0.25, 2.0, 0.1, 0, True)
+    want, want_grad = sigmoid_reference(x, t, 0.25, 2.0, 0, 0.1)
+    assert torch.isnan(loss[bad]).all() and torch.isnan(grad[bad]).all() and torch.isnan(want[bad]).all()
+    torch.testing.assert_close(loss[~bad].double(), want[~bad], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad[~bad].double(), want_grad[~bad], rtol=1e-5, atol=1e-6)
+    assert torch.isnan(kernels.sigmoid_focal(x, t, 0.25, 2.0, 0.0, 1, False)[0])
+    u8 = torch.tensor([0, 1, 2, 255], dtype=torch.uint8)
+    loss, _, _ = kernels.sigmoid_focal(torch.randn(4), u8, 0.25, 2.0, 0.0, 0, False)
+    assert torch.isfinite(loss[:2]).all() and torch.isnan(loss[2:]).all()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -70,6 +70,27 @@ def test_softmax_focal_gradgradcheck(backend, device, reduction, case):
     _ggc(lambda a: op(a, t, w, gamma, eps, -100, REDUCTIONS[reduction], True)[0], (x,), backend)
 
 
+SOFTMAX_PROB_CASES = [  # (gamma, weighted, label_smoothing, spatial); targets: class probabilities
+    (2.0, False, 0.0, False), (0.0, True, 0.1, False), (1.5, True, 0.0, True), (3.0, False, 0.2, True),
+]
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("reduction", list(REDUCTIONS))
+@pytest.mark.parametrize("case", SOFTMAX_PROB_CASES, ids=str)
+def test_softmax_focal_probabilities_gradgradcheck(backend, device, reduction, case):
+    gamma, weighted, eps, spatial = case
+    g = _gen(6)
+    shape = (2, 3, 3) if spatial else (5, 3)
+    x = (torch.randn(shape, generator=g, dtype=F64) * 2).to(device).requires_grad_(True)
+    r = torch.softmax(torch.randn(shape, generator=g, dtype=F64), 1)
+    r[0] = torch.nn.functional.one_hot(torch.tensor(1), 3).to(F64).view(3, *([1] * (len(shape) - 2)))  # zeros
+    r = r.to(device)
+    w = torch.tensor([0.5, 2.0, 1.25], dtype=F64, device=device) if weighted else None
+    op = _ops.op("softmax_focal", backend)
+    _ggc(lambda a: op(a, r, w, gamma, eps, -100, REDUCTIONS[reduction], True)[0], (x,), backend)
+
+
 DICE_CASES = [  # (gamma, weighted, lambda_dice, lambda_focal, ignore_index, include_background, batch_dice)
     (2.0, False, 0.5, 0.5, None, True, True), (0.0, True, 1.0, 0.0, 255, False, False),
     (1.5, True, 0.3, 0.7, 255, True, False), (3.0, False, 0.0, 1.0, None, False, True),
@@ -101,9 +122,12 @@ def test_loss_gradient_penalty_matches_reference(backend, device):
     xc = torch.randn(2, 3, 2, 2, generator=g, dtype=F64).to(device)
     tc = torch.randint(0, 3, (2, 2, 2), generator=g).to(device)
     w = torch.tensor([0.5, 2.0, 1.25], dtype=F64, device=device)
+    tr = torch.softmax(torch.randn(2, 3, 2, 2, generator=g, dtype=F64), 1).to(device)
     losses = {
         "sigmoid": (lambda x, b: fc.sigmoid_focal_loss(x, ts, 0.25, 2.0, "mean", 0.1, backend=b), xs),
         "softmax": (lambda x, b: fc.softmax_focal_loss(x, tc, 2.0, w, label_smoothing=0.1, backend=b), xc),
+        "softmax probabilities": (lambda x, b: fc.softmax_focal_loss(x, tr, 2.0, w, label_smoothing=0.1, backend=b),
+                                  xc),
         "dice_focal": (lambda x, b: fc.dice_focal_loss(x, tc, w, gamma=2.0, backend=b), xc),
     }
     for name, (f, x0) in losses.items():
@@ -142,6 +166,10 @@ def test_loss_ops_refuse_gradients_for_constants(backend, device):
     loss = _ops.op("softmax_focal", backend)(x, tc, w, 2.0, 0.0, -100, 1, True)[0]
     with pytest.raises(RuntimeError, match="weight"):
         loss.backward()
+    tr = torch.full((3, 4), 0.25, dtype=F64, device=device, requires_grad=True)
+    loss = _ops.op("softmax_focal", backend)(x, tr, None, 2.0, 0.0, -100, 1, True)[0]
+    with pytest.raises(RuntimeError, match="target"):
+        loss.backward()
     ts = torch.zeros(3, 4, dtype=F64, device=device, requires_grad=True)
     loss = _ops.op("sigmoid_focal", backend)(x, ts, 0.25, 2.0, 0.0, 1, True)[0]
     with pytest.raises(RuntimeError, match="targets"):
@@ -162,8 +190,11 @@ def test_loss_first_order_fast_path_unchanged(backend, device, dtype):
     x = torch.randn(6, 5, generator=g, dtype=dtype).to(device).requires_grad_(True)
     ts = (torch.rand(6, 5, generator=g) > 0.5).to(dtype).to(device)
     tc = torch.randint(0, 5, (6,), generator=g).to(device)
+    tr = torch.softmax(torch.randn(6, 5, generator=g, dtype=dtype), 1).to(device)
     calls = {"sigmoid_focal": lambda code: _ops.op("sigmoid_focal", backend)(x, ts, 0.25, 2.0, 0.1, code, True),
-             "softmax_focal": lambda code: _ops.op("softmax_focal", backend)(x, tc, None, 2.0, 0.1, -100, code, True)}
+             "softmax_focal": lambda code: _ops.op("softmax_focal", backend)(x, tc, None, 2.0, 0.1, -100, code, True),
+             "softmax_focal probabilities": lambda code: _ops.op("softmax_focal", backend)(x, tr, None, 2.0, 0.1, -100,
+                                                                                           code, True)}
     for red, code in REDUCTIONS.items():
         for name, call in calls.items():
             loss, grad_logits, grad_scale = call(code)

@@ -247,6 +247,236 @@ def test_softmax_all_rows_ignored_matches_torch(backend, device):
 
 
 # ---------------------------------------------------------------------------------------------
+# softmax focal with class-probability targets (floating, the logits' shape), as F.cross_entropy
+
+
+def _probs(shape, gen=None, dtype=torch.float32):
+    """Class probabilities along dim 1: softmax rows, with some rows one-hot and some mixup pairs (exact
+    zeros, where log p may be -inf without harm)."""
+    if len(shape) < 2:  # unbatched (C,)
+        return torch.softmax(torch.randn(shape, generator=gen, dtype=torch.float64) * 2, 0).to(dtype)
+    r = torch.softmax(torch.randn(shape, generator=gen, dtype=torch.float64) * 2, 1)
+    C, rows = shape[1], (shape[0],) + tuple(shape[2:])
+    hard = F.one_hot(torch.randint(0, C, rows, generator=gen), C).movedim(-1, 1).double()
+    lam = torch.rand((shape[0], 1) + tuple(shape[2:]), generator=gen, dtype=torch.float64)
+    kind = torch.rand((shape[0], 1) + tuple(shape[2:]), generator=gen)
+    r = torch.where(kind < 0.2, hard, torch.where(kind < 0.4, lam * hard + (1 - lam) * hard.roll(1, 1), r))
+    return r.to(dtype).contiguous()
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [r.shape for r in for_tests(table.SOFTMAX)], ids=str)
+@pytest.mark.parametrize("reduction", table.REDUCTIONS)
+def test_softmax_probabilities_match_reference(backend, device, dtype, shape, reduction):
+    gen = seeded("probs", shape, reduction)
+    C = shape[1]
+    for gamma, eps, use_w, pdt in [(2.0, 0.0, False, None), (0.5, 0.1, True, torch.float32), (0.0, 0.05, True, None)]:
+        if C == 1:
+            gamma = max(gamma, 1.0)  # the reference's (1 - p)^gamma has a NaN gradient at p = 1 for gamma < 1
+        x = random_logits(shape, generator=gen)
+        r = _probs(shape, gen, pdt or dtype)  # in the logits' dtype, or float32 beside low-precision logits
+        w = torch.rand(C, generator=gen) + 0.5 if use_w else None
+        kw = dict(gamma=gamma, label_smoothing=eps, reduction=reduction)
+        def ref(x):
+            return _fwd_bwd(reference.softmax_focal_loss, x, r, weight=w, **kw)  # noqa: B023
+
+        l64, g64 = ref(x.double())
+        lerr, gerr = reference_errors(ref, [x.double()], dtype, generator=gen)
+        wd = None if w is None else w.to(device)
+        out, grad = _fwd_bwd(fc.softmax_focal_loss, x.to(device, dtype), r.to(device), weight=wd, backend=backend,
+                             **kw)
+        assert out.dtype == dtype and out.shape == l64.shape
+        what = f"{backend} {dtype} {shape} {reduction} gamma={gamma} eps={eps} w={use_w} probs {r.dtype}"
+        assert_within_model(out, l64, lerr, "loss " + what)
+        assert_within_model(grad, g64, gerr, "grad " + what)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_softmax_probabilities_gamma0_is_cross_entropy(backend, device):
+    """gamma=0 equals F.cross_entropy with probability targets in value and gradient, for every option:
+    weights enter the sum but "mean" divides by the number of rows, and label smoothing mixes in the
+    uniform distribution."""
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(40, 5), (3, 4, 6, 2), (5,)]:
+        C = shape[1] if len(shape) > 1 else shape[0]
+        w = torch.rand(C, generator=gen) + 0.1
+        for dtype, tol in [(torch.float32, dict(rtol=2e-5, atol=2e-6)), (torch.float64, dict(rtol=1e-12, atol=1e-14))]:
+            x = random_logits(shape, dtype, generator=gen)
+            r = _probs(shape, gen, dtype)
+            for use_w, eps, reduction in itertools.product([False, True], [0.0, 0.2], ["none", "mean", "sum"]):
+                wt = w.to(dtype) if use_w else None
+                lce, gce = _fwd_bwd(F.cross_entropy, x, r, weight=wt, label_smoothing=eps, reduction=reduction)
+                out, grad = _fwd_bwd(fc.softmax_focal_loss, x.to(device), r.to(device), 0.0,
+                                     None if wt is None else wt.to(device), 3, eps, reduction, backend=backend)
+                msg = f"{shape} {dtype} w={use_w} eps={eps} {reduction}"
+                assert out.dtype == dtype and out.shape == lce.shape, msg
+                torch.testing.assert_close(out.cpu(), lce, msg=msg, **tol)
+                torch.testing.assert_close(grad.cpu(), gce, msg=msg, **tol)
+
+
+@pytest.mark.parametrize("backend,device", fused_backend_params())
+def test_softmax_probabilities_wide_rows_match_cross_entropy(backend, device):
+    """Rows wider than the CPU lane kernel (C > 64) and than the Triton register tile (C > 4096)."""
+    for shape in [(9, 70), (3, 5000), (2, 4100, 3)]:
+        x = random_logits(shape)
+        r = _probs(shape)
+        w = torch.rand(shape[1]) + 0.5
+        lce, gce = _fwd_bwd(F.cross_entropy, x, r, weight=w, label_smoothing=0.1)
+        out, grad = _fwd_bwd(fc.softmax_focal_loss, x.to(device), r.to(device), 0.0, w.to(device),
+                             label_smoothing=0.1, backend=backend)
+        torch.testing.assert_close(out.cpu(), lce, rtol=2e-5, atol=2e-6)
+        torch.testing.assert_close(grad.cpu(), gce, rtol=2e-5, atol=2e-6)
+        l64, g64 = _fwd_bwd(reference.softmax_focal_loss, x.double(), r, 2.0, w, reduction="none")
+        out, grad = _fwd_bwd(fc.softmax_focal_loss, x.to(device), r.to(device), 2.0, w.to(device), reduction="none",
+                             backend=backend)
+        torch.testing.assert_close(out.cpu().double(), l64, rtol=2e-5, atol=1e-7)
+        torch.testing.assert_close(grad.cpu().double(), g64, rtol=2e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_one_hot_probabilities_equal_class_indices(backend, device):
+    """One-hot rows are the index form: per row exactly, and for "mean" without weights (with weights the
+    two normalisers differ, as in F.cross_entropy)."""
+    gen = torch.Generator().manual_seed(4)
+    x = random_logits((30, 6, 5), generator=gen).to(device)
+    t = torch.randint(0, 6, (30, 5), generator=gen).to(device)
+    r = F.one_hot(t, 6).movedim(-1, 1).float()
+    w = (torch.rand(6, generator=gen) + 0.5).to(device)
+    for reduction, weight in [("none", w), ("sum", w), ("mean", None)]:
+        a, ga = _fwd_bwd(fc.softmax_focal_loss, x, t, 2.0, weight, label_smoothing=0.1, reduction=reduction,
+                         backend=backend)
+        b, gb = _fwd_bwd(fc.softmax_focal_loss, x, r, 2.0, weight, label_smoothing=0.1, reduction=reduction,
+                         backend=backend)
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(gb, ga, rtol=1e-6, atol=1e-7)
+    a = fc.softmax_focal_loss(x, t, 2.0, w, backend=backend)
+    b = fc.softmax_focal_loss(x, r, 2.0, w, backend=backend)
+    torch.testing.assert_close(b, a * w[t].sum() / t.numel())  # a weight sum against a row count
+
+
+@pytest.mark.parametrize("backend,device", fused_backend_params())
+def test_softmax_probabilities_saturated_logits(backend, device):
+    x = torch.tensor([row for row, _ in table.SOFTMAX_SATURATED])
+    r = F.one_hot(torch.tensor([target for _, target in table.SOFTMAX_SATURATED]), 3).float()
+    for gamma in [0.0, 0.3, 2.0]:
+        for dtype in [torch.float32, torch.bfloat16]:
+            out, grad = _fwd_bwd(fc.softmax_focal_loss, x.to(device, dtype), r.to(device), gamma, reduction="none",
+                                 backend=backend)
+            assert torch.isfinite(grad).all() and torch.isfinite(out).all() and out.abs().max() < 1e-2, (gamma, dtype)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_softmax_probabilities_layouts_and_unbatched(backend, device):
+    x = random_logits((2, 6, 5, 4)).to(device)
+    r = _probs((2, 6, 5, 4)).to(device)
+    base, gbase = _fwd_bwd(fc.softmax_focal_loss, x, r, reduction="none", backend=backend)
+    assert base.shape == (2, 5, 4)
+    cl = x.to(memory_format=torch.channels_last)
+    for name, (xv, rv) in {"channels_last/both": (cl, r.to(memory_format=torch.channels_last)),
+                           "channels_last/logits": (cl, r),
+                           "transposed": (x.transpose(2, 3).contiguous().transpose(2, 3), r)}.items():
+        out, grad = _fwd_bwd(fc.softmax_focal_loss, xv, rv, reduction="none", backend=backend)
+        torch.testing.assert_close(out, base, rtol=1e-6, atol=1e-7, msg=name)
+        torch.testing.assert_close(grad, gbase, rtol=1e-6, atol=1e-7, msg=name)
+    xu, ru = random_logits((5,)).to(device), _probs((5,)).to(device)
+    a = fc.softmax_focal_loss(xu, ru, reduction="none", backend=backend)
+    b = fc.softmax_focal_loss(xu[None], ru[None], reduction="none", backend=backend)
+    assert a.shape == () and torch.equal(a, b[0])
+    # empty: "sum" 0, "mean" NaN (as F.cross_entropy), a gradient of the logits' shape
+    xe = torch.empty(0, 3, device=device, requires_grad=True)
+    re = torch.empty(0, 3, device=device)
+    assert fc.softmax_focal_loss(xe, re, reduction="sum", backend=backend).item() == 0
+    loss = fc.softmax_focal_loss(xe, re, backend=backend)
+    assert torch.isnan(loss) and torch.isnan(F.cross_entropy(xe.detach(), re))
+    loss.backward()
+    assert xe.grad.shape == (0, 3)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_probability_rows_that_are_not_distributions_raise_on_the_cpu(backend, device):
+    x = random_logits((6, 4, 2)).to(device)
+    r = _probs((6, 4, 2)).to(device)
+    neg = r.clone()
+    neg[2, 0, 1], neg[2, 1, 1] = -0.1, neg[2, 1, 1] + 0.1 + neg[2, 0, 1]  # sums to 1, one entry < 0
+    cases = {"negative": neg, "sum": r * 1.01, "percent": r * 100, "nan": r.masked_fill(r == r.max(), float("nan"))}
+    for name, bad in cases.items():
+        with pytest.raises(ValueError, match="target holds class probabilities .* not distributions"):
+            fc.softmax_focal_loss(x, bad, backend=backend)
+    # within the tolerance: accepted (rows that were rounded, e.g. to bfloat16)
+    fc.softmax_focal_loss(x, r * (1 + 5e-4), backend=backend)
+    fc.softmax_focal_loss(x, r.bfloat16(), backend=backend)
+    mods = [fc.SoftmaxFocalLoss(backend=backend), fc.ClassBalancedFocalLoss([5, 1, 2, 9], backend=backend)]
+    for m in mods:
+        with pytest.raises(ValueError, match="not distributions"):
+            m.to(device)(x, r * 2)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in fused_backend_params() if p.values[1] == "cpu"])
+def test_probability_rows_that_are_not_distributions_give_nan_rows_in_the_kernel(backend, device):
+    """What CUDA does without FASTCASCADE_CHECK (the CPU API raises first): NaN rows, the others untouched;
+    every kernel path (CPU lanes, CPU rows for C > 64, float64; Triton tile and chunked)."""
+    for shape, dtype in [((5, 3), torch.float32), ((5, 70), torch.float32), ((5, 3), torch.float64),
+                         ((5, 4100), torch.float32), ((5, 3, 4), torch.bfloat16)]:
+        x = random_logits(shape, dtype)
+        r = _probs(shape, dtype=dtype)
+        r[1] *= -1
+        r[2] *= 1.5
+        r[3, 0] = float("nan")
+        loss, grad, _ = fc._ops.op("softmax_focal", backend)(x, r, None, 2.0, 0.1, -100, 0, True)
+        want = reference.softmax_focal_loss(x.double(), r, 2.0, None, -100, 0.1, "none")
+        assert torch.isnan(loss[1:4]).all() and torch.isnan(grad[1:4]).all() and torch.isnan(want[1:4]).all(), shape
+        assert torch.isfinite(loss[[0, 4]]).all() and torch.isfinite(grad[[0, 4]]).all(), shape
+        torch.testing.assert_close(loss[[0, 4]].double(), want[[0, 4]], rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
+                                   atol=1e-6)
+        mean, _, scale = fc._ops.op("softmax_focal", backend)(x, r, None, 2.0, 0.1, -100, 1, True)
+        assert torch.isnan(mean)
+
+
+def test_probability_modules_match_functions():
+    x = random_logits((40, 3))
+    r = _probs((40, 3))
+    counts = torch.tensor([30, 7, 3])
+    m = fc.ClassBalancedFocalLoss(counts, beta=0.99, gamma=2.0, label_smoothing=0.1)
+    torch.testing.assert_close(m(x, r), fc.softmax_focal_loss(x, r, 2.0, fc.class_balanced_weights(counts, 0.99),
+                                                              label_smoothing=0.1))
+    sm = fc.SoftmaxFocalLoss(gamma=1.0, reduction="none")
+    torch.testing.assert_close(sm(x, r), reference.softmax_focal_loss(x, r, 1.0, reduction="none"))
+
+
+# ---------------------------------------------------------------------------------------------
+# sigmoid focal: targets outside [0, 1] are invalid input, the same on every backend
+
+
+@pytest.mark.parametrize("backend,device", [p for p in backend_params() if p.values[1] == "cpu"])
+def test_sigmoid_targets_outside_0_1_give_nan_elements_in_the_kernel(backend, device):
+    """What CUDA does without FASTCASCADE_CHECK (the CPU API raises first): NaN loss and gradient for those
+    elements only, on every path (the reference included), whatever the label smoothing."""
+    x = random_logits((4, 4))
+    t = torch.rand(4, 4)
+    t[0, 0], t[1, 2], t[3, 3], t[2, 1] = 2.0, -1.0, 1.0 + 1e-6, float("nan")
+    bad = ~((t >= 0) & (t <= 1))
+    for dtype, eps in [(torch.float32, 0.0), (torch.float64, 0.1), (torch.bfloat16, 0.0)]:
+        xg = x.to(dtype).requires_grad_(True)
+        if backend == "torch":
+            loss = reference.sigmoid_focal_loss(xg, t, 0.25, 2.0, "none", eps)
+            (grad,) = torch.autograd.grad(loss.sum(), xg)
+        else:
+            loss, grad, _ = fc._ops.op("sigmoid_focal", backend)(xg.detach(), t, 0.25, 2.0, eps, 0, True)
+        assert torch.isnan(loss[bad]).all() and torch.isnan(grad[bad]).all(), (dtype, loss)
+        assert torch.isfinite(loss[~bad]).all() and torch.isfinite(grad[~bad]).all(), (dtype, loss)
+        want = reference.sigmoid_focal_loss(x.to(dtype).double(), t, 0.25, 2.0, "none", eps)
+        torch.testing.assert_close(loss[~bad].double(), want[~bad], rtol=5e-2 if dtype == torch.bfloat16 else 1e-5,
+                                   atol=1e-6)
+    u8 = torch.tensor([0, 1, 2, 255], dtype=torch.uint8)
+    if backend != "torch":
+        loss, _, _ = fc._ops.op("sigmoid_focal", backend)(torch.randn(4), u8, 0.25, 2.0, 0.0, 0, False)
+    else:
+        loss = reference.sigmoid_focal_loss(torch.randn(4), u8, 0.25, 2.0, "none")
+    assert torch.isfinite(loss[:2]).all() and torch.isnan(loss[2:]).all()
+
+
+# ---------------------------------------------------------------------------------------------
 # gradcheck, opcheck, compile, determinism
 
 
@@ -267,6 +497,12 @@ def test_gradcheck_float64(backend, device, reduction):
     assert torch.autograd.gradcheck(
         lambda z: fc.softmax_focal_loss(z.transpose(1, 2).reshape(-1, 3), tc.reshape(-1).clamp(0, 2), 0.4,
                                         reduction=reduction, backend=backend), (x,))
+    r = _probs((2, 3, 5), torch.Generator().manual_seed(8), torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda z: fc.softmax_focal_loss(z, r, 2.0, w, label_smoothing=0.1, reduction=reduction, backend=backend), (x,))
+    assert torch.autograd.gradcheck(
+        lambda z: fc.softmax_focal_loss(z.transpose(1, 2).reshape(-1, 3), r.transpose(1, 2).reshape(-1, 3), 0.4,
+                                        reduction=reduction, backend=backend), (x,))
 
 
 def _opcheck_samples(device):
@@ -275,11 +511,15 @@ def _opcheck_samples(device):
     ts = torch.rand(4, 3, 5, generator=gen).to(device)
     tc = torch.randint(0, 3, (4, 5), generator=gen).to(device)
     w = (torch.rand(3, generator=gen) + 0.5).to(device)
+    tr = _probs((4, 3, 5), gen).to(device)
     for red, ng in [(0, True), (1, True), (2, False)]:
         xs = x.clone().requires_grad_(ng)
         yield "sigmoid_focal", (xs, ts, 0.25, 2.0, 0.1, red, ng)
         yield "softmax_focal", (xs, tc, w, 2.0, 0.1, -100, red, ng)
         yield "softmax_focal", (xs[:, :, 0].contiguous(), tc[:, 0].contiguous(), None, 0.5, 0.0, 1, red, ng)
+        yield "softmax_focal", (xs, tr, w, 2.0, 0.1, -100, red, ng)
+        yield "softmax_focal", (xs[:, :, 0].contiguous(), tr[:, :, 0].contiguous().bfloat16(), None, 0.5, 0.0, -100,
+                                red, ng)
 
 
 # Under TRITON_INTERPRET=1, wrap_triton cannot trace interpreted kernels into a graph, so the
@@ -310,19 +550,21 @@ def test_opcheck_aot_dispatch(backend, device):
 def test_compile_fullgraph(backend, device):
     torch._dynamo.reset()
 
-    def step(x, ts, tc, w):
+    def step(x, ts, tc, w, tr):
         a = fc.sigmoid_focal_loss(x, ts, 0.25, 2.0, backend=backend)
         b = fc.softmax_focal_loss(x, tc, 2.0, w, label_smoothing=0.1, backend=backend)
         c = fc.sigmoid_focal_loss(x, ts, hard_negative_ratio=3.0, backend=backend)
-        return a + b + c
+        d = fc.softmax_focal_loss(x, tr, 2.0, w, label_smoothing=0.1, backend=backend)
+        return a + b + c + d
 
     x = random_logits((16, 4, 3)).to(device)
     ts = (torch.rand(16, 4, 3) > 0.8).float().to(device)
     tc = torch.randint(0, 4, (16, 3)).to(device)
     w = torch.rand(4).to(device) + 0.5
+    tr = _probs((16, 4, 3)).to(device)
     compiled = torch.compile(step, fullgraph=True)
     xe, xc = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    le, lc = step(xe, ts, tc, w), compiled(xc, ts, tc, w)
+    le, lc = step(xe, ts, tc, w, tr), compiled(xc, ts, tc, w, tr)
     le.backward()
     lc.backward()
     torch.testing.assert_close(lc, le)
@@ -336,6 +578,7 @@ def test_deterministic(backend, device):
     t = torch.rand(n).to(device)
     xs = random_logits((n // 7, 7)).to(device)
     tc = torch.randint(0, 7, (n // 7,)).to(device)
+    tr = _probs((n // 7, 7)).to(device)
     runs = []
     threads = torch.get_num_threads()
     for nthreads in [1, max(2, threads)]:
@@ -344,7 +587,8 @@ def test_deterministic(backend, device):
             for _ in range(2):
                 a, ga = _fwd_bwd(fc.sigmoid_focal_loss, x, t, backend=backend)
                 b, gb = _fwd_bwd(fc.softmax_focal_loss, xs, tc, backend=backend)
-                runs.append((a, ga, b, gb))
+                c, gc = _fwd_bwd(fc.softmax_focal_loss, xs, tr, backend=backend)
+                runs.append((a, ga, b, gb, c, gc))
         finally:
             torch.set_num_threads(threads)
     for r in runs[1:]:
@@ -550,13 +794,23 @@ def test_bad_inputs_raise_clear_errors(backend, device):
         (lambda: fc.softmax_focal_loss(x, tc, reduction="batchmean"), ValueError, "reduction"),
         (lambda: fc.softmax_focal_loss(x[0, 0], tc), ValueError, "logits must be"),
         (lambda: fc.softmax_focal_loss(x[:, :0], tc), ValueError, "at least one class"),
+        (lambda: fc.softmax_focal_loss(x, tc.bool()), ValueError, "int64 class indices or float class probabilities"),
+        (lambda: fc.softmax_focal_loss(x, ts[:, :2]), ValueError, "target of class probabilities must have"),
+        (lambda: fc.softmax_focal_loss(x, ts.t()), ValueError, "target of class probabilities must have"),
+        (lambda: fc.softmax_focal_loss(x, ts[:, None]), ValueError, "target of class probabilities must have"),
+        (lambda: fc.softmax_focal_loss(x[:, :0], ts[:, :0]), ValueError, "at least one class"),
+        (lambda: fc.softmax_focal_loss(x, _probs((4, 3)).to(device), weight=torch.ones(2, device=device)), ValueError,
+         "weight"),
     ]
     for fn, exc, match in cases:
         with pytest.raises(exc, match=match):
             fn()
     with pytest.raises(ValueError, match="backend"):
         fc.sigmoid_focal_loss(x, ts, backend="fast")
-    fc.sigmoid_focal_loss(x, ts + 1.0, backend=backend)  # soft-target range is checked only on request
+    # targets outside [0, 1] are invalid: checked on the CPU (on CUDA only with FASTCASCADE_CHECK=1)
+    for bad in (ts + 1.0, ts - 1.0, torch.full_like(ts, float("nan")), (ts * 3).to(torch.uint8)):
+        with pytest.raises(ValueError, match=r"targets must lie in \[0, 1\]"):
+            fc.sigmoid_focal_loss(x, bad, backend=backend)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FASTCASCADE_CHECK", "1")
         with pytest.raises(ValueError, match=r"\[0, 1\]"):
@@ -569,6 +823,8 @@ def test_bad_inputs_raise_clear_errors(backend, device):
             fc.sigmoid_focal_loss(x, ts.clone().requires_grad_(True), backend=backend)
         with pytest.raises(ValueError, match="weight.requires_grad"):
             fc.softmax_focal_loss(x, tc, weight=torch.ones(3, device=device, requires_grad=True), backend=backend)
+        with pytest.raises(ValueError, match="target.requires_grad"):
+            fc.softmax_focal_loss(x, _probs((4, 3)).to(device).requires_grad_(True), backend=backend)
 
 
 def test_device_mismatch_is_caught_before_the_kernel():
@@ -592,6 +848,10 @@ def test_op_level_checks_for_direct_callers():
         torch.ops.fastcascade.sigmoid_focal(x, torch.rand(4, 3), 0.25, 2.0, 0.0, 3, False)
     with pytest.raises(RuntimeError, match="int64"):
         torch.ops.fastcascade.softmax_focal(x, torch.zeros(4, dtype=torch.int32), None, 2.0, 0.0, -100, 1, False)
+    with pytest.raises(RuntimeError, match="target of class probabilities must have the logits' shape"):
+        torch.ops.fastcascade.softmax_focal(x, torch.rand(4, 2), None, 2.0, 0.0, -100, 1, False)
+    with pytest.raises(RuntimeError, match="weight must have shape"):
+        torch.ops.fastcascade.softmax_focal(x, _probs((4, 3)), torch.ones(2), 2.0, 0.0, -100, 1, False)
 
 
 @pytest.mark.parametrize("backend,device", [p for p in fused_backend_params() if p.values[0] != "triton"])
@@ -647,6 +907,7 @@ def test_gpu_paths_never_sync_the_host(backend):
     xs = random_logits((4096, 10)).to(dev).requires_grad_(True)
     tc = torch.randint(0, 10, (4096,), device=dev)
     w = torch.rand(10, device=dev) + 0.5
+    tr = torch.softmax(torch.randn(4096, 10, device=dev), 1)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -655,6 +916,8 @@ def test_gpu_paths_never_sync_the_host(backend):
         fc.sigmoid_focal_loss(x, t, hard_negative_ratio=3.0, backend=backend).backward()
         fc.softmax_focal_loss(xs, tc, 2.0, w, label_smoothing=0.1, backend=backend).backward()
         fc.softmax_focal_loss(xs, tc, 2.0, reduction="none", backend=backend).sum().backward()
+        fc.softmax_focal_loss(xs, tr, 2.0, w, label_smoothing=0.1, backend=backend).backward()
+        fc.softmax_focal_loss(xs, tr, 2.0, reduction="none", backend=backend).sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
@@ -685,6 +948,40 @@ def test_gpu_out_of_range_targets_give_nan_rows(backend, monkeypatch):
     monkeypatch.setenv("FASTCASCADE_CHECK", "1")
     with pytest.raises(ValueError, match="outside"):
         fc.softmax_focal_loss(x, t, backend=backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_invalid_targets_give_nan_without_a_sync(backend, monkeypatch):
+    """Probability rows that are not distributions and sigmoid targets outside [0, 1]: NaN rows / elements,
+    no host sync, the context alive; FASTCASCADE_CHECK=1 raises instead."""
+    x = random_logits((6, 4)).cuda()
+    r = torch.softmax(torch.randn(6, 4), 1)
+    r[1] *= 2
+    r[4, 0] = -0.5
+    r = r.cuda()
+    t = torch.rand(6, 4)
+    t[2, 3], t[5, 0] = 2.0, -1.0
+    t = t.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = fc.softmax_focal_loss(x, r, reduction="none", backend=backend)
+        mean = fc.softmax_focal_loss(x, r, backend=backend)
+        sig = fc.sigmoid_focal_loss(x, t, reduction="none", backend=backend)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    bad = torch.tensor([False, True, False, False, True, False])
+    assert torch.isnan(loss.cpu()[bad]).all() and torch.isfinite(loss.cpu()[~bad]).all() and torch.isnan(mean.cpu())
+    bad_t = ~((t >= 0) & (t <= 1)).cpu()
+    assert torch.isnan(sig.cpu()[bad_t]).all() and torch.isfinite(sig.cpu()[~bad_t]).all()
+    monkeypatch.setenv("FASTCASCADE_CHECK", "1")
+    with pytest.raises(ValueError, match="not distributions"):
+        fc.softmax_focal_loss(x, r, backend=backend)
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, 1\]"):
+        fc.sigmoid_focal_loss(x, t, backend=backend)
 
 
 @pytest.mark.gpu

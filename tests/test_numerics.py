@@ -99,6 +99,11 @@ def test_float64_mean_gradients_are_float64_accurate(backend, device):
     _, g_ref = _grad(F.cross_entropy, x, t, weight=w, label_smoothing=0.1)
     torch.testing.assert_close(g, g_ref, rtol=1e-13, atol=1e-16)
 
+    r = torch.softmax(torch.randn(N, 3, generator=gen, dtype=torch.float64), 1).to(device)
+    _, g = _grad(fc.softmax_focal_loss, x, r, gamma=0.0, weight=w, label_smoothing=0.1, backend=backend)
+    _, g_ref = _grad(F.cross_entropy, x, r, weight=w, label_smoothing=0.1)
+    torch.testing.assert_close(g, g_ref, rtol=1e-13, atol=1e-16)
+
     xs = torch.randn(N, generator=gen, dtype=torch.float64).to(device)
     ts = torch.rand(N, generator=gen, dtype=torch.float64).to(device)
     _, g = _grad(fc.sigmoid_focal_loss, xs, ts, alpha=None, gamma=0.0, backend=backend)
@@ -144,6 +149,32 @@ def test_softmax_infinite_logit_gives_no_nan(backend, device, gamma):
             loss, g = _grad(fc.dice_focal_loss, xd.to(device), t.reshape(1, 2).to(device), gamma=gamma,
                             backend=backend)
             assert torch.isfinite(loss) and torch.isfinite(g).all(), (backend, dtype, C, loss, g)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0, 5.0])
+def test_softmax_probabilities_infinite_logit_gives_no_nan(backend, device, gamma):
+    """Probability targets at infinite logits: a zero probability where log p = -inf adds 0 (not NaN); the
+    gradient is cross-entropy's, p - q, for every gamma (the focal factor's derivative vanishes there)."""
+    for dtype in [torch.float32, torch.float64]:
+        for C in [3, 70]:  # 70: wider than the CPU lane kernel
+            x = torch.zeros(2, C, dtype=dtype)
+            x[0, 0] = INF
+            x[1, C - 1] = INF
+            r = torch.zeros(2, C, dtype=dtype)
+            r[0, 0] = 1.0
+            r[1, C - 1] = 1.0
+            for eps in [0.0, 0.1]:
+                loss, g = _grad(fc.softmax_focal_loss, x.to(device), r.to(device), gamma, label_smoothing=eps,
+                                reduction="none", backend=backend)
+                what = (backend, dtype, C, eps)
+                assert not torch.isnan(loss).any() and torch.isfinite(g).all(), (what, loss, g)
+                if eps == 0:
+                    assert torch.equal(loss.cpu(), torch.zeros(2, dtype=dtype)), what
+                else:
+                    assert torch.isinf(loss).all(), what
+                expected = r.double() - (r.double() * (1 - eps) + eps / C)
+                torch.testing.assert_close(g.cpu().double(), expected, rtol=1e-6, atol=1e-7, msg=str(what))
 
 
 @pytest.mark.parametrize("backend,device", backend_params())

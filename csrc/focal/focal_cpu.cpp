@@ -59,10 +59,11 @@ constexpr int64_t kMaxLaneClasses = 64;  // wider rows take the per-row path
 
 // xb, gb, pb, ab: [C][kLanes]; pb holds exp(x - max), then p; gb holds 1 - p until the gradient
 // overwrites it. t: class per lane, -1 when the lane is ignored or out of range (the caller patches
-// those rows afterwards).
-template <bool NEED_GRAD, int TWO_GAMMA>
-FC_HD void softmax_focal_lanes(const float* xb, const int32_t* t, int64_t C, const float* w, float gamma, float eps,
-                               float* loss, float* gb, float* pb, float* ab) {
+// those rows afterwards). With PROBS, qb ([C][kLanes]) holds the coefficients q_c of probability
+// targets instead, (1 - eps) r_c + eps / C (t unused).
+template <bool NEED_GRAD, int TWO_GAMMA, bool PROBS>
+FC_HD void softmax_focal_lanes(const float* xb, const int32_t* t, const float* qb, int64_t C, const float* w,
+                               float gamma, float eps, float* loss, float* gb, float* pb, float* ab) {
   constexpr int L = kLanes;
   float mx[L], s[L], log_s[L], inv[L], a_am[L], rest[L];
   int32_t am[L];
@@ -82,7 +83,8 @@ FC_HD void softmax_focal_lanes(const float* xb, const int32_t* t, int64_t C, con
       const float lp = fc_shifted(xb[c * L + l], mx[l]) - log_s[l];
       const float p = (is_am ? 1.f : pb[c * L + l]) * inv[l];
       const float om = is_am ? s[l] * inv[l] : 1.f - p;
-      const float f = wc * (c == t[l] ? q_on : q_off) * focal_pow<float, TWO_GAMMA>(om, gamma);
+      const float q = PROBS ? qb[c * L + l] : (c == t[l] ? q_on : q_off);
+      const float f = wc * q * focal_pow<float, TWO_GAMMA>(om, gamma);
       loss[l] += fc_xmul(f, -lp);
       if (NEED_GRAD) {
         float u = om == 0.f ? -1.f : p * lp / om;
@@ -108,8 +110,17 @@ FC_HD void softmax_focal_lanes(const float* xb, const int32_t* t, int64_t C, con
 FC_CPU_CLONES void softmax_focal_lanes_f32(const float* xb, const int32_t* t, int64_t C, const float* w, float gamma,
                                            float eps, float* loss, float* gb, float* pb, float* ab, bool need_grad) {
   with_two_gamma(two_gamma_code(gamma), [&](auto k) FC_LAMBDA_INLINE {
-    if (need_grad) softmax_focal_lanes<true, decltype(k)::value>(xb, t, C, w, gamma, eps, loss, gb, pb, ab);
-    else softmax_focal_lanes<false, decltype(k)::value>(xb, t, C, w, gamma, eps, loss, gb, pb, ab);
+    if (need_grad) softmax_focal_lanes<true, decltype(k)::value, false>(xb, t, nullptr, C, w, gamma, eps, loss, gb, pb, ab);
+    else softmax_focal_lanes<false, decltype(k)::value, false>(xb, t, nullptr, C, w, gamma, eps, loss, gb, pb, ab);
+  });
+}
+
+FC_CPU_CLONES void softmax_focal_prob_lanes_f32(const float* xb, const float* qb, int64_t C, const float* w,
+                                                float gamma, float eps, float* loss, float* gb, float* pb, float* ab,
+                                                bool need_grad) {
+  with_two_gamma(two_gamma_code(gamma), [&](auto k) FC_LAMBDA_INLINE {
+    if (need_grad) softmax_focal_lanes<true, decltype(k)::value, true>(xb, nullptr, qb, C, w, gamma, eps, loss, gb, pb, ab);
+    else softmax_focal_lanes<false, decltype(k)::value, true>(xb, nullptr, qb, C, w, gamma, eps, loss, gb, pb, ab);
   });
 }
 
@@ -281,6 +292,116 @@ void softmax_focal_block(const scalar_t* x, const int64_t* t, int64_t r0, int64_
   }
 }
 
+// Rows [r0, r1) with class-probability targets r (the logits' layout): as softmax_focal_block. A row that is
+// not a distribution (prob_row_ok within tol) gives NaN loss, gradient and count; every other row counts 1.
+template <typename scalar_t, typename acc_t, typename prob_t>
+void softmax_focal_prob_block(const scalar_t* x, const prob_t* r, int64_t r0, int64_t r1, int64_t C, int64_t S,
+                              const acc_t* w, acc_t gamma, acc_t eps, acc_t tol, bool need_grad, scalar_t* g,
+                              scalar_t* lout, acc_t& lsum, acc_t& csum) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (C <= kMaxLaneClasses) {
+      constexpr int L = kLanes;
+      float xb[kMaxLaneClasses * L], qb[kMaxLaneClasses * L], gb[kMaxLaneClasses * L], pb[kMaxLaneClasses * L],
+          ab[kMaxLaneClasses * L];
+      float lb[L];
+      bool ok[L];
+      const float keep = 1.f - eps, add = eps / float(C);
+      for (int64_t row0 = r0; row0 < r1; row0 += L) {
+        const int nl = int(std::min<int64_t>(L, r1 - row0));
+        for (int l = 0; l < L; ++l) {  // lanes past the end repeat the last row; their results are dropped
+          const int64_t row = row0 + std::min(l, nl - 1), off = (row / S) * C * S + row % S;
+          // one read of the row: logits, probabilities, and prob_row_ok's test (same order, same float sum)
+          bool nonneg = true;
+          float sum = 0.f;
+          for (int64_t c = 0; c < C; ++c) {
+            xb[c * L + l] = float(x[off + c * S]);
+            const float v = float(r[off + c * S]);
+            qb[c * L + l] = v;
+            nonneg = nonneg && v >= 0.f;
+            sum += v;
+          }
+          const float d = sum - 1.f;
+          ok[l] = nonneg && d <= float(tol) && -d <= float(tol);
+        }
+        // q = (1 - eps) r + eps / C; an invalid row's lane computes whatever it computes (no traps:
+        // -fno-trapping-math) and is patched to NaN below
+        for (int64_t i = 0; i < C * L; ++i) qb[i] = qb[i] * keep + add;
+        softmax_focal_prob_lanes_f32(xb, qb, C, w, gamma, eps, lb, gb, pb, ab, need_grad);
+        for (int l = 0; l < nl; ++l) {
+          const int64_t row = row0 + l, off = (row / S) * C * S + row % S;
+          const float lv = ok[l] ? lb[l] : NAN;
+          if (lout) lout[row] = scalar_t(lv);
+          lsum += lv;
+          csum += ok[l] ? 1.f : NAN;
+          if (need_grad)
+            for (int64_t c = 0; c < C; ++c) g[off + c * S] = scalar_t(ok[l] ? gb[c * L + l] : NAN);
+        }
+      }
+      return;
+    }
+  }
+  const int two_gamma = two_gamma_code(gamma);
+  for (int64_t row = r0; row < r1; ++row) {
+    const int64_t off = (row / S) * C * S + row % S;
+    acc_t count;
+    const acc_t l = need_grad ? softmax_focal_prob_row<acc_t, true>(x + off, r + off, S, C, w, gamma, two_gamma, eps,
+                                                                    tol, g + off, &count)
+                              : softmax_focal_prob_row<acc_t, false>(x + off, r + off, S, C, w, gamma, two_gamma, eps,
+                                                                     tol, g, &count);
+    if (lout) lout[row] = scalar_t(l);
+    lsum += l;
+    csum += count;
+  }
+}
+
+// softmax_focal with class-probability targets (floating, the logits' shape): logits and target contiguous.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_focal_prob_cpu(const at::Tensor& logits, const at::Tensor& target_in,
+                                                                      const std::optional<at::Tensor>& weight_in,
+                                                                      double gamma, double label_smoothing,
+                                                                      int64_t reduction, bool need_grad) {
+  const int64_t N = logits.size(0), C = logits.size(1), S = logits.dim() == 3 ? logits.size(2) : 1;
+  const double tol = prob_target_tolerance(target_in);
+  const at::Tensor target = prob_target_for(target_in, logits).contiguous();
+  const int64_t R = N * S, nblocks = (R + kRowBlock - 1) / kRowBlock;
+  at::Tensor loss = reduction == 0 ? at::empty(prob_loss_shape(logits), logits.options()) : at::empty({}, logits.options());
+  at::Tensor grad = need_grad ? at::empty_like(logits) : at::empty({0}, logits.options());
+  std::vector<double> loss_part(reduction == 0 ? 0 : nblocks), count_part(reduction == 0 ? 0 : nblocks);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "softmax_focal_prob_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    at::Tensor weight;
+    if (weight_in.has_value()) weight = weight_in->to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    const acc_t* w = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
+    const scalar_t* x = logits.const_data_ptr<scalar_t>();
+    scalar_t* g = need_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* lout = reduction == 0 ? loss.mutable_data_ptr<scalar_t>() : nullptr;
+    const acc_t gm = acc_t(gamma), eps = acc_t(label_smoothing);
+    auto run = [&](auto* r) {
+      at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          acc_t lsum = 0, csum = 0;
+          softmax_focal_prob_block(x, r, b * kRowBlock, std::min(R, (b + 1) * kRowBlock), C, S, w, gm, eps,
+                                   acc_t(tol), need_grad, g, lout, lsum, csum);
+          if (reduction != 0) {
+            loss_part[b] = lsum;
+            count_part[b] = csum;
+          }
+        }
+      });
+    };
+    if (target.scalar_type() == logits.scalar_type()) run(target.const_data_ptr<scalar_t>());
+    else run(target.const_data_ptr<float>());
+  });
+  double denom = 1.0;
+  if (reduction != 0) {
+    const double s = ordered_sum(loss_part);
+    denom = reduction == 1 ? ordered_sum(count_part) : 1.0;
+    loss.fill_(s / denom);
+  }
+  at::Tensor grad_scale = at::full({}, denom != 0.0 ? 1.0 / denom : 0.0, focal_scale_options(logits));
+  return {loss, grad, grad_scale};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_focal_cpu(const at::Tensor& logits_in, const at::Tensor& target_in,
                                                                  const std::optional<at::Tensor>& weight_in, double gamma,
                                                                  double label_smoothing, int64_t ignore_index,
@@ -289,10 +410,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_focal_cpu(const at::Tenso
   check_reduction(reduction);
   TORCH_CHECK(logits_in.dim() == 2 || logits_in.dim() == 3, "logits must be (N, C) or (N, C, S), got ",
               logits_in.sizes());
-  TORCH_CHECK(target_in.scalar_type() == at::kLong, "target must be int64, got ", target_in.scalar_type());
+  check_softmax_focal_target(logits_in, target_in, weight_in);
+  if (target_in.is_floating_point())
+    return softmax_focal_prob_cpu(logits_in.contiguous(), target_in, weight_in, gamma, label_smoothing, reduction,
+                                  need_grad);
   const int64_t N = logits_in.size(0), C = logits_in.size(1), S = logits_in.dim() == 3 ? logits_in.size(2) : 1;
-  TORCH_CHECK(target_in.numel() == N * S && target_in.size(0) == N, "target must have shape (N,) or (N, S) matching logits ",
-              logits_in.sizes(), ", got ", target_in.sizes());
   const at::Tensor logits = logits_in.contiguous();
   const at::Tensor target = target_in.contiguous();
   using acc_vec = std::vector<double>;
@@ -304,11 +426,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_focal_cpu(const at::Tenso
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "softmax_focal_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     at::Tensor weight;
-    if (weight_in.has_value()) {
-      TORCH_CHECK(weight_in->dim() == 1 && weight_in->numel() == C, "weight must have shape (C,) = (", C, ",), got ",
-                  weight_in->sizes());
-      weight = weight_in->to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
-    }
+    if (weight_in.has_value()) weight = weight_in->to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
     const acc_t* w = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
     const scalar_t* x = logits.const_data_ptr<scalar_t>();
     const int64_t* t = target.const_data_ptr<int64_t>();

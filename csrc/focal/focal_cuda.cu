@@ -7,6 +7,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "common/cuda_launch.cuh"
 #include "common/checks.h"
 #include "focal/focal_checks.h"
@@ -86,6 +88,69 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sigmoid_focal_cuda(const at::Tens
   return {loss, grad, grad_scale};
 }
 
+// softmax_focal with class-probability targets (floating, the logits' shape), after softmax_focal_cuda's
+// checks, under its device guard, on contiguous logits.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_focal_prob_cuda(const at::Tensor& logits,
+                                                                       const at::Tensor& target_in,
+                                                                       const std::optional<at::Tensor>& weight_in,
+                                                                       double gamma, double label_smoothing,
+                                                                       int64_t reduction, bool need_grad) {
+  const int64_t N = logits.size(0), C = logits.size(1), S = logits.dim() == 3 ? logits.size(2) : 1;
+  const double tol = prob_target_tolerance(target_in);
+  const at::Tensor target = prob_target_for(target_in, logits).contiguous();
+  const int64_t R = N * S;
+  at::Tensor loss = reduction == 0 ? at::empty(prob_loss_shape(logits), logits.options()) : at::empty({}, logits.options());
+  at::Tensor grad = need_grad ? at::empty_like(logits) : at::empty({0}, logits.options());
+  at::Tensor grad_scale = at::empty({}, focal_scale_options(logits));
+  if (R == 0) {  // torch's convention: sum 0, mean NaN (over no rows), and a zero gradient scale
+    if (reduction != 0) loss.fill_(reduction == 1 ? NAN : 0.0);
+    grad_scale.fill_(reduction == 1 ? 0.0 : 1.0);
+    return {loss, grad, grad_scale};
+  }
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int grid = static_cast<int>(
+      softmax_focal_launch(R, logits.scalar_type() == at::kDouble ? 8 : 4, current_device_limits()).grid_x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "softmax_focal_prob_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc_opts = logits.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    at::Tensor weight = weight_in.has_value() ? weight_in->to(acc_opts).contiguous() : at::Tensor();
+    const acc_t* w = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
+    at::Tensor parts = at::empty({reduction == 0 ? 0 : 2 * grid}, acc_opts);
+    acc_t* lp = reduction == 0 ? nullptr : parts.mutable_data_ptr<acc_t>();
+    acc_t* cp = reduction == 0 ? nullptr : lp + grid;
+    const scalar_t* x = logits.const_data_ptr<scalar_t>();
+    scalar_t* lout = reduction == 0 ? loss.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gout = need_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr;
+    const acc_t gm = acc_t(gamma), eps = acc_t(label_smoothing);
+    auto launch = [&](const auto* r, auto need_grad_c, auto reduce_c) {
+      using prob_t = std::remove_const_t<std::remove_pointer_t<decltype(r)>>;
+      softmax_focal_prob_kernel<scalar_t, prob_t, decltype(need_grad_c)::value, decltype(reduce_c)::value>
+          <<<grid, kFocalThreads, 0, stream>>>(x, r, w, R, C, S, gm, two_gamma_code(gamma), eps, acc_t(tol), lout,
+                                               gout, lp, cp);
+    };
+    auto by_mode = [&](const auto* r) {
+      using yes = std::true_type;
+      using no = std::false_type;
+      if (need_grad && reduction != 0) launch(r, yes{}, yes{});
+      else if (need_grad) launch(r, yes{}, no{});
+      else if (reduction != 0) launch(r, no{}, yes{});
+      else launch(r, no{}, no{});
+    };
+    if (target.scalar_type() == logits.scalar_type()) by_mode(target.const_data_ptr<scalar_t>());
+    else by_mode(target.const_data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (reduction != 0) {
+      // "mean" divides by the count of rows the pass added (NaN where a row is not a distribution)
+      finalize_kernel<scalar_t, acc_t><<<1, kFocalFinalThreads, 0, stream>>>(
+          lp, reduction == 1 ? cp : nullptr, grid, 1.0, loss.mutable_data_ptr<scalar_t>(),
+          grad_scale.mutable_data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  if (reduction == 0) grad_scale.fill_(1.0);
+  return {loss, grad, grad_scale};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_focal_cuda(const at::Tensor& logits_in, const at::Tensor& target_in,
                                                                   const std::optional<at::Tensor>& weight_in, double gamma,
                                                                   double label_smoothing, int64_t ignore_index,
@@ -95,17 +160,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_focal_cuda(const at::Tens
   check_reduction(reduction);
   TORCH_CHECK(logits_in.dim() == 2 || logits_in.dim() == 3, "logits must be (N, C) or (N, C, S), got ",
               logits_in.sizes());
-  TORCH_CHECK(target_in.scalar_type() == at::kLong, "target must be int64, got ", target_in.scalar_type());
+  if (weight_in.has_value()) check_same_device(logits_in, "logits", *weight_in, "weight");
+  check_softmax_focal_target(logits_in, target_in, weight_in);
   const int64_t N = logits_in.size(0), C = logits_in.size(1), S = logits_in.dim() == 3 ? logits_in.size(2) : 1;
-  TORCH_CHECK(target_in.numel() == N * S && target_in.size(0) == N,
-              "target must have shape (N,) or (N, S) matching logits ", logits_in.sizes(), ", got ", target_in.sizes());
-  if (weight_in.has_value()) {
-    check_same_device(logits_in, "logits", *weight_in, "weight");
-    TORCH_CHECK(weight_in->dim() == 1 && weight_in->numel() == C, "weight must have shape (C,) = (", C, ",), got ",
-                weight_in->sizes());
-  }
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const at::Tensor logits = logits_in.contiguous();
+  if (target_in.is_floating_point())
+    return softmax_focal_prob_cuda(logits, target_in, weight_in, gamma, label_smoothing, reduction, need_grad);
   const at::Tensor target = target_in.contiguous();
   const int64_t R = N * S;
   at::Tensor loss = loss_output(target, reduction, logits.options());

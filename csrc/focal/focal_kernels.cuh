@@ -142,4 +142,40 @@ softmax_focal_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__
   }
 }
 
+// softmax focal with class-probability targets r in the logits' layout (row (o, s), class c at
+// (o C + c) S + s): one thread per row, as softmax_focal_kernel. A row that is not a distribution
+// (prob_row_ok within tol) gives NaN; every other row counts 1 towards "mean".
+template <typename scalar_t, typename prob_t, bool NEED_GRAD, bool REDUCE>
+__global__ void __launch_bounds__(kFocalThreads)
+softmax_focal_prob_kernel(const scalar_t* __restrict__ x, const prob_t* __restrict__ r,
+                          const at::opmath_type<scalar_t>* __restrict__ weight, int64_t R, int64_t C, int64_t S,
+                          at::opmath_type<scalar_t> gamma, int two_gamma, at::opmath_type<scalar_t> eps,
+                          at::opmath_type<scalar_t> tol, scalar_t* __restrict__ loss_none, scalar_t* __restrict__ grad,
+                          at::opmath_type<scalar_t>* __restrict__ loss_partials,
+                          at::opmath_type<scalar_t>* __restrict__ count_partials) {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t lsum = 0, csum = 0;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; row < R; row += stride) {
+    const int64_t off = (row / S) * C * S + row % S;
+    acc_t count;
+    const acc_t l = softmax_focal_prob_row<acc_t, NEED_GRAD>(x + off, r + off, S, C, weight, gamma, two_gamma, eps,
+                                                            tol, NEED_GRAD ? grad + off : grad, &count);
+    if (REDUCE) {
+      lsum += l;
+      csum += count;
+    } else {
+      loss_none[row] = scalar_t(l);
+    }
+  }
+  if (REDUCE) {
+    lsum = block_sum(lsum);
+    csum = block_sum(csum);
+    if (threadIdx.x == 0) {
+      loss_partials[blockIdx.x] = lsum;
+      count_partials[blockIdx.x] = csum;
+    }
+  }
+}
+
 }  // namespace fastcascade

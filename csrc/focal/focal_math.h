@@ -67,8 +67,10 @@ FC_HD T focal_pow(T m, T gamma, int two_gamma = -1) {
 //   p = sigmoid(x), ce = BCE-with-logits(x, t), m = 1 - p_t = p (1 - t) + (1 - p) t,
 //   loss = alpha_t ce m^gamma,
 //   d loss/dx = alpha_t m^gamma [(p - t) + gamma ce r (1 - 2t)],  r = p (1 - p) / m  in [0, 1].
+// A raw target outside [0, 1] (or NaN) is invalid input: loss and gradient are NaN.
 template <typename T, bool NEED_GRAD, int TWO_GAMMA = -1>
 FC_HD T sigmoid_focal_elem(T x, T t_raw, const SigmoidFocalParams<T>& P, T* grad) {
+  const bool bad = !(t_raw >= T(0) && t_raw <= T(1));
   const T t = t_raw * (T(1) - P.eps) + T(0.5) * P.eps;
   const T e = fc_exp(-(x < T(0) ? -x : x));    // exp(-|x|) in [0, 1]
   const T l1p = fc_log1p(e);
@@ -85,34 +87,64 @@ FC_HD T sigmoid_focal_elem(T x, T t_raw, const SigmoidFocalParams<T>& P, T* grad
   if (NEED_GRAD) {
     const T r = m > T(0) ? p * q / m : (t > T(0.5) ? p : q);
     const T cr = r == T(0) ? T(0) : ce * r;
-    *grad = at * mg * ((p - t) + P.gamma * cr * (T(1) - T(2) * t));
+    const T g = at * mg * ((p - t) + P.gamma * cr * (T(1) - T(2) * t));
+    *grad = bad ? T(NAN) : g;
   }
-  return at * ce * mg;
+  const T loss = at * ce * mg;
+  return bad ? T(NAN) : loss;
 }
 
-// One softmax-focal row: C logits at x[c * stride].
-//   loss = -sum_c w_c q_c (1 - p_c)^gamma log p_c,  q_c = (1 - eps)[c == t] + eps / C,
+// The coefficients q_c of a softmax-focal row: class-index targets, q_c = (1 - eps)[c == t] + eps / C
+template <typename T>
+struct IndexQ {
+  int64_t t;
+  T on, off;
+  FC_HD T operator()(int64_t c) const { return c == t ? on : off; }
+};
+
+// ... and class-probability targets r (at r[c * stride]), q_c = (1 - eps) r_c + eps / C
+template <typename T, typename R>
+struct ProbQ {
+  const R* r;
+  int64_t stride;
+  T keep, add;
+  FC_HD T operator()(int64_t c) const { return T(r[c * stride]) * keep + add; }
+};
+
+// Whether C probabilities at r[c * stride] form a distribution: every entry >= 0 and the sum within
+// tol of 1 (NaN fails both). tol: prob_target_tolerance (focal_checks.h), as
+// fastcascade.reference.probability_tolerance.
+template <typename T, typename R>
+FC_HD bool prob_row_ok(const R* r, int64_t stride, int64_t C, T tol) {
+  bool ok = true;
+  T s = T(0);
+  for (int64_t c = 0; c < C; ++c) {
+    const T v = T(r[c * stride]);
+    ok = ok && v >= T(0);
+    s += v;
+  }
+  const T d = s - T(1);
+  return ok && d <= tol && -d <= tol;
+}
+
+// A row of NaN: the loss, the gradient and the count of an invalid target.
+template <typename T, bool NEED_GRAD, typename G>
+FC_HD T softmax_focal_nan_row(int64_t C, int64_t stride, G* grad, T* count) {
+  const T nan = T(NAN);
+  if (NEED_GRAD)
+    for (int64_t c = 0; c < C; ++c) grad[c * stride] = G(nan);
+  *count = nan;
+  return nan;
+}
+
+// The loss of one softmax-focal row, C logits at x[c * stride], given its coefficients q_c (IndexQ or ProbQ):
+//   loss = -sum_c w_c q_c (1 - p_c)^gamma log p_c,
 //   d loss/dx_j = a_j - p_j sum_c a_c,  a_c = w_c q_c (1 - p_c)^gamma (gamma u_c - 1),
 //   u_c = p_c log p_c / (1 - p_c) in [-1, 0].
-// Ignored rows give loss 0, grad 0 and count 0; a target outside [0, C) gives NaN (never an index).
-// two_gamma = two_gamma_code(gamma). Returns the loss; *count gets w_t (the row's share of the "mean"
-// normaliser).
-template <typename T, bool NEED_GRAD, typename X, typename W, typename G>
-FC_HD T softmax_focal_row(const X* x, int64_t stride, int64_t C, int64_t t, int64_t ignore_index,
-                          const W* weight, T gamma, int two_gamma, T eps, G* grad, T* count) {
-  if (t == ignore_index) {
-    if (NEED_GRAD)
-      for (int64_t c = 0; c < C; ++c) grad[c * stride] = G(0);
-    *count = T(0);
-    return T(0);
-  }
-  if (t < 0 || t >= C) {
-    const T nan = T(NAN);
-    if (NEED_GRAD)
-      for (int64_t c = 0; c < C; ++c) grad[c * stride] = G(nan);
-    *count = nan;
-    return nan;
-  }
+// two_gamma = two_gamma_code(gamma).
+template <typename T, bool NEED_GRAD, typename X, typename W, typename G, typename Q>
+FC_HD T softmax_focal_terms(const X* x, int64_t stride, int64_t C, const W* weight, T gamma, int two_gamma,
+                            const Q& q, G* grad) {
   // log-sum-exp = mx + log1p(sum over c != argmax of exp(x_c - mx)): the arg-max term (exactly 1) is
   // left out of the sum, so log p of a confident class keeps its relative precision.
   T mx = T(x[0]);
@@ -127,7 +159,6 @@ FC_HD T softmax_focal_row(const X* x, int64_t stride, int64_t C, int64_t t, int6
   for (int64_t c = 0; c < C; ++c) s += c == am ? T(0) : fc_exp(fc_shifted(T(x[c * stride]), mx));
   const T log_s = fc_log1p(s);  // log p_c = (x_c - mx) - log_s: never form mx + log_s, which rounds
   const T inv = T(1) / (T(1) + s);
-  const T q_off = eps / T(C), q_on = T(1) - eps + q_off;
   // grad_j = a_j - p_j A with A = a_am + rest (rest: the sum over c != am). For the arg-max class this
   // cancels when p -> 1, so it is formed as a_am (1 - p_am) - p_am rest instead.
   T loss = T(0), a_am = T(0), rest = T(0);
@@ -135,7 +166,7 @@ FC_HD T softmax_focal_row(const X* x, int64_t stride, int64_t C, int64_t t, int6
     for (int64_t c = 0; c < C; ++c) {
       const T d = fc_shifted(T(x[c * stride]), mx);
       const T lp = d - log_s;
-      const T wq = (weight ? T(weight[c]) : T(1)) * (c == t ? q_on : q_off);
+      const T wq = (weight ? T(weight[c]) : T(1)) * q(c);
       // 1 - p without expm1: only the arg-max class can have p > 1/2, and its 1 - p is s / (1 + s).
       const T p = c == am ? inv : fc_exp(d) * inv;
       const T om = c == am ? s * inv : T(1) - p;
@@ -150,8 +181,38 @@ FC_HD T softmax_focal_row(const X* x, int64_t stride, int64_t C, int64_t t, int6
       }
     }
   }
-  *count = weight ? T(weight[t]) : T(1);
   return loss;
+}
+
+// One softmax-focal row with a class-index target t (softmax_focal_terms with IndexQ).
+// Ignored rows give loss 0, grad 0 and count 0; a target outside [0, C) gives NaN (never an index).
+// Returns the loss; *count gets w_t (the row's share of the "mean" normaliser).
+template <typename T, bool NEED_GRAD, typename X, typename W, typename G>
+FC_HD T softmax_focal_row(const X* x, int64_t stride, int64_t C, int64_t t, int64_t ignore_index,
+                          const W* weight, T gamma, int two_gamma, T eps, G* grad, T* count) {
+  if (t == ignore_index) {
+    if (NEED_GRAD)
+      for (int64_t c = 0; c < C; ++c) grad[c * stride] = G(0);
+    *count = T(0);
+    return T(0);
+  }
+  if (t < 0 || t >= C) return softmax_focal_nan_row<T, NEED_GRAD>(C, stride, grad, count);
+  const T q_off = eps / T(C);
+  const IndexQ<T> q{t, T(1) - eps + q_off, q_off};
+  *count = weight ? T(weight[t]) : T(1);
+  return softmax_focal_terms<T, NEED_GRAD>(x, stride, C, weight, gamma, two_gamma, q, grad);
+}
+
+// One softmax-focal row with class-probability targets r[c * stride] (the logits' layout). A row that
+// is not a distribution (prob_row_ok, within tol) gives NaN. *count gets 1: F.cross_entropy's "mean"
+// over probabilities divides by the number of rows.
+template <typename T, bool NEED_GRAD, typename X, typename R, typename W, typename G>
+FC_HD T softmax_focal_prob_row(const X* x, const R* r, int64_t stride, int64_t C, const W* weight, T gamma,
+                               int two_gamma, T eps, T tol, G* grad, T* count) {
+  if (!prob_row_ok<T>(r, stride, C, tol)) return softmax_focal_nan_row<T, NEED_GRAD>(C, stride, grad, count);
+  const ProbQ<T, R> q{r, stride, T(1) - eps, eps / T(C)};
+  *count = T(1);
+  return softmax_focal_terms<T, NEED_GRAD>(x, stride, C, weight, gamma, two_gamma, q, grad);
 }
 
 }  // namespace fastcascade

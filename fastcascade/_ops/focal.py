@@ -1,5 +1,8 @@
 """Fused focal losses (sigmoid_focal, softmax_focal): fake kernels and autograd.
 
+softmax_focal's target is int64 class indices (N,) / (N, S) or floating class probabilities of the
+logits' shape (N, C) / (N, C, S); the kernels tell them apart by dtype, as F.cross_entropy does.
+
 The forward already wrote d loss / d logits (need_grad=True); backward multiplies it by the upstream
 gradient (and by grad_scale, the 1 / normaliser of "mean", a device tensor of the same pass). Under
 backward(create_graph=True) the gradient is recomputed through the reference instead, as a graph.
@@ -25,7 +28,9 @@ def _sigmoid_focal_fake(logits, targets, alpha, gamma, label_smoothing, reductio
 
 
 def _softmax_focal_fake(logits, target, weight, gamma, label_smoothing, ignore_index, reduction, need_grad):
-    loss = logits.new_empty(target.shape) if reduction == 0 else logits.new_empty(())
+    # class indices (N,) / (N, S), or class probabilities of the logits' shape (N, C) / (N, C, S)
+    rows = (logits.shape[0],) + tuple(logits.shape[2:]) if target.is_floating_point() else target.shape
+    loss = logits.new_empty(rows) if reduction == 0 else logits.new_empty(())
     return loss, _grad_output(logits, need_grad), logits.new_empty((), dtype=acc_dtype(logits))
 
 

@@ -9,6 +9,8 @@ from .._checks import number_arg
 
 __all__ = ["check_class_target", "check_common", "class_weight_backend", "need_grad"]
 
+PROB_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
 
 def check_common(logits, gamma: float, label_smoothing: float, reduction: str) -> None:
     """logits: a floating-point tensor; gamma >= 0; label_smoothing in [0, 1); reduction a known name."""
@@ -23,11 +25,17 @@ def check_common(logits, gamma: float, label_smoothing: float, reduction: str) -
         raise ValueError(f"reduction must be one of {tuple(_ops.REDUCTION_CODES)}, got {reduction!r}")
 
 
-def check_class_target(target, logits: torch.Tensor) -> None:
-    """target: an int64 tensor of class ids on the logits' device."""
+def check_class_target(target, logits: torch.Tensor, probabilities: bool = False) -> None:
+    """target: an int64 tensor of class ids on the logits' device (or, with probabilities=True, also a
+    float tensor of class probabilities)."""
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
-    if target.dtype != torch.int64:
+    if probabilities and target.dtype in PROB_DTYPES:
+        pass
+    elif probabilities and target.dtype != torch.int64:
+        raise ValueError(f"target must hold int64 class indices or float class probabilities, got dtype "
+                         f"{target.dtype} (try target.long() or target.float())")
+    elif target.dtype != torch.int64:
         raise ValueError(f"target must hold int64 class indices, got dtype {target.dtype} (try target.long())")
     if target.device != logits.device:
         raise ValueError(f"logits and target must be on the same device, got {logits.device} and {target.device}")

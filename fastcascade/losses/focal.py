@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .. import _ops, reference
-from .._checks import checks_forced, number_arg, value_checks_on
+from .._checks import number_arg, value_checks_on
 from ._common import check_class_target, check_common, class_weight_backend, need_grad
 from .class_weights import class_balanced_weights
 
@@ -44,7 +44,9 @@ def sigmoid_focal_loss(
 
     Args:
         logits: float tensor of any shape (float16, bfloat16, float32, float64).
-        targets: same shape and device; float in [0, 1] (soft targets allowed), bool or uint8.
+        targets: same shape and device; float in [0, 1] (soft targets allowed), bool or uint8 (0 or 1).
+            A target outside [0, 1] (or NaN) is invalid: it raises on the CPU; on CUDA that element's
+            loss and gradient are NaN (checking would sync the host), and FASTCASCADE_CHECK=1 raises.
         alpha: None, < 0 (off) or <= 1. gamma: >= 0. label_smoothing: eps in [0, 1).
         reduction: "none" (same shape as logits) | "mean" (over all elements) | "sum" (0-dim).
         num_positives: divide the summed loss by this (a number > 0 or a one-element tensor on the
@@ -57,8 +59,8 @@ def sigmoid_focal_loss(
     Raises: TypeError when logits or targets is not a tensor; ValueError, naming the argument, for
         non-float logits, targets of another shape, dtype or device, alpha > 1, gamma < 0, eps outside
         [0, 1), an unknown reduction, num_positives with reduction != "mean" or <= 0,
-        hard_negative_ratio < 0, targets that require grad (fused backends), and, with
-        FASTCASCADE_CHECK=1, float targets outside [0, 1].
+        hard_negative_ratio < 0, targets that require grad (fused backends), and targets outside
+        [0, 1] (on CUDA with FASTCASCADE_CHECK=1 only).
     How it compares with torchvision.ops.sigmoid_focal_loss: docs/comparisons.md.
     """
     check_common(logits, gamma, label_smoothing, reduction)
@@ -81,9 +83,11 @@ def sigmoid_focal_loss(
     backend = _ops.resolve_backend(backend, logits.device)
     if backend != "torch" and targets.requires_grad:
         raise ValueError("targets.requires_grad: the fused loss treats targets as constants; use backend='torch'")
-    if checks_forced() and not torch.compiler.is_compiling():
-        if targets.is_floating_point() and bool(((targets < 0) | (targets > 1)).any()):
-            raise ValueError("targets must lie in [0, 1]")
+    if targets.dtype != torch.bool and targets.numel() and value_checks_on(targets):
+        lo, hi = torch.aminmax(targets)
+        if not (bool(lo >= 0) and bool(hi <= 1)):  # NaN fails both
+            raise ValueError(f"targets must lie in [0, 1] (soft targets allowed), got values in "
+                             f"[{lo.item()}, {hi.item()}]")
 
     # The reduction that the kernel does; mining and num_positives reduce afterwards.
     inner = "none" if hard_negative_ratio is not None else ("sum" if num_positives is not None else reduction)
@@ -145,16 +149,21 @@ def softmax_focal_loss(
 ) -> torch.Tensor:
     """Multi-class (softmax) focal loss over dim 1, fused, with F.cross_entropy's conventions.
 
-        loss_i = -sum_c q_ic * w_c * (1 - p_ic) ** gamma * log p_ic,   p = softmax(logits, dim=1),
-        q_ic = (1 - eps) [c == t_i] + eps / C
+        loss_i = -sum_c q_ic * w_c * (1 - p_ic) ** gamma * log p_ic,   p = softmax(logits, dim=1)
 
-    Rows whose target is ignore_index give 0 and do not count; "mean" divides the sum by
-    sum_i w_{t_i} over the kept rows. gamma = 0 gives F.cross_entropy's value and gradient.
+    target holds either class indices t (int64), with q_ic = (1 - eps) [c == t_i] + eps / C: rows
+    whose target is ignore_index give 0 and do not count, and "mean" divides the sum by
+    sum_i w_{t_i} over the kept rows; or class probabilities r (floating, the logits' shape: mixup,
+    soft labels), with q_ic = (1 - eps) r_ic + eps / C: ignore_index does not apply, and "mean"
+    divides the sum by the number of rows (N d1 ...), not by a weight sum. gamma = 0 gives
+    F.cross_entropy's value and gradient in both forms.
 
     Args:
         logits: (N, C), (N, C, d1, ...) or unbatched (C,); float16/bfloat16/float32/float64; C >= 1.
-        target: int64 class indices in [0, C) or ignore_index, on the logits' device: (N,),
-            (N, d1, ...) or () for unbatched logits.
+        target: on the logits' device, either int64 class indices in [0, C) or ignore_index, of shape
+            (N,), (N, d1, ...) or () for unbatched logits; or float16/bfloat16/float32/float64 class
+            probabilities of the logits' shape, each row (along dim 1) >= 0 and summing to 1 within
+            fastcascade.reference.probability_tolerance (1e-3; 1e-2 for 16-bit targets).
         weight: optional float (C,) per-class weights on the logits' device; negative ones are
             accepted, as F.cross_entropy does (dice_focal_loss refuses them).
         gamma: >= 0. label_smoothing: eps in [0, 1).
@@ -163,11 +172,14 @@ def softmax_focal_loss(
     Raises: TypeError when logits or target is not a tensor; ValueError, naming the argument, for
         non-float logits, a target of another dtype, shape or device, a weight not of shape (C,), not
         float, elsewhere, or requiring grad (fused backends), gamma < 0, eps outside [0, 1) or an
-        unknown reduction. A target outside [0, C) (other than ignore_index) raises on the CPU; on
-        CUDA its row gives NaN (never a memory fault), and FASTCASCADE_CHECK=1 raises instead.
+        unknown reduction. A target outside [0, C) (other than ignore_index), or a probability row
+        that is not a distribution, raises on the CPU; on CUDA its row gives NaN (never a memory
+        fault, no host sync), and FASTCASCADE_CHECK=1 raises instead.
     """
     check_common(logits, gamma, label_smoothing, reduction)
-    check_class_target(target, logits)
+    check_class_target(target, logits, probabilities=True)
+    if target.is_floating_point():
+        return _softmax_focal_probs(logits, target, gamma, weight, label_smoothing, reduction, backend)
     unbatched = logits.dim() == 1
     if unbatched:
         logits, target = logits.unsqueeze(0), target.unsqueeze(0)
@@ -205,6 +217,64 @@ def softmax_focal_loss(
     if unbatched and reduction == "none":
         loss = loss.squeeze(0)
     return loss
+
+
+def _softmax_focal_probs(logits, target, gamma, weight, label_smoothing, reduction, backend):
+    """softmax_focal_loss with class-probability targets (checked as far as dtype and device)."""
+    if target.shape != logits.shape:
+        raise ValueError(f"target of class probabilities must have the logits' shape {tuple(logits.shape)}, "
+                         f"got {tuple(target.shape)}")
+    unbatched = logits.dim() == 1
+    if unbatched:
+        logits, target = logits.unsqueeze(0), target.unsqueeze(0)
+    C = logits.shape[1]
+    if C == 0:
+        raise ValueError(f"logits must have at least one class along dim 1, got shape {tuple(logits.shape)}")
+    backend = class_weight_backend(weight, C, logits, backend)
+    if backend != "torch" and target.requires_grad:
+        raise ValueError("target.requires_grad: the fused loss treats target probabilities as constants; use "
+                         "backend='torch'")
+    if target.numel() and value_checks_on(target):
+        _check_distributions(target)
+
+    if backend == "torch":
+        loss = reference.softmax_focal_loss(logits, target, gamma, weight, -100, label_smoothing, reduction)
+    else:
+        # The op takes (N, C) rows or (N, C, S) planes; channels-last logits become rows without a copy.
+        if logits.dim() > 2 and logits.movedim(1, -1).is_contiguous():
+            x, t = logits.movedim(1, -1).reshape(-1, C), target.movedim(1, -1).reshape(-1, C)
+        elif logits.dim() > 2:
+            x, t = logits.reshape(logits.shape[0], C, -1), target.reshape(target.shape[0], C, -1)
+        else:
+            x, t = logits, target
+        loss, _, _ = _ops.op("softmax_focal", backend)(
+            x, t, weight, float(gamma), float(label_smoothing), _ops.NO_IGNORE_INDEX,
+            _ops.REDUCTION_CODES[reduction], need_grad(logits),
+        )
+        if reduction == "none":
+            loss = loss.view((logits.shape[0],) + tuple(logits.shape[2:]))
+    if unbatched and reduction == "none":
+        loss = loss.squeeze(0)
+    return loss
+
+
+def _check_distributions(target: torch.Tensor) -> None:
+    """Every row of target (along dim 1) >= 0 and summing to 1 within probability_tolerance."""
+    tol = reference.probability_tolerance(target.dtype)
+    acc = torch.float64 if target.dtype == torch.float64 else torch.float32
+    total = target.sum(1, dtype=acc)
+    # the common case in two cheap reductions (NaN fails both); the row-wise search only to word the error
+    if bool(target.amin() >= 0) and bool((total - 1).abs().amax() <= tol):
+        return
+    r = target.to(acc)
+    bad = ~((r >= 0).all(1) & ((total - 1).abs() <= tol))
+    if bool(bad.any()):
+        first = bad.nonzero()[0].tolist()
+        row = (first[0], slice(None), *first[1:])
+        raise ValueError(f"target holds class probabilities whose rows along dim 1 are not distributions (every "
+                         f"entry >= 0, summing to 1 within {tol}): {int(bad.sum())} bad row(s), the first at "
+                         f"{tuple(first)} sums to {total[tuple(first)].item():.6g} with smallest entry "
+                         f"{r[row].min().item():.6g}")
 
 
 def _same_dense_layout(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -267,6 +267,32 @@ class Emulated:
             ctypes.c_uint64(seed), self._p(loss), self._p(grad), self._p(grad_scale)))
         return loss, grad, grad_scale
 
+    def softmax_focal_prob(self, logits, probs, weight, gamma, label_smoothing, reduction, need_grad, *, device=H100,
+                           schedule="forward", seed=0):
+        """(loss, grad, grad_scale) of the softmax_focal op with class-probability targets (the logits' shape,
+        (N, C) or (N, C, S)), converted as focal_cuda.cu does: kept in the logits' dtype or float32."""
+        from fastcascade import reference
+
+        tol = reference.probability_tolerance(probs.dtype)
+        if probs.dtype != logits.dtype:
+            probs = probs.float()
+        logits, probs = logits.contiguous(), probs.contiguous()
+        N, C = logits.shape[0], logits.shape[1]
+        S = logits.shape[2] if logits.dim() == 3 else 1
+        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        w = None if weight is None else weight.to(acc).contiguous()
+        loss = torch.full((N, S) if logits.dim() == 3 and reduction == 0 else ((N,) if reduction == 0 else ()),
+                          float("nan"), dtype=logits.dtype)
+        grad = torch.full(logits.shape if need_grad else (0,), float("nan"), dtype=logits.dtype)
+        grad_scale = torch.full((), float("nan"), dtype=acc)
+        self._check(self.lib.fc_emu_softmax_focal_prob(
+            _CODES[logits.dtype], self._p(logits), _CODES[probs.dtype], self._p(probs), self._p(w), _i64(N), _i64(C),
+            _i64(S), ctypes.c_double(gamma), ctypes.c_double(label_smoothing), ctypes.c_double(tol),
+            ctypes.c_int(reduction), ctypes.c_int(need_grad), _i64(device[0]), _i64(device[1]),
+            ctypes.c_int(SCHEDULES[schedule]), ctypes.c_uint64(seed), self._p(loss), self._p(grad),
+            self._p(grad_scale)))
+        return loss, grad, grad_scale
+
     # routing
 
     def _rows_args(self, device, schedule, seed):

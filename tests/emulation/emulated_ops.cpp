@@ -235,6 +235,64 @@ int fc_emu_softmax_focal(int x_code, const void* x_in, const int64_t* target, co
   });
 }
 
+// focal_cuda.cu's softmax_focal_prob_cuda after its checks, on contiguous (N, C, S) logits and probability
+// targets of the same layout, in the logits' dtype or float32 (r_code), as the .cu converts them; tol as
+// prob_target_tolerance gives it.
+int fc_emu_softmax_focal_prob(int x_code, const void* x_in, int r_code, const void* r_in, const void* weight,
+                              int64_t N, int64_t C, int64_t S, double gamma, double eps, double tol, int reduction,
+                              int need_grad, int64_t sms, int64_t smem_optin, int schedule, uint64_t seed, void* loss,
+                              void* grad, void* grad_scale) {
+  return guarded([&] {
+    with_logits(x_code, [&](auto xt) {
+      using scalar_t = typename decltype(xt)::type;
+      using acc_t = at::opmath_type<scalar_t>;
+      acc_t* gs = static_cast<acc_t*>(grad_scale);
+      scalar_t* lo = static_cast<scalar_t*>(loss);
+      const int64_t R = N * S;
+      if (R == 0) {
+        if (reduction != 0) *lo = scalar_t(reduction == 1 ? NAN : 0.0);
+        *gs = acc_t(reduction == 1 ? 0.0 : 1.0);
+        return;
+      }
+      const LaunchConfig pass = softmax_focal_launch(R, sizeof(acc_t) == 8 ? 8 : 4, DeviceLimits{sms, smem_optin});
+      const int grid = int(pass.grid_x);
+      std::vector<acc_t> parts = poisoned<acc_t>(reduction == 0 ? 0 : 2 * grid);
+      acc_t* lp = reduction == 0 ? nullptr : parts.data();
+      acc_t* cp = reduction == 0 ? nullptr : lp + grid;
+      const scalar_t* x = static_cast<const scalar_t*>(x_in);
+      const acc_t* w = static_cast<const acc_t*>(weight);
+      scalar_t* lout = reduction == 0 ? lo : nullptr;
+      scalar_t* gout = need_grad ? static_cast<scalar_t*>(grad) : nullptr;
+      const acc_t gm = acc_t(gamma), ep = acc_t(eps), tl = acc_t(tol);
+      const fc_emu::Options o = options(schedule, seed);
+      auto run = [&](auto rt) {
+        using prob_t = typename decltype(rt)::type;
+        const prob_t* r = static_cast<const prob_t*>(r_in);
+        auto go = [&](auto grad_c, auto reduce_c) {
+          fc_emu::launch(shape_of(pass), o,
+                         &softmax_focal_prob_kernel<scalar_t, prob_t, decltype(grad_c)::value, decltype(reduce_c)::value>,
+                         x, r, w, R, C, S, gm, two_gamma_code(gamma), ep, tl, lout, gout, lp, cp);
+        };
+        using yes = std::true_type;
+        using no = std::false_type;
+        if (need_grad && reduction != 0) go(yes{}, yes{});
+        else if (need_grad) go(yes{}, no{});
+        else if (reduction != 0) go(no{}, yes{});
+        else go(no{}, no{});
+      };
+      if (r_code == x_code) run(Tag<scalar_t>{});
+      else if (r_code == kF32) run(Tag<float>{});
+      else throw fc_emu::Error("probability dtype code " + std::to_string(r_code) + " is neither float32 nor the logits'");
+      if (reduction != 0)
+        fc_emu::launch(shape_of(focal_finalize_launch()), o, &finalize_kernel<scalar_t, acc_t>,
+                       static_cast<const acc_t*>(lp), static_cast<const acc_t*>(reduction == 1 ? cp : nullptr), grid,
+                       1.0, lo, gs);
+      else
+        *gs = acc_t(1);
+    });
+  });
+}
+
 #ifndef FC_EMU_NARROW
 // routing_cuda.cu's route_threshold_cuda: c = logit_threshold, x (N,) contiguous.
 int fc_emu_route_threshold(int x_code, const void* x, int64_t N, double c, int64_t sms, int64_t smem_optin,

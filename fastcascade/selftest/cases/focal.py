@@ -48,6 +48,21 @@ SOFTMAX_SATURATED = (((1e4, -1e4, 0.0), 0), ((-1e4, 1e4, 5.0), 1), ((60.0, -60.0
 # ---------------------------------------------------------------------------------------------
 # self-test
 
+# The tolerance model (reference_errors) measures the reference's rounding error with every float input
+# nudged by a few units of the dtype's precision, targets included: a hard target of 1 becomes 1 + 4 eps and
+# a row of bfloat16 probabilities may sum to 1 +- 3%, both invalid input (NaN). The references project
+# them back; on the targets the cases draw (valid ones) the projections are the identity, up to rounding.
+
+
+def _valid_targets(t):
+    return t.clamp(0, 1) if t.is_floating_point() else t
+
+
+def _valid_probabilities(r):
+    r = r.clamp(min=0)
+    return r / r.sum(1, keepdim=True)
+
+
 
 def _sigmoid_case(row, dtype):
     alpha, gamma = row.get("alpha", 0.25), row.get("gamma", 2.0)
@@ -65,11 +80,12 @@ def _sigmoid_case(row, dtype):
     label = f"{row.label}{' strided' if strided else ''} {reduction}"
     return Case("sigmoid_focal", row.tier, label, dtype, make,
                 lambda b, x, t: public_api().sigmoid_focal_loss(x, t, alpha, gamma, reduction, eps, backend=b),
-                lambda x, t: reference.sigmoid_focal_loss(x, t, alpha, gamma, reduction, eps),
+                lambda x, t: reference.sigmoid_focal_loss(x, _valid_targets(t), alpha, gamma, reduction, eps),
                 ("logits", "targets"), ("loss",), diff=(0,), views={0: view} if view else {})
 
 
-def _softmax_case(row, dtype):
+def _softmax_case(row, dtype, probs=False):
+    """probs: class-probability targets of the logits' shape (float32) instead of class indices."""
     shape, C = row.shape, row.shape[1]
     gamma, weighted, ignore = row.get("gamma", 2.0), row.get("weighted", False), row.get("ignore", -100)
     eps, reduction = row.get("eps", 0.0), row.get("reduction", "mean")
@@ -80,8 +96,11 @@ def _softmax_case(row, dtype):
         x = randn(gen, device, shape, dtype, 3.0)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        t = randint(gen, device, C, t_shape)
-        t.view(-1)[0] = (ignore + 1) % C  # at least one counted row ("mean" over none is NaN)
+        if probs:
+            t = torch.softmax(randn(gen, device, shape, torch.float32, 2.0), 1)
+        else:
+            t = randint(gen, device, C, t_shape)
+            t.view(-1)[0] = (ignore + 1) % C  # at least one counted row ("mean" over none is NaN)
         w = torch.rand(C, generator=gen, device=device) + 0.5 if weighted else None
         return [x, t] + ([w] if weighted else [])
 
@@ -94,9 +113,10 @@ def _softmax_case(row, dtype):
 
     def ref(*args):
         x, t, w = split(args)
-        return reference.softmax_focal_loss(x, t, gamma, w, ignore, eps, reduction)
+        return reference.softmax_focal_loss(x, _valid_probabilities(t) if probs else t, gamma, w, ignore, eps,
+                                            reduction)
 
-    label = row.label + (" nhwc" if channels_last else "") + f" {reduction}"
+    label = row.label + (" nhwc" if channels_last else "") + (" probabilities" if probs else "") + f" {reduction}"
     return Case("softmax_focal", row.tier, label, dtype, make, public, ref,
                 ("logits", "target") + (("weight",) if weighted else ()), ("loss",), diff=(0,))
 
@@ -106,9 +126,10 @@ def selftest_cases(dtypes, tiers, quick=False) -> list:
     for d in dtypes:
         out += [_sigmoid_case(r, d) for r in in_tiers(SIGMOID, set(tiers) - {"bench"})]
         out += [_softmax_case(r, d) for r in in_tiers(SOFTMAX, set(tiers) - {"bench"})]
+        out += [_softmax_case(r, d, probs=True) for r in in_tiers(SOFTMAX, set(tiers) - {"bench"})]
     if "bench" in tiers:
         out += [_sigmoid_case(r, d) for r in in_tiers(SIGMOID, ("bench",)) for d in (f32, bf16)]
-        out += [_softmax_case(r, f32) for r in in_tiers(SOFTMAX, ("bench",))]
+        out += [_softmax_case(r, f32, probs) for r in in_tiers(SOFTMAX, ("bench",)) for probs in (False, True)]
     return out
 
 
@@ -120,10 +141,12 @@ def _sigmoid(n, dtype=f32, tdtype=None, reduction=1, need_grad=True):
     return (Meta((n,), dtype), Meta((n,), tdtype or dtype), 0.25, 2.0, 0.0, reduction, need_grad)
 
 
-def _softmax(shape, dtype=f32, weight=False, reduction=1, need_grad=True, ignore=-100, smoothing=0.0):
+def _softmax(shape, dtype=f32, weight=False, reduction=1, need_grad=True, ignore=-100, smoothing=0.0, probs=None):
+    """probs: the dtype of class-probability targets (the logits' shape) instead of int64 class indices."""
     N, C = shape[0], shape[1]
     tshape = (N, shape[2]) if len(shape) == 3 else (N,)
-    return (Meta(shape, dtype), Meta(tshape, i64), Meta((C,), f32) if weight else None, 2.0, smoothing, ignore,
+    target = Meta(shape, probs) if probs is not None else Meta(tshape, i64)
+    return (Meta(shape, dtype), target, Meta((C,), f32) if weight else None, 2.0, smoothing, ignore,
             reduction, need_grad)
 
 
@@ -145,4 +168,16 @@ GATE = [
     GateCase("softmax-C4097-chunked-spatial-fp64", "softmax_focal_triton",
              _softmax((2, 5000, 3), f64, need_grad=False)),
     GateCase("softmax-spatial-huge", "softmax_focal_triton", _softmax((3, 10, I32 // 8), bf16)),
+    # class-probability targets
+    GateCase("softmax-probs-4M-C10-fp32", "softmax_focal_triton", _softmax((1 << 22, 10), probs=f32), bench=True),
+    GateCase("softmax-probs-4M-C10-bf16-fp32probs", "softmax_focal_triton",
+             _softmax((1 << 22, 10), bf16, probs=f32), bench=True),
+    GateCase("softmax-probs-C3-fp16-none-nograd", "softmax_focal_triton",
+             _softmax((4097, 3), f16, reduction=0, need_grad=False, probs=f16)),
+    GateCase("softmax-probs-C4096-spatial-fp64-weight", "softmax_focal_triton",
+             _softmax((3, 4096, 5), f64, weight=True, smoothing=0.1, probs=f64)),
+    GateCase("softmax-probs-C4097-chunked", "softmax_focal_triton", _softmax((5, 4097), weight=True, probs=f32)),
+    GateCase("softmax-probs-C4097-chunked-spatial-bf16", "softmax_focal_triton",
+             _softmax((2, 5000, 3), bf16, reduction=0, probs=bf16)),
+    GateCase("softmax-probs-spatial-huge", "softmax_focal_triton", _softmax((3, 10, I32 // 16), bf16, probs=bf16)),
 ]
