@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import data as fd
@@ -26,7 +25,8 @@ __all__ = ["AB_CLASS_FACTORS", "DihedralMixup", "OwnHierarchy", "stage_counts", 
 
 
 class DihedralMixup:
-    """RandomDihedral then mixup of the AB targets: returns soft (N, 4) targets (for a soft-target loss)."""
+    """RandomDihedral then mixup of the AB targets: returns soft (N, 4) targets (class probabilities, which the
+    softmax focal losses take as F.cross_entropy does)."""
 
     def __init__(self, alpha: float, seed: int):
         self.alpha = alpha
@@ -85,8 +85,8 @@ def train_own_hierarchy(run: Run) -> OwnHierarchy:
     # the plan's oversampling of the AB classes
     augments = [fd.RandomDihedral(seed=seed + 31), fd.RandomDihedral(p_transpose=0.0, seed=seed + 32),
                 DihedralMixup(alpha=0.4, seed=seed + 33)]
-    # the mixup member learns from soft targets: cross-entropy takes class probabilities
-    losses = [SoftmaxFocalLoss(gamma=2.0), SoftmaxFocalLoss(gamma=2.0), F.cross_entropy]
+    # focal loss for every member, as the plan says: the mixup member's targets are class probabilities
+    losses = [SoftmaxFocalLoss(gamma=2.0) for _ in range(3)]
     ab = []
     for k in range(3):
         m = with_new_head(s1, 4, seed + 3 + k)
