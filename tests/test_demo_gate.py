@@ -9,9 +9,8 @@ import torch
 from fastcascade import data as fd
 from fastcascade import flops_per_row
 from fastcascade.demo.context import NUM_LABELS, Run, blocks_of, labels_of
-from fastcascade.demo.gate import GATE_WIDTHS, RawGate, train_raw_gates
+from fastcascade.demo.gate import GATE_RECIPE, GATE_WIDTHS, RawGate, train_raw_gates
 from fastcascade.demo.models import SmallCNN
-from fastcascade.demo.stage1 import STAGE1_RECIPE
 from fastcascade.inference import fold_batchnorms, inference_form
 
 EXAMPLE = torch.zeros(1, 1, 16, 16)
@@ -108,7 +107,7 @@ def _stage1_quality(gate: RawGate, ds) -> tuple[float, float]:
     gate.eval()
     t = fd.stage_targets(labels_of(ds))["stage1"]
     logits = gate(blocks_of(ds))
-    return float(STAGE1_RECIPE.loss(logits, t)), float(((logits.reshape(-1) > 0).long() == t).float().mean())
+    return float(GATE_RECIPE.loss(logits, t)), float(((logits.reshape(-1) > 0).long() == t).float().mean())
 
 
 @pytest.mark.parametrize("variance", [True, False])
