@@ -298,7 +298,7 @@ def test_steady_allocator_is_applied_once_where_glibc_is():
     first = fc.steady_allocator()
     assert fc.steady_allocator() is first  # idempotent
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-        assert first is True  # mallopt accepted both thresholds (it returns 0 for a value it refuses)
+        assert first is True  # mallopt accepted all three settings (it returns 0 for a value it refuses)
 
 
 def test_bad_arguments():
