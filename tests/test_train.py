@@ -789,6 +789,8 @@ def test_demo_quick_end_to_end(tmp_path):
     assert m["training_warnings"] == [{"model": k, **w} for k, h in m["history"].items() for r in h
                                       for w in r["warnings"]]
     assert all(w["kind"] in ("collapse", "best_epoch_first", "drop_after_unfreeze") for w in m["training_warnings"])
+    assert m["seeds"]["0"]["training_warnings"] == m["training_warnings"]
+    assert isinstance(m["seeds"]["1"]["training_warnings"], list)
     for seed in ("seed-0", "seed-1"):
         for png in ("frontier.png", "confusion_flat.png", "confusion_v6-own.png", "confusion_gate.png",
                     "learning_curves.png", "confusion_v6-trunk_stage_stage2.png", "stage1_thresholds.png"):

@@ -284,7 +284,8 @@ def _over_seeds(runs: list[dict], seeds: list[int]) -> dict:
         print(format_ablation(stage1["ablation"]))
     first = runs[0]
     return {**first, "config": {**first["config"], "seeds": seeds},
-            "seeds": {str(s): {"designs": r["designs"], "summary": r["summary"], "stage1": r["stage1"]}
+            "seeds": {str(s): {"designs": r["designs"], "summary": r["summary"], "stage1": r["stage1"],
+                               "training_warnings": r["training_warnings"]}
                       for s, r in zip(seeds, runs)},
             "aggregate": agg, "stage_tables": {k: fd.aggregate_stage_tables(v) for k, v in tables.items()},
             "stage1_aggregate": stage1, "target": check}
