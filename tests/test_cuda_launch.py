@@ -269,6 +269,7 @@ LAUNCHED_WITH = {
     "pooled_adapter_bwd_kernel": ("pooled_adapter_backward", {"B": 1, "C": 1, "r": 1, "acc_bytes": 0}),
     "sigmoid_focal_kernel": ("sigmoid_focal", {"N": 1, "acc_bytes": 0}),
     "softmax_focal_kernel": ("softmax_focal", {"R": 1, "acc_bytes": 0}),
+    "softmax_focal_prob_kernel": ("softmax_focal", {"R": 1, "acc_bytes": 0}),  # the same launch and block sums
     "finalize_kernel": ("focal_finalize", {}),
     "confusion_kernel": ("confusion_matrix", {"N": 1, "C": 2}),
     "partition_tiles_kernel": ("partition", {"N": 1, "B": 2}),
