@@ -108,23 +108,18 @@ finalize_kernel(const acc_t* __restrict__ partials, const acc_t* __restrict__ co
 // ---------------------------------------------------------------------------------------------
 // softmax focal: one thread per row (o, s); the row's C logits sit at stride S.
 
-template <typename scalar_t, bool NEED_GRAD, bool REDUCE>
-__global__ void __launch_bounds__(kFocalThreads)
-softmax_focal_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ target,
-                     const at::opmath_type<scalar_t>* __restrict__ weight, int64_t R, int64_t C, int64_t S,
-                     at::opmath_type<scalar_t> gamma, int two_gamma, at::opmath_type<scalar_t> eps,
-                     int64_t ignore_index,
-                     scalar_t* __restrict__ loss_none, scalar_t* __restrict__ grad,
-                     at::opmath_type<scalar_t>* __restrict__ loss_partials,
-                     at::opmath_type<scalar_t>* __restrict__ count_partials) {
-  using acc_t = at::opmath_type<scalar_t>;
+// The grid-stride loop over rows and the block sums both softmax focal kernels share: row_loss(off, &count)
+// returns row r's loss (off = its first logit's offset) and sets the row's count towards "mean".
+template <typename acc_t, typename scalar_t, bool REDUCE, typename RowLoss>
+__device__ __forceinline__ void softmax_focal_rows(int64_t R, int64_t C, int64_t S, RowLoss row_loss,
+                                                   scalar_t* __restrict__ loss_none,
+                                                   acc_t* __restrict__ loss_partials,
+                                                   acc_t* __restrict__ count_partials) {
   acc_t lsum = 0, csum = 0;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < R; r += stride) {
-    const int64_t off = (r / S) * C * S + r % S;
     acc_t count;
-    const acc_t l = softmax_focal_row<acc_t, NEED_GRAD>(x + off, S, C, target[r], ignore_index, weight, gamma,
-                                                       two_gamma, eps, NEED_GRAD ? grad + off : grad, &count);
+    const acc_t l = row_loss(r, (r / S) * C * S + r % S, &count);
     if (REDUCE) {
       lsum += l;
       csum += count;
@@ -142,6 +137,25 @@ softmax_focal_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__
   }
 }
 
+template <typename scalar_t, bool NEED_GRAD, bool REDUCE>
+__global__ void __launch_bounds__(kFocalThreads)
+softmax_focal_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ target,
+                     const at::opmath_type<scalar_t>* __restrict__ weight, int64_t R, int64_t C, int64_t S,
+                     at::opmath_type<scalar_t> gamma, int two_gamma, at::opmath_type<scalar_t> eps,
+                     int64_t ignore_index,
+                     scalar_t* __restrict__ loss_none, scalar_t* __restrict__ grad,
+                     at::opmath_type<scalar_t>* __restrict__ loss_partials,
+                     at::opmath_type<scalar_t>* __restrict__ count_partials) {
+  using acc_t = at::opmath_type<scalar_t>;
+  softmax_focal_rows<acc_t, scalar_t, REDUCE>(
+      R, C, S,
+      [&](int64_t r, int64_t off, acc_t* count) {
+        return softmax_focal_row<acc_t, NEED_GRAD>(x + off, S, C, target[r], ignore_index, weight, gamma, two_gamma,
+                                                   eps, NEED_GRAD ? grad + off : grad, count);
+      },
+      loss_none, loss_partials, count_partials);
+}
+
 // softmax focal with class-probability targets r in the logits' layout (row (o, s), class c at
 // (o C + c) S + s): one thread per row, as softmax_focal_kernel. A row that is not a distribution
 // (prob_row_ok within tol) gives NaN; every other row counts 1 towards "mean".
@@ -154,28 +168,13 @@ softmax_focal_prob_kernel(const scalar_t* __restrict__ x, const prob_t* __restri
                           at::opmath_type<scalar_t>* __restrict__ loss_partials,
                           at::opmath_type<scalar_t>* __restrict__ count_partials) {
   using acc_t = at::opmath_type<scalar_t>;
-  acc_t lsum = 0, csum = 0;
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; row < R; row += stride) {
-    const int64_t off = (row / S) * C * S + row % S;
-    acc_t count;
-    const acc_t l = softmax_focal_prob_row<acc_t, NEED_GRAD>(x + off, r + off, S, C, weight, gamma, two_gamma, eps,
-                                                            tol, NEED_GRAD ? grad + off : grad, &count);
-    if (REDUCE) {
-      lsum += l;
-      csum += count;
-    } else {
-      loss_none[row] = scalar_t(l);
-    }
-  }
-  if (REDUCE) {
-    lsum = block_sum(lsum);
-    csum = block_sum(csum);
-    if (threadIdx.x == 0) {
-      loss_partials[blockIdx.x] = lsum;
-      count_partials[blockIdx.x] = csum;
-    }
-  }
+  softmax_focal_rows<acc_t, scalar_t, REDUCE>(
+      R, C, S,
+      [&](int64_t, int64_t off, acc_t* count) {
+        return softmax_focal_prob_row<acc_t, NEED_GRAD>(x + off, r + off, S, C, weight, gamma, two_gamma, eps, tol,
+                                                        NEED_GRAD ? grad + off : grad, count);
+      },
+      loss_none, loss_partials, count_partials);
 }
 
 }  // namespace fastcascade
