@@ -223,8 +223,9 @@ def test_measure_latencies_times_every_models_parts_in_the_same_rounds():
     x = torch.randn(6, 4)
     lats = fc.measure_latencies({"a": _Logged("a", log), "b": _Logged("b", log)}, x, batch_sizes=(2, 1),
                                 repeats=3, warmup=0)
-    # every round: each size, each model in turn (never all of one model's calls, then the other's)
-    assert log == [("a", 1), ("b", 1), ("a", 2), ("b", 2)] * 3
+    # every round: each size, each model in turn (never all of one model's calls, then the other's); in its turn
+    # a model runs twice, the timed call right after its own untimed one, as the second batch of a stream
+    assert log == [("a", 1), ("a", 1), ("b", 1), ("b", 1), ("a", 2), ("a", 2), ("b", 2), ("b", 2)] * 3
     assert list(lats) == ["a", "b"] and all(list(v.parts) == ["model"] and v.batch_sizes == (1, 2)
                                             for v in lats.values())
     # a cascade among them gets its parts, as measure_latency gives them
@@ -240,6 +241,36 @@ def test_measure_latencies_times_every_models_parts_in_the_same_rounds():
         fc.measure_latencies({"a": _Logged("a", log), "b": len}, x)
     with pytest.raises(ValueError, match="models: expected every model on one device"):
         fc.measure_latencies({"a": _Logged("a", log), "m": nn.Linear(4, 2, device="meta")}, x)
+
+
+def test_a_cascade_s_parts_are_timed_in_the_order_its_predict_calls_them():
+    """In a pass over a cascade's parts, each part follows what precedes it in a run (so that the caches hold
+    what they hold there): the modules' first calls in Cascade.predict come in the pass's order."""
+    from fastcascade.cascade.measure import _call_order
+
+    checked = 0
+    for seed in range(12):
+        c = random_cascade(seed, max_depth=3, segments=2, num_labels=4).eval()
+        names = latency_parts(c)[0]
+        order = _call_order(c, names)
+        assert sorted(order) == sorted(n for n in names if n != "runner") and order[0] == "call"
+        part_of = {c.trunk[s]: s for s in c.segments}
+        for node in c.nodes:
+            if isinstance(node, fc.Ensemble):
+                part_of.update({m: f"{node.name}.{k}" for k, m in enumerate(node.members)})
+            else:
+                part_of[node.module] = node.name
+        seen = []
+        hooks = [m.register_forward_hook(lambda m, i, o, p=p: seen.append(p) if p not in seen else None)
+                 for m, p in part_of.items()]
+        try:
+            c.predict(random_input(400, seed))
+        finally:
+            for h in hooks:
+                h.remove()
+        assert seen == [p for p in order if p in seen], seed
+        checked += len(seen) > 3
+    assert checked >= 6  # trees with several stages reached, not only roots
 
 
 def test_the_runner_part_is_what_whole_calls_cost_beyond_the_parts_their_rows_reached():

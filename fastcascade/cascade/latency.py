@@ -11,11 +11,13 @@ the gather that hands a node its rows' features or inputs (``<node>/gather``, pa
 it), the vote of every ensemble (``<ensemble>/vote``), the fixed cost of a predict call (``call``) and the
 runner's own time (``runner``: whole predict calls on the example, timed in turns with the parts, less the
 parts the example's rows reached: the runner's bookkeeping between parts and what parts lose to each other's
-use of the caches, measured at the cascade's setting when it is measured; both paid per call by every row). Each part is timed on n rows for every n of batch_sizes
-(warm-up calls first, then `repeats` timed calls per size, all (part, size) pairs taking turns so a burst
-of load from elsewhere hits them alike): the median and the 95th percentile are kept. A part's time on n
-rows is interpolated linearly between the measured sizes (per-row cost is not constant: small batches pay
-a fixed cost per call, large ones fall out of cache) and extrapolated along the last two sizes above them.
+use of the caches, measured at the cascade's setting when it is measured; both paid per call by every row).
+Each part is timed on n rows for every n of batch_sizes (warm-up calls first, then `repeats` timed calls per
+size, all (model, size) pairs taking turns so a burst of load from elsewhere hits them alike; in its turn a
+model's parts run twice in their order, timed the second time: after the model's own parts, as in a stream
+of batches): the median and the 95th percentile are kept. A part's time on n rows is interpolated linearly
+between the measured sizes (per-row cost is not constant: small batches pay a fixed cost per call, large
+ones fall out of cache) and extrapolated along the last two sizes above them.
 
 The prediction. At run batch size B, a part that a fraction p of the rows reach is called in a batch when
 at least one of its B rows reaches it, with probability P = 1 - (1 - p)^B (rows independent), and then on

@@ -151,40 +151,58 @@ def _device_of(model: nn.Module, device) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def _timed(fns: dict, sizes: Sequence[int], repeats: int, warmup: int, device: torch.device) -> dict:
-    """Warm-up calls of every (part, size), then `repeats` rounds in which every (part, size) runs once, in turn:
-    a burst of load from elsewhere meets them all alike instead of one size's every measurement. (On the CPU
-    this needs steady_allocator: with glibc's adaptive thresholds, alternating sizes map fresh memory.)
-    {key of fns: PartTiming}."""
+def _timed(models: dict[str, dict], sizes: Sequence[int], repeats: int, warmup: int,
+           device: torch.device) -> dict:
+    """{(model, part): PartTiming} of models {name: {part: fn(n)}} (each model's parts in the order it calls them).
+
+    Each round takes every size in turn and, at each size, every model in turn: a burst of load from elsewhere
+    meets them all alike instead of one size's or one model's every measurement. A model's turn is two passes
+    over its parts on n rows, the first untimed, the second timed part by part: like the second of a stream of
+    batches, every part runs after the model's own parts on the previous batch, which is the state of the
+    caches when the model runs (a plain model streaming batches finds its weights and buffers where its last
+    call left them; a cascade's parts find each other's traces), not after every other model's parts (which
+    made the demo's flat model, in cache at 128 rows, 5-21% faster in its runs than predicted). Timing a part
+    right after a call of itself instead would be too warm for a cascade, whose parts alternate. `warmup`
+    untimed passes of every (model, size) come first. (On the CPU this needs steady_allocator: with glibc's
+    adaptive thresholds, alternating sizes map fresh memory.)"""
     cuda = device.type == "cuda"
-    for fn in fns.values():
+
+    def run(fns, n):
+        for fn in fns.values():
+            fn(n)
+
+    for fns in models.values():
         for n in sizes:
             for _ in range(warmup):
-                fn(n)
+                run(fns, n)
     if cuda:
         torch.cuda.synchronize(device)
-    times = {(k, n): [] for n in sizes for k in fns}
+    times = {(m, k, n): [] for n in sizes for m, fns in models.items() for k in fns}
     for _ in range(repeats):
-        for (k, n), ts in times.items():
-            if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fns[k](n)
-                end.record()
-                end.synchronize()
-                ts.append(start.elapsed_time(end) / 1e3)
-            else:
-                t = time.perf_counter()
-                fns[k](n)
-                ts.append(time.perf_counter() - t)
-    out = {}
-    for k in fns:
-        med, p95 = [], []
         for n in sizes:
-            ts = torch.tensor(times[(k, n)], dtype=torch.float64)
-            med.append(float(ts.quantile(0.5)))
-            p95.append(float(ts.quantile(0.95)))
-        out[k] = PartTiming(tuple(sizes), tuple(med), tuple(p95))
+            for m, fns in models.items():
+                run(fns, n)
+                for k, fn in fns.items():
+                    if cuda:
+                        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                        start.record()
+                        fn(n)
+                        end.record()
+                        end.synchronize()
+                        times[m, k, n].append(start.elapsed_time(end) / 1e3)
+                    else:
+                        t = time.perf_counter()
+                        fn(n)
+                        times[m, k, n].append(time.perf_counter() - t)
+    out = {}
+    for m, fns in models.items():
+        for k in fns:
+            med, p95 = [], []
+            for n in sizes:
+                ts = torch.tensor(times[m, k, n], dtype=torch.float64)
+                med.append(float(ts.quantile(0.5)))
+                p95.append(float(ts.quantile(0.95)))
+            out[m, k] = PartTiming(tuple(sizes), tuple(med), tuple(p95))
     return out
 
 
@@ -200,7 +218,8 @@ def measure_latency(model: nn.Module, example: torch.Tensor, batch_sizes: Sequen
             the largest batch size, so a few hundred representative rows are enough.
         batch_sizes: the row counts each part is timed at (ints >= 1; include the run batch size).
         device: where to measure (default: the model's); a model elsewhere is measured as a copy moved there.
-        repeats: timed calls per (part, size), taken in turns; warmup: untimed calls per (part, size) first.
+        repeats: timed calls per (part, size), taken in turns, each right after an untimed pass over the
+            model's parts (see _timed); warmup: untimed passes over the parts per size first.
     On the CPU, call fastcascade.steady_allocator() first (once per process) or use jemalloc / tcmalloc: with
     glibc's adaptive thresholds a part's time depends on what ran before it, in the measurement and in the run.
     To compare models (a cascade and the model it should beat), measure them together: measure_latencies.
@@ -215,10 +234,12 @@ def measure_latencies(models: Mapping[str, nn.Module], example: torch.Tensor,
                       repeats: int = 15, warmup: int = 2) -> dict[str, LatencyModel]:
     """{name: LatencyModel} of several models or cascades, every part of every model timed in the same rounds.
 
-    Arguments as measure_latency's (device: default the models' own, which must be one device). Measured one after another, two models'
-    profiles would each hold the load of their own minutes, and on a shared machine that load drifts: their
-    ratio (a cascade's predicted speed-up over the model it replaces, a budget as a fraction of that model's
-    time) would carry the drift. In turns, a burst of load meets every model's parts alike."""
+    Arguments as measure_latency's (device: default the models' own, which must be one device). Measured one
+    after another, two models' profiles would each hold the load of their own minutes, and on a shared machine
+    that load drifts: their ratio (a cascade's predicted speed-up over the model it replaces, a budget as a
+    fraction of that model's time) would carry the drift. In turns, a burst of load meets every model's parts
+    alike. Each model's parts are timed right after an untimed pass over its own parts, as in a stream of
+    batches through it."""
     if not isinstance(models, Mapping) or not models:
         raise ValueError(f"models must be a non-empty mapping of name -> nn.Module, got {type(models).__name__}")
     for name, m in models.items():
@@ -239,8 +260,8 @@ def measure_latencies(models: Mapping[str, nn.Module], example: torch.Tensor,
     with contextlib.ExitStack() as stack:
         for p in plans.values():
             stack.enter_context(eval_mode(p.model))
-        fns = {(name, k): fn for name, p in plans.items() for k, fn in p.fns.items()}
-        timed = _timed(fns, sizes, repeats, warmup, next(iter(plans.values())).device)
+        timed = _timed({name: p.fns for name, p in plans.items()}, sizes, repeats, warmup,
+                       next(iter(plans.values())).device)
         return {name: p.finish({k: timed[(name, k)] for k in p.fns}, repeats) for name, p in plans.items()}
 
 
@@ -269,7 +290,7 @@ class _Plan:
         with eval_mode(model):
             self.names, self.exits = latency_parts(model)
             fns = _cascade_calls(model, _Inputs(model, x))
-        self.fns = {k: fns[k] for k in self.names if k != "runner"}
+        self.fns = {k: fns[k] for k in _call_order(model, self.names)}
         self.fns["runner"] = lambda n: model.predict(x[:n])  # whole calls, timed in turns with the parts
 
     def finish(self, timed: dict[str, PartTiming], repeats: int) -> LatencyModel:
@@ -280,6 +301,25 @@ class _Plan:
         runner = _residual(timed["runner"], timed, self.names, self.exits, runs)
         parts = {k: runner if k == "runner" else timed[k] for k in self.names}
         return LatencyModel(parts, tuple(self.model.node_names), self.exits, env, repeats)
+
+
+def _call_order(cascade, names: list[str]) -> list[str]:
+    """The parts (but the runner) in the order a predict call runs them: per node, its gather, the trunk segments
+    it computes, its module or members, its routing or vote; so that in a pass over them each part follows what
+    precedes it in a run."""
+    order, level, nodes = ["call"], [cascade.root], []
+    while level:  # level by level, as Cascade.predict runs them
+        nodes += level
+        level = [k for n in level if isinstance(n, Stage) for k in n.kids if not isinstance(k, Leaf)]
+    for node in nodes:
+        own = [f"{node.name}/gather"]
+        own += [cascade.segments[k] for k in cascade.plan[node.name].run]
+        if isinstance(node, Ensemble):
+            own += [f"{node.name}.{k}" for k in range(len(node.members))] + [f"{node.name}/vote"]
+        else:
+            own += [node.name, f"{node.name}/route"]
+        order += [k for k in own if k in names and k not in order]
+    return order + [k for k in names if k not in order and k != "runner"]
 
 
 def _residual(whole: PartTiming, parts: dict[str, PartTiming], names, exits, runs) -> PartTiming:
