@@ -20,6 +20,7 @@ measured. The latency models are measured in the same process first, every desig
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -154,7 +155,7 @@ def main(argv=None) -> dict:
             lat = lats["raw-gate" if k[0].startswith("raw") else "gate"]
             zero = fc.cascade.latency.PartTiming(lat.batch_sizes, (0.0,) * len(lat.batch_sizes),
                                                  (0.0,) * len(lat.batch_sizes))
-            no_runner = fc.LatencyModel({**lat.parts, "runner": zero}, lat.nodes, lat.exit_parts, lat.env, lat.repeats)
+            no_runner = dataclasses.replace(lat, parts={**lat.parts, "runner": zero})
             c = fns[k].__self__
             bare[k] = no_runner.seconds_per_row(c, x, batch_size=args.batch)
         else:

@@ -7,7 +7,6 @@ from torch import nn
 
 import fastcascade as fc
 from fastcascade import reference
-from fastcascade.data import LABEL_NAMES, av1_partition_cascade
 from fastcascade.cascade import (
     Argmax,
     Cascade,
@@ -18,6 +17,8 @@ from fastcascade.cascade import (
     Threshold,
     cascade_dense,
 )
+from fastcascade.cascade.buckets import row_bucket
+from fastcascade.data import LABEL_NAMES, av1_partition_cascade
 
 
 def _head(out: int, gen: torch.Generator, bias=None) -> nn.Module:
@@ -235,19 +236,33 @@ def _depth_of_exit(c, exit_stage):
 
 @pytest.mark.parametrize("seed", range(12))
 def test_each_segment_runs_once_for_exactly_the_rows_routed_past_it(seed):
-    c = random_cascade(seed, segments=3)
-    rows = {name: 0 for name in c.segments}
-    hooks = [seg.register_forward_hook(lambda m, i, o, name=name: rows.__setitem__(name, rows[name] + i[0].shape[0]))
-             for name, seg in c.trunk.items()]
-    try:
-        x = random_input(300, seed)
-        out = c.predict(x, return_details=True)
-    finally:
-        for h in hooks:
-            h.remove()
-    depth = _depth_of_exit(c, out.exit_stage)
-    for k, name in enumerate(c.segments):
-        assert rows[name] == int((depth >= k).sum()), (name, rows)
+    """Exact row counts with row_buckets=0; with buckets, every call below the root on a bucket's count, at
+    most 1/8 more rows than routed past it (below 17 rows: none), and the same labels."""
+    calls = {0: {}, 8: {}}
+    for buckets, log in calls.items():
+        c = random_cascade(seed, segments=3)
+        c.row_buckets = buckets
+        log.update({name: [] for name in c.segments})
+        hooks = [seg.register_forward_hook(lambda m, i, o, name=name, log=log: log[name].append(i[0].shape[0]))
+                 for name, seg in c.trunk.items()]
+        try:
+            x = random_input(300, seed)
+            out = c.predict(x, return_details=True)
+        finally:
+            for h in hooks:
+                h.remove()
+        depth = _depth_of_exit(c, out.exit_stage)
+        for k, name in enumerate(c.segments):
+            routed = int((depth >= k).sum())
+            if buckets == 0:
+                assert sum(log[name]) == routed, (name, log)
+            else:
+                assert all(n == 300 or row_bucket(n, 8) == n for n in log[name]), log[name]  # the root: all rows
+                assert routed <= sum(log[name]) <= routed + sum(n // 9 for n in log[name] if n > 16), (name, log)
+        if buckets == 0:
+            exact = out.labels
+        else:
+            assert torch.equal(out.labels, exact)
 
 
 def test_a_gate_on_an_early_segment_in_front_of_the_flat_model():
@@ -522,3 +537,31 @@ def test_evaluate_bad_input():
         Stage(_head(1, torch.Generator()), Threshold(), [0, 1], branch_names=["a"])
     with pytest.raises(TypeError, match="class_names must be a sequence of str"):
         Cascade(Stage(_head(2, torch.Generator()), Argmax(), [0, 1]), class_names="ab")
+
+
+def test_row_buckets_bound_the_shapes_a_node_meets_and_change_no_output():
+    from fastcascade.cascade.buckets import expected_padded_rows
+
+    sizes = [row_bucket(n, 8) for n in range(1, 2049)]
+    assert sizes[:16] == list(range(1, 17)) and row_bucket(17, 8) == 18 and row_bucket(100, 8) == 104
+    assert all(n <= m <= n + max(0, n - 1) // 8 for n, m in zip(range(1, 2049), sizes))  # under 1/8 more rows
+    assert all(row_bucket(m, 8) == m for m in sizes) and len(set(sizes)) == 72  # a bucket is its own bucket
+    assert [row_bucket(n, 0) for n in (1, 17, 999)] == [1, 17, 999]
+    # the mean padding of counts spread over octaves: ln 2 / 16 at 8 per doubling
+    n = torch.arange(256, 4096, dtype=torch.float64)
+    padded = torch.tensor([float(row_bucket(int(k), 8)) for k in n])
+    assert float(padded.sum() / n.sum()) == pytest.approx(float(expected_padded_rows(n, 8).sum() / n.sum()), rel=5e-3)
+    assert torch.equal(expected_padded_rows(torch.tensor([3.0, 16.0]), 8), torch.tensor([3.0, 16.0]))
+    # every output equal with and without padding; copies keep the setting; bad values named
+    c = random_cascade(3, segments=2)
+    x = random_input(500, 3)
+    padded_out = c.predict(x, return_details=True)
+    c.row_buckets = 0
+    exact = c.predict(x, return_details=True)
+    assert torch.equal(padded_out.labels, exact.labels) and torch.equal(padded_out.exit_stage, exact.exit_stage)
+    assert padded_out.probs.keys() == exact.probs.keys()
+    assert all(torch.equal(padded_out.probs[k].nan_to_num(-1), exact.probs[k].nan_to_num(-1)) for k in exact.probs)
+    assert c.with_setting({}).row_buckets == 0
+    for bad in (-1, 1.5, True, "8"):
+        with pytest.raises(ValueError, match="row_buckets must be an int >= 0"):
+            fc.Cascade(c.root, trunk=c.trunk, row_buckets=bad)

@@ -57,8 +57,10 @@ def test_parts_are_what_flop_counter_counts_on_each_part():
 
 
 def _rows_through(c, x):
-    """Rows each part ran on during predict(x) (dynamic mode), counted by forward hooks."""
-    rows, hooks = {}, []
+    """Rows each part ran on during predict(x) (dynamic mode), counted by forward hooks; exact row counts
+    (row_buckets 0): the cost model counts the rows routed to a part, not the runner's padding."""
+    rows, hooks, buckets = {}, [], c.row_buckets
+    c.row_buckets = 0
 
     def count(name):
         def hook(module, inputs, output):
@@ -75,6 +77,7 @@ def _rows_through(c, x):
     try:
         out = c.predict(x, return_details=True)
     finally:
+        c.row_buckets = buckets
         for h in hooks:
             h.remove()
     return rows, out

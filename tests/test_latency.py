@@ -14,7 +14,7 @@ from cascade_trees import random_cascade, random_input
 from torch import nn
 
 import fastcascade as fc
-from fastcascade.cascade.latency import PartTiming, latency_parts
+from fastcascade.cascade.latency import PartTiming, latency_parts, padded_parts
 from fastcascade.metrics import classification_report
 
 
@@ -32,7 +32,8 @@ def _synthetic(cascade, seed: int) -> fc.LatencyModel:
         a, b, b2 = (torch.rand(3, generator=gen) * torch.tensor([50e-6, 2e-6, 6e-6])).tolist()
         parts[p] = _timing((1, 64, 512), (a + b, a + 64 * b, a + 64 * b + 448 * b2))
     env = fc.cascade.latency.environment(torch.device("cpu"))
-    return fc.LatencyModel(parts, tuple(cascade.node_names), exits, env, 5)
+    return fc.LatencyModel(parts, tuple(cascade.node_names), exits, env, 5, cascade.row_buckets,
+                           padded_parts(cascade))
 
 
 def _predicted(lat, cascade, exit_stage, B):
@@ -45,7 +46,10 @@ def _predicted(lat, cascade, exit_stage, B):
         if p == 0:
             continue
         called = 1 - (1 - p) ** B
-        total += called * float(timing.seconds(torch.tensor(B * p / called, dtype=torch.float64)))
+        rows = B * p / called
+        if part in lat.padded and rows > 2 * lat.row_buckets:  # the runner's padding, on average
+            rows *= 1 + math.log(2) / (2 * lat.row_buckets)
+        total += called * float(timing.seconds(torch.tensor(rows, dtype=torch.float64)))
     return total / B
 
 
@@ -282,9 +286,11 @@ def test_the_runner_part_is_what_whole_calls_cost_beyond_the_parts_their_rows_re
     # on 4 rows 1 reached b (exit at node 1); on 8 rows, 6 did: b's time at 1 row is 2/4 (scaled below 4 rows)
     runs = [torch.tensor([0, 0, 0, 1]), torch.tensor([1, 1, 1, 0, 1, 1, 0, 1])]
     whole = _timing((4, 8), (1.0 + 4.0 + 0.5 + 10.0, 1.0 + 8.0 + 2.5 + 20.0))
-    r = _residual(whole, parts, names, exits, runs)
+    r = _residual(whole, parts, names, exits, runs, 0, ())
     assert r.median == pytest.approx((10.0, 20.0)) and r.batch_sizes == (4, 8)
-    assert _residual(_timing((4, 8), (0.0, 0.0)), parts, names, exits, runs).median == (0.0, 0.0)
+    assert _residual(_timing((4, 8), (0.0, 0.0)), parts, names, exits, runs, 0, ()).median == (0.0, 0.0)
+    # where the runner pads b's rows (1 bucket per doubling: 6 rows run as 8), b is paid at 8 rows (3.0)
+    assert _residual(whole, parts, names, exits, runs, 1, ("b",)).median == pytest.approx((10.0, 19.5))
 
 
 def test_save_load_round_trip_corruption_and_environment_warning(tmp_path):
@@ -294,7 +300,10 @@ def test_save_load_round_trip_corruption_and_environment_warning(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         back = fc.LatencyModel.load(path)
-    assert back == lat
+    assert back == lat and back.row_buckets == c.row_buckets == 8 and back.padded == padded_parts(c)
+    # a model saved before row buckets: read as measured on exact row counts
+    old = {k: v for k, v in lat.to_dict().items() if k not in ("row_buckets", "padded")}
+    assert fc.LatencyModel.from_dict(old) == fc.LatencyModel(lat.parts, lat.nodes, lat.exit_parts, lat.env, 5)
     x = random_input(30, 2)
     assert back.seconds_per_row(c, x, batch_size=16) == lat.seconds_per_row(c, x, batch_size=16)
     # measured elsewhere: a warning naming what differs
@@ -378,3 +387,18 @@ def test_measure_latency_on_cuda_uses_events():
     c = random_cascade(5, max_depth=2, segments=2, num_labels=4).cuda()
     lat = fc.measure_latency(c, random_input(40, 5).cuda(), batch_sizes=(1, 64), repeats=3)
     assert lat.env["device"] == "cuda" and all(t > 0 for v in lat.parts.values() for t in v.median)
+
+
+def test_a_latency_model_prices_the_runners_padding_and_names_a_row_buckets_mismatch():
+    c = random_cascade(2, max_depth=2, segments=1, num_labels=4)
+    x = random_input(300, 2)
+    lat = _synthetic(c, 3)
+    assert lat.padded and set(lat.padded) <= set(lat.parts) and not any(p.endswith("/route") for p in lat.padded)
+    exact = fc.LatencyModel(lat.parts, lat.nodes, lat.exit_parts, lat.env, 5)  # the same times, no padding
+    c0 = c.with_setting({})
+    c0.row_buckets = 0
+    assert lat.seconds_per_row(c, x, batch_size=256) > exact.seconds_per_row(c0, x, batch_size=256)
+    with pytest.raises(ValueError, match="measured with row_buckets=8, the cascade has row_buckets=0"):
+        lat.seconds_per_row(c0, x, batch_size=256)
+    with pytest.raises(ValueError, match="row_buckets must be an int >= 0"):
+        fc.LatencyModel.from_dict({**lat.to_dict(), "row_buckets": -2})

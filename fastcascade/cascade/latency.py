@@ -43,6 +43,7 @@ import torch
 
 from .._checks import model_input, positive_int
 from .._io import checksum, checksum_problem, write_json
+from .buckets import expected_padded_rows
 from .tree import Ensemble, Leaf, Stage
 
 __all__ = ["LatencyModel"]
@@ -91,13 +92,17 @@ class LatencyModel:
 
     parts: part name -> PartTiming. nodes: the cascade's node names (Cascade.node_names; () for a model);
     exit_parts: per node, the parts a row that exits there has paid for. env: device, device_name, threads
-    and torch version of the measurement. repeats: timed calls per (part, size)."""
+    and torch version of the measurement. repeats: timed calls per (part, size). row_buckets: the cascade's
+    (Cascade.row_buckets) and padded: the parts that run on its padded row counts (those of the nodes below
+    the root: fastcascade.cascade.buckets), priced at the mean padded count."""
 
     parts: dict[str, PartTiming]
     nodes: tuple[str, ...]
     exit_parts: tuple[tuple[str, ...], ...]
     env: dict
     repeats: int
+    row_buckets: int = 0
+    padded: tuple[str, ...] = ()
 
     @property
     def is_cascade(self) -> bool:
@@ -129,7 +134,9 @@ class LatencyModel:
         called = -torch.expm1(B * torch.log1p(-p.clamp(max=1 - 1e-300)))  # 1 - (1 - p)^B, accurate for small p
         called = torch.where(p >= 1, torch.ones_like(p), called)
         rows = torch.where(called > 0, B * p / called.clamp(min=1e-300), torch.zeros_like(p))
-        t = torch.stack([timing.seconds(rows[..., j], which) for j, timing in enumerate(self.parts.values())], -1)
+        t = torch.stack([timing.seconds(expected_padded_rows(rows[..., j], self.row_buckets) if k in self.padded
+                                        else rows[..., j], which)
+                         for j, (k, timing) in enumerate(self.parts.items())], -1)
         return (called * t).sum(-1) / B
 
     def seconds_from_exits(self, exits: torch.Tensor, batch_size: int, which: str = "median") -> torch.Tensor:
@@ -176,11 +183,15 @@ class LatencyModel:
         missing = sorted(set(latency_parts(cascade)[0]) - set(self.parts))
         if missing:
             raise ValueError(f"latency: the latency model lacks the parts {missing} of the cascade")
+        if getattr(cascade, "row_buckets", 0) != self.row_buckets:
+            raise ValueError(f"latency: the latency model was measured with row_buckets={self.row_buckets}, the "
+                             f"cascade has row_buckets={cascade.row_buckets}; measure it as it will run")
 
     # -----------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         d = {"format": FORMAT, "env": dict(self.env), "repeats": self.repeats, "nodes": list(self.nodes),
-             "exit_parts": [list(p) for p in self.exit_parts],
+             "exit_parts": [list(p) for p in self.exit_parts], "row_buckets": self.row_buckets,
+             "padded": list(self.padded),
              "parts": {k: {"batch_sizes": list(v.batch_sizes), "median_s": list(v.median), "p95_s": list(v.p95)}
                        for k, v in self.parts.items()}}
         return json.loads(json.dumps(d))  # the form it is read back in (lists, floats), which the checksum covers
@@ -201,7 +212,12 @@ class LatencyModel:
             nodes, exits = tuple(d["nodes"]), tuple(tuple(p) for p in d["exit_parts"])
             if len(exits) != len(nodes) or any(p not in parts for e in exits for p in e) or not parts:
                 raise ValueError("exit_parts must list, per node, parts the model holds")
-            return cls(parts, nodes, exits, dict(d["env"]), int(d["repeats"]))
+            buckets, padded = d.get("row_buckets", 0), tuple(d.get("padded", ()))  # absent: saved before buckets
+            if isinstance(buckets, bool) or not isinstance(buckets, int) or buckets < 0:
+                raise ValueError(f"row_buckets must be an int >= 0, got {buckets!r}")
+            if any(p not in parts for p in padded):
+                raise ValueError("padded must list parts the model holds")
+            return cls(parts, nodes, exits, dict(d["env"]), int(d["repeats"]), buckets, padded)
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{where}: not a fastcascade latency model ({type(e).__name__}: {e})") from None
         except ValueError as e:
@@ -277,3 +293,17 @@ def latency_parts(cascade) -> tuple[list[str], tuple[tuple[str, ...], ...]]:
     exits = tuple(("call", "runner", *cascade.segments[:cascade.plan[name].depth + 1],
                    *(p for q in cascade.path(name) for p in own[q])) for name in cascade.node_names)
     return names, exits
+
+
+def padded_parts(cascade) -> tuple[str, ...]:
+    """The parts that run on padded row counts (Cascade.row_buckets): every part of the nodes below the root
+    but their routing or vote (the gather, the trunk segments they compute, their module or members)."""
+    if not getattr(cascade, "row_buckets", 0):
+        return ()
+    out = []
+    for node in cascade.nodes[1:]:
+        feats, reads_x = node_gathers(cascade, node.name)
+        out += [f"{node.name}/gather"] if feats or reads_x else []
+        out += [cascade.segments[k] for k in cascade.plan[node.name].run]
+        out += [f"{node.name}.{k}" for k in range(len(node.members))] if isinstance(node, Ensemble) else [node.name]
+    return tuple(out)

@@ -17,8 +17,17 @@ from torch import nn
 
 from .. import routing
 from .._checks import model_input, positive_int
+from .buckets import row_bucket
 from .cost import eval_mode
-from .latency import DEFAULT_BATCH_SIZES, LatencyModel, PartTiming, environment, latency_parts, node_gathers
+from .latency import (
+    DEFAULT_BATCH_SIZES,
+    LatencyModel,
+    PartTiming,
+    environment,
+    latency_parts,
+    node_gathers,
+    padded_parts,
+)
 from .tree import Ensemble, Leaf, Stage
 
 __all__ = ["measure_latencies", "measure_latency", "steady_allocator"]
@@ -298,9 +307,11 @@ class _Plan:
         if not self.cascade:
             return LatencyModel(timed, (), (), env, repeats)
         runs = [self.model.predict(self.x[:n], return_details=True).exit_stage.cpu() for n in self.sizes]
-        runner = _residual(timed["runner"], timed, self.names, self.exits, runs)
+        padded = padded_parts(self.model)
+        runner = _residual(timed["runner"], timed, self.names, self.exits, runs, self.model.row_buckets, padded)
         parts = {k: runner if k == "runner" else timed[k] for k in self.names}
-        return LatencyModel(parts, tuple(self.model.node_names), self.exits, env, repeats)
+        return LatencyModel(parts, tuple(self.model.node_names), self.exits, env, repeats, self.model.row_buckets,
+                            padded)
 
 
 def _call_order(cascade, names: list[str]) -> list[str]:
@@ -322,10 +333,11 @@ def _call_order(cascade, names: list[str]) -> list[str]:
     return order + [k for k in names if k not in order and k != "runner"]
 
 
-def _residual(whole: PartTiming, parts: dict[str, PartTiming], names, exits, runs) -> PartTiming:
+def _residual(whole: PartTiming, parts: dict[str, PartTiming], names, exits, runs, buckets: int,
+              padded: tuple[str, ...]) -> PartTiming:
     """The runner's own time per call (its bookkeeping between parts, and what parts lose to each other's use
     of the caches): whole predict calls on the first n example rows, less the parts those rows reached, each
-    at the number of rows that reached it; never below 0."""
+    at the number of rows that reached it (padded to its row bucket where the runner pads); never below 0."""
     order = [n for n in names if n != "runner"]
     member = torch.zeros(len(exits), len(order), dtype=torch.float64)
     for k, paid in enumerate(exits):
@@ -336,6 +348,7 @@ def _residual(whole: PartTiming, parts: dict[str, PartTiming], names, exits, run
     for i, stage in enumerate(runs):
         counts = torch.bincount(stage, minlength=len(exits)).to(torch.float64) @ member
         for which, out, total in (("median", med, whole.median[i]), ("p95", p95, whole.p95[i])):
-            paid = sum(float(parts[p].seconds(counts[j], which)) for j, p in enumerate(order))
+            paid = sum(float(parts[p].seconds(torch.tensor(float(row_bucket(int(counts[j]), buckets)))
+                                              if p in padded else counts[j], which)) for j, p in enumerate(order))
             out.append(max(total - paid, 0.0))
     return PartTiming(whole.batch_sizes, tuple(med), tuple(max(a, b) for a, b in zip(med, p95)))

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .. import routing
+from .buckets import DEFAULT_ROW_BUCKETS, row_bucket
 from .evaluate import EvaluationReport, evaluate_cascade
 from .tree import Confident, Ensemble, Leaf, Stage, Threshold, names_of
 from .trunk import as_trunk, call_segment, plan_trunk
@@ -37,14 +38,21 @@ class Cascade(nn.Module):
     trunk: an ordered nn.ModuleDict (or nn.Sequential with named children) of segments that stages tap
     by name (Stage(..., tap="layer1")). Each segment runs at most once per row, only for the rows routed
     to a stage that needs it, resuming from the deepest features already computed for those rows.
-    class_names (optional, one per final label 0..num_classes-1) name the labels in evaluation reports."""
+    class_names (optional, one per final label 0..num_classes-1) name the labels in evaluation reports.
+    row_buckets: in dynamic mode, a node below the root runs on its rows padded (with copies of its last row,
+    whose outputs are dropped) to one of row_buckets counts per doubling (fastcascade.cascade.buckets: few
+    distinct shapes, so the CPU's convolution primitives are built once and cached; at most 1 / row_buckets
+    more rows); 0 runs every node on its exact row count. Labels and probabilities do not depend on it."""
 
     def __init__(self, root: Stage, trunk: nn.ModuleDict | nn.Sequential | None = None, backend: str = "auto",
-                 class_names: Sequence[str] | None = None):
+                 class_names: Sequence[str] | None = None, row_buckets: int = DEFAULT_ROW_BUCKETS):
         super().__init__()
         if not isinstance(root, Stage):
             raise TypeError(f"root must be a Stage, got {type(root).__name__}")
-        self.root, self.backend = root, backend
+        if isinstance(row_buckets, bool) or not isinstance(row_buckets, int) or row_buckets < 0:
+            raise ValueError(f"row_buckets must be an int >= 0 (buckets per doubling of the row count; 0: exact "
+                             f"row counts), got {row_buckets!r}")
+        self.root, self.backend, self.row_buckets = root, backend, row_buckets
         self.trunk = as_trunk(trunk)
         self.segments = list(self.trunk or {})
         self.nodes: list[Stage | Ensemble] = []
@@ -105,7 +113,8 @@ class Cascade(nn.Module):
             return Stage(node.module, rule, [rebuild(c) for c in node.kids], name=node.name, tap=node.tap,
                          branch_names=node.branch_names)
 
-        return Cascade(rebuild(self.root), trunk=self.trunk, backend=self.backend, class_names=self.class_names)
+        return Cascade(rebuild(self.root), trunk=self.trunk, backend=self.backend, class_names=self.class_names,
+                       row_buckets=self.row_buckets)
 
     # -----------------------------------------------------------------------------------------
     def _check_input(self, x: torch.Tensor) -> None:
@@ -171,6 +180,12 @@ class Cascade(nn.Module):
         """The features child b of node receives: rows pos (in node's row order) of those it needs."""
         return {k: routing.gather_rows(feats[k], pos, backend=self.backend) for k in self.plan[node.name].carry[b]}
 
+    def _padded(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows followed by copies of its last to the row bucket of its length (see row_buckets)."""
+        n = rows.shape[0]
+        m = row_bucket(n, self.row_buckets)
+        return rows if m == n else torch.cat([rows, rows[-1:].expand(m - n)])
+
     def _predict_dynamic(self, x: torch.Tensor, details: bool) -> CascadeOutput:
         N = x.shape[0]
         out = self._new_output(N, x.device, details)
@@ -178,16 +193,18 @@ class Cascade(nn.Module):
         while level:
             pending, counts = [], []
             for node, rows, feats in level:
-                h = self._node_input(node, x, rows, feats)
+                # rows padded to the row bucket: the module's outputs on the padding rows are dropped
+                h = self._node_input(node, x, None if rows is None else self._padded(rows), feats)
                 ids = torch.arange(N, device=x.device) if rows is None else rows
                 node_id = self.node_names.index(node.name)
                 if isinstance(node, Ensemble):
                     lab, p = node.classify(h, self.backend)
+                    lab, p = lab[:ids.shape[0]], p[:ids.shape[0]]  # less the padding rows
                     out.labels.index_copy_(0, ids, lab)
                     out.exit_stage.index_fill_(0, ids, node_id)
                     self._record_probs(out, node.name, ids, p.float(), N)
                     continue
-                logits = node.outputs(h)
+                logits = node.outputs(h)[:ids.shape[0]]
                 self._record_probs(out, node.name, ids, node.rule.probs(logits), N)
                 branch = node.rule.decide(logits, self.backend)
                 part = routing.partition(branch, len(node.kids), backend=self.backend)
@@ -210,7 +227,8 @@ class Cascade(nn.Module):
                         out.labels.index_fill_(0, sub, child.label)
                         out.exit_stage.index_fill_(0, sub, node_id)
                     else:
-                        level.append((child, sub, self._child_feats(node, b, feats, part.order[start:start + n])))
+                        level.append((child, sub, self._child_feats(node, b, feats,
+                                                                       self._padded(part.order[start:start + n]))))
                     start += n
         return out
 
