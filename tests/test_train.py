@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 from torch.utils.data import Subset, TensorDataset
+from train_tasks import linear_task
 
 import fastcascade as fc
 import fastcascade.data as fd
@@ -28,16 +29,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def _linear_task(n=1200, seed=0, classes=3):
-    """An easy synthetic task: the class is a linear function of the inputs, plus a little noise."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 8, generator=g)
-    w = torch.randn(8, classes, generator=g)
-    y = (x @ w + 0.1 * torch.randn(n, classes, generator=g)).argmax(1)
-    cut = n * 3 // 4
-    return TensorDataset(x[:cut], y[:cut]), TensorDataset(x[cut:], y[cut:])
 
 
 def _mlp(seed=0, classes=3, dropout=0.1):
@@ -230,7 +221,7 @@ def test_checkpoint_of_the_previous_format_loads_with_a_warning(tmp_path):
 
 
 def test_fit_learns_an_easy_task(tmp_path):
-    train, val = _linear_task()
+    train, val = linear_task()
     model = _mlp()
     history, best = T.fit(model, nn.functional.cross_entropy, train, val, 6, lr=1e-2, batch_size=64,
                           out_dir=tmp_path, progress=False)
@@ -250,7 +241,7 @@ def test_fit_learns_an_easy_task(tmp_path):
 
 
 def test_fit_is_deterministic_and_seeded():
-    train, val = _linear_task()
+    train, val = linear_task()
     ce = nn.functional.cross_entropy
     runs = [T.fit(_mlp(), ce, train, val, 2, batch_size=64, seed=s, progress=False)[0] for s in (0, 0, 1)]
     assert [r["train_loss"] for r in runs[0]] == [r["train_loss"] for r in runs[1]]
@@ -282,7 +273,7 @@ def test_resume_continues_exactly(tmp_path, blocks):
 
 
 def test_early_stopping(tmp_path):
-    train, val = _linear_task()
+    train, val = linear_task()
     # a learning rate too small to change any prediction: the monitored F1 never improves after epoch 1
     history, best = T.fit(_mlp(dropout=0.0), nn.functional.cross_entropy, train, val, 10, lr=1e-12,
                           patience=2, out_dir=tmp_path, progress=False)
@@ -382,7 +373,7 @@ def test_class_factors_resolve_names_and_indices():
     ({0: True}, None, r"class_factors\[0\] must be a finite number >= 0, got True"),
 ])
 def test_class_factors_bad_input(factors, names, match):
-    train, val = _linear_task(200)
+    train, val = linear_task(200)
     keep = train.tensors[1] < 2  # the training rows hold classes 0 and 1 only; the model has 3 outputs
     train = TensorDataset(train.tensors[0][keep], train.tensors[1][keep])
     with pytest.raises(ValueError, match=match):
@@ -393,7 +384,7 @@ def test_class_factors_bad_input(factors, names, match):
 def test_class_factors_resume_draws_the_rows_of_the_uninterrupted_run(tmp_path):
     """The sampler's generator is in the checkpoint: epochs 2 and 3 of a run resumed after epoch 1 draw the
     rows, in the order, of the run that was never stopped."""
-    train, val = _linear_task(1200)
+    train, val = linear_task(1200)
 
     def run(out, resume=None):
         rows = []
@@ -432,7 +423,7 @@ def test_sampling_settings_carry_fits_keywords_and_check_them():
                       ({"seed": 1.5}, "seed"), ({"class_factors": {0: -1}}, "class_factors")]:
         with pytest.raises(ValueError, match=match):
             T.Sampling(**kw)
-    train, val = _linear_task(200)
+    train, val = linear_task(200)
     with pytest.raises(ValueError, match="beta"):  # checked before the first step, sampler or not
         T.fit(_mlp(), nn.functional.cross_entropy, train, val, 1, beta=1.5, progress=False)
 
@@ -521,7 +512,7 @@ def test_freeze_then_unfreeze(tmp_path, blocks):
 
 
 def test_fit_bf16_autocast_and_clipping():
-    train, val = _linear_task(400)
+    train, val = linear_task(400)
     history, _ = T.fit(_mlp(), nn.functional.cross_entropy, train, val, 2, amp_dtype=torch.bfloat16,
                        grad_clip=0.5, schedule="onecycle", progress=False)
     assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in history)
@@ -546,7 +537,7 @@ def test_fit_bf16_autocast_and_clipping():
                  marks=pytest.mark.skipif(torch.backends.mps.is_available(), reason="MPS is here")),
 ])
 def test_fit_bad_arguments(kw, match):
-    train, val = _linear_task(200)
+    train, val = linear_task(200)
     with pytest.raises((ValueError, TypeError), match=match):
         T.fit(_mlp(), nn.functional.cross_entropy, train, val, 1, progress=False, **kw)
     with pytest.raises(ValueError, match="epochs"):
@@ -554,7 +545,7 @@ def test_fit_bad_arguments(kw, match):
 
 
 def test_fit_refuses_an_out_dir_that_is_a_file(tmp_path):
-    train, val = _linear_task(200)
+    train, val = linear_task(200)
     (tmp_path / "f").write_text("x")
     for out in (tmp_path / "f", tmp_path / "f" / "sub"):
         with pytest.raises(ValueError, match=r"out_dir=.* (is a file|is under .*f, which is a file)"):

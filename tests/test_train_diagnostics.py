@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
+from train_tasks import linear_task
 
 from fastcascade import train as T
 
@@ -18,15 +18,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def _task(n=1200, seed=0, classes=3):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 8, generator=g)
-    w = torch.randn(8, classes, generator=g)
-    y = (x @ w + 0.1 * torch.randn(n, classes, generator=g)).argmax(1)
-    cut = n * 3 // 4
-    return TensorDataset(x[:cut], y[:cut]), TensorDataset(x[cut:], y[cut:])
 
 
 class Net(nn.Module):
@@ -64,7 +55,7 @@ NAMES = ["a", "b", "c"]
 
 
 def test_collapse_fires_each_epoch_is_recorded_and_printed(tmp_path, capsys):
-    train, val = _task()
+    train, val = linear_task()
     # a learning rate too small to move anything: every epoch predicts "a" for every val row
     history, _ = T.fit(_collapsed(), CE, train, val, 2, lr=1e-12, class_names=NAMES, out_dir=tmp_path,
                        diagnostics={"first_best": False}, progress=True)
@@ -82,7 +73,7 @@ def test_collapse_fires_each_epoch_is_recorded_and_printed(tmp_path, capsys):
 
 
 def test_collapse_stays_quiet_for_a_model_that_learned_and_below_the_threshold():
-    train, val = _task()
+    train, val = linear_task()
     history, _ = T.fit(Net(), CE, train, val, 2, lr=1e-2, batch_size=64, progress=False)
     shares = [max(map(sum, zip(*r["val"]["confusion"]))) / 300 for r in history]
     assert max(shares) < 0.6 and _kinds(history) == [[], []]
@@ -99,7 +90,7 @@ def test_collapse_stays_quiet_for_a_model_that_learned_and_below_the_threshold()
 
 
 def test_best_epoch_first_fires_at_the_last_epoch():
-    train, val = _task()
+    train, val = linear_task()
     # nothing moves: no epoch improves on the first
     history, _ = T.fit(Net(), CE, train, val, 3, lr=1e-12, progress=False)
     assert _kinds(history) == [[], [], ["best_epoch_first"]]
@@ -114,7 +105,7 @@ def test_best_epoch_first_fires_at_the_last_epoch():
 
 
 def test_best_epoch_first_stays_quiet_when_a_later_epoch_is_best_or_there_is_one_epoch():
-    train, val = _task()
+    train, val = linear_task()
     history, _ = T.fit(Net(), CE, train, val, 3, lr=1e-2, batch_size=64, progress=False)
     best = max(range(3), key=lambda k: history[k]["val"]["macro_f1"])
     assert best > 0 and _kinds(history) == [[], [], []]
@@ -130,7 +121,7 @@ def test_best_epoch_first_stays_quiet_when_a_later_epoch_is_best_or_there_is_one
 
 def _unfreeze_run(body_lr, **kw):
     """One frozen epoch (the head trains), then one with the body at body_lr."""
-    train, val = _task()
+    train, val = linear_task()
     model = Net()
     groups = [{"name": "head", "params": list(model.head.parameters()), "lr": 1e-2},
               {"name": "body", "params": list(model.body.parameters()), "lr": body_lr}]
@@ -157,7 +148,7 @@ def test_drop_after_unfreeze_stays_quiet():
     assert history[1]["val"]["macro_f1"] > history[0]["val"]["macro_f1"] and _kinds(history) == [[], []]
     history = _unfreeze_run(50.0, diagnostics={"first_best": False, "unfreeze_drop": 0.5})  # within the margin
     assert history[1]["val"]["macro_f1"] > history[0]["val"]["macro_f1"] - 0.5 and _kinds(history) == [[], []]
-    train, val = _task()  # no frozen epochs: nothing to compare with, whatever the drop
+    train, val = linear_task()  # no frozen epochs: nothing to compare with, whatever the drop
     history, _ = T.fit(Net(), CE, train, val, 2, lr=50.0, schedule=None, diagnostics={"first_best": False},
                        progress=False)
     assert _kinds(history) == [[], []]
@@ -168,7 +159,7 @@ def test_drop_after_unfreeze_stays_quiet():
 
 
 def test_warnings_survive_resume(tmp_path):
-    train, val = _task()
+    train, val = linear_task()
 
     def run(out, resume=None):
         return T.fit(_collapsed(), CE, train, val, 3, lr=1e-12, out_dir=out, checkpoint_every=1, resume=resume,
@@ -194,7 +185,7 @@ def test_warnings_survive_resume(tmp_path):
     ("strict", r"diagnostics must be None, True, False, a fastcascade.train.Diagnostics or a dict"),
 ])
 def test_bad_diagnostics_are_refused_before_training(value, match, tmp_path):
-    train, val = _task(200)
+    train, val = linear_task(200)
     with pytest.raises(ValueError, match=match):
         T.fit(Net(), CE, train, val, 1, diagnostics=value, out_dir=tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()

@@ -13,7 +13,8 @@ that vote, each class mapped to a final id). A two-stage example, a cheap gate i
 
 Modes of :meth:`Cascade.predict`:
 
-* ``"dynamic"`` (default): each stage runs only on the rows routed to it, as exact-size sub-batches.
+* ``"dynamic"`` (default): each stage runs only on the rows routed to it, as sub-batches padded to the
+  cascade's row buckets (``Cascade(row_buckets=8)``: few distinct shapes; 0: exact sizes).
   Rows are routed with a device-side stable partition; the sizes of all branches of one level of the
   tree reach the host in one transfer, so a cascade of depth d waits on the device at most d times
   (boolean-mask indexing waits once per branch). The mode for large-batch throughput.

@@ -6,12 +6,11 @@ its cache keeps up to 1,024 of them (ONEDNN_PRIMITIVE_CACHE_CAPACITY), each hold
 shape. Measured on one core (torch 2.14, a 16->32 channel 3x3 convolution on 16x16 maps): a call on a new row
 count took 0.95 ms against 0.51 ms on a count seen before, and 600 distinct counts grew the process by 2.5 GB.
 So a cascade run on raw row counts pays primitive builds on most calls once the counts outnumber the cache,
-and holds gigabytes. Padded to buckets, a node meets at most 2 * per_octave + per_octave * log2(B / (2 *
-per_octave)) shapes (56 for B = 2,048 at 8 per octave, against up to 2,048), for at most 1 / per_octave more
-rows (ln 2 / (2 per_octave) on average: 4.3% at 8). CUDA's libraries cache plans per shape too, and CUDA
-graphs need fixed shapes.
+and holds gigabytes. Padded to buckets, a node meets few shapes (72 up to 2,048 rows at 8 per doubling,
+against up to 2,048), for at most 1 / per_octave more rows (ln 2 / (2 per_octave) on average: 4.3% at 8).
+CUDA's libraries cache plans per shape too.
 
-    row_bucket(100, 8) == 104      # up to 2 * per_octave rows: exact; above: the next multiple of 2^floor(log2 n) / per_octave
+    row_bucket(100, 8) == 104   # n <= 2 per_octave: n; above: the next multiple of 2^floor(log2 n) / per_octave
 """
 
 from __future__ import annotations
