@@ -33,26 +33,19 @@ def _synthetic(cascade, seed: int) -> fc.LatencyModel:
         parts[p] = _timing((1, 64, 512), (a + b, a + 64 * b, a + 64 * b + 448 * b2))
     env = fc.cascade.latency.environment(torch.device("cpu"))
     return fc.LatencyModel(parts, tuple(cascade.node_names), exits, env, 5, cascade.row_buckets,
-                           padded_parts(cascade), runner_per_node=True)
+                           padded_parts(cascade))
 
 
 def _predicted(lat, cascade, exit_stage, B):
     """Seconds per row from the module docstring's formula, written out per part in Python floats."""
     N = exit_stage.numel()
-
-    def called_of(part):
-        p = sum(int((exit_stage == k).sum()) for k, paid in enumerate(lat.exit_parts) if part in paid) / N
-        return p, 1 - (1 - p) ** B
-
     total = 0.0
     for part, timing in lat.parts.items():
-        p, called = called_of(part)
+        reached = sum(int((exit_stage == k).sum()) for k, paid in enumerate(lat.exit_parts) if part in paid)
+        p = reached / N
         if p == 0:
             continue
-        if part == "runner" and lat.runner_per_node:  # once per node called: each node's route or vote part
-            called = sum(called_of(f"{n}/route" if f"{n}/route" in lat.parts else f"{n}/vote")[1] for n in lat.nodes)
-            total += called * float(timing.seconds(torch.tensor(float(B), dtype=torch.float64)))
-            continue
+        called = 1 - (1 - p) ** B
         rows = B * p / called
         if part in lat.padded and rows > 2 * lat.row_buckets:  # the runner's padding, on average
             rows *= 1 + math.log(2) / (2 * lat.row_buckets)
@@ -293,16 +286,11 @@ def test_the_runner_part_is_what_whole_calls_cost_beyond_the_parts_their_rows_re
     # on 4 rows 1 reached b (exit at node 1); on 8 rows, 6 did: b's time at 1 row is 2/4 (scaled below 4 rows)
     runs = [torch.tensor([0, 0, 0, 1]), torch.tensor([1, 1, 1, 0, 1, 1, 0, 1])]
     whole = _timing((4, 8), (1.0 + 4.0 + 0.5 + 10.0, 1.0 + 8.0 + 2.5 + 20.0))
-    paths = [{0}, {0, 1}]  # exit at node 0: node 0 ran; at node 1: both
-    r = _residual(whole, parts, names, exits, runs, 0, (), paths)
-    assert r.median == pytest.approx((10.0 / 2, 20.0 / 2)) and r.batch_sizes == (4, 8)  # per node run: 2 each
-    assert _residual(_timing((4, 8), (0.0, 0.0)), parts, names, exits, runs, 0, (), paths).median == (0.0, 0.0)
+    r = _residual(whole, parts, names, exits, runs, 0, ())
+    assert r.median == pytest.approx((10.0, 20.0)) and r.batch_sizes == (4, 8)
+    assert _residual(_timing((4, 8), (0.0, 0.0)), parts, names, exits, runs, 0, ()).median == (0.0, 0.0)
     # where the runner pads b's rows (1 bucket per doubling: 6 rows run as 8), b is paid at 8 rows (3.0)
-    assert _residual(whole, parts, names, exits, runs, 1, ("b",), paths).median == pytest.approx((5.0, 9.75))
-    # calls whose rows all stop at node 0 ran one node: the whole residual is its
-    one = [torch.tensor([0, 0, 0, 0]), torch.zeros(8, dtype=torch.int64)]
-    whole1 = _timing((4, 8), (1.0 + 4.0 + 7.0, 1.0 + 8.0 + 9.0))
-    assert _residual(whole1, parts, names, exits, one, 0, (), paths).median == pytest.approx((7.0, 9.0))
+    assert _residual(whole, parts, names, exits, runs, 1, ("b",)).median == pytest.approx((10.0, 19.5))
 
 
 def test_save_load_round_trip_corruption_and_environment_warning(tmp_path):
@@ -313,9 +301,8 @@ def test_save_load_round_trip_corruption_and_environment_warning(tmp_path):
         warnings.simplefilter("error")
         back = fc.LatencyModel.load(path)
     assert back == lat and back.row_buckets == c.row_buckets == 8 and back.padded == padded_parts(c)
-    assert back.runner_per_node
-    # a model saved before row buckets and the per-node runner: exact row counts, the runner paid per call
-    old = {k: v for k, v in lat.to_dict().items() if k not in ("row_buckets", "padded", "runner_per_node")}
+    # a model saved before row buckets: read as measured on exact row counts
+    old = {k: v for k, v in lat.to_dict().items() if k not in ("row_buckets", "padded")}
     assert fc.LatencyModel.from_dict(old) == fc.LatencyModel(lat.parts, lat.nodes, lat.exit_parts, lat.env, 5)
     x = random_input(30, 2)
     assert back.seconds_per_row(c, x, batch_size=16) == lat.seconds_per_row(c, x, batch_size=16)
@@ -415,5 +402,3 @@ def test_a_latency_model_prices_the_runners_padding_and_names_a_row_buckets_mism
         lat.seconds_per_row(c0, x, batch_size=256)
     with pytest.raises(ValueError, match="row_buckets must be an int >= 0"):
         fc.LatencyModel.from_dict({**lat.to_dict(), "row_buckets": -2})
-    with pytest.raises(ValueError, match="runner_per_node must be true or false"):
-        fc.LatencyModel.from_dict({**lat.to_dict(), "runner_per_node": "yes"})

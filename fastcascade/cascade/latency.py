@@ -10,10 +10,8 @@ every stage (its rule's decision, the partition and the host transfer of the bra
 the gather that hands a node its rows' features or inputs (``<node>/gather``, paid by the rows that reach
 it), the vote of every ensemble (``<ensemble>/vote``), the fixed cost of a predict call (``call``) and the
 runner's own time (``runner``: whole predict calls on the example, timed in turns with the parts, less the
-parts the example's rows reached, per node those calls ran: the runner's bookkeeping around each node (its
-row ids, the leaves' labels written, the level's host transfer) and what parts lose to each other's use of
-the caches, measured at the cascade's setting when it is measured; paid per call of each node, so a setting
-that stops most batches at the root pays it about once per batch).
+parts the example's rows reached: the runner's bookkeeping between parts and what parts lose to each other's
+use of the caches, measured at the cascade's setting when it is measured; both paid per call by every row).
 Each part is timed on n rows for every n of batch_sizes (warm-up calls first, then `repeats` timed calls per
 size, all (model, size) pairs taking turns so a burst of load from elsewhere hits them alike; in its turn a
 model's parts run twice in their order, timed the second time: after the model's own parts, as in a stream
@@ -25,8 +23,7 @@ The prediction. At run batch size B, a part that a fraction p of the rows reach 
 at least one of its B rows reaches it, with probability P = 1 - (1 - p)^B (rows independent), and then on
 B p / P rows on average. Its expected time per batch is taken as P t(B p / P), exact when t is affine
 between the sizes involved (E[t(K) 1{K > 0}] = P a + b E[K] for t(k) = a + b k, K ~ Binomial(B, p));
-the time per row is the sum over parts divided by B. The runner's time per node is paid sum P over the nodes
-(P of each node's route or vote part). A plain model is one part, ``model``: t(B) / B.
+the time per row is the sum over parts divided by B. A plain model is one part, ``model``: t(B) / B.
 
 Timing: time.perf_counter around each call on the CPU; on CUDA, events around each call and a
 synchronisation after it. The thread count, device and torch version are recorded; a model loaded where
@@ -97,9 +94,7 @@ class LatencyModel:
     exit_parts: per node, the parts a row that exits there has paid for. env: device, device_name, threads
     and torch version of the measurement. repeats: timed calls per (part, size). row_buckets: the cascade's
     (Cascade.row_buckets) and padded: the parts that run on its padded row counts (those of the nodes below
-    the root: fastcascade.cascade.buckets), priced at the mean padded count. runner_per_node: the runner part
-    is the runner's time per node a call runs (paid once per node called); False (models saved before it):
-    per call."""
+    the root: fastcascade.cascade.buckets), priced at the mean padded count."""
 
     parts: dict[str, PartTiming]
     nodes: tuple[str, ...]
@@ -108,7 +103,6 @@ class LatencyModel:
     repeats: int
     row_buckets: int = 0
     padded: tuple[str, ...] = ()
-    runner_per_node: bool = False
 
     @property
     def is_cascade(self) -> bool:
@@ -143,12 +137,6 @@ class LatencyModel:
         t = torch.stack([timing.seconds(expected_padded_rows(rows[..., j], self.row_buckets) if k in self.padded
                                         else rows[..., j], which)
                          for j, (k, timing) in enumerate(self.parts.items())], -1)
-        if self.runner_per_node and "runner" in self.parts:  # paid once per node called: sum of their P
-            names = list(self.parts)
-            nodes = [names.index(f"{n}/route" if f"{n}/route" in self.parts else f"{n}/vote") for n in self.nodes]
-            j = names.index("runner")
-            called = called.clone()
-            called[..., j] = called[..., nodes].sum(-1)
         return (called * t).sum(-1) / B
 
     def seconds_from_exits(self, exits: torch.Tensor, batch_size: int, which: str = "median") -> torch.Tensor:
@@ -203,7 +191,7 @@ class LatencyModel:
     def to_dict(self) -> dict:
         d = {"format": FORMAT, "env": dict(self.env), "repeats": self.repeats, "nodes": list(self.nodes),
              "exit_parts": [list(p) for p in self.exit_parts], "row_buckets": self.row_buckets,
-             "padded": list(self.padded), "runner_per_node": self.runner_per_node,
+             "padded": list(self.padded),
              "parts": {k: {"batch_sizes": list(v.batch_sizes), "median_s": list(v.median), "p95_s": list(v.p95)}
                        for k, v in self.parts.items()}}
         return json.loads(json.dumps(d))  # the form it is read back in (lists, floats), which the checksum covers
@@ -229,12 +217,7 @@ class LatencyModel:
                 raise ValueError(f"row_buckets must be an int >= 0, got {buckets!r}")
             if any(p not in parts for p in padded):
                 raise ValueError("padded must list parts the model holds")
-            per_node = d.get("runner_per_node", False)
-            if not isinstance(per_node, bool):
-                raise ValueError(f"runner_per_node must be true or false, got {per_node!r}")
-            if per_node and any(f"{n}/route" not in parts and f"{n}/vote" not in parts for n in nodes):
-                raise ValueError("runner_per_node needs every node's <node>/route or <node>/vote part")
-            return cls(parts, nodes, exits, dict(d["env"]), int(d["repeats"]), buckets, padded, per_node)
+            return cls(parts, nodes, exits, dict(d["env"]), int(d["repeats"]), buckets, padded)
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{where}: not a fastcascade latency model ({type(e).__name__}: {e})") from None
         except ValueError as e:

@@ -77,15 +77,12 @@ class _Inputs:
             self.logits[node.name] = None if isinstance(node, Ensemble) else node.outputs(inp)
         # a branch's rows: an ascending subset of its parent's, as partition orders them
         self.subset = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0)).to(x.device)
-        self._rows = {}
 
     def segment_input(self, k: int) -> torch.Tensor:
         return self.x if k == 0 else self.feats[k - 1]
 
     def rows(self, n: int) -> torch.Tensor:
-        if n not in self._rows:  # computed once: the sort is not the gather's cost
-            self._rows[n] = self.subset[:n].sort().values
-        return self._rows[n]
+        return self.subset[:n].sort().values
 
 
 def _route(cascade, node: Stage, logits, labels, exits, node_id):
@@ -311,12 +308,10 @@ class _Plan:
             return LatencyModel(timed, (), (), env, repeats)
         runs = [self.model.predict(self.x[:n], return_details=True).exit_stage.cpu() for n in self.sizes]
         padded = padded_parts(self.model)
-        paths = [set(self.model.path(n)) for n in self.model.node_names]
-        runner = _residual(timed["runner"], timed, self.names, self.exits, runs, self.model.row_buckets, padded,
-                           paths)
+        runner = _residual(timed["runner"], timed, self.names, self.exits, runs, self.model.row_buckets, padded)
         parts = {k: runner if k == "runner" else timed[k] for k in self.names}
         return LatencyModel(parts, tuple(self.model.node_names), self.exits, env, repeats, self.model.row_buckets,
-                            padded, runner_per_node=True)
+                            padded)
 
 
 def _call_order(cascade, names: list[str]) -> list[str]:
@@ -339,11 +334,10 @@ def _call_order(cascade, names: list[str]) -> list[str]:
 
 
 def _residual(whole: PartTiming, parts: dict[str, PartTiming], names, exits, runs, buckets: int,
-              padded: tuple[str, ...], paths: list[set]) -> PartTiming:
-    """The runner's own time per node it runs (its bookkeeping around each node, and what parts lose to each
-    other's use of the caches): whole predict calls on the first n example rows, less the parts those rows
-    reached, each at the number of rows that reached it (padded to its row bucket where the runner pads), over
-    the nodes the call ran (paths: per exit node, the nodes on its path); never below 0."""
+              padded: tuple[str, ...]) -> PartTiming:
+    """The runner's own time per call (its bookkeeping between parts, and what parts lose to each other's use
+    of the caches): whole predict calls on the first n example rows, less the parts those rows reached, each
+    at the number of rows that reached it (padded to its row bucket where the runner pads); never below 0."""
     order = [n for n in names if n != "runner"]
     member = torch.zeros(len(exits), len(order), dtype=torch.float64)
     for k, paid in enumerate(exits):
@@ -352,10 +346,9 @@ def _residual(whole: PartTiming, parts: dict[str, PartTiming], names, exits, run
                 member[k, order.index(p)] = 1
     med, p95 = [], []
     for i, stage in enumerate(runs):
-        ran = len(set().union(*(paths[k] for k in set(stage.tolist()))))
         counts = torch.bincount(stage, minlength=len(exits)).to(torch.float64) @ member
         for which, out, total in (("median", med, whole.median[i]), ("p95", p95, whole.p95[i])):
             paid = sum(float(parts[p].seconds(torch.tensor(float(row_bucket(int(counts[j]), buckets)))
                                               if p in padded else counts[j], which)) for j, p in enumerate(order))
-            out.append(max(total - paid, 0.0) / ran)
+            out.append(max(total - paid, 0.0))
     return PartTiming(whole.batch_sizes, tuple(med), tuple(max(a, b) for a, b in zip(med, p95)))
