@@ -8,6 +8,7 @@ model behind it receives a different row count in nearly every batch. Each setti
 first meeting every row count for the first time.
 
     python bench/row_buckets_check.py [--batch 512] [--batches 100] [--exit 0.6] [--buckets 0,8]
+    python bench/row_buckets_check.py --memory 600 [--channels 16,32]   # what 600 row counts of one convolution hold
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -52,14 +54,59 @@ def _one(batch: int, batches: int, exit_fraction: float, buckets: int) -> dict:
             "torch": torch.__version__}
 
 
+def _memory(counts: int, cin: int, cout: int) -> dict:
+    """Peak RSS growth of one convolution (cin -> cout channels, 3x3, 16x16 maps) called on `counts` row counts
+    (2, 3, ...), each once: what oneDNN's cached primitives hold; and the median time of a call on 50-89 rows,
+    on a new row count and on one seen before."""
+    import torch
+    from torch import nn
+
+    import fastcascade as fc
+
+    torch.set_num_threads(1)
+    fc.steady_allocator()
+    conv = nn.Conv2d(cin, cout, 3, 1, 1).eval()
+    x = torch.rand(counts + 2, cin, 16, 16)
+
+    def rss():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def ms(k):
+        t = time.perf_counter()
+        conv(x[:k])
+        return (time.perf_counter() - t) * 1e3
+
+    with torch.no_grad():
+        conv(x)  # the largest call first: the allocator's high-water mark is set before counting
+        conv(x[:1])
+        before = rss()
+        new = [ms(k) for k in range(2, counts + 2)]
+        grown = rss() - before
+        seen = [ms(k) for k in range(2, counts + 2)]
+    probe = slice(48, 88)  # 50 to 89 rows: where the build shows beside the convolution itself
+    return {"counts": counts, "conv": f"{cin}->{cout}", "rss_growth_mib": grown, "torch": torch.__version__,
+            "new_ms": statistics.median(new[probe]), "seen_ms": statistics.median(seen[probe]),
+            "onednn_cache": os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "default (1024)")}
+
+
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--batches", type=int, default=100)
     ap.add_argument("--exit", type=float, default=0.6, help="fraction of the blocks the gate sends out")
     ap.add_argument("--buckets", default="0,8", help="row_buckets settings, each in its own process")
+    ap.add_argument("--memory", type=int, default=None, metavar="COUNTS",
+                    help="instead: the peak memory one convolution's cached primitives hold after COUNTS row counts")
+    ap.add_argument("--channels", default="16,32", help="with --memory: the convolution's in,out channels")
     ap.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # a child process's setting
     args = ap.parse_args(argv)
+    if args.memory is not None:
+        r = _memory(args.memory, *(int(c) for c in args.channels.split(",")))
+        print(f"one {r['conv']}-channel 3x3 convolution on 16x16 maps, {r['counts']} row counts (2..{r['counts'] + 1}): "
+              f"peak RSS +{r['rss_growth_mib']:.0f} MiB; a call on 50-89 rows (median) {r['new_ms']:.2f} ms on a "
+              f"new row count, {r['seen_ms']:.2f} ms on one seen before; ONEDNN_PRIMITIVE_CACHE_CAPACITY "
+              f"{r['onednn_cache']}; torch {r['torch']}")
+        return [r]
     if args.one is not None:
         print(json.dumps(_one(args.batch, args.batches, args.exit, args.one)))
         return []

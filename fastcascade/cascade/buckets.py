@@ -3,12 +3,12 @@
 A node below the root receives however many rows its parent routes to it: a different count in nearly every
 batch. On the CPU every new input shape of a convolution makes oneDNN build (and JIT-compile) a primitive, and
 its cache keeps up to 1,024 of them (ONEDNN_PRIMITIVE_CACHE_CAPACITY), each holding buffers sized for its
-shape. Measured on one core (torch 2.14, a 16->32 channel 3x3 convolution on 16x16 maps): a call on a new row
-count took 0.95 ms against 0.51 ms on a count seen before, and 600 distinct counts grew the process by 2.5 GB.
-So a cascade run on raw row counts pays primitive builds on most calls once the counts outnumber the cache,
-and holds gigabytes. Padded to buckets, a node meets few shapes (72 up to 2,048 rows at 8 per doubling,
-against up to 2,048), for at most 1 / per_octave more rows (ln 2 / (2 per_octave) on average: 4.3% at 8).
-CUDA's libraries cache plans per shape too.
+shape: one 16->32-channel convolution on 16x16 maps called on 600 row counts grew the process by 1.8-3.2 GB
+(14 MiB with the cache off; bench/row_buckets_check.py --memory 600), and in a process that runs many
+cascades the cache thrashes (the demo timed two identical cascades 10% apart by their place in the round).
+Padded to buckets, a node meets few shapes (72 up to 2,048 rows at 8 per doubling, against up to 2,048), for
+at most 1 / per_octave more rows (ln 2 / (2 per_octave) on average: 4.3% at 8). CUDA's libraries cache plans
+per shape too.
 
     row_bucket(100, 8) == 104   # n <= 2 per_octave: n; above: the next multiple of 2^floor(log2 n) / per_octave
 """
