@@ -14,7 +14,7 @@ from cascade_trees import random_cascade, random_input
 from torch import nn
 
 import fastcascade as fc
-from fastcascade.cascade.latency import PartTiming, latency_parts, padded_parts
+from fastcascade.cascade.latency import PartTiming, beyond_root, latency_parts, padded_parts
 from fastcascade.metrics import classification_report
 
 
@@ -24,32 +24,44 @@ def _timing(sizes, med):
 
 def _synthetic(cascade, seed: int) -> fc.LatencyModel:
     """A latency model of cascade's parts with random piecewise-linear times: a fixed cost per call and a
-    per-row cost that changes at 64 rows (as a cache would make it)."""
+    per-row cost that changes at 64 rows (as a cache would make it); the root's parts alone at 40-90% of it."""
     gen = torch.Generator().manual_seed(seed)
     names, exits = latency_parts(cascade)
     parts = {}
     for p in names:
         a, b, b2 = (torch.rand(3, generator=gen) * torch.tensor([50e-6, 2e-6, 6e-6])).tolist()
         parts[p] = _timing((1, 64, 512), (a + b, a + 64 * b, a + 64 * b + 448 * b2))
+    alone = {p: _timing((1, 64, 512), tuple(t * (0.4 + 0.5 * float(torch.rand(1, generator=gen)))
+                                            for t in parts[p].median))
+             for p in exits[0] if p != "runner"}
     env = fc.cascade.latency.environment(torch.device("cpu"))
     return fc.LatencyModel(parts, tuple(cascade.node_names), exits, env, 5, cascade.row_buckets,
-                           padded_parts(cascade))
+                           padded_parts(cascade), alone, beyond_root(cascade))
 
 
 def _predicted(lat, cascade, exit_stage, B):
     """Seconds per row from the module docstring's formula, written out per part in Python floats."""
     N = exit_stage.numel()
+
+    def reach(part):
+        return sum(int((exit_stage == k).sum()) for k, paid in enumerate(lat.exit_parts) if part in paid) / N
+
+    deeper = 1 - (1 - sum(reach(k) for k in lat.beyond_root)) ** B  # a batch goes beyond the root
     total = 0.0
     for part, timing in lat.parts.items():
-        reached = sum(int((exit_stage == k).sum()) for k, paid in enumerate(lat.exit_parts) if part in paid)
-        p = reached / N
+        p = reach(part)
         if p == 0:
             continue
         called = 1 - (1 - p) ** B
         rows = B * p / called
         if part in lat.padded and rows > 2 * lat.row_buckets:  # the runner's padding, on average
             rows *= 1 + math.log(2) / (2 * lat.row_buckets)
-        total += called * float(timing.seconds(torch.tensor(rows, dtype=torch.float64)))
+        t = float(timing.seconds(torch.tensor(rows, dtype=torch.float64)))
+        if part in lat.alone:  # the root's parts: in the state the previous batch left
+            t = deeper * t + (1 - deeper) * float(lat.alone[part].seconds(torch.tensor(rows, dtype=torch.float64)))
+        elif part == "runner" and lat.alone:
+            t = deeper * t
+        total += called * t
     return total / B
 
 
@@ -302,7 +314,7 @@ def test_save_load_round_trip_corruption_and_environment_warning(tmp_path):
         back = fc.LatencyModel.load(path)
     assert back == lat and back.row_buckets == c.row_buckets == 8 and back.padded == padded_parts(c)
     # a model saved before row buckets: read as measured on exact row counts
-    old = {k: v for k, v in lat.to_dict().items() if k not in ("row_buckets", "padded")}
+    old = {k: v for k, v in lat.to_dict().items() if k not in ("row_buckets", "padded", "alone", "beyond_root")}
     assert fc.LatencyModel.from_dict(old) == fc.LatencyModel(lat.parts, lat.nodes, lat.exit_parts, lat.env, 5)
     x = random_input(30, 2)
     assert back.seconds_per_row(c, x, batch_size=16) == lat.seconds_per_row(c, x, batch_size=16)
@@ -402,3 +414,30 @@ def test_a_latency_model_prices_the_runners_padding_and_names_a_row_buckets_mism
         lat.seconds_per_row(c0, x, batch_size=256)
     with pytest.raises(ValueError, match="row_buckets must be an int >= 0"):
         fc.LatencyModel.from_dict({**lat.to_dict(), "row_buckets": -2})
+
+
+def test_the_roots_parts_cost_their_alone_times_when_batches_stop_at_the_root():
+    """D = 1 - (1 - q)^B: a batch goes beyond the root (q: the rows' fraction that does). Every row exiting at
+    the root: the root's parts at their alone times, no runner; every row beyond it: the whole pass's times."""
+    c = random_cascade(2, max_depth=2, segments=1, num_labels=4)
+    lat = _synthetic(c, 3)
+    root = [p for p in lat.exit_parts[0] if p != "runner"]
+    assert sorted(lat.alone) == sorted(root) and lat.beyond_root == beyond_root(c) and lat.beyond_root
+    B = 32
+    at_root = torch.zeros(len(lat.nodes), dtype=torch.float64)
+    at_root[0] = 1
+    want = sum(float(lat.alone[p].seconds(torch.tensor(32.0))) for p in root) / B
+    assert float(lat.seconds_from_exits(at_root, B)) == pytest.approx(want, rel=1e-12)
+    deep = max(range(1, len(lat.nodes)), key=lambda k: len(lat.exit_parts[k]))
+    beyond = torch.zeros(len(lat.nodes), dtype=torch.float64)
+    beyond[deep] = 1
+    padded = 32.0 * (1 + math.log(2) / 16)  # the runner's mean padding of a node's 32 rows below the root
+    full = sum(float(lat.parts[p].seconds(torch.tensor(padded if p in lat.padded else 32.0)))
+               for p in lat.exit_parts[deep]) / B
+    assert float(lat.seconds_from_exits(beyond, B)) == pytest.approx(full, rel=1e-12)
+    # a measured cascade: its root's parts timed alone too, the others not
+    m = fc.measure_latency(c, random_input(40, 2), batch_sizes=(1, 8), repeats=2, warmup=1)
+    assert sorted(m.alone) == sorted(root) and m.beyond_root == beyond_root(c)
+    assert all(t > 0 for v in m.alone.values() for t in v.median)
+    with pytest.raises(ValueError, match="alone and beyond_root must name parts the model holds"):
+        fc.LatencyModel.from_dict({**lat.to_dict(), "beyond_root": ["nope/route"]})

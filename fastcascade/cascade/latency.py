@@ -37,7 +37,7 @@ import math
 import os
 import pathlib
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -94,7 +94,12 @@ class LatencyModel:
     exit_parts: per node, the parts a row that exits there has paid for. env: device, device_name, threads
     and torch version of the measurement. repeats: timed calls per (part, size). row_buckets: the cascade's
     (Cascade.row_buckets) and padded: the parts that run on its padded row counts (those of the nodes below
-    the root: fastcascade.cascade.buckets), priced at the mean padded count."""
+    the root: fastcascade.cascade.buckets), priced at the mean padded count. alone: the root's parts (those a
+    row exiting at the root pays, but the runner) timed after one another alone, as a run that stops the
+    previous batch at the root meets them; beyond_root: the parts whose reach is the fraction of rows going
+    beyond the root (each of its non-leaf children's route or vote part). A batch goes beyond the root with
+    probability D = 1 - (1 - q)^B (q: that fraction); the root's parts cost D t(rows) + (1 - D) t_alone(rows),
+    the runner D t(B) (a call that stops at the root has no bookkeeping beyond its parts)."""
 
     parts: dict[str, PartTiming]
     nodes: tuple[str, ...]
@@ -103,6 +108,8 @@ class LatencyModel:
     repeats: int
     row_buckets: int = 0
     padded: tuple[str, ...] = ()
+    alone: dict[str, PartTiming] = field(default_factory=dict)
+    beyond_root: tuple[str, ...] = ()
 
     @property
     def is_cascade(self) -> bool:
@@ -137,6 +144,14 @@ class LatencyModel:
         t = torch.stack([timing.seconds(expected_padded_rows(rows[..., j], self.row_buckets) if k in self.padded
                                         else rows[..., j], which)
                          for j, (k, timing) in enumerate(self.parts.items())], -1)
+        if self.alone:  # the root's parts in the state the previous batch left: beyond the root, or not
+            names = list(self.parts)
+            q = p[..., [names.index(k) for k in self.beyond_root]].sum(-1).clamp(0, 1)
+            deeper = torch.where(q >= 1, torch.ones_like(q), -torch.expm1(B * torch.log1p(-q.clamp(max=1 - 1e-300))))
+            t_alone = torch.stack([self.alone[k].seconds(rows[..., j], which) if k in self.alone
+                                   else torch.zeros_like(rows[..., j]) if k == "runner" else t[..., j]
+                                   for j, k in enumerate(names)], -1)
+            t = deeper[..., None] * t + (1 - deeper[..., None]) * t_alone
         return (called * t).sum(-1) / B
 
     def seconds_from_exits(self, exits: torch.Tensor, batch_size: int, which: str = "median") -> torch.Tensor:
@@ -191,7 +206,9 @@ class LatencyModel:
     def to_dict(self) -> dict:
         d = {"format": FORMAT, "env": dict(self.env), "repeats": self.repeats, "nodes": list(self.nodes),
              "exit_parts": [list(p) for p in self.exit_parts], "row_buckets": self.row_buckets,
-             "padded": list(self.padded),
+             "padded": list(self.padded), "beyond_root": list(self.beyond_root),
+             "alone": {k: {"batch_sizes": list(v.batch_sizes), "median_s": list(v.median), "p95_s": list(v.p95)}
+                       for k, v in self.alone.items()},
              "parts": {k: {"batch_sizes": list(v.batch_sizes), "median_s": list(v.median), "p95_s": list(v.p95)}
                        for k, v in self.parts.items()}}
         return json.loads(json.dumps(d))  # the form it is read back in (lists, floats), which the checksum covers
@@ -201,14 +218,11 @@ class LatencyModel:
         try:
             if d.get("format") != FORMAT:
                 raise ValueError(f"format is {d.get('format')!r}, not {FORMAT!r}")
-            parts = {}
-            for k, v in d["parts"].items():
-                sizes, med, p95 = list(v["batch_sizes"]), list(v["median_s"]), list(v["p95_s"])
-                if not sizes or len(med) != len(sizes) or len(p95) != len(sizes) or sizes != sorted(set(sizes)):
-                    raise ValueError(f"part {k!r}: batch_sizes must ascend, with a median and a p95 for each")
-                if not all(isinstance(t, (int, float)) and math.isfinite(t) and t >= 0 for t in med + p95):
-                    raise ValueError(f"part {k!r}: times must be finite numbers >= 0")
-                parts[k] = PartTiming(tuple(int(s) for s in sizes), tuple(map(float, med)), tuple(map(float, p95)))
+            parts = {k: _part_timing(k, v) for k, v in d["parts"].items()}
+            alone = {k: _part_timing(k, v) for k, v in d.get("alone", {}).items()}  # absent: saved before it
+            beyond = tuple(d.get("beyond_root", ()))
+            if any(k not in parts or k == "runner" for k in alone) or any(k not in parts for k in beyond):
+                raise ValueError("alone and beyond_root must name parts the model holds (alone: not the runner)")
             nodes, exits = tuple(d["nodes"]), tuple(tuple(p) for p in d["exit_parts"])
             if len(exits) != len(nodes) or any(p not in parts for e in exits for p in e) or not parts:
                 raise ValueError("exit_parts must list, per node, parts the model holds")
@@ -217,7 +231,7 @@ class LatencyModel:
                 raise ValueError(f"row_buckets must be an int >= 0, got {buckets!r}")
             if any(p not in parts for p in padded):
                 raise ValueError("padded must list parts the model holds")
-            return cls(parts, nodes, exits, dict(d["env"]), int(d["repeats"]), buckets, padded)
+            return cls(parts, nodes, exits, dict(d["env"]), int(d["repeats"]), buckets, padded, alone, beyond)
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{where}: not a fastcascade latency model ({type(e).__name__}: {e})") from None
         except ValueError as e:
@@ -250,6 +264,15 @@ class LatencyModel:
                           + ", here " + ", ".join(f"{k} {b!r}" for k, (_, b) in diff.items())
                           + ": its times may not hold here", RuntimeWarning, stacklevel=2)
         return model
+
+
+def _part_timing(k: str, v: dict) -> PartTiming:
+    sizes, med, p95 = list(v["batch_sizes"]), list(v["median_s"]), list(v["p95_s"])
+    if not sizes or len(med) != len(sizes) or len(p95) != len(sizes) or sizes != sorted(set(sizes)):
+        raise ValueError(f"part {k!r}: batch_sizes must ascend, with a median and a p95 for each")
+    if not all(isinstance(t, (int, float)) and math.isfinite(t) and t >= 0 for t in med + p95):
+        raise ValueError(f"part {k!r}: times must be finite numbers >= 0")
+    return PartTiming(tuple(int(s) for s in sizes), tuple(map(float, med)), tuple(map(float, p95)))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -307,3 +330,10 @@ def padded_parts(cascade) -> tuple[str, ...]:
         out += [cascade.segments[k] for k in cascade.plan[node.name].run]
         out += [f"{node.name}.{k}" for k in range(len(node.members))] if isinstance(node, Ensemble) else [node.name]
     return tuple(out)
+
+
+def beyond_root(cascade) -> tuple[str, ...]:
+    """The route or vote part of each non-leaf child of the root: their reaches sum to the fraction of rows
+    that go beyond the root."""
+    return tuple(f"{c.name}/vote" if isinstance(c, Ensemble) else f"{c.name}/route"
+                 for c in cascade.root.kids if not isinstance(c, Leaf))

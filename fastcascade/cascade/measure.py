@@ -23,6 +23,7 @@ from .latency import (
     DEFAULT_BATCH_SIZES,
     LatencyModel,
     PartTiming,
+    beyond_root,
     environment,
     latency_parts,
     node_gathers,
@@ -162,7 +163,8 @@ def _device_of(model: nn.Module, device) -> torch.device:
 
 def _timed(models: dict[str, dict], sizes: Sequence[int], repeats: int, warmup: int,
            device: torch.device) -> dict:
-    """{(model, part): PartTiming} of models {name: {part: fn(n)}} (each model's parts in the order it calls them).
+    """{(key, part): PartTiming} of passes {key: {part: fn(n)}} (a model's parts in the order it calls them; a
+    cascade has a second pass, over its root's parts alone).
 
     Each round takes every size in turn and, at each size, every model in turn: a burst of load from elsewhere
     meets them all alike instead of one size's or one model's every measurement. A model's turn is two passes
@@ -172,7 +174,10 @@ def _timed(models: dict[str, dict], sizes: Sequence[int], repeats: int, warmup: 
     call left them; a cascade's parts find each other's traces), not after every other model's parts (which
     made the demo's flat model, in cache at 128 rows, 5-21% faster in its runs than predicted). Timing a part
     right after a call of itself instead would be too warm for a cascade, whose parts alternate. `warmup`
-    untimed passes of every (model, size) come first. (On the CPU this needs steady_allocator: with glibc's
+    untimed passes of every (pass, size) come first. A cascade's root parts are timed in two states: after the
+    whole pass (a batch that went beyond the root came before) and after their own pass alone (one that did
+    not): a run that stops nearly every batch at the root finds them warmer than a pass over every part leaves
+    them (the demo's trunk designs tuned to do so ran 9-19% faster than the whole pass predicted). (On the CPU this needs steady_allocator: with glibc's
     adaptive thresholds, alternating sizes map fresh memory.)"""
     cuda = device.type == "cuda"
 
@@ -269,9 +274,15 @@ def measure_latencies(models: Mapping[str, nn.Module], example: torch.Tensor,
     with contextlib.ExitStack() as stack:
         for p in plans.values():
             stack.enter_context(eval_mode(p.model))
-        timed = _timed({name: p.fns for name, p in plans.items()}, sizes, repeats, warmup,
-                       next(iter(plans.values())).device)
-        return {name: p.finish({k: timed[(name, k)] for k in p.fns}, repeats) for name, p in plans.items()}
+        passes = {}
+        for name, p in plans.items():
+            passes[name, "full"] = p.fns
+            if p.alone:
+                passes[name, "alone"] = p.alone
+        timed = _timed(passes, sizes, repeats, warmup, next(iter(plans.values())).device)
+        return {name: p.finish({k: timed[(name, "full"), k] for k in p.fns},
+                               {k: timed[(name, "alone"), k] for k in p.alone}, repeats)
+                for name, p in plans.items()}
 
 
 def _check_model(model, what: str) -> None:
@@ -292,7 +303,7 @@ class _Plan:
         x = model_input(example.to(dev))
         reps = -(-sizes[-1] // x.shape[0])
         self.x = x = x.repeat(reps, *([1] * (x.dim() - 1)))[:sizes[-1]].contiguous()
-        self.sizes, self.cascade = sizes, isinstance(model, Cascade)
+        self.sizes, self.cascade, self.alone = sizes, isinstance(model, Cascade), {}
         if not self.cascade:
             self.fns = {"model": lambda n: model(x[:n])}
             return
@@ -300,9 +311,12 @@ class _Plan:
             self.names, self.exits = latency_parts(model)
             fns = _cascade_calls(model, _Inputs(model, x))
         self.fns = {k: fns[k] for k in _call_order(model, self.names)}
+        # the root's parts again, as a run that stops every batch at the root meets them: after each other alone
+        root = set(self.exits[0]) - {"runner"}
+        self.alone = {k: fn for k, fn in self.fns.items() if k in root}
         self.fns["runner"] = lambda n: model.predict(x[:n])  # whole calls, timed in turns with the parts
 
-    def finish(self, timed: dict[str, PartTiming], repeats: int) -> LatencyModel:
+    def finish(self, timed: dict[str, PartTiming], alone: dict[str, PartTiming], repeats: int) -> LatencyModel:
         env = environment(self.device)
         if not self.cascade:
             return LatencyModel(timed, (), (), env, repeats)
@@ -311,7 +325,7 @@ class _Plan:
         runner = _residual(timed["runner"], timed, self.names, self.exits, runs, self.model.row_buckets, padded)
         parts = {k: runner if k == "runner" else timed[k] for k in self.names}
         return LatencyModel(parts, tuple(self.model.node_names), self.exits, env, repeats, self.model.row_buckets,
-                            padded)
+                            padded, alone, beyond_root(self.model))
 
 
 def _call_order(cascade, names: list[str]) -> list[str]:
