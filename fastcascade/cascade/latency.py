@@ -23,7 +23,11 @@ The prediction. At run batch size B, a part that a fraction p of the rows reach 
 at least one of its B rows reaches it, with probability P = 1 - (1 - p)^B (rows independent), and then on
 B p / P rows on average. Its expected time per batch is taken as P t(B p / P), exact when t is affine
 between the sizes involved (E[t(K) 1{K > 0}] = P a + b E[K] for t(k) = a + b k, K ~ Binomial(B, p));
-the time per row is the sum over parts divided by B. A plain model is one part, ``model``: t(B) / B.
+the time per row is the sum over parts divided by B. Two refinements: parts that the runner pads to row
+buckets (Cascade.row_buckets) are priced at the mean padded count; and a cascade's root parts at
+D t + (1 - D) t_alone, where D = 1 - (1 - q)^B is the chance that a batch goes beyond the root (q: the
+fraction of rows that does) and t_alone their time after their own pass alone, the runner at D t(B). A
+plain model is one part, ``model``: t(B) / B.
 
 Timing: time.perf_counter around each call on the CPU; on CUDA, events around each call and a
 synchronisation after it. The thread count, device and torch version are recorded; a model loaded where
