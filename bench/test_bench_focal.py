@@ -45,18 +45,6 @@ def _softmax_impls():
     return impls
 
 
-def _softmax_prob_impls():
-    """Class-probability targets (mixup, soft labels): the same losses with a float target of the logits' shape."""
-    impls = {
-        "reference-eager": lambda x, r: reference.softmax_focal_loss(x, r, 2.0),
-        "reference-compile": lambda x, r: _compiled_softmax(x, r, 2.0),
-        "cross_entropy-eager (gamma=0 yardstick)": lambda x, r: F.cross_entropy(x, r),
-    }
-    for b in fused_backends():
-        impls[f"fastcascade-{b}"] = lambda x, r, b=b: fc.softmax_focal_loss(x, r, 2.0, backend=b)
-    return impls
-
-
 def _step(loss_fn, x, t):
     def step():
         x.grad = None
@@ -85,11 +73,11 @@ def test_softmax_focal_fwd_bwd(benchmark, impl, C):
     record(benchmark, _step(_softmax_impls()[impl], x, t), 2 * n * C * 4 + n * 8)
 
 
-@pytest.mark.parametrize("impl", list(_softmax_prob_impls()))
+@pytest.mark.parametrize("impl", list(_softmax_impls()))  # the same calls take class-probability targets
 @pytest.mark.parametrize("C", [headline(10)])
 def test_softmax_focal_probabilities_fwd_bwd(benchmark, impl, C):
     n = SOFTMAX_ROWS
     benchmark.group = f"softmax_focal probabilities fwd+bwd N={n} C={C} fp32"
     x = (torch.randn(n, C, device=DEVICE) * 3).requires_grad_(True)
     r = torch.softmax(torch.randn(n, C, device=DEVICE) * 2, 1)
-    record(benchmark, _step(_softmax_prob_impls()[impl], x, r), 3 * n * C * 4)
+    record(benchmark, _step(_softmax_impls()[impl], x, r), 3 * n * C * 4)

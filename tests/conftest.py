@@ -63,6 +63,16 @@ def random_logits(shape, dtype=torch.float32, device="cpu", scale=3.0, generator
     return (torch.randn(shape, generator=generator, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's tests (pytestmark = pytest.mark.usefixtures("one_thread")): their
+    models are tiny, so more threads only add overhead, and contention on a shared CI machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `sweep` (larger shapes, by hand) run only when -m names the marker."""
     if "sweep" in (config.option.markexpr or ""):

@@ -123,20 +123,24 @@ def test_float64_mean_gradients_are_float64_accurate(backend, device):
 
 @pytest.mark.parametrize("backend,device", backend_params())
 @pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0, 5.0])
-def test_softmax_infinite_logit_gives_no_nan(backend, device, gamma):
+@pytest.mark.parametrize("form", ["index", "probabilities"])
+def test_softmax_infinite_logit_gives_no_nan(backend, device, gamma, form):
+    """Infinite logits, class-index or class-probability targets (the one-hot of the same classes): where the
+    target's probability is 1 the loss is 0 without smoothing and inf with it (log 0 has weight eps / C), a zero
+    probability where log p = -inf adds 0 (not NaN), and the gradient is cross-entropy's, p - q, for every
+    gamma (the focal factor's derivative vanishes there)."""
     for dtype in [torch.float32, torch.float64]:
-        for C in [2, 70]:  # 70: wider than the CPU lane kernel
+        for C in [2, 3, 70]:  # 70: wider than the CPU lane kernel
             x = torch.zeros(2, C, dtype=dtype)
             x[0, 0] = INF
             x[1, C - 1] = INF
             t = torch.tensor([0, C - 1])
+            target = t if form == "index" else F.one_hot(t, C).to(dtype)
             for eps in [0.0, 0.1]:
-                loss, g = _grad(fc.softmax_focal_loss, x.to(device), t.to(device), gamma, label_smoothing=eps,
+                loss, g = _grad(fc.softmax_focal_loss, x.to(device), target.to(device), gamma, label_smoothing=eps,
                                 reduction="none", backend=backend)
-                what = (backend, dtype, C, eps)
+                what = (backend, form, dtype, C, eps)
                 assert not torch.isnan(loss).any() and torch.isfinite(g).all(), (what, loss, g)
-                # p = onehot(target): the loss is 0 without smoothing and inf with it (log 0 has weight eps / C);
-                # the gradient is that of cross-entropy, p - q
                 if eps == 0:
                     assert torch.equal(loss.cpu(), torch.zeros(2, dtype=dtype)), what
                 else:
@@ -144,37 +148,11 @@ def test_softmax_infinite_logit_gives_no_nan(backend, device, gamma):
                 q = F.one_hot(t, C).to(torch.float64) * (1 - eps) + eps / C
                 expected = F.one_hot(t, C).to(torch.float64) - q
                 torch.testing.assert_close(g.cpu().double(), expected, rtol=1e-6, atol=1e-7, msg=str(what))
-            # Dice + focal: the same softmax
-            xd = x.reshape(1, 2, C).transpose(1, 2).contiguous()  # (B=1, C, S=2)
-            loss, g = _grad(fc.dice_focal_loss, xd.to(device), t.reshape(1, 2).to(device), gamma=gamma,
-                            backend=backend)
-            assert torch.isfinite(loss) and torch.isfinite(g).all(), (backend, dtype, C, loss, g)
-
-
-@pytest.mark.parametrize("backend,device", backend_params())
-@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0, 5.0])
-def test_softmax_probabilities_infinite_logit_gives_no_nan(backend, device, gamma):
-    """Probability targets at infinite logits: a zero probability where log p = -inf adds 0 (not NaN); the
-    gradient is cross-entropy's, p - q, for every gamma (the focal factor's derivative vanishes there)."""
-    for dtype in [torch.float32, torch.float64]:
-        for C in [3, 70]:  # 70: wider than the CPU lane kernel
-            x = torch.zeros(2, C, dtype=dtype)
-            x[0, 0] = INF
-            x[1, C - 1] = INF
-            r = torch.zeros(2, C, dtype=dtype)
-            r[0, 0] = 1.0
-            r[1, C - 1] = 1.0
-            for eps in [0.0, 0.1]:
-                loss, g = _grad(fc.softmax_focal_loss, x.to(device), r.to(device), gamma, label_smoothing=eps,
-                                reduction="none", backend=backend)
-                what = (backend, dtype, C, eps)
-                assert not torch.isnan(loss).any() and torch.isfinite(g).all(), (what, loss, g)
-                if eps == 0:
-                    assert torch.equal(loss.cpu(), torch.zeros(2, dtype=dtype)), what
-                else:
-                    assert torch.isinf(loss).all(), what
-                expected = r.double() - (r.double() * (1 - eps) + eps / C)
-                torch.testing.assert_close(g.cpu().double(), expected, rtol=1e-6, atol=1e-7, msg=str(what))
+            if form == "index":  # Dice + focal: the same softmax
+                xd = x.reshape(1, 2, C).transpose(1, 2).contiguous()  # (B=1, C, S=2)
+                loss, g = _grad(fc.dice_focal_loss, xd.to(device), t.reshape(1, 2).to(device), gamma=gamma,
+                                backend=backend)
+                assert torch.isfinite(loss) and torch.isfinite(g).all(), (backend, dtype, C, loss, g)
 
 
 @pytest.mark.parametrize("backend,device", backend_params())

@@ -30,12 +30,7 @@ posix_only = pytest.mark.skipif(os.name != "posix" or not pathlib.Path("/proc/se
                                 reason="needs POSIX signals and /proc")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # The training run the crash tests kill and resume: small, seeded, and chosen so that the monitored F1

@@ -21,14 +21,7 @@ import fastcascade.data as fd
 from fastcascade import train as T
 from fastcascade.metrics import confusion_matrix
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny models: intra-op threads only add overhead (and contention on a shared CI machine)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mlp(seed=0, classes=3, dropout=0.1):

@@ -11,13 +11,7 @@ from train_tasks import linear_task
 
 from fastcascade import train as T
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Net(nn.Module):
